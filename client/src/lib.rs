@@ -1,0 +1,1 @@
+//! Client for slotd (work in progress).

@@ -1,0 +1,1345 @@
+//! The scheduler core: pools, queues and leases as plain synchronous state, driven by explicit instants.
+//!
+//! Nothing here does I/O, reads a clock or spawns a task. Every operation takes `now` and returns the
+//! [`Decisions`] it made (grants, queue positions, rejections, pauses, expiries), addressed to sessions.
+//! The driver task carries them out; tests read them.
+//!
+//! # Invariants
+//! These hold whenever a public method returns (the property tests check them after every step):
+//! 1. **Accounting**: for every pool `P`, `P.in_flight` equals the number of leases whose pool is `P` or
+//!    a descendant of `P`.
+//! 2. **Limit**: a grant happens only when every level of the pool's chain passes its gates (not paused,
+//!    `in_flight + cooling < effective_limit`), and takes a slot on all levels at once. So no level ever
+//!    exceeds its effective limit through a grant. Lowering a limit never revokes a lease; it only stops
+//!    grants until `in_flight` drops below it.
+//! 3. **Fixpoint**: no pool with a non-empty queue passes its gates. Dispatch runs until nothing more
+//!    can be granted, always granting the best head (smallest key) among the pools that can grant.
+//! 4. **Order**: within a pool, waiters are served strictly in key order (see [`queue`] for the key and
+//!    its aging rule); a pool's waiters all face the same gates, so only its head is ever a candidate.
+//! 5. **Ownership**: every waiter is in exactly one pool queue and one session's request map; every
+//!    lease is in exactly one session's lease set. Closing a session removes both, at once.
+//! 6. **Fencing**: tokens strictly increase per pool, across resumes too.
+//! 7. **Bad input changes nothing**: a refused operation produces a `Rejected` or `LeaseError` event and
+//!    leaves the state as it was. No input makes a method panic.
+
+pub mod error;
+pub mod ids;
+pub mod lease;
+pub mod pool;
+pub mod queue;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::time::Instant;
+
+pub use self::{
+    error::Error,
+    ids::{FencingToken, LeaseId, PoolId, Priority, RequestId, SessionId},
+    lease::{Ended, Lease},
+    pool::{Closed, Overflow, PoolConfig},
+    queue::{WaitKey, WaiterId},
+};
+use self::{lease::LeaseTable, pool::Pool};
+
+/// Settings of the scheduler as a whole.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// One priority level is worth this much waiting (see [`queue`]).
+    pub aging_step: Duration,
+    /// After a restart, grant nothing new for this long so that earlier leases can resume first.
+    pub learning_period: Duration,
+    /// Most open requests plus leases on one stream.
+    pub max_per_session: usize,
+    /// The first fencing token of every pool (the driver derives it from the wall clock so tokens keep
+    /// increasing across restarts).
+    pub first_token: u64,
+    /// Seed for lease ids; `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+impl SchedulerConfig {
+    /// Default `aging_step`.
+    pub const DEFAULT_AGING_STEP: Duration = Duration::from_secs(30);
+    /// Default `max_per_session`.
+    pub const DEFAULT_MAX_PER_SESSION: usize = 4096;
+    /// `started_at` older than this is clamped, so a client cannot buy unbounded precedence.
+    pub const MAX_TURN_AGE: Duration = Duration::from_secs(3600);
+    /// Longest pause a single 429 can cause.
+    pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
+    /// Longest `max_wait` honoured; longer waits are treated as this.
+    pub const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            aging_step: Self::DEFAULT_AGING_STEP,
+            learning_period: Duration::ZERO,
+            max_per_session: Self::DEFAULT_MAX_PER_SESSION,
+            first_token: 1,
+            seed: None,
+        }
+    }
+}
+
+/// A request for a slot, validated for syntax by the caller.
+#[derive(Clone, Debug)]
+pub struct NewRequest {
+    /// Client-chosen id.
+    pub request_id: RequestId,
+    /// The pool.
+    pub pool: PoolId,
+    /// Priority.
+    pub priority: Priority,
+    /// The agent's turn start; `None` means now.
+    pub started_at: Option<Instant>,
+    /// Lease TTL; `None` means the pool's default.
+    pub ttl: Option<Duration>,
+    /// Wait limit; `None` means the pool's default.
+    pub max_wait: Option<Duration>,
+    /// Holder name.
+    pub holder: Arc<str>,
+}
+
+impl NewRequest {
+    /// A request with default priority, TTL and wait.
+    pub fn new(request_id: RequestId, pool: PoolId) -> Self {
+        Self {
+            request_id,
+            pool,
+            priority: Priority::DEFAULT,
+            started_at: None,
+            ttl: None,
+            max_wait: None,
+            holder: Arc::from(""),
+        }
+    }
+}
+
+/// A request to re-attach a lease granted on an earlier stream.
+#[derive(Clone, Debug)]
+pub struct ResumeRequest {
+    /// The lease.
+    pub lease_id: LeaseId,
+    /// Its fencing token.
+    pub token: FencingToken,
+    /// Its pool.
+    pub pool: PoolId,
+    /// Its priority.
+    pub priority: Priority,
+    /// New TTL; `None` means the pool's default.
+    pub ttl: Option<Duration>,
+    /// Holder name.
+    pub holder: Arc<str>,
+}
+
+/// How the call covered by a lease ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success.
+    Ok,
+    /// A non-rate-limit failure.
+    Error,
+    /// The caller gave up.
+    Cancelled,
+    /// A 429: pause the pool for `retry_after` (or the pool's default).
+    RateLimited(Option<Duration>),
+}
+
+/// Why a lease ended without a release.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ExpiryReason {
+    /// No heartbeat within the TTL.
+    Ttl,
+    /// Revoked by an operator.
+    Revoked,
+    /// Its pool was removed.
+    PoolRemoved,
+}
+
+/// Something the scheduler decided, for one session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A request waits.
+    Queued {
+        /// The request.
+        request_id: RequestId,
+        /// 0-based place in the pool's queue.
+        position: u32,
+        /// Waiting outside a full queue (`on_overflow = "block"`).
+        blocked: bool,
+    },
+    /// A request got its lease.
+    Granted {
+        /// The request.
+        request_id: RequestId,
+        /// The lease.
+        lease_id: LeaseId,
+        /// The lease's pool.
+        pool: PoolId,
+        /// Its fencing token.
+        token: FencingToken,
+        /// Its TTL.
+        ttl: Duration,
+        /// When it expires unless renewed.
+        expires_at: Instant,
+    },
+    /// A request was refused or gave up; it is gone.
+    Rejected {
+        /// The request (as sent).
+        request_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A pool this session waits on or holds (or an ancestor of it) is paused.
+    Paused {
+        /// The paused pool.
+        pool: PoolId,
+        /// Until when.
+        until: Instant,
+        /// Why.
+        reason: Arc<str>,
+    },
+    /// A pause ended.
+    Resumed {
+        /// The pool.
+        pool: PoolId,
+    },
+    /// A lease ended without a release.
+    Expired {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Why.
+        reason: ExpiryReason,
+    },
+    /// A release was applied.
+    Released {
+        /// The lease.
+        lease_id: LeaseId,
+    },
+    /// A lease-addressed message could not be applied; nothing changed.
+    LeaseError {
+        /// The lease as named by the client.
+        lease_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A resume was accepted.
+    LeaseResumed {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Its token.
+        token: FencingToken,
+        /// When it expires unless renewed.
+        expires_at: Instant,
+    },
+    /// A cancel was applied.
+    Cancelled {
+        /// The request.
+        request_id: RequestId,
+    },
+    /// A heartbeat was applied.
+    HeartbeatAck {
+        /// Leases renewed.
+        renewed: u32,
+    },
+}
+
+/// Everything one operation decided, in order.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    /// Events, each for one session.
+    pub events: Vec<(SessionId, Event)>,
+}
+
+impl Decisions {
+    fn push(&mut self, session: SessionId, event: Event) {
+        self.events.push((session, event));
+    }
+}
+
+/// What a rate-limit report did to its pool.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PauseApplied {
+    /// When the pause ends (never earlier than before).
+    pub until: Instant,
+    /// The pool's effective limit now.
+    pub effective_limit: u32,
+}
+
+/// One pool in a [`Snapshot`].
+#[derive(Clone, Debug)]
+pub struct PoolSnapshot {
+    /// Name.
+    pub id: PoolId,
+    /// Settings.
+    pub config: PoolConfig,
+    /// Effective limit.
+    pub effective_limit: u32,
+    /// Leases on it and its descendants.
+    pub in_flight: u32,
+    /// Waiters on it (blocked ones included).
+    pub queued: u32,
+    /// Pause end, while paused.
+    pub paused_until: Option<Instant>,
+    /// Pause reason.
+    pub pause_reason: Arc<str>,
+    /// Slots cooling down.
+    pub cooling: u32,
+    /// Next fencing token.
+    pub next_token: u64,
+}
+
+/// The state at one instant, for `Status`.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Pools, parents before children.
+    pub pools: Vec<PoolSnapshot>,
+    /// Leases, oldest first.
+    pub leases: Vec<Lease>,
+    /// In the post-restart learning period.
+    pub learning: bool,
+    /// Shutting down.
+    pub shutting_down: bool,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    session: SessionId,
+    request_id: RequestId,
+    pool: PoolId,
+    priority: Priority,
+    key: WaitKey,
+    ttl: Duration,
+    enqueued_at: Instant,
+    deadline: Option<Instant>,
+    holder: Arc<str>,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    requests: HashMap<RequestId, WaiterId>,
+    leases: HashSet<LeaseId>,
+}
+
+/// The scheduler. See the module docs for its invariants.
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    epoch: Instant,
+    pools: HashMap<PoolId, Pool>,
+    waiters: HashMap<WaiterId, Waiter>,
+    deadlines: BTreeSet<(Instant, WaiterId)>,
+    sessions: HashMap<SessionId, Session>,
+    leases: LeaseTable,
+    next_waiter: u64,
+    next_session: u64,
+    rng: StdRng,
+    learning_until: Option<Instant>,
+    shutting_down: bool,
+}
+
+impl Scheduler {
+    /// A scheduler with these pools, starting at `now`.
+    pub fn new(
+        cfg: SchedulerConfig,
+        pools: BTreeMap<PoolId, PoolConfig>,
+        now: Instant,
+    ) -> Result<Self, Error> {
+        validate_tree(&pools)?;
+        let rng = match cfg.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let learning_until = (!cfg.learning_period.is_zero()).then(|| now + cfg.learning_period);
+        let mut s = Self {
+            epoch: now,
+            pools: HashMap::new(),
+            waiters: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            sessions: HashMap::new(),
+            leases: LeaseTable::default(),
+            next_waiter: 0,
+            next_session: 0,
+            rng,
+            learning_until,
+            shutting_down: false,
+            cfg,
+        };
+        for (id, pc) in pools {
+            s.pools
+                .insert(id.clone(), Pool::new(id, pc, s.cfg.first_token));
+        }
+        s.rebuild_chains();
+        Ok(s)
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Sessions
+    // ----------------------------------------------------------------------------------------
+
+    /// Registers a new stream.
+    pub fn open_session(&mut self) -> SessionId {
+        self.next_session += 1;
+        let id = SessionId(self.next_session);
+        self.sessions.insert(id, Session::default());
+        id
+    }
+
+    /// A stream closed: its waiters leave their queues and its leases are released, at once.
+    /// Nothing is sent to the closed session; other sessions may be granted the freed slots.
+    pub fn close_session(&mut self, now: Instant, session: SessionId) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        if let Some(sess) = self.sessions.get(&session) {
+            let waiters: Vec<WaiterId> = sess.requests.values().copied().collect();
+            let leases: Vec<LeaseId> = sess.leases.iter().copied().collect();
+            for w in waiters {
+                self.drop_waiter(w);
+            }
+            for l in leases {
+                self.end_lease(now, &l, Ended::StreamClosed);
+            }
+            self.sessions.remove(&session);
+        }
+        self.settle(now, &mut out);
+        out.events.retain(|(s, _)| *s != session);
+        out
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Stream operations
+    // ----------------------------------------------------------------------------------------
+
+    /// Asks for a slot. Grants at once when possible, else queues (or rejects).
+    pub fn request(&mut self, now: Instant, session: SessionId, req: NewRequest) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let rid = req.request_id.as_str().to_owned();
+        if let Err(error) = self.try_request(now, session, req, &mut out) {
+            out.push(
+                session,
+                Event::Rejected {
+                    request_id: rid,
+                    error,
+                },
+            );
+        }
+        self.settle(now, &mut out);
+        out
+    }
+
+    fn try_request(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        req: NewRequest,
+        out: &mut Decisions,
+    ) -> Result<(), Error> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let sess = self.sessions.get(&session).ok_or(Error::ShuttingDown)?;
+        if sess.requests.contains_key(&req.request_id) {
+            return Err(Error::DuplicateRequest(req.request_id.to_string()));
+        }
+        if sess.requests.len() + sess.leases.len() >= self.cfg.max_per_session {
+            return Err(Error::LimitExceeded(format!(
+                "stream has {} open requests and leases (max_per_stream)",
+                self.cfg.max_per_session
+            )));
+        }
+        let pool = self
+            .pools
+            .get(&req.pool)
+            .ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
+        let ttl = check_ttl(pool, req.ttl)?;
+        let max_wait = req.max_wait.or(pool.cfg.max_wait);
+        let started = req.started_at.unwrap_or(now).min(now);
+        let started = started.max(
+            now.checked_sub(SchedulerConfig::MAX_TURN_AGE)
+                .unwrap_or(started),
+        );
+        let key = self.key_of(started, req.priority);
+        let deadline = max_wait.map(|w| now + w.min(SchedulerConfig::MAX_WAIT));
+        let gate = self.chain_gate(pool, now);
+        let queue_empty = pool.queue.is_empty();
+
+        self.next_waiter += 1;
+        let wid = WaiterId(self.next_waiter);
+        let waiter = Waiter {
+            session,
+            request_id: req.request_id.clone(),
+            pool: req.pool.clone(),
+            priority: req.priority,
+            key,
+            ttl,
+            enqueued_at: now,
+            deadline,
+            holder: req.holder,
+        };
+        if queue_empty && gate.is_ok() {
+            // Fast path: nobody waits here and every level has room (invariant 3 says no other
+            // queued waiter could use this slot), so grant without touching the queue.
+            self.insert_waiter(wid, waiter);
+            self.grant(now, wid, out);
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| d <= now) {
+            return Err(Error::WaitTimeout {
+                pool: req.pool,
+                waited: Duration::ZERO,
+                retry_after: self.pause_remaining(&waiter.pool, now),
+            });
+        }
+        let pool = self.pools.get_mut(&req.pool).expect("checked above");
+        let (position, blocked) = if pool.queue.depth() >= pool.cfg.max_queue_depth as usize {
+            match pool.cfg.on_overflow {
+                Overflow::Reject => {
+                    return Err(Error::QueueFull {
+                        pool: req.pool,
+                        depth: pool.cfg.max_queue_depth,
+                    });
+                }
+                Overflow::Block => (pool.queue.push_blocked(key, wid), true),
+                Overflow::ShedOldest => {
+                    let victim = pool
+                        .queue
+                        .oldest()
+                        .expect("a full queue has an oldest waiter");
+                    let shed = self.drop_waiter(victim).expect("queued waiters exist");
+                    out.push(
+                        shed.session,
+                        Event::Rejected {
+                            request_id: shed.request_id.to_string(),
+                            error: Error::Shed(shed.pool),
+                        },
+                    );
+                    let pool = self.pools.get_mut(&req.pool).expect("checked above");
+                    (pool.queue.push(key, wid), false)
+                }
+            }
+        } else {
+            (pool.queue.push(key, wid), false)
+        };
+        self.insert_waiter(wid, waiter);
+        out.push(
+            session,
+            Event::Queued {
+                request_id: req.request_id,
+                position,
+                blocked,
+            },
+        );
+        Ok(())
+    }
+
+    /// Withdraws a queued request.
+    pub fn cancel(&mut self, now: Instant, session: SessionId, request_id: &str) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let wid = self
+            .sessions
+            .get(&session)
+            .and_then(|s| s.requests.get(request_id))
+            .copied();
+        match wid.and_then(|w| self.drop_waiter(w)) {
+            Some(w) => out.push(
+                session,
+                Event::Cancelled {
+                    request_id: w.request_id,
+                },
+            ),
+            None => out.push(
+                session,
+                Event::Rejected {
+                    request_id: request_id.to_owned(),
+                    error: Error::UnknownRequest(request_id.to_owned()),
+                },
+            ),
+        }
+        self.settle(now, &mut out);
+        out
+    }
+
+    /// Renews the listed leases of this session (all of them when `lease_ids` is empty).
+    pub fn heartbeat(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        lease_ids: &[LeaseId],
+    ) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let ids: Vec<LeaseId> = if lease_ids.is_empty() {
+            self.sessions
+                .get(&session)
+                .map(|s| s.leases.iter().copied().collect())
+                .unwrap_or_default()
+        } else {
+            lease_ids.to_vec()
+        };
+        let mut renewed = 0;
+        for id in ids {
+            match self.own_lease(session, &id) {
+                Ok(()) => {
+                    self.leases.renew(&id, now);
+                    renewed += 1;
+                }
+                Err(error) => out.push(
+                    session,
+                    Event::LeaseError {
+                        lease_id: id.to_string(),
+                        error,
+                    },
+                ),
+            }
+        }
+        out.push(session, Event::HeartbeatAck { renewed });
+        self.settle(now, &mut out);
+        out
+    }
+
+    /// Gives a lease back. A rate-limited outcome pauses its pool.
+    pub fn release(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        id: LeaseId,
+        outcome: Outcome,
+    ) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        match self.own_lease(session, &id) {
+            Ok(()) => {
+                let lease = self
+                    .end_lease(now, &id, Ended::Released)
+                    .expect("owned lease exists");
+                out.push(session, Event::Released { lease_id: id });
+                if let Outcome::RateLimited(retry_after) = outcome {
+                    let reason = format!("rate limited (429) reported on release of lease {id}");
+                    self.pause(now, &lease.pool, retry_after, reason, &mut out);
+                }
+            }
+            Err(error) => out.push(
+                session,
+                Event::LeaseError {
+                    lease_id: id.to_string(),
+                    error,
+                },
+            ),
+        }
+        self.settle(now, &mut out);
+        out
+    }
+
+    /// Re-attaches a lease to this session: moves a live lease here, or re-creates one during the
+    /// learning period after a restart (when every level still has room under its configured limit).
+    pub fn resume(&mut self, now: Instant, session: SessionId, req: ResumeRequest) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let id = req.lease_id;
+        match self.try_resume(now, session, req) {
+            Ok((token, expires_at)) => {
+                out.push(
+                    session,
+                    Event::LeaseResumed {
+                        lease_id: id,
+                        token,
+                        expires_at,
+                    },
+                );
+            }
+            Err(error) => out.push(
+                session,
+                Event::LeaseError {
+                    lease_id: id.to_string(),
+                    error,
+                },
+            ),
+        }
+        self.settle(now, &mut out);
+        out
+    }
+
+    fn try_resume(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        req: ResumeRequest,
+    ) -> Result<(FencingToken, Instant), Error> {
+        if self.shutting_down {
+            return Err(Error::ShuttingDown);
+        }
+        let id = req.lease_id;
+        let pool = self
+            .pools
+            .get(&req.pool)
+            .ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
+        let ttl = check_ttl(pool, req.ttl)?;
+        if !self.sessions.contains_key(&session) {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(lease) = self.leases.get(&id) {
+            if lease.token != req.token {
+                return Err(Error::LeaseMismatch(id, "wrong fencing token"));
+            }
+            if lease.pool != req.pool {
+                return Err(Error::LeaseMismatch(id, "wrong pool"));
+            }
+            let old = lease.session;
+            if old != session {
+                if let Some(s) = self.sessions.get_mut(&old) {
+                    s.leases.remove(&id);
+                }
+                let pool = self.pools.get_mut(&req.pool).expect("lease pools exist");
+                pool.drop_interest(old);
+                pool.add_interest(session);
+                self.sessions
+                    .get_mut(&session)
+                    .expect("checked")
+                    .leases
+                    .insert(id);
+                self.leases.set_session(&id, session);
+            }
+            let lease = self.leases.renew(&id, now).expect("exists");
+            return Ok((lease.token, lease.expires_at));
+        }
+        if let Some(how) = self.leases.ended(&id) {
+            return Err(Error::LeaseEnded {
+                id,
+                how: how.describe(),
+            });
+        }
+        if self.learning_until.is_none() {
+            return Err(Error::UnknownLease(id));
+        }
+        let sess = &self.sessions[&session];
+        if sess.requests.len() + sess.leases.len() >= self.cfg.max_per_session {
+            return Err(Error::LimitExceeded(
+                "stream has too many open requests and leases".into(),
+            ));
+        }
+        let chain = pool.chain.clone();
+        if chain
+            .iter()
+            .any(|p| self.pools[p].in_flight >= self.pools[p].cfg.max_concurrent)
+        {
+            return Err(Error::ResumeOverLimit(req.pool));
+        }
+        for p in &chain {
+            self.pools.get_mut(p).expect("chain pools exist").in_flight += 1;
+        }
+        let pool = self.pools.get_mut(&req.pool).expect("checked");
+        pool.next_token = pool.next_token.max(req.token.0.saturating_add(1));
+        pool.add_interest(session);
+        self.sessions
+            .get_mut(&session)
+            .expect("checked")
+            .leases
+            .insert(id);
+        let expires_at = now + ttl;
+        self.leases.insert(Lease {
+            id,
+            pool: req.pool,
+            session,
+            request_id: None,
+            holder: req.holder,
+            priority: req.priority,
+            token: req.token,
+            granted_at: now,
+            ttl,
+            expires_at,
+        });
+        Ok((req.token, expires_at))
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Pool-wide operations
+    // ----------------------------------------------------------------------------------------
+
+    /// A provider answered 429 for this pool: pause it until `max(current end, now + retry_after)`.
+    pub fn report_rate_limit(
+        &mut self,
+        now: Instant,
+        pool: &PoolId,
+        retry_after: Option<Duration>,
+        reason: &str,
+    ) -> Result<(PauseApplied, Decisions), Error> {
+        if !self.pools.contains_key(pool) {
+            return Err(Error::UnknownPool(pool.clone()));
+        }
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let reason = if reason.is_empty() {
+            "rate limited (429) reported".to_owned()
+        } else {
+            format!(
+                "rate limited (429) reported: {}",
+                ids::truncate(reason, 256)
+            )
+        };
+        self.pause(now, pool, retry_after, reason, &mut out);
+        self.settle(now, &mut out);
+        let p = &self.pools[pool];
+        let applied = PauseApplied {
+            until: p.paused_until.unwrap_or(now),
+            effective_limit: p.effective,
+        };
+        Ok((applied, out))
+    }
+
+    /// Replaces the pool set (config reload). Raised limits grant at once; lowered ones revoke nothing.
+    /// Removed pools reject their waiters and expire their leases.
+    pub fn set_pools(
+        &mut self,
+        now: Instant,
+        pools: BTreeMap<PoolId, PoolConfig>,
+    ) -> Result<Decisions, Error> {
+        validate_tree(&pools)?;
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let removed: Vec<PoolId> = self
+            .pools
+            .keys()
+            .filter(|p| !pools.contains_key(*p))
+            .cloned()
+            .collect();
+        for id in &removed {
+            let waiters: Vec<WaiterId> = self.pools[id].queue.iter().collect();
+            for w in waiters {
+                if let Some(w) = self.drop_waiter(w) {
+                    let error = Error::PoolRemoved(id.clone());
+                    out.push(
+                        w.session,
+                        Event::Rejected {
+                            request_id: w.request_id.to_string(),
+                            error,
+                        },
+                    );
+                }
+            }
+            let leases: Vec<(LeaseId, SessionId)> = self
+                .leases
+                .values()
+                .filter(|l| &l.pool == id)
+                .map(|l| (l.id, l.session))
+                .collect();
+            for (l, s) in leases {
+                self.end_lease(now, &l, Ended::Revoked);
+                out.push(
+                    s,
+                    Event::Expired {
+                        lease_id: l,
+                        reason: ExpiryReason::PoolRemoved,
+                    },
+                );
+            }
+        }
+        for id in &removed {
+            self.pools.remove(id);
+        }
+        for (id, pc) in pools {
+            match self.pools.get_mut(&id) {
+                Some(p) => p.reconfigure(pc),
+                None => {
+                    let first = self.cfg.first_token;
+                    self.pools.insert(id.clone(), Pool::new(id, pc, first));
+                }
+            }
+        }
+        self.rebuild_chains();
+        self.settle(now, &mut out);
+        Ok(out)
+    }
+
+    /// Stops granting and rejects every waiter with UNAVAILABLE. Leases stay until their streams close.
+    pub fn shutdown(&mut self, now: Instant) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        self.shutting_down = true;
+        let all: Vec<WaiterId> = self.waiters.keys().copied().collect();
+        for w in all {
+            if let Some(w) = self.drop_waiter(w) {
+                out.push(
+                    w.session,
+                    Event::Rejected {
+                        request_id: w.request_id.to_string(),
+                        error: Error::ShuttingDown,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    /// Applies every timer due by `now` (expiries, wait deadlines, pause ends, cooldowns, recovery)
+    /// and grants what became possible.
+    pub fn tick(&mut self, now: Instant) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        self.settle(now, &mut out);
+        out
+    }
+
+    /// When [`Scheduler::tick`] next has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let pools = self.pools.values().filter_map(Pool::next_deadline).min();
+        [
+            self.leases.next_expiry(),
+            self.deadlines.first().map(|(t, _)| *t),
+            pools,
+            self.learning_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// A snapshot for `Status`. `pool` limits it to one pool and its leases.
+    pub fn snapshot(&self, pool: Option<&PoolId>) -> Result<Snapshot, Error> {
+        if let Some(p) = pool.filter(|p| !self.pools.contains_key(*p)) {
+            return Err(Error::UnknownPool(p.clone()));
+        }
+        let mut pools: Vec<PoolSnapshot> = self
+            .pools
+            .values()
+            .filter(|p| pool.is_none_or(|want| &p.id == want))
+            .map(|p| PoolSnapshot {
+                id: p.id.clone(),
+                config: p.cfg.clone(),
+                effective_limit: p.effective,
+                in_flight: p.in_flight,
+                queued: p.queue.len() as u32,
+                paused_until: p.paused_until,
+                pause_reason: p.pause_reason.clone(),
+                cooling: p.cooling.len() as u32,
+                next_token: p.next_token,
+            })
+            .collect();
+        pools.sort_by(|a, b| {
+            (self.pools[&a.id].chain.len(), &a.id).cmp(&(self.pools[&b.id].chain.len(), &b.id))
+        });
+        let mut leases: Vec<Lease> = self
+            .leases
+            .values()
+            .filter(|l| pool.is_none_or(|want| &l.pool == want))
+            .cloned()
+            .collect();
+        leases.sort_by_key(|l| (l.granted_at, l.id));
+        Ok(Snapshot {
+            pools,
+            leases,
+            learning: self.learning_until.is_some(),
+            shutting_down: self.shutting_down,
+        })
+    }
+
+    /// The configured pools.
+    pub fn pool_configs(&self) -> BTreeMap<PoolId, PoolConfig> {
+        self.pools
+            .iter()
+            .map(|(k, v)| (k.clone(), v.cfg.clone()))
+            .collect()
+    }
+
+    /// How many leases are held in all.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// How many requests wait in all.
+    pub fn waiter_count(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// How many sessions are open.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Internals
+    // ----------------------------------------------------------------------------------------
+
+    fn key_of(&self, started: Instant, priority: Priority) -> WaitKey {
+        let offset = if started >= self.epoch {
+            (started - self.epoch).as_nanos() as i64
+        } else {
+            -((self.epoch - started).as_nanos() as i64)
+        };
+        let step = self.cfg.aging_step.as_nanos().min(i64::MAX as u128 / 16) as i64;
+        offset.saturating_sub(step.saturating_mul(i64::from(priority.get())))
+    }
+
+    /// The conjunction of every gate over the pool's chain. New gates (RPM/TPM budgets, a circuit
+    /// breaker) slot in here, or in [`Pool::gate`] when they are per level.
+    fn chain_gate(&self, pool: &Pool, now: Instant) -> Result<(), Closed> {
+        if self.shutting_down {
+            return Err(Closed::Draining);
+        }
+        if self.learning_until.is_some() {
+            return Err(Closed::Learning);
+        }
+        pool.chain.iter().try_for_each(|p| self.pools[p].gate(now))
+    }
+
+    fn pause_remaining(&self, pool: &PoolId, now: Instant) -> Option<Duration> {
+        self.pools[pool]
+            .chain
+            .iter()
+            .filter_map(|p| self.pools[p].paused_until)
+            .max()
+            .filter(|u| *u > now)
+            .map(|u| u - now)
+    }
+
+    fn insert_waiter(&mut self, wid: WaiterId, w: Waiter) {
+        if let Some(d) = w.deadline {
+            self.deadlines.insert((d, wid));
+        }
+        self.sessions
+            .get_mut(&w.session)
+            .expect("caller checked")
+            .requests
+            .insert(w.request_id.clone(), wid);
+        self.pools
+            .get_mut(&w.pool)
+            .expect("caller checked")
+            .add_interest(w.session);
+        self.waiters.insert(wid, w);
+    }
+
+    /// Removes a waiter from every index; lets a blocked waiter into its queue.
+    fn drop_waiter(&mut self, wid: WaiterId) -> Option<Waiter> {
+        let w = self.waiters.remove(&wid)?;
+        if let Some(d) = w.deadline {
+            self.deadlines.remove(&(d, wid));
+        }
+        if let Some(s) = self.sessions.get_mut(&w.session) {
+            s.requests.remove(&w.request_id);
+        }
+        if let Some(pool) = self.pools.get_mut(&w.pool) {
+            pool.queue.remove(w.key, wid);
+            pool.queue.admit_blocked(pool.cfg.max_queue_depth as usize);
+            pool.drop_interest(w.session);
+        }
+        Some(w)
+    }
+
+    fn grant(&mut self, now: Instant, wid: WaiterId, out: &mut Decisions) {
+        let Some(w) = self.drop_waiter(wid) else {
+            return;
+        };
+        let mut id = LeaseId(self.rng.random());
+        while self.leases.contains(&id) || self.leases.ended(&id).is_some() {
+            id = LeaseId(self.rng.random());
+        }
+        let pool = self.pools.get_mut(&w.pool).expect("waiter pools exist");
+        let token = FencingToken(pool.next_token);
+        pool.next_token += 1;
+        pool.add_interest(w.session);
+        for p in pool.chain.clone() {
+            self.pools.get_mut(&p).expect("chain pools exist").in_flight += 1;
+        }
+        let expires_at = now + w.ttl;
+        self.sessions
+            .get_mut(&w.session)
+            .expect("waiter sessions exist")
+            .leases
+            .insert(id);
+        self.leases.insert(Lease {
+            id,
+            pool: w.pool.clone(),
+            session: w.session,
+            request_id: Some(w.request_id.clone()),
+            holder: w.holder,
+            priority: w.priority,
+            token,
+            granted_at: now,
+            ttl: w.ttl,
+            expires_at,
+        });
+        let _ = w.enqueued_at;
+        out.push(
+            w.session,
+            Event::Granted {
+                request_id: w.request_id,
+                lease_id: id,
+                pool: w.pool,
+                token,
+                ttl: w.ttl,
+                expires_at,
+            },
+        );
+    }
+
+    /// Removes a lease and frees its slot on every level (each level's cooldown applies).
+    fn end_lease(&mut self, now: Instant, id: &LeaseId, how: Ended) -> Option<Lease> {
+        let lease = self.leases.remove(id, how)?;
+        if let Some(s) = self.sessions.get_mut(&lease.session) {
+            s.leases.remove(id);
+        }
+        if let Some(pool) = self.pools.get_mut(&lease.pool) {
+            pool.drop_interest(lease.session);
+            for p in pool.chain.clone() {
+                self.pools
+                    .get_mut(&p)
+                    .expect("chain pools exist")
+                    .free_slot(now);
+            }
+        }
+        Some(lease)
+    }
+
+    fn own_lease(&self, session: SessionId, id: &LeaseId) -> Result<(), Error> {
+        match self.leases.get(id) {
+            Some(l) if l.session == session => Ok(()),
+            Some(_) => Err(Error::NotYourLease(*id)),
+            None => match self.leases.ended(id) {
+                Some(how) => Err(Error::LeaseEnded {
+                    id: *id,
+                    how: how.describe(),
+                }),
+                None => Err(Error::UnknownLease(*id)),
+            },
+        }
+    }
+
+    fn pause(
+        &mut self,
+        now: Instant,
+        pool_id: &PoolId,
+        retry_after: Option<Duration>,
+        reason: String,
+        out: &mut Decisions,
+    ) {
+        let Some(pool) = self.pools.get_mut(pool_id) else {
+            return;
+        };
+        let wait = retry_after
+            .unwrap_or(pool.cfg.default_retry_after)
+            .min(SchedulerConfig::MAX_PAUSE);
+        let until = now + wait;
+        let new_episode = pool.paused_until.is_none_or(|u| u <= now);
+        if new_episode && pool.cfg.adaptive && pool.effective > 1 {
+            pool.effective -= 1;
+        }
+        let extended = pool.paused_until.is_none_or(|u| until > u);
+        if extended {
+            pool.paused_until = Some(until);
+            pool.pause_reason = Arc::from(reason);
+        }
+        if pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
+            pool.recover_at = Some(pool.paused_until.unwrap_or(until) + pool.cfg.headroom_recovery);
+        }
+        if extended {
+            let reason = pool.pause_reason.clone();
+            for s in self.interested(pool_id) {
+                out.push(
+                    s,
+                    Event::Paused {
+                        pool: pool_id.clone(),
+                        until,
+                        reason: reason.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sessions waiting on or holding this pool or any descendant of it.
+    fn interested(&self, pool: &PoolId) -> BTreeSet<SessionId> {
+        self.pools
+            .values()
+            .filter(|p| p.chain.contains(pool))
+            .flat_map(|p| p.interest.keys().copied())
+            .collect()
+    }
+
+    /// Applies timers due by `now`, without granting.
+    fn advance(&mut self, now: Instant, out: &mut Decisions) {
+        if self.learning_until.is_some_and(|t| t <= now) {
+            self.learning_until = None;
+        }
+        let mut resumed = Vec::new();
+        for pool in self.pools.values_mut() {
+            while pool.cooling.front().is_some_and(|t| *t <= now) {
+                pool.cooling.pop_front();
+            }
+            if pool.paused_until.is_some_and(|t| t <= now) {
+                pool.paused_until = None;
+                pool.pause_reason = Arc::from("");
+                resumed.push(pool.id.clone());
+            }
+            while let Some(at) = pool.recover_at.filter(|t| *t <= now) {
+                pool.effective = (pool.effective + 1).min(pool.cfg.max_concurrent);
+                pool.recover_at = (pool.effective < pool.cfg.max_concurrent)
+                    .then(|| at + pool.cfg.headroom_recovery.max(Duration::from_millis(1)));
+            }
+        }
+        for id in resumed {
+            for s in self.interested(&id) {
+                out.push(s, Event::Resumed { pool: id.clone() });
+            }
+        }
+        while let Some(id) = self.leases.first_expired(now) {
+            if let Some(lease) = self.end_lease(now, &id, Ended::Expired) {
+                out.push(
+                    lease.session,
+                    Event::Expired {
+                        lease_id: id,
+                        reason: ExpiryReason::Ttl,
+                    },
+                );
+            }
+        }
+        self.expire_waits(now, out);
+    }
+
+    /// Grants to a fixpoint, then rejects waiters past their deadline.
+    fn settle(&mut self, now: Instant, out: &mut Decisions) {
+        loop {
+            let mut best: Option<(WaitKey, WaiterId)> = None;
+            for pool in self.pools.values() {
+                let Some(head) = pool.queue.head() else {
+                    continue;
+                };
+                if best.is_some_and(|b| b <= head) {
+                    continue;
+                }
+                if self.chain_gate(pool, now).is_ok() {
+                    best = Some(head);
+                }
+            }
+            let Some((_, wid)) = best else { break };
+            self.grant(now, wid, out);
+        }
+        self.expire_waits(now, out);
+    }
+
+    fn expire_waits(&mut self, now: Instant, out: &mut Decisions) {
+        while let Some(&(at, wid)) = self.deadlines.first().filter(|(t, _)| *t <= now) {
+            self.deadlines.remove(&(at, wid));
+            if let Some(w) = self.drop_waiter(wid) {
+                let error = Error::WaitTimeout {
+                    waited: now - w.enqueued_at,
+                    retry_after: self.pause_remaining(&w.pool, now),
+                    pool: w.pool,
+                };
+                out.push(
+                    w.session,
+                    Event::Rejected {
+                        request_id: w.request_id.to_string(),
+                        error,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Recomputes every pool's ancestor chain and in-flight count from the lease table.
+    fn rebuild_chains(&mut self) {
+        let parents: HashMap<PoolId, Option<PoolId>> = self
+            .pools
+            .iter()
+            .map(|(k, v)| (k.clone(), v.cfg.parent.clone()))
+            .collect();
+        for (id, pool) in self.pools.iter_mut() {
+            let mut chain = vec![id.clone()];
+            let mut cur = parents.get(id).cloned().flatten();
+            while let Some(p) = cur {
+                cur = parents.get(&p).cloned().flatten();
+                chain.push(p);
+            }
+            pool.chain = chain;
+            pool.in_flight = 0;
+        }
+        let held: Vec<PoolId> = self.leases.values().map(|l| l.pool.clone()).collect();
+        for p in held {
+            for level in self.pools[&p].chain.clone() {
+                self.pools
+                    .get_mut(&level)
+                    .expect("chain pools exist")
+                    .in_flight += 1;
+            }
+        }
+    }
+
+    /// Checks invariants 1, 3 and 5; for tests.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self, now: Instant) {
+        let mut counted: HashMap<&PoolId, u32> = HashMap::new();
+        for l in self.leases.values() {
+            for p in &self.pools[&l.pool].chain {
+                *counted.entry(p).or_default() += 1;
+            }
+            assert!(
+                self.sessions[&l.session].leases.contains(&l.id),
+                "lease {} not in its session",
+                l.id
+            );
+        }
+        for p in self.pools.values() {
+            assert_eq!(
+                p.in_flight,
+                counted.get(&p.id).copied().unwrap_or(0),
+                "in_flight of {}",
+                p.id
+            );
+            if p.queue.head().is_some() {
+                assert!(
+                    self.chain_gate(p, now).is_err(),
+                    "pool {} could grant but has waiters",
+                    p.id
+                );
+            }
+        }
+        let queued: usize = self.pools.values().map(|p| p.queue.len()).sum();
+        assert_eq!(queued, self.waiters.len());
+        let in_sessions: usize = self.sessions.values().map(|s| s.requests.len()).sum();
+        assert_eq!(in_sessions, self.waiters.len());
+    }
+}
+
+fn check_ttl(pool: &Pool, ttl: Option<Duration>) -> Result<Duration, Error> {
+    let ttl = ttl.unwrap_or(pool.cfg.default_ttl);
+    if ttl.is_zero() || ttl > pool.cfg.max_ttl {
+        return Err(Error::InvalidTtl {
+            pool: pool.id.clone(),
+            got: ttl,
+            max: pool.cfg.max_ttl,
+        });
+    }
+    Ok(ttl)
+}
+
+/// Checks every pool's settings, that parents exist, and that the parent links form no cycle.
+pub fn validate_tree(pools: &BTreeMap<PoolId, PoolConfig>) -> Result<(), Error> {
+    for (id, pc) in pools {
+        pc.validate(id).map_err(Error::InvalidArgument)?;
+        let mut seen = HashSet::from([id]);
+        let mut cur = pc.parent.as_ref();
+        while let Some(p) = cur {
+            let Some(parent) = pools.get(p) else {
+                return Err(Error::InvalidArgument(format!(
+                    "pool {id}: parent {p} does not exist"
+                )));
+            };
+            if !seen.insert(p) {
+                return Err(Error::InvalidArgument(format!(
+                    "pool {id}: parent chain has a cycle through {p}"
+                )));
+            }
+            cur = parent.parent.as_ref();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! One pool's budget: limit, adaptive effective limit, in-flight count, pause and release cooldown.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{
+    ids::{PoolId, SessionId},
+    queue::Queue,
+};
+
+/// What a pool does with a request that would have to wait while its queue is full.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overflow {
+    /// Refuse the new request with RESOURCE_EXHAUSTED.
+    #[default]
+    Reject,
+    /// Refuse the request that has waited longest, and queue the new one.
+    ShedOldest,
+    /// Let the new request wait, outside the queue and in arrival order, until the queue has room.
+    Block,
+}
+
+/// A pool's settings. Durations are written like `"200ms"` or `"30s"` in TOML.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Most leases held at once on this pool and all its descendants (>= 1).
+    pub max_concurrent: u32,
+    /// The parent pool: a lease here also takes a slot there, atomically.
+    pub parent: Option<PoolId>,
+    /// Most requests waiting in this pool's queue.
+    pub max_queue_depth: u32,
+    /// What to do when the queue is full.
+    pub on_overflow: Overflow,
+    /// A released slot can be granted again only after this long (providers whose accounting lags).
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// TTL of a lease whose request does not give one.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Largest TTL a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Default wait limit for requests that do not give one; unset waits forever.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Option<Duration>,
+    /// Pause length for a 429 reported without a Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub default_retry_after: Duration,
+    /// Adaptive headroom: each 429 episode lowers the effective limit by one (floor 1).
+    pub adaptive: bool,
+    /// Quiet period (no 429) after which the effective limit recovers by one step.
+    #[serde(with = "humantime_serde")]
+    pub headroom_recovery: Duration,
+}
+
+impl PoolConfig {
+    /// Default `max_queue_depth`.
+    pub const DEFAULT_MAX_QUEUE_DEPTH: u32 = 10_000;
+    /// Default `default_ttl`.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+    /// Default `max_ttl`.
+    pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(600);
+    /// Default `default_retry_after`.
+    pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+    /// Default `headroom_recovery`.
+    pub const DEFAULT_HEADROOM_RECOVERY: Duration = Duration::from_secs(30);
+    /// Largest accepted `max_concurrent`.
+    pub const MAX_CONCURRENT_LIMIT: u32 = 10_000;
+
+    /// A pool with this limit and every other setting at its default.
+    pub fn with_limit(max_concurrent: u32) -> Self {
+        Self {
+            max_concurrent,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the settings that do not depend on other pools.
+    pub fn validate(&self, name: &PoolId) -> Result<(), String> {
+        if !(1..=Self::MAX_CONCURRENT_LIMIT).contains(&self.max_concurrent) {
+            return Err(format!(
+                "pool {name}: max_concurrent {} out of range 1..={}",
+                self.max_concurrent,
+                Self::MAX_CONCURRENT_LIMIT
+            ));
+        }
+        if self.max_queue_depth == 0 {
+            return Err(format!("pool {name}: max_queue_depth must be >= 1"));
+        }
+        if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
+            return Err(format!("pool {name}: default_ttl and max_ttl must be > 0"));
+        }
+        if self.default_ttl > self.max_ttl {
+            return Err(format!("pool {name}: default_ttl is above max_ttl"));
+        }
+        if self.parent.as_ref() == Some(name) {
+            return Err(format!("pool {name}: a pool cannot be its own parent"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 1,
+            parent: None,
+            max_queue_depth: Self::DEFAULT_MAX_QUEUE_DEPTH,
+            on_overflow: Overflow::Reject,
+            cooldown: Duration::ZERO,
+            default_ttl: Self::DEFAULT_TTL,
+            max_ttl: Self::DEFAULT_MAX_TTL,
+            max_wait: None,
+            default_retry_after: Self::DEFAULT_RETRY_AFTER,
+            adaptive: true,
+            headroom_recovery: Self::DEFAULT_HEADROOM_RECOVERY,
+        }
+    }
+}
+
+/// Why a pool cannot grant right now: one failed gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// Every slot of this level is held (or cooling down).
+    Full(PoolId),
+    /// This level is paused until then.
+    Paused(PoolId, Instant),
+    /// The daemon is in its post-restart learning period: only resumes are accepted.
+    Learning,
+    /// The daemon is draining or shutting down: nothing new is granted.
+    Draining,
+}
+
+/// A pool's live state.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    pub(crate) id: PoolId,
+    pub(crate) cfg: PoolConfig,
+    /// This pool first, then its parent, grandparent, ... up to the root.
+    pub(crate) chain: Vec<PoolId>,
+    /// The limit after adaptive headroom: 1..=cfg.max_concurrent.
+    pub(crate) effective: u32,
+    /// Leases held on this pool or any descendant.
+    pub(crate) in_flight: u32,
+    /// When each released slot finishes cooling down, oldest first.
+    pub(crate) cooling: VecDeque<Instant>,
+    pub(crate) paused_until: Option<Instant>,
+    pub(crate) pause_reason: Arc<str>,
+    /// When the effective limit next recovers one step, while it is below the limit.
+    pub(crate) recover_at: Option<Instant>,
+    pub(crate) next_token: u64,
+    pub(crate) queue: Queue,
+    /// Sessions with a waiter or a lease on this pool itself, with how many (for pause fan-out).
+    pub(crate) interest: HashMap<SessionId, u32>,
+}
+
+impl Pool {
+    pub(crate) fn new(id: PoolId, cfg: PoolConfig, first_token: u64) -> Self {
+        Self {
+            id,
+            effective: cfg.max_concurrent,
+            cfg,
+            chain: Vec::new(),
+            in_flight: 0,
+            cooling: VecDeque::new(),
+            paused_until: None,
+            pause_reason: Arc::from(""),
+            recover_at: None,
+            next_token: first_token,
+            queue: Queue::default(),
+            interest: HashMap::new(),
+        }
+    }
+
+    /// The concurrency and pause gates of this one level; the caller ANDs them over the chain.
+    pub(crate) fn gate(&self, now: Instant) -> Result<(), Closed> {
+        if let Some(until) = self.paused_until.filter(|u| *u > now) {
+            return Err(Closed::Paused(self.id.clone(), until));
+        }
+        if self.in_flight as usize + self.cooling.len() >= self.effective as usize {
+            return Err(Closed::Full(self.id.clone()));
+        }
+        Ok(())
+    }
+
+    /// A slot was freed: it cools down before it can be granted again.
+    pub(crate) fn free_slot(&mut self, now: Instant) {
+        self.in_flight -= 1;
+        if !self.cfg.cooldown.is_zero() {
+            self.cooling.push_back(now + self.cfg.cooldown);
+        }
+    }
+
+    /// Earliest instant at which this pool's own timers change something.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.cooling.front().copied(),
+            self.paused_until,
+            self.recover_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub(crate) fn add_interest(&mut self, session: SessionId) {
+        *self.interest.entry(session).or_default() += 1;
+    }
+
+    pub(crate) fn drop_interest(&mut self, session: SessionId) {
+        if let Some(n) = self.interest.get_mut(&session) {
+            *n -= 1;
+            if *n == 0 {
+                self.interest.remove(&session);
+            }
+        }
+    }
+
+    /// Applies a new configuration, keeping any adaptive reduction below the new limit.
+    pub(crate) fn reconfigure(&mut self, cfg: PoolConfig) {
+        let reduced = self.effective < self.cfg.max_concurrent;
+        self.effective = if reduced {
+            self.effective.min(cfg.max_concurrent)
+        } else {
+            cfg.max_concurrent
+        };
+        if !cfg.adaptive {
+            self.effective = cfg.max_concurrent;
+            self.recover_at = None;
+        }
+        self.cfg = cfg;
+    }
+}
