@@ -1,1 +1,110 @@
-fn main() {}
+//! The `slotd` binary: parse flags, load the config, init tracing, serve until SIGTERM or ctrl-c.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use slotd::config::{Cli, Config, DEFAULT_TOML, LogFormat};
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{DEFAULT_TOML}");
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match Config::load(&cli) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("slotd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("configuration ok: {} pools", cfg.pools.len());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(cli.log_format);
+
+    let listener = match TcpListener::bind(cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(addr = %cfg.listen, error = %e, "cannot listen");
+            return ExitCode::from(1);
+        }
+    };
+    let addr = listener.local_addr().map_or(cfg.listen, |a| a);
+    let pools: Vec<String> = cfg
+        .pools
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.max_concurrent))
+        .collect();
+    info!(%addr, pools = %pools.join(","), "slotd serving");
+
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    tokio::spawn(reload_on_sighup(cli, reload_tx));
+    match slotd::serve_with_reload(cfg, listener, shutdown_signal(), Some(reload_rx)).await {
+        Ok(()) => {
+            info!("slotd stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = %e, "slotd failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Re-reads the config file on SIGHUP and hands the pools to the daemon.
+async fn reload_on_sighup(cli: Cli, tx: mpsc::Sender<Config>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match Config::load(&cli) {
+                Ok(cfg) => {
+                    info!("SIGHUP: reloading configuration");
+                    if tx.send(cfg).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => warn!(error = %e, "SIGHUP: configuration refused; keeping the old one"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (cli, tx);
+}

@@ -120,6 +120,15 @@ impl LeaseTable {
         Some(lease)
     }
 
+    /// Sets when a lease expires.
+    pub(crate) fn set_expiry(&mut self, id: &LeaseId, at: Instant) {
+        if let Some(lease) = self.by_id.get_mut(id) {
+            self.expiry.remove(&(lease.expires_at, lease.id));
+            lease.expires_at = at;
+            self.expiry.insert((at, lease.id));
+        }
+    }
+
     /// Moves a lease to another session.
     pub(crate) fn set_session(&mut self, id: &LeaseId, session: SessionId) {
         if let Some(l) = self.by_id.get_mut(id) {

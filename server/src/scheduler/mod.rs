@@ -48,6 +48,9 @@ pub use self::{
 };
 use self::{lease::LeaseTable, pool::Pool};
 
+/// The pseudo-session that holds leases whose stream closed with a resume grace.
+const ORPHANS: SessionId = SessionId(0);
+
 /// Settings of the scheduler as a whole.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
@@ -373,6 +376,7 @@ impl Scheduler {
             shutting_down: false,
             cfg,
         };
+        s.sessions.insert(ORPHANS, Session::default());
         for (id, pc) in pools {
             s.pools
                 .insert(id.clone(), Pool::new(id, pc, s.cfg.first_token));
@@ -395,19 +399,42 @@ impl Scheduler {
 
     /// A stream closed: its waiters leave their queues and its leases are released, at once.
     /// Nothing is sent to the closed session; other sessions may be granted the freed slots.
-    pub fn close_session(&mut self, now: Instant, session: SessionId) -> Decisions {
+    ///
+    /// With a non-zero `grace` (the client asked for one), its leases are instead kept, detached,
+    /// until `min(their expiry, now + grace)`, so that a reconnecting client can resume them.
+    pub fn close_session(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        grace: Duration,
+    ) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
-        if let Some(sess) = self.sessions.get(&session) {
-            let waiters: Vec<WaiterId> = sess.requests.values().copied().collect();
-            let leases: Vec<LeaseId> = sess.leases.iter().copied().collect();
-            for w in waiters {
-                self.drop_waiter(w);
+        if session != ORPHANS
+            && let Some(sess) = self.sessions.remove(&session)
+        {
+            for w in sess.requests.values() {
+                self.drop_waiter(*w);
             }
-            for l in leases {
-                self.end_lease(now, &l, Ended::StreamClosed);
+            for l in sess.leases {
+                if grace.is_zero() {
+                    self.end_lease(now, &l, Ended::StreamClosed);
+                    continue;
+                }
+                let lease = self.leases.get(&l).expect("session leases exist");
+                let pool = lease.pool.clone();
+                let until = lease.expires_at.min(now + grace);
+                self.leases.set_session(&l, ORPHANS);
+                self.leases.set_expiry(&l, until);
+                self.sessions
+                    .get_mut(&ORPHANS)
+                    .expect("always there")
+                    .leases
+                    .insert(l);
+                let pool = self.pools.get_mut(&pool).expect("lease pools exist");
+                pool.drop_interest(session);
+                pool.add_interest(ORPHANS);
             }
-            self.sessions.remove(&session);
         }
         self.settle(now, &mut out);
         out.events.retain(|(s, _)| *s != session);
@@ -962,7 +989,7 @@ impl Scheduler {
 
     /// How many sessions are open.
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.sessions.len() - 1
     }
 
     // ----------------------------------------------------------------------------------------

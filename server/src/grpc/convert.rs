@@ -1,0 +1,293 @@
+//! Conversions between wire messages (`slotd_proto::v1`) and scheduler types, including clocks.
+//!
+//! The scheduler counts in monotonic [`Instant`]s; the wire speaks wall-clock timestamps. Each
+//! conversion pairs a fresh `Instant::now()` with `SystemTime::now()`, so no stale anchor drifts.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use prost_types::Timestamp;
+use slotd_proto::v1 as pb;
+use tokio::time::Instant;
+
+use crate::{
+    driver::StreamOp,
+    grpc::status::code,
+    scheduler::{
+        Error, Event, ExpiryReason, FencingToken, LeaseId, NewRequest, Outcome, PoolId, Priority,
+        RequestId, ResumeRequest, Snapshot,
+    },
+};
+
+/// The longest holder name accepted, in bytes.
+pub const MAX_HOLDER_LEN: usize = 256;
+/// The most lease ids one heartbeat may list.
+pub const MAX_HEARTBEAT_IDS: usize = 4096;
+
+/// A wire duration as a `Duration`; negative or out-of-range ones are refused.
+pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
+    d.map(|d| {
+        Duration::try_from(d)
+            .map_err(|_| Error::InvalidArgument(format!("{field}: negative or invalid duration")))
+    })
+    .transpose()
+}
+
+/// A `Duration` on the wire.
+pub fn pb_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+/// An `Instant` as a wall-clock timestamp.
+pub fn timestamp(at: Instant) -> Timestamp {
+    let (now_i, now_s) = (Instant::now(), SystemTime::now());
+    let wall = if at >= now_i {
+        now_s + (at - now_i)
+    } else {
+        now_s - (now_i - at)
+    };
+    Timestamp::from(wall)
+}
+
+/// A wall-clock timestamp as an `Instant` (clamped to now for future ones).
+pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
+    let wall = SystemTime::try_from(ts)
+        .map_err(|_| Error::InvalidArgument(format!("{field}: invalid timestamp")))?;
+    let (now_i, now_s) = (Instant::now(), SystemTime::now());
+    let ago = now_s.duration_since(wall).unwrap_or(Duration::ZERO);
+    // Anything older than the clamp the scheduler applies is equivalent; avoid Instant underflow.
+    Ok(now_i
+        .checked_sub(ago.min(Duration::from_secs(2 * 3600)))
+        .unwrap_or(now_i))
+}
+
+fn priority(p: Option<u32>) -> Result<Priority, Error> {
+    p.map_or(Ok(Priority::DEFAULT), Priority::try_from)
+}
+
+fn holder(h: String) -> Result<Arc<str>, Error> {
+    if h.len() > MAX_HOLDER_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "holder is {} bytes, more than {MAX_HOLDER_LEN}",
+            h.len()
+        )));
+    }
+    Ok(Arc::from(h))
+}
+
+fn truncated(s: &str) -> String {
+    crate::scheduler::ids::truncate(s, 128).to_owned()
+}
+
+/// Converts one client message into a stream operation. Invalid input becomes
+/// [`StreamOp::Invalid`] carrying the event that answers it.
+pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
+    use pb::client_message::Msg;
+    match msg.msg {
+        None => StreamOp::Invalid(Event::Rejected {
+            request_id: String::new(),
+            error: Error::InvalidArgument("client message has no body: set one of request, cancel, heartbeat, release, resume".into()),
+        }),
+        Some(Msg::Request(r)) => {
+            let rid = truncated(&r.request_id);
+            request(r).map_or_else(|error| StreamOp::Invalid(Event::Rejected { request_id: rid, error }), StreamOp::Request)
+        }
+        Some(Msg::Cancel(c)) => StreamOp::Cancel(truncated(&c.request_id)),
+        Some(Msg::Heartbeat(h)) => {
+            if h.lease_ids.len() > MAX_HEARTBEAT_IDS {
+                return StreamOp::Invalid(Event::LeaseError {
+                    lease_id: String::new(),
+                    error: Error::InvalidArgument(format!("heartbeat lists more than {MAX_HEARTBEAT_IDS} leases")),
+                });
+            }
+            match h.lease_ids.iter().map(|s| s.parse()).collect::<Result<Vec<LeaseId>, _>>() {
+                Ok(ids) => StreamOp::Heartbeat(ids),
+                Err(error) => StreamOp::Invalid(Event::LeaseError { lease_id: String::new(), error }),
+            }
+        }
+        Some(Msg::Release(r)) => {
+            let lid = truncated(&r.lease_id);
+            release(r).map_or_else(|error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }), |(id, o)| {
+                StreamOp::Release(id, o)
+            })
+        }
+        Some(Msg::Resume(r)) => {
+            let lid = truncated(&r.lease_id);
+            resume(r).map_or_else(|error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }), StreamOp::Resume)
+        }
+    }
+}
+
+fn request(r: pb::LeaseRequest) -> Result<NewRequest, Error> {
+    Ok(NewRequest {
+        request_id: RequestId::parse(&r.request_id)?,
+        pool: PoolId::parse(&r.pool)?,
+        priority: priority(r.priority)?,
+        started_at: r.started_at.map(|t| instant("started_at", t)).transpose()?,
+        ttl: duration("ttl", r.ttl)?,
+        max_wait: duration("max_wait", r.max_wait)?,
+        holder: holder(r.holder)?,
+    })
+}
+
+fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Outcome), Error> {
+    let id = r.lease_id.parse()?;
+    let outcome = match pb::Outcome::try_from(r.outcome) {
+        Ok(pb::Outcome::Unspecified | pb::Outcome::Ok) => Outcome::Ok,
+        Ok(pb::Outcome::Error) => Outcome::Error,
+        Ok(pb::Outcome::Cancelled) => Outcome::Cancelled,
+        Ok(pb::Outcome::RateLimited) => {
+            Outcome::RateLimited(duration("retry_after", r.retry_after)?)
+        }
+        Err(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown outcome {}",
+                r.outcome
+            )));
+        }
+    };
+    Ok((id, outcome))
+}
+
+fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
+    Ok(ResumeRequest {
+        lease_id: r.lease_id.parse()?,
+        token: FencingToken(r.fencing_token),
+        pool: PoolId::parse(&r.pool)?,
+        priority: priority(r.priority)?,
+        ttl: duration("ttl", r.ttl)?,
+        holder: holder(r.holder)?,
+    })
+}
+
+/// A scheduler event as a server message.
+pub fn server_message(event: Event) -> pb::ServerMessage {
+    use pb::server_message::Msg;
+    let msg = match event {
+        Event::Queued {
+            request_id,
+            position,
+            blocked,
+        } => Msg::Queued(pb::Queued {
+            request_id: request_id.to_string(),
+            position,
+            blocked,
+        }),
+        Event::Granted {
+            request_id,
+            lease_id,
+            pool,
+            token,
+            ttl,
+            expires_at,
+        } => Msg::Granted(pb::Granted {
+            request_id: request_id.to_string(),
+            lease_id: lease_id.to_string(),
+            fencing_token: token.0,
+            ttl: Some(pb_duration(ttl)),
+            expires_at: Some(timestamp(expires_at)),
+            pool: pool.to_string(),
+        }),
+        Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
+            request_id,
+            code: code(&error) as i32,
+            message: error.to_string(),
+            retry_after: error.retry_after().map(pb_duration),
+        }),
+        Event::Paused {
+            pool,
+            until,
+            reason,
+        } => Msg::Paused(pb::Paused {
+            pool: pool.to_string(),
+            until: Some(timestamp(until)),
+            reason: reason.to_string(),
+            remaining: Some(pb_duration(until.saturating_duration_since(Instant::now()))),
+        }),
+        Event::Resumed { pool } => Msg::Resumed(pb::Resumed {
+            pool: pool.to_string(),
+        }),
+        Event::Expired { lease_id, reason } => {
+            let (reason, message) = match reason {
+                ExpiryReason::Ttl => (
+                    pb::ExpiryReason::Ttl,
+                    "no heartbeat within the ttl; the slot was reclaimed",
+                ),
+                ExpiryReason::Revoked => (pb::ExpiryReason::Revoked, "revoked by an operator"),
+                ExpiryReason::PoolRemoved => {
+                    (pb::ExpiryReason::PoolRemoved, "the pool was removed")
+                }
+            };
+            Msg::Expired(pb::Expired {
+                lease_id: lease_id.to_string(),
+                reason: reason as i32,
+                message: message.into(),
+            })
+        }
+        Event::Released { lease_id } => Msg::Released(pb::Released {
+            lease_id: lease_id.to_string(),
+        }),
+        Event::LeaseError { lease_id, error } => Msg::LeaseError(pb::LeaseError {
+            lease_id,
+            code: code(&error) as i32,
+            message: error.to_string(),
+        }),
+        Event::LeaseResumed {
+            lease_id,
+            token,
+            expires_at,
+        } => Msg::LeaseResumed(pb::LeaseResumed {
+            lease_id: lease_id.to_string(),
+            fencing_token: token.0,
+            expires_at: Some(timestamp(expires_at)),
+        }),
+        Event::Cancelled { request_id } => Msg::Cancelled(pb::Cancelled {
+            request_id: request_id.to_string(),
+        }),
+        Event::HeartbeatAck { renewed } => Msg::HeartbeatAck(pb::HeartbeatAck { renewed }),
+    };
+    pb::ServerMessage { msg: Some(msg) }
+}
+
+/// A scheduler snapshot as a `StatusResponse`.
+pub fn status_response(s: Snapshot) -> pb::StatusResponse {
+    let now = Instant::now();
+    pb::StatusResponse {
+        pools: s
+            .pools
+            .into_iter()
+            .map(|p| pb::PoolStatus {
+                name: p.id.to_string(),
+                parent: p.config.parent.map(|p| p.to_string()).unwrap_or_default(),
+                limit: p.config.max_concurrent,
+                effective_limit: p.effective_limit,
+                in_flight: p.in_flight,
+                queued: p.queued,
+                paused_until: p.paused_until.map(timestamp),
+                pause_reason: p.pause_reason.to_string(),
+                cooling: p.cooling,
+                next_fencing_token: p.next_token,
+            })
+            .collect(),
+        leases: s
+            .leases
+            .into_iter()
+            .map(|l| pb::LeaseStatus {
+                lease_id: l.id.to_string(),
+                pool: l.pool.to_string(),
+                holder: l.holder.to_string(),
+                priority: u32::from(l.priority.get()),
+                age: Some(pb_duration(now.saturating_duration_since(l.granted_at))),
+                expires_in: Some(pb_duration(l.expires_at.saturating_duration_since(now))),
+                fencing_token: l.token.0,
+            })
+            .collect(),
+        learning: s.learning,
+        shutting_down: s.shutting_down,
+    }
+}

@@ -1,0 +1,54 @@
+//! The one place that maps a [`scheduler::Error`](crate::scheduler::Error) to a gRPC code and status.
+
+use tonic::{Code, Status};
+
+use crate::scheduler::Error;
+
+/// The gRPC code for an error.
+///
+/// | error | code |
+/// |---|---|
+/// | bad input (ids, priority, ttl, durations, empty message) | INVALID_ARGUMENT |
+/// | duplicate request_id | ALREADY_EXISTS |
+/// | queue full, shed, over a per-stream bound, resume over limit | RESOURCE_EXHAUSTED |
+/// | unknown pool, lease or request | NOT_FOUND |
+/// | lease of another stream, already ended, token/pool mismatch | FAILED_PRECONDITION |
+/// | shutting down | UNAVAILABLE |
+/// | waited past max_wait | DEADLINE_EXCEEDED |
+/// | pool removed while waiting | ABORTED |
+pub fn code(e: &Error) -> Code {
+    match e {
+        Error::InvalidArgument(_) | Error::PriorityOutOfRange { .. } | Error::InvalidTtl { .. } => {
+            Code::InvalidArgument
+        }
+        Error::DuplicateRequest(_) => Code::AlreadyExists,
+        Error::QueueFull { .. }
+        | Error::Shed(_)
+        | Error::LimitExceeded(_)
+        | Error::ResumeOverLimit(_) => Code::ResourceExhausted,
+        Error::UnknownPool(_) | Error::UnknownLease(_) | Error::UnknownRequest(_) => Code::NotFound,
+        Error::NotYourLease(_) | Error::LeaseEnded { .. } | Error::LeaseMismatch(..) => {
+            Code::FailedPrecondition
+        }
+        Error::ShuttingDown => Code::Unavailable,
+        Error::WaitTimeout { .. } => Code::DeadlineExceeded,
+        Error::PoolRemoved(_) => Code::Aborted,
+    }
+}
+
+/// A `Status` for an error, with its retry hint in the `retry-after-ms` trailer when there is one.
+pub fn to_status(e: &Error) -> Status {
+    let mut status = Status::new(code(e), e.to_string());
+    if let Some(d) = e.retry_after()
+        && let Ok(v) = d.as_millis().to_string().parse()
+    {
+        status.metadata_mut().insert("retry-after-ms", v);
+    }
+    status
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        to_status(&e)
+    }
+}
