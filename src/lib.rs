@@ -9,7 +9,6 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of every proto file (including well-known types), for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/slotd_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/slotd_descriptor.bin"));
 
 pub use prost_types;

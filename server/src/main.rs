@@ -36,11 +36,7 @@ async fn main() -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(cfg.listen, |a| a);
-    let pools: Vec<String> = cfg
-        .pools
-        .iter()
-        .map(|(k, v)| format!("{k}={}", v.max_concurrent))
-        .collect();
+    let pools: Vec<String> = cfg.pools.iter().map(|(k, v)| format!("{k}={}", v.max_concurrent)).collect();
     info!(%addr, pools = %pools.join(","), "slotd serving");
 
     let (reload_tx, reload_rx) = mpsc::channel(4);
@@ -89,8 +85,7 @@ async fn shutdown_signal() {
 async fn reload_on_sighup(cli: Cli, tx: mpsc::Sender<Config>) {
     #[cfg(unix)]
     {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
             return;
         };
         while hup.recv().await.is_some() {
