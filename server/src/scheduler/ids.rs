@@ -133,10 +133,7 @@ impl TryFrom<u32> for Priority {
 
     fn try_from(p: u32) -> Result<Self, Error> {
         if p > u32::from(Self::MAX.0) {
-            return Err(Error::PriorityOutOfRange {
-                got: p,
-                max: Self::MAX.0,
-            });
+            return Err(Error::PriorityOutOfRange { got: p, max: Self::MAX.0 });
         }
         Ok(Priority(p as u8))
     }

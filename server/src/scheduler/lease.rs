@@ -143,9 +143,6 @@ impl LeaseTable {
 
     /// The id of a lease that has expired by `now`, if any.
     pub(crate) fn first_expired(&self, now: Instant) -> Option<LeaseId> {
-        self.expiry
-            .first()
-            .filter(|(t, _)| *t <= now)
-            .map(|(_, id)| *id)
+        self.expiry.first().filter(|(t, _)| *t <= now).map(|(_, id)| *id)
     }
 }

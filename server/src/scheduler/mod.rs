@@ -346,6 +346,9 @@ pub struct Scheduler {
     next_session: u64,
     rng: StdRng,
     learning_until: Option<Instant>,
+    /// The next fencing token of each removed pool, so that a pool added again under the same name
+    /// never reissues a token (invariant 6).
+    retired_tokens: HashMap<PoolId, u64>,
     shutting_down: bool,
 }
 
@@ -373,13 +376,13 @@ impl Scheduler {
             next_session: 0,
             rng,
             learning_until,
+            retired_tokens: HashMap::new(),
             shutting_down: false,
             cfg,
         };
         s.sessions.insert(ORPHANS, Session::default());
         for (id, pc) in pools {
-            s.pools
-                .insert(id.clone(), Pool::new(id, pc, s.cfg.first_token));
+            s.pools.insert(id.clone(), Pool::new(id, pc, s.cfg.first_token));
         }
         s.rebuild_chains();
         Ok(s)
@@ -402,12 +405,7 @@ impl Scheduler {
     ///
     /// With a non-zero `grace` (the client asked for one), its leases are instead kept, detached,
     /// until `min(their expiry, now + grace)`, so that a reconnecting client can resume them.
-    pub fn close_session(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        grace: Duration,
-    ) -> Decisions {
+    pub fn close_session(&mut self, now: Instant, session: SessionId, grace: Duration) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         if session != ORPHANS
@@ -426,11 +424,7 @@ impl Scheduler {
                 let until = lease.expires_at.min(now + grace);
                 self.leases.set_session(&l, ORPHANS);
                 self.leases.set_expiry(&l, until);
-                self.sessions
-                    .get_mut(&ORPHANS)
-                    .expect("always there")
-                    .leases
-                    .insert(l);
+                self.sessions.get_mut(&ORPHANS).expect("always there").leases.insert(l);
                 let pool = self.pools.get_mut(&pool).expect("lease pools exist");
                 pool.drop_interest(session);
                 pool.add_interest(ORPHANS);
@@ -449,15 +443,12 @@ impl Scheduler {
     pub fn request(&mut self, now: Instant, session: SessionId, req: NewRequest) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
+        // Slots that timers freed at `now` go to those already waiting, exactly as if the driver
+        // had ticked first; this also restores invariant 3, which the fast path relies on.
+        self.settle(now, &mut out);
         let rid = req.request_id.as_str().to_owned();
         if let Err(error) = self.try_request(now, session, req, &mut out) {
-            out.push(
-                session,
-                Event::Rejected {
-                    request_id: rid,
-                    error,
-                },
-            );
+            out.push(session, Event::Rejected { request_id: rid, error });
         }
         self.settle(now, &mut out);
         out
@@ -483,17 +474,11 @@ impl Scheduler {
                 self.cfg.max_per_session
             )));
         }
-        let pool = self
-            .pools
-            .get(&req.pool)
-            .ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
+        let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
         let ttl = check_ttl(pool, req.ttl)?;
         let max_wait = req.max_wait.or(pool.cfg.max_wait);
         let started = req.started_at.unwrap_or(now).min(now);
-        let started = started.max(
-            now.checked_sub(SchedulerConfig::MAX_TURN_AGE)
-                .unwrap_or(started),
-        );
+        let started = started.max(now.checked_sub(SchedulerConfig::MAX_TURN_AGE).unwrap_or(started));
         let key = self.key_of(started, req.priority);
         let deadline = max_wait.map(|w| now + w.min(SchedulerConfig::MAX_WAIT));
         let gate = self.chain_gate(pool, now);
@@ -530,17 +515,11 @@ impl Scheduler {
         let (position, blocked) = if pool.queue.depth() >= pool.cfg.max_queue_depth as usize {
             match pool.cfg.on_overflow {
                 Overflow::Reject => {
-                    return Err(Error::QueueFull {
-                        pool: req.pool,
-                        depth: pool.cfg.max_queue_depth,
-                    });
+                    return Err(Error::QueueFull { pool: req.pool, depth: pool.cfg.max_queue_depth });
                 }
                 Overflow::Block => (pool.queue.push_blocked(key, wid), true),
                 Overflow::ShedOldest => {
-                    let victim = pool
-                        .queue
-                        .oldest()
-                        .expect("a full queue has an oldest waiter");
+                    let victim = pool.queue.oldest().expect("a full queue has an oldest waiter");
                     let shed = self.drop_waiter(victim).expect("queued waiters exist");
                     out.push(
                         shed.session,
@@ -557,14 +536,7 @@ impl Scheduler {
             (pool.queue.push(key, wid), false)
         };
         self.insert_waiter(wid, waiter);
-        out.push(
-            session,
-            Event::Queued {
-                request_id: req.request_id,
-                position,
-                blocked,
-            },
-        );
+        out.push(session, Event::Queued { request_id: req.request_id, position, blocked });
         Ok(())
     }
 
@@ -572,18 +544,9 @@ impl Scheduler {
     pub fn cancel(&mut self, now: Instant, session: SessionId, request_id: &str) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
-        let wid = self
-            .sessions
-            .get(&session)
-            .and_then(|s| s.requests.get(request_id))
-            .copied();
+        let wid = self.sessions.get(&session).and_then(|s| s.requests.get(request_id)).copied();
         match wid.and_then(|w| self.drop_waiter(w)) {
-            Some(w) => out.push(
-                session,
-                Event::Cancelled {
-                    request_id: w.request_id,
-                },
-            ),
+            Some(w) => out.push(session, Event::Cancelled { request_id: w.request_id }),
             None => out.push(
                 session,
                 Event::Rejected {
@@ -597,19 +560,11 @@ impl Scheduler {
     }
 
     /// Renews the listed leases of this session (all of them when `lease_ids` is empty).
-    pub fn heartbeat(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        lease_ids: &[LeaseId],
-    ) -> Decisions {
+    pub fn heartbeat(&mut self, now: Instant, session: SessionId, lease_ids: &[LeaseId]) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         let ids: Vec<LeaseId> = if lease_ids.is_empty() {
-            self.sessions
-                .get(&session)
-                .map(|s| s.leases.iter().copied().collect())
-                .unwrap_or_default()
+            self.sessions.get(&session).map(|s| s.leases.iter().copied().collect()).unwrap_or_default()
         } else {
             lease_ids.to_vec()
         };
@@ -620,13 +575,7 @@ impl Scheduler {
                     self.leases.renew(&id, now);
                     renewed += 1;
                 }
-                Err(error) => out.push(
-                    session,
-                    Event::LeaseError {
-                        lease_id: id.to_string(),
-                        error,
-                    },
-                ),
+                Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
             }
         }
         out.push(session, Event::HeartbeatAck { renewed });
@@ -635,33 +584,19 @@ impl Scheduler {
     }
 
     /// Gives a lease back. A rate-limited outcome pauses its pool.
-    pub fn release(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        id: LeaseId,
-        outcome: Outcome,
-    ) -> Decisions {
+    pub fn release(&mut self, now: Instant, session: SessionId, id: LeaseId, outcome: Outcome) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         match self.own_lease(session, &id) {
             Ok(()) => {
-                let lease = self
-                    .end_lease(now, &id, Ended::Released)
-                    .expect("owned lease exists");
+                let lease = self.end_lease(now, &id, Ended::Released).expect("owned lease exists");
                 out.push(session, Event::Released { lease_id: id });
                 if let Outcome::RateLimited(retry_after) = outcome {
                     let reason = format!("rate limited (429) reported on release of lease {id}");
                     self.pause(now, &lease.pool, retry_after, reason, &mut out);
                 }
             }
-            Err(error) => out.push(
-                session,
-                Event::LeaseError {
-                    lease_id: id.to_string(),
-                    error,
-                },
-            ),
+            Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
         }
         self.settle(now, &mut out);
         out
@@ -675,22 +610,9 @@ impl Scheduler {
         let id = req.lease_id;
         match self.try_resume(now, session, req) {
             Ok((token, expires_at)) => {
-                out.push(
-                    session,
-                    Event::LeaseResumed {
-                        lease_id: id,
-                        token,
-                        expires_at,
-                    },
-                );
+                out.push(session, Event::LeaseResumed { lease_id: id, token, expires_at });
             }
-            Err(error) => out.push(
-                session,
-                Event::LeaseError {
-                    lease_id: id.to_string(),
-                    error,
-                },
-            ),
+            Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
         }
         self.settle(now, &mut out);
         out
@@ -706,10 +628,7 @@ impl Scheduler {
             return Err(Error::ShuttingDown);
         }
         let id = req.lease_id;
-        let pool = self
-            .pools
-            .get(&req.pool)
-            .ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
+        let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
         let ttl = check_ttl(pool, req.ttl)?;
         if !self.sessions.contains_key(&session) {
             return Err(Error::ShuttingDown);
@@ -729,36 +648,24 @@ impl Scheduler {
                 let pool = self.pools.get_mut(&req.pool).expect("lease pools exist");
                 pool.drop_interest(old);
                 pool.add_interest(session);
-                self.sessions
-                    .get_mut(&session)
-                    .expect("checked")
-                    .leases
-                    .insert(id);
+                self.sessions.get_mut(&session).expect("checked").leases.insert(id);
                 self.leases.set_session(&id, session);
             }
             let lease = self.leases.renew(&id, now).expect("exists");
             return Ok((lease.token, lease.expires_at));
         }
         if let Some(how) = self.leases.ended(&id) {
-            return Err(Error::LeaseEnded {
-                id,
-                how: how.describe(),
-            });
+            return Err(Error::LeaseEnded { id, how: how.describe() });
         }
         if self.learning_until.is_none() {
             return Err(Error::UnknownLease(id));
         }
         let sess = &self.sessions[&session];
         if sess.requests.len() + sess.leases.len() >= self.cfg.max_per_session {
-            return Err(Error::LimitExceeded(
-                "stream has too many open requests and leases".into(),
-            ));
+            return Err(Error::LimitExceeded("stream has too many open requests and leases".into()));
         }
         let chain = pool.chain.clone();
-        if chain
-            .iter()
-            .any(|p| self.pools[p].in_flight >= self.pools[p].cfg.max_concurrent)
-        {
+        if chain.iter().any(|p| self.pools[p].in_flight >= self.pools[p].cfg.max_concurrent) {
             return Err(Error::ResumeOverLimit(req.pool));
         }
         for p in &chain {
@@ -767,11 +674,7 @@ impl Scheduler {
         let pool = self.pools.get_mut(&req.pool).expect("checked");
         pool.next_token = pool.next_token.max(req.token.0.saturating_add(1));
         pool.add_interest(session);
-        self.sessions
-            .get_mut(&session)
-            .expect("checked")
-            .leases
-            .insert(id);
+        self.sessions.get_mut(&session).expect("checked").leases.insert(id);
         let expires_at = now + ttl;
         self.leases.insert(Lease {
             id,
@@ -808,18 +711,12 @@ impl Scheduler {
         let reason = if reason.is_empty() {
             "rate limited (429) reported".to_owned()
         } else {
-            format!(
-                "rate limited (429) reported: {}",
-                ids::truncate(reason, 256)
-            )
+            format!("rate limited (429) reported: {}", ids::truncate(reason, 256))
         };
         self.pause(now, pool, retry_after, reason, &mut out);
         self.settle(now, &mut out);
         let p = &self.pools[pool];
-        let applied = PauseApplied {
-            until: p.paused_until.unwrap_or(now),
-            effective_limit: p.effective,
-        };
+        let applied = PauseApplied { until: p.paused_until.unwrap_or(now), effective_limit: p.effective };
         Ok((applied, out))
     }
 
@@ -833,51 +730,39 @@ impl Scheduler {
         validate_tree(&pools)?;
         let mut out = Decisions::default();
         self.advance(now, &mut out);
-        let removed: Vec<PoolId> = self
-            .pools
-            .keys()
-            .filter(|p| !pools.contains_key(*p))
-            .cloned()
-            .collect();
+        let removed: Vec<PoolId> = self.pools.keys().filter(|p| !pools.contains_key(*p)).cloned().collect();
         for id in &removed {
             let waiters: Vec<WaiterId> = self.pools[id].queue.iter().collect();
             for w in waiters {
                 if let Some(w) = self.drop_waiter(w) {
                     let error = Error::PoolRemoved(id.clone());
-                    out.push(
-                        w.session,
-                        Event::Rejected {
-                            request_id: w.request_id.to_string(),
-                            error,
-                        },
-                    );
+                    out.push(w.session, Event::Rejected { request_id: w.request_id.to_string(), error });
                 }
             }
-            let leases: Vec<(LeaseId, SessionId)> = self
-                .leases
-                .values()
-                .filter(|l| &l.pool == id)
-                .map(|l| (l.id, l.session))
-                .collect();
+            let leases: Vec<(LeaseId, SessionId)> =
+                self.leases.values().filter(|l| &l.pool == id).map(|l| (l.id, l.session)).collect();
             for (l, s) in leases {
                 self.end_lease(now, &l, Ended::Revoked);
-                out.push(
-                    s,
-                    Event::Expired {
-                        lease_id: l,
-                        reason: ExpiryReason::PoolRemoved,
-                    },
-                );
+                out.push(s, Event::Expired { lease_id: l, reason: ExpiryReason::PoolRemoved });
             }
         }
         for id in &removed {
-            self.pools.remove(id);
+            if let Some(p) = self.pools.remove(id) {
+                self.retired_tokens.insert(id.clone(), p.next_token);
+            }
         }
         for (id, pc) in pools {
             match self.pools.get_mut(&id) {
-                Some(p) => p.reconfigure(pc),
+                Some(p) => {
+                    p.reconfigure(pc);
+                    // A deeper queue has room for blocked waiters now, ahead of later arrivals.
+                    p.queue.admit_blocked(p.cfg.max_queue_depth as usize);
+                }
                 None => {
-                    let first = self.cfg.first_token;
+                    let first = self
+                        .retired_tokens
+                        .remove(&id)
+                        .map_or(self.cfg.first_token, |t| t.max(self.cfg.first_token));
                     self.pools.insert(id.clone(), Pool::new(id, pc, first));
                 }
             }
@@ -897,10 +782,7 @@ impl Scheduler {
             if let Some(w) = self.drop_waiter(w) {
                 out.push(
                     w.session,
-                    Event::Rejected {
-                        request_id: w.request_id.to_string(),
-                        error: Error::ShuttingDown,
-                    },
+                    Event::Rejected { request_id: w.request_id.to_string(), error: Error::ShuttingDown },
                 );
             }
         }
@@ -919,15 +801,10 @@ impl Scheduler {
     /// When [`Scheduler::tick`] next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let pools = self.pools.values().filter_map(Pool::next_deadline).min();
-        [
-            self.leases.next_expiry(),
-            self.deadlines.first().map(|(t, _)| *t),
-            pools,
-            self.learning_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.leases.next_expiry(), self.deadlines.first().map(|(t, _)| *t), pools, self.learning_until]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A snapshot for `Status`. `pool` limits it to one pool and its leases.
@@ -954,12 +831,8 @@ impl Scheduler {
         pools.sort_by(|a, b| {
             (self.pools[&a.id].chain.len(), &a.id).cmp(&(self.pools[&b.id].chain.len(), &b.id))
         });
-        let mut leases: Vec<Lease> = self
-            .leases
-            .values()
-            .filter(|l| pool.is_none_or(|want| &l.pool == want))
-            .cloned()
-            .collect();
+        let mut leases: Vec<Lease> =
+            self.leases.values().filter(|l| pool.is_none_or(|want| &l.pool == want)).cloned().collect();
         leases.sort_by_key(|l| (l.granted_at, l.id));
         Ok(Snapshot {
             pools,
@@ -971,10 +844,7 @@ impl Scheduler {
 
     /// The configured pools.
     pub fn pool_configs(&self) -> BTreeMap<PoolId, PoolConfig> {
-        self.pools
-            .iter()
-            .map(|(k, v)| (k.clone(), v.cfg.clone()))
-            .collect()
+        self.pools.iter().map(|(k, v)| (k.clone(), v.cfg.clone())).collect()
     }
 
     /// How many leases are held in all.
@@ -1032,15 +902,8 @@ impl Scheduler {
         if let Some(d) = w.deadline {
             self.deadlines.insert((d, wid));
         }
-        self.sessions
-            .get_mut(&w.session)
-            .expect("caller checked")
-            .requests
-            .insert(w.request_id.clone(), wid);
-        self.pools
-            .get_mut(&w.pool)
-            .expect("caller checked")
-            .add_interest(w.session);
+        self.sessions.get_mut(&w.session).expect("caller checked").requests.insert(w.request_id.clone(), wid);
+        self.pools.get_mut(&w.pool).expect("caller checked").add_interest(w.session);
         self.waiters.insert(wid, w);
     }
 
@@ -1077,11 +940,7 @@ impl Scheduler {
             self.pools.get_mut(&p).expect("chain pools exist").in_flight += 1;
         }
         let expires_at = now + w.ttl;
-        self.sessions
-            .get_mut(&w.session)
-            .expect("waiter sessions exist")
-            .leases
-            .insert(id);
+        self.sessions.get_mut(&w.session).expect("waiter sessions exist").leases.insert(id);
         self.leases.insert(Lease {
             id,
             pool: w.pool.clone(),
@@ -1117,10 +976,7 @@ impl Scheduler {
         if let Some(pool) = self.pools.get_mut(&lease.pool) {
             pool.drop_interest(lease.session);
             for p in pool.chain.clone() {
-                self.pools
-                    .get_mut(&p)
-                    .expect("chain pools exist")
-                    .free_slot(now);
+                self.pools.get_mut(&p).expect("chain pools exist").free_slot(now);
             }
         }
         Some(lease)
@@ -1131,10 +987,7 @@ impl Scheduler {
             Some(l) if l.session == session => Ok(()),
             Some(_) => Err(Error::NotYourLease(*id)),
             None => match self.leases.ended(id) {
-                Some(how) => Err(Error::LeaseEnded {
-                    id: *id,
-                    how: how.describe(),
-                }),
+                Some(how) => Err(Error::LeaseEnded { id: *id, how: how.describe() }),
                 None => Err(Error::UnknownLease(*id)),
             },
         }
@@ -1151,9 +1004,7 @@ impl Scheduler {
         let Some(pool) = self.pools.get_mut(pool_id) else {
             return;
         };
-        let wait = retry_after
-            .unwrap_or(pool.cfg.default_retry_after)
-            .min(SchedulerConfig::MAX_PAUSE);
+        let wait = retry_after.unwrap_or(pool.cfg.default_retry_after).min(SchedulerConfig::MAX_PAUSE);
         let until = now + wait;
         let new_episode = pool.paused_until.is_none_or(|u| u <= now);
         if new_episode && pool.cfg.adaptive && pool.effective > 1 {
@@ -1170,14 +1021,7 @@ impl Scheduler {
         if extended {
             let reason = pool.pause_reason.clone();
             for s in self.interested(pool_id) {
-                out.push(
-                    s,
-                    Event::Paused {
-                        pool: pool_id.clone(),
-                        until,
-                        reason: reason.clone(),
-                    },
-                );
+                out.push(s, Event::Paused { pool: pool_id.clone(), until, reason: reason.clone() });
             }
         }
     }
@@ -1219,13 +1063,7 @@ impl Scheduler {
         }
         while let Some(id) = self.leases.first_expired(now) {
             if let Some(lease) = self.end_lease(now, &id, Ended::Expired) {
-                out.push(
-                    lease.session,
-                    Event::Expired {
-                        lease_id: id,
-                        reason: ExpiryReason::Ttl,
-                    },
-                );
+                out.push(lease.session, Event::Expired { lease_id: id, reason: ExpiryReason::Ttl });
             }
         }
         self.expire_waits(now, out);
@@ -1261,24 +1099,15 @@ impl Scheduler {
                     retry_after: self.pause_remaining(&w.pool, now),
                     pool: w.pool,
                 };
-                out.push(
-                    w.session,
-                    Event::Rejected {
-                        request_id: w.request_id.to_string(),
-                        error,
-                    },
-                );
+                out.push(w.session, Event::Rejected { request_id: w.request_id.to_string(), error });
             }
         }
     }
 
     /// Recomputes every pool's ancestor chain and in-flight count from the lease table.
     fn rebuild_chains(&mut self) {
-        let parents: HashMap<PoolId, Option<PoolId>> = self
-            .pools
-            .iter()
-            .map(|(k, v)| (k.clone(), v.cfg.parent.clone()))
-            .collect();
+        let parents: HashMap<PoolId, Option<PoolId>> =
+            self.pools.iter().map(|(k, v)| (k.clone(), v.cfg.parent.clone())).collect();
         for (id, pool) in self.pools.iter_mut() {
             let mut chain = vec![id.clone()];
             let mut cur = parents.get(id).cloned().flatten();
@@ -1292,10 +1121,7 @@ impl Scheduler {
         let held: Vec<PoolId> = self.leases.values().map(|l| l.pool.clone()).collect();
         for p in held {
             for level in self.pools[&p].chain.clone() {
-                self.pools
-                    .get_mut(&level)
-                    .expect("chain pools exist")
-                    .in_flight += 1;
+                self.pools.get_mut(&level).expect("chain pools exist").in_flight += 1;
             }
         }
     }
@@ -1308,25 +1134,12 @@ impl Scheduler {
             for p in &self.pools[&l.pool].chain {
                 *counted.entry(p).or_default() += 1;
             }
-            assert!(
-                self.sessions[&l.session].leases.contains(&l.id),
-                "lease {} not in its session",
-                l.id
-            );
+            assert!(self.sessions[&l.session].leases.contains(&l.id), "lease {} not in its session", l.id);
         }
         for p in self.pools.values() {
-            assert_eq!(
-                p.in_flight,
-                counted.get(&p.id).copied().unwrap_or(0),
-                "in_flight of {}",
-                p.id
-            );
+            assert_eq!(p.in_flight, counted.get(&p.id).copied().unwrap_or(0), "in_flight of {}", p.id);
             if p.queue.head().is_some() {
-                assert!(
-                    self.chain_gate(p, now).is_err(),
-                    "pool {} could grant but has waiters",
-                    p.id
-                );
+                assert!(self.chain_gate(p, now).is_err(), "pool {} could grant but has waiters", p.id);
             }
         }
         let queued: usize = self.pools.values().map(|p| p.queue.len()).sum();
@@ -1339,11 +1152,7 @@ impl Scheduler {
 fn check_ttl(pool: &Pool, ttl: Option<Duration>) -> Result<Duration, Error> {
     let ttl = ttl.unwrap_or(pool.cfg.default_ttl);
     if ttl.is_zero() || ttl > pool.cfg.max_ttl {
-        return Err(Error::InvalidTtl {
-            pool: pool.id.clone(),
-            got: ttl,
-            max: pool.cfg.max_ttl,
-        });
+        return Err(Error::InvalidTtl { pool: pool.id.clone(), got: ttl, max: pool.cfg.max_ttl });
     }
     Ok(ttl)
 }
@@ -1356,9 +1165,7 @@ pub fn validate_tree(pools: &BTreeMap<PoolId, PoolConfig>) -> Result<(), Error> 
         let mut cur = pc.parent.as_ref();
         while let Some(p) = cur {
             let Some(parent) = pools.get(p) else {
-                return Err(Error::InvalidArgument(format!(
-                    "pool {id}: parent {p} does not exist"
-                )));
+                return Err(Error::InvalidArgument(format!("pool {id}: parent {p} does not exist")));
             };
             if !seen.insert(p) {
                 return Err(Error::InvalidArgument(format!(

@@ -77,10 +77,7 @@ impl PoolConfig {
 
     /// A pool with this limit and every other setting at its default.
     pub fn with_limit(max_concurrent: u32) -> Self {
-        Self {
-            max_concurrent,
-            ..Self::default()
-        }
+        Self { max_concurrent, ..Self::default() }
     }
 
     /// Checks the settings that do not depend on other pools.
@@ -201,14 +198,7 @@ impl Pool {
 
     /// Earliest instant at which this pool's own timers change something.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        [
-            self.cooling.front().copied(),
-            self.paused_until,
-            self.recover_at,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.cooling.front().copied(), self.paused_until, self.recover_at].into_iter().flatten().min()
     }
 
     pub(crate) fn add_interest(&mut self, session: SessionId) {
@@ -227,11 +217,7 @@ impl Pool {
     /// Applies a new configuration, keeping any adaptive reduction below the new limit.
     pub(crate) fn reconfigure(&mut self, cfg: PoolConfig) {
         let reduced = self.effective < self.cfg.max_concurrent;
-        self.effective = if reduced {
-            self.effective.min(cfg.max_concurrent)
-        } else {
-            cfg.max_concurrent
-        };
+        self.effective = if reduced { self.effective.min(cfg.max_concurrent) } else { cfg.max_concurrent };
         if !cfg.adaptive {
             self.effective = cfg.max_concurrent;
             self.recover_at = None;

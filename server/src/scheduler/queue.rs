@@ -109,10 +109,7 @@ impl Queue {
 
     /// Every waiter, admitted first (in service order), then blocked ones.
     pub(crate) fn iter(&self) -> impl Iterator<Item = WaiterId> + '_ {
-        self.ready
-            .iter()
-            .map(|(_, id)| *id)
-            .chain(self.blocked.iter().map(|(id, _)| *id))
+        self.ready.iter().map(|(_, id)| *id).chain(self.blocked.iter().map(|(id, _)| *id))
     }
 }
 

@@ -1,0 +1,191 @@
+//! 429 handling: pauses (never shortened, fan-out of Paused/Resumed) and adaptive headroom.
+
+use super::*;
+
+fn paused(pool: &str, until: Instant) -> impl Fn(&Event) -> bool {
+    let pool = pid(pool);
+    move |e| matches!(e, Event::Paused { pool: p, until: u, .. } if *p == pool && *u == until)
+}
+
+#[test]
+fn a_429_pauses_the_pool_and_its_descendants_until_the_latest_end() {
+    let t0 = Instant::now();
+    let fixed = |c: PoolConfig| PoolConfig { adaptive: false, default_retry_after: secs(3), ..c };
+    let mut s = sched(&[("p", fixed(limit(2))), ("c", fixed(child("p", 2)))], t0);
+    let releaser = s.open_session();
+    let holder = s.open_session();
+    let waiter = s.open_session();
+    let bystander = s.open_session();
+    let l = granted(&s.request(t0, releaser, req("x", "p")), releaser, "x");
+    let held = granted(&s.request(t0, holder, req("y", "c")), holder, "y");
+    assert_only(&s.request(t0, waiter, req("w", "c")), waiter, queued("w", 0));
+    s.open_session();
+
+    // Release with a 429: the slot is free but nothing is granted; everyone on `p` or below hears.
+    let t1 = t0 + secs(1);
+    let d = s.release(t1, releaser, l, Outcome::RateLimited(Some(secs(5))));
+    assert_eq!(d.events[0], (releaser, Event::Released { lease_id: l }));
+    assert!(grants(&d).is_empty());
+    let told: Vec<SessionId> = d.events[1..].iter().map(|(s, _)| *s).collect();
+    assert_eq!(told, vec![holder, waiter]);
+    assert!(d.events[1..].iter().all(|(_, e)| paused("p", t1 + secs(5))(e)));
+    assert!(events_of(&d, bystander).is_empty());
+    let p = pool_snap(&s, "p");
+    assert_eq!((p.paused_until, p.in_flight), (Some(t1 + secs(5)), 1));
+    assert!(p.pause_reason.contains("429"), "{}", p.pause_reason);
+    s.check_invariants(t1);
+
+    // A newcomer with room on every level still waits.
+    assert_only(&s.request(t1, bystander, req("n", "c")), bystander, queued("n", 1));
+    // A shorter retry_after never shortens the pause and tells nobody.
+    let (applied, d) = s.report_rate_limit(t0 + secs(2), &pid("p"), Some(secs(1)), "").unwrap();
+    assert_eq!(applied.until, t1 + secs(5));
+    assert!(d.events.is_empty(), "{:#?}", d.events);
+    // A longer one extends it and tells everyone again.
+    let t3 = t0 + secs(3);
+    let (applied, d) = s.report_rate_limit(t3, &pid("p"), Some(secs(10)), "upstream said so").unwrap();
+    assert_eq!(applied.until, t3 + secs(10));
+    assert_eq!(d.events.len(), 3);
+    assert!(d.events.iter().all(|(_, e)| paused("p", t3 + secs(10))(e)));
+    assert!(pool_snap(&s, "p").pause_reason.contains("upstream said so"));
+    assert_eq!(s.next_deadline(), Some(t3 + secs(10)));
+    s.check_invariants(t3);
+
+    assert!(s.tick(t3 + secs(10) - ms(1)).events.is_empty());
+    let t4 = t3 + secs(10);
+    let d = s.tick(t4);
+    let resumed = Event::Resumed { pool: pid("p") };
+    assert_eq!(&d.events[..3], &[(holder, resumed.clone()), (waiter, resumed.clone()), (bystander, resumed)]);
+    assert_eq!(grants(&d), vec![(waiter, "w".to_owned())], "one free slot, to the first waiter");
+    assert_eq!(pool_snap(&s, "p").paused_until, None);
+    s.check_invariants(t4);
+
+    // No retry_after: the pool's default. The lease was on `c`, so `c` pauses (not `p`), and its
+    // holder and waiter hear of it.
+    let d = s.release(t4, holder, held, Outcome::RateLimited(None));
+    assert_eq!(d.events.len(), 3, "{:#?}", d.events);
+    assert!(d.events[1..].iter().all(|(_, e)| paused("c", t4 + secs(3))(e)));
+    assert_eq!(pool_snap(&s, "c").paused_until, Some(t4 + secs(3)));
+    assert_eq!(pool_snap(&s, "p").paused_until, None);
+}
+
+#[test]
+fn a_child_pause_leaves_parent_and_siblings_alone() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("g", limit(3)), ("a", child("g", 1)), ("b", child("g", 1))], t0);
+    let x = s.open_session();
+    let y = s.open_session();
+    // y holds b, which stays usable while its sibling is paused.
+    granted(&s.request(t0, y, req("wb", "b")), y, "wb");
+    let (applied, d) = s.report_rate_limit(t0, &pid("a"), Some(secs(5)), "").unwrap();
+    assert_eq!(applied.until, t0 + secs(5));
+    assert!(d.events.is_empty(), "nobody waits on or holds a: {:#?}", d.events);
+    assert_only(&s.request(t0, x, req("a1", "a")), x, queued("a1", 0));
+    granted(&s.request(t0, x, req("g1", "g")), x, "g1");
+    s.check_invariants(t0);
+    assert_eq!(pool_snap(&s, "g").paused_until, None);
+    assert_eq!(pool_snap(&s, "b").paused_until, None);
+
+    // The waiter hears Resumed and gets its slot when the pause ends.
+    let d = s.tick(t0 + secs(5));
+    assert_eq!(d.events[0], (x, Event::Resumed { pool: pid("a") }));
+    granted(&d, x, "a1");
+}
+
+#[test]
+fn a_wait_that_times_out_during_a_pause_says_how_long_the_pause_lasts() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(1))], t0);
+    let x = s.open_session();
+    s.report_rate_limit(t0, &pid("p"), Some(secs(10)), "").unwrap();
+    let d = s.request(t0, x, NewRequest { max_wait: Some(secs(1)), ..req("w", "p") });
+    assert_only(&d, x, queued("w", 0));
+    let d = s.tick(t0 + secs(1));
+    let err = Error::WaitTimeout { pool: pid("p"), waited: secs(1), retry_after: Some(secs(9)) };
+    assert_eq!(err.retry_after(), Some(secs(9)));
+    assert_only(&d, x, rejected("w", err));
+    assert_eq!(s.waiter_count(), 0);
+    s.check_invariants(t0 + secs(1));
+}
+
+#[test]
+fn adaptive_headroom_drops_once_per_episode_and_recovers_stepwise() {
+    let t0 = Instant::now();
+    let mut s = sched(
+        &[(
+            "p",
+            PoolConfig {
+                adaptive: true,
+                headroom_recovery: secs(10),
+                default_retry_after: secs(1),
+                ..limit(3)
+            },
+        )],
+        t0,
+    );
+    let p = pid("p");
+    let eff = |s: &Scheduler| pool_snap(s, "p").effective_limit;
+    assert_eq!(eff(&s), 3);
+
+    let (a, _) = s.report_rate_limit(t0, &p, None, "").unwrap();
+    assert_eq!((a.until, a.effective_limit, eff(&s)), (t0 + secs(1), 2, 2));
+    // Same episode: no second drop, though the pause is extended.
+    let (a, _) = s.report_rate_limit(t0 + ms(500), &p, None, "").unwrap();
+    assert_eq!((a.until, a.effective_limit), (t0 + ms(1500), 2));
+    // A new episode after the pause ended.
+    let (a, _) = s.report_rate_limit(t0 + secs(2), &p, None, "").unwrap();
+    assert_eq!((a.until, a.effective_limit), (t0 + secs(3), 1));
+    // Floor 1.
+    let (a, _) = s.report_rate_limit(t0 + secs(4), &p, None, "").unwrap();
+    assert_eq!((a.until, a.effective_limit), (t0 + secs(5), 1));
+
+    // The reduced limit holds grants back.
+    let x = s.open_session();
+    s.tick(t0 + secs(5));
+    granted(&s.request(t0 + secs(5), x, req("r1", "p")), x, "r1");
+    assert_only(&s.request(t0 + secs(5), x, req("r2", "p")), x, queued("r2", 0));
+    assert_only(&s.request(t0 + secs(5), x, req("r3", "p")), x, queued("r3", 1));
+
+    // One step per headroom_recovery after the pause end (t0+5s), each step granting at once.
+    assert_eq!(s.next_deadline(), Some(t0 + secs(15)));
+    assert!(s.tick(t0 + secs(15) - ms(1)).events.is_empty());
+    assert_eq!(eff(&s), 1);
+    let d = s.tick(t0 + secs(15));
+    assert_eq!((eff(&s), grants(&d)), (2, vec![(x, "r2".to_owned())]));
+    s.check_invariants(t0 + secs(15));
+    let d = s.tick(t0 + secs(25));
+    assert_eq!((eff(&s), grants(&d)), (3, vec![(x, "r3".to_owned())]));
+    // Never above the configured limit.
+    s.heartbeat(t0 + secs(25), x, &[]);
+    s.tick(t0 + secs(50));
+    assert_eq!(eff(&s), 3);
+    assert_eq!(s.next_deadline().map(|d| d > t0 + secs(50)), Some(true));
+    assert_within_limits(&s);
+    s.check_invariants(t0 + secs(50));
+}
+
+#[test]
+fn adaptive_recovery_catches_up_over_a_long_gap() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", PoolConfig { headroom_recovery: secs(10), ..limit(4) })], t0);
+    let p = pid("p");
+    for i in 0..3u64 {
+        // Three separate episodes, closer together than one recovery step.
+        s.report_rate_limit(t0 + secs(2 * i), &p, Some(secs(1)), "").unwrap();
+    }
+    assert_eq!(pool_snap(&s, "p").effective_limit, 1);
+    // The last pause ended at t0+5s: steps at 15, 25 and 35 s; one late tick applies all due.
+    s.tick(t0 + secs(34));
+    assert_eq!(pool_snap(&s, "p").effective_limit, 3);
+    s.tick(t0 + secs(1000));
+    assert_eq!(pool_snap(&s, "p").effective_limit, 4);
+}
+
+#[test]
+fn a_non_adaptive_pool_keeps_its_limit() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", PoolConfig { adaptive: false, ..limit(3) })], t0);
+    let (a, _) = s.report_rate_limit(t0, &pid("p"), None, "").unwrap();
+    assert_eq!((a.until, a.effective_limit), (t0 + PoolConfig::DEFAULT_RETRY_AFTER, 3));
+    assert_eq!(s.report_rate_limit(t0, &pid("nope"), None, "").unwrap_err(), Error::UnknownPool(pid("nope")));
+}
