@@ -4,7 +4,7 @@ use std::{pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
 use slotd_proto::v1::{self as pb, slotd_server::Slotd};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::debug;
@@ -29,25 +29,16 @@ pub struct SlotdService {
 impl SlotdService {
     /// A service that talks to this driver.
     pub fn new(driver: DriverHandle, stream_buffer: usize, max_resume_grace: Duration) -> Self {
-        Self {
-            driver,
-            stream_buffer,
-            max_resume_grace,
-        }
+        Self { driver, stream_buffer, max_resume_grace }
     }
 
     fn resume_grace<T>(&self, req: &Request<T>) -> Result<Duration, Status> {
         let Some(v) = req.metadata().get(RESUME_GRACE_HEADER) else {
             return Ok(Duration::ZERO);
         };
-        let grace = v
-            .to_str()
-            .ok()
-            .and_then(|s| humantime::parse_duration(s.trim()).ok())
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "{RESUME_GRACE_HEADER}: want a duration like \"5s\""
-                ))
+        let grace =
+            v.to_str().ok().and_then(|s| humantime::parse_duration(s.trim()).ok()).ok_or_else(|| {
+                Status::invalid_argument(format!("{RESUME_GRACE_HEADER}: want a duration like \"5s\""))
             })?;
         Ok(grace.min(self.max_resume_grace))
     }
@@ -78,15 +69,20 @@ impl Slotd for SlotdService {
         let grace = self.resume_grace(&req)?;
         let (tx, rx) = mpsc::channel::<Outbound>(self.stream_buffer);
         let session = self.driver.open(tx, grace).await?;
-        let guard = CloseOnDrop {
-            driver: self.driver.clone(),
-            session,
-        };
+        let guard = CloseOnDrop { driver: self.driver.clone(), session };
         let mut inbound = req.into_inner();
         let driver = self.driver.clone();
+        // Dropped with the response stream. Once the daemon has ended the stream (shutdown, a client
+        // that fell behind), stop reading the request side too: holding it open would keep the
+        // connection busy, and graceful shutdown would wait for the client forever.
+        let (response_alive, mut response_gone) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let error = loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = &mut response_gone => break None,
+                };
+                match next {
                     Ok(Some(msg)) => {
                         if driver.op(session, convert::stream_op(msg)).await.is_err() {
                             break None;
@@ -99,10 +95,9 @@ impl Slotd for SlotdService {
                             Code::ResourceExhausted | Code::OutOfRange => {
                                 Error::LimitExceeded(status.message().into())
                             }
-                            Code::Cancelled
-                            | Code::Unknown
-                            | Code::Unavailable
-                            | Code::Internal => break None,
+                            Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal => {
+                                break None;
+                            }
                             _ => Error::InvalidArgument(status.message().into()),
                         });
                     }
@@ -111,7 +106,7 @@ impl Slotd for SlotdService {
             driver.close(session, error);
         });
         let out = ReceiverStream::new(rx).map(move |item| {
-            let _keep = &guard;
+            let _keep = (&guard, &response_alive);
             item.map(convert::server_message).map_err(|e| to_status(&e))
         });
         Ok(Response::new(Box::pin(out)))
@@ -125,26 +120,16 @@ impl Slotd for SlotdService {
         let pool = PoolId::parse(&r.pool)?;
         let retry_after = convert::duration("retry_after", r.retry_after)?;
         let reason = crate::scheduler::ids::truncate(&r.reason, 256).to_owned();
-        let applied = self
-            .driver
-            .report_rate_limit(pool, retry_after, reason)
-            .await?;
+        let applied = self.driver.report_rate_limit(pool, retry_after, reason).await?;
         Ok(Response::new(pb::ReportRateLimitResponse {
             paused_until: Some(convert::timestamp(applied.until)),
             effective_limit: applied.effective_limit,
         }))
     }
 
-    async fn status(
-        &self,
-        req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let r = req.into_inner();
-        let pool = if r.pool.is_empty() {
-            None
-        } else {
-            Some(PoolId::parse(&r.pool)?)
-        };
+        let pool = if r.pool.is_empty() { None } else { Some(PoolId::parse(&r.pool)?) };
         let snap = self.driver.status(pool).await?;
         Ok(Response::new(convert::status_response(snap)))
     }
