@@ -111,6 +111,13 @@ impl LeaseTable {
         self.tombstones.get(id).copied()
     }
 
+    /// Gives a lease a new TTL (applied from its next renewal).
+    pub(crate) fn set_ttl(&mut self, id: &LeaseId, ttl: Duration) {
+        if let Some(lease) = self.by_id.get_mut(id) {
+            lease.ttl = ttl;
+        }
+    }
+
     /// Renews a lease: it now expires `ttl` after `now`.
     pub(crate) fn renew(&mut self, id: &LeaseId, now: Instant) -> Option<&Lease> {
         let lease = self.by_id.get_mut(id)?;

@@ -26,6 +26,8 @@ pub mod error;
 pub mod ids;
 pub mod lease;
 pub mod pool;
+#[cfg(test)]
+mod proptests;
 pub mod queue;
 #[cfg(test)]
 mod tests;
@@ -651,6 +653,8 @@ impl Scheduler {
                 self.sessions.get_mut(&session).expect("checked").leases.insert(id);
                 self.leases.set_session(&id, session);
             }
+            // The resume's TTL applies from now on (the client heartbeats for it).
+            self.leases.set_ttl(&id, ttl);
             let lease = self.leases.renew(&id, now).expect("exists");
             return Ok((lease.token, lease.expires_at));
         }
@@ -1010,7 +1014,9 @@ impl Scheduler {
         if new_episode && pool.cfg.adaptive && pool.effective > 1 {
             pool.effective -= 1;
         }
-        let extended = pool.paused_until.is_none_or(|u| until > u);
+        // A zero retry_after still counts as a 429 episode but pauses nothing: recording a pause that
+        // ends now would announce Paused and Resumed for nothing and leave a timer due already.
+        let extended = until > now && pool.paused_until.is_none_or(|u| until > u);
         if extended {
             pool.paused_until = Some(until);
             pool.pause_reason = Arc::from(reason);

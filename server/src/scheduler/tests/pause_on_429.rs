@@ -189,3 +189,24 @@ fn a_non_adaptive_pool_keeps_its_limit() {
     assert_eq!((a.until, a.effective_limit), (t0 + PoolConfig::DEFAULT_RETRY_AFTER, 3));
     assert_eq!(s.report_rate_limit(t0, &pid("nope"), None, "").unwrap_err(), Error::UnknownPool(pid("nope")));
 }
+
+/// `retry_after = 0` counts as a 429 (adaptive drop) but pauses nothing (regression: it recorded a
+/// pause ending `now`, announced `Paused` and left a timer already due, which then said `Resumed`).
+#[test]
+fn a_zero_retry_after_lowers_headroom_but_pauses_nothing() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2))], t0);
+    let x = s.open_session();
+    let l = granted(&s.request(t0, x, req("a", "p")), x, "a");
+    let d = s.release(t0, x, l, Outcome::RateLimited(Some(Duration::ZERO)));
+    assert_only(&d, x, Event::Released { lease_id: l });
+    let p = pool_snap(&s, "p");
+    assert_eq!((p.paused_until, p.effective_limit), (None, 1));
+    assert_eq!(s.next_deadline(), Some(t0 + PoolConfig::DEFAULT_HEADROOM_RECOVERY));
+    assert!(s.tick(t0).events.is_empty());
+    granted(&s.request(t0, x, req("b", "p")), x, "b");
+    let (applied, d) = s.report_rate_limit(t0, &pid("p"), Some(Duration::ZERO), "").unwrap();
+    assert_eq!(applied.until, t0);
+    assert!(d.events.is_empty(), "{:#?}", d.events);
+    s.check_invariants(t0);
+}

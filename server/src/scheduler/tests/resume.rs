@@ -185,3 +185,32 @@ fn a_stream_closed_with_grace_keeps_its_leases_for_a_resume() {
     );
     s.check_invariants(t1 + secs(2));
 }
+
+/// The TTL of a resume applies from then on, also to a live lease (regression: it was checked but
+/// ignored, so the lease kept its old TTL while the client heartbeat for the new one).
+#[test]
+fn a_resume_sets_the_ttl_of_a_live_lease() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(1))], t0);
+    let old = s.open_session();
+    let new = s.open_session();
+    let d = s.request(t0, old, NewRequest { ttl: Some(secs(2)), ..req("h", "p") });
+    let l = granted(&d, old, "h");
+    let tok = token_of(&d, "h");
+
+    let t1 = t0 + secs(1);
+    let r = ResumeRequest { ttl: Some(secs(60)), ..resume(l, tok, "p") };
+    assert_only(&s.resume(t1, new, r), new, resumed(l, tok, t1 + secs(60)));
+    let lease = s.snapshot(None).unwrap().leases[0].clone();
+    assert_eq!((lease.ttl, lease.expires_at), (secs(60), t1 + secs(60)));
+    // Heartbeats renew with the new TTL.
+    s.heartbeat(t1 + secs(30), new, &[]);
+    assert_eq!(s.snapshot(None).unwrap().leases[0].expires_at, t1 + secs(90));
+    // An invalid TTL is refused and changes nothing.
+    let before = fingerprint(&s);
+    let r = ResumeRequest { ttl: Some(Duration::ZERO), ..resume(l, tok, "p") };
+    let d = s.resume(t1 + secs(30), old, r);
+    assert!(matches!(d.events[..], [(_, Event::LeaseError { error: Error::InvalidTtl { .. }, .. })]));
+    assert_eq!(fingerprint(&s), before);
+    s.check_invariants(t1 + secs(30));
+}
