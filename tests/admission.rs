@@ -3,7 +3,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use common::{Daemon, ms, pool_in};
 use slotd_proto::v1 as pb;
@@ -175,10 +178,13 @@ async fn cooldown_delays_the_next_grant() {
 async fn a_burst_through_every_policy_leaks_nothing() {
     let d = Daemon::start(POOLS).await;
     let mut tasks = Vec::new();
+    let start = Arc::new(tokio::sync::Barrier::new(20));
     for pool in ["reject", "shed", "block", "wait", "cool"] {
         for i in 0..4 {
             let mut a = d.agent(&format!("{pool}-{i}")).await;
+            let start = start.clone();
             tasks.push(tokio::spawn(async move {
+                start.wait().await;
                 let mut granted = 0;
                 for n in 0..3 {
                     let id = format!("r{n}");

@@ -39,6 +39,8 @@ struct Audit {
     peak_global: AtomicUsize,
     peak_a: AtomicUsize,
     peak_b: AtomicUsize,
+    /// Requests that had to queue: proof the limits were contended.
+    waited: AtomicUsize,
 }
 
 impl Audit {
@@ -72,18 +74,31 @@ async fn the_tree_is_never_exceeded_at_any_level() {
     let d = Daemon::start(TREE).await;
     let audit = Arc::new(Audit::default());
     let mut tasks = Vec::new();
+    // Connect everyone first, then start together, so the clients really overlap.
+    let start = Arc::new(tokio::sync::Barrier::new(2 * CLIENTS_PER_CHILD));
     for pool in ["a", "b"] {
         for c in 0..CLIENTS_PER_CHILD {
             let mut agent = d.agent(&format!("{pool}-{c}")).await;
             let audit = audit.clone();
+            let start = start.clone();
             tasks.push(tokio::spawn(async move {
+                start.wait().await;
                 for i in 0..CYCLES {
-                    let g = agent
-                        .acquire_with(pb::LeaseRequest {
+                    let id = format!("r{i}");
+                    agent
+                        .request(pb::LeaseRequest {
                             priority: Some(((c + i) % 10) as u32),
-                            ..agent.req(&format!("r{i}"), pool)
+                            ..agent.req(&id, pool)
                         })
                         .await;
+                    let g = match agent.next().await {
+                        pb::server_message::Msg::Granted(g) if g.request_id == id => g,
+                        pb::server_message::Msg::Queued(q) if q.request_id == id => {
+                            audit.waited.fetch_add(1, Ordering::SeqCst);
+                            agent.expect_granted(&id).await
+                        }
+                        other => panic!("expected Granted or Queued for {id}, got {other:?}"),
+                    };
                     assert_eq!(g.pool, pool);
                     audit.enter(pool);
                     tokio::time::sleep(Duration::from_millis(1 + (c as u64 + i as u64) % 3)).await;
@@ -126,8 +141,8 @@ async fn the_tree_is_never_exceeded_at_any_level() {
     let snapshots =
         common::bounded(std::panic::Location::caller(), "the watcher", watcher).await.expect("watcher task");
     assert!(snapshots > 0);
-    // The global cap, not the children, was the binding limit.
-    assert_eq!(audit.peak_global.load(Ordering::SeqCst), 3);
+    // The limits were actually contended (how often, and the peaks the clients saw, depend on timing).
+    assert!(audit.waited.load(Ordering::SeqCst) > 0, "no request ever had to wait");
     assert!(audit.peak_a.load(Ordering::SeqCst) >= 1 && audit.peak_b.load(Ordering::SeqCst) >= 1);
     d.assert_idle().await;
     drop(agents);

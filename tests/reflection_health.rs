@@ -171,3 +171,29 @@ async fn graceful_shutdown_turns_health_off_rejects_waiters_and_ends_streams() {
     );
     drop((holder, waiter));
 }
+
+#[tokio::test]
+async fn a_connection_that_never_closes_holds_shutdown_only_for_the_drain_timeout() {
+    let at = Location::caller();
+    let mut d = Daemon::start(
+        r#"
+        [limits]
+        drain_timeout = "200ms"
+        [pools.p]
+        max_concurrent = 1
+        "#,
+    )
+    .await;
+    // A health watcher never ends its stream by itself.
+    let mut health = HealthClient::new(d.channel().await);
+    let mut w =
+        health.watch(HealthCheckRequest { service: String::new() }).await.expect("watch").into_inner();
+    assert_eq!(next_health(at, &mut w).await, Some(ServingStatus::Serving as i32));
+    let t0 = std::time::Instant::now();
+    d.begin_shutdown();
+    assert_eq!(next_health(at, &mut w).await, Some(ServingStatus::NotServing as i32));
+    d.join().await.expect("serve returns Ok");
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "stopped after {took:?}");
+    drop((w, health));
+}

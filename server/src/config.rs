@@ -96,6 +96,10 @@ pub struct Limits {
     pub stream_buffer: usize,
     /// Most pools.
     pub max_pools: usize,
+    /// After shutdown begins, how long open connections get to finish before the daemon stops anyway
+    /// (a health `Watch` or a client that never closes would otherwise hold it forever).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Limits {
@@ -107,6 +111,8 @@ impl Limits {
     pub const DEFAULT_STREAM_BUFFER: usize = 4096;
     /// Default `max_pools`.
     pub const DEFAULT_MAX_POOLS: usize = 1024;
+    /// Default `drain_timeout`.
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 }
 
 impl Default for Limits {
@@ -116,6 +122,7 @@ impl Default for Limits {
             max_resume_grace: Self::DEFAULT_MAX_RESUME_GRACE,
             stream_buffer: Self::DEFAULT_STREAM_BUFFER,
             max_pools: Self::DEFAULT_MAX_POOLS,
+            drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -158,10 +165,8 @@ impl Config {
 
     /// Reads, parses and validates a file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml_str(&text)
     }
 
@@ -188,9 +193,7 @@ impl Config {
             )));
         }
         if self.limits.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid(
-                "limits.max_message_bytes must be >= 1024".into(),
-            ));
+            return Err(ConfigError::Invalid("limits.max_message_bytes must be >= 1024".into()));
         }
         if self.limits.stream_buffer == 0 || self.scheduler.max_per_stream == 0 {
             return Err(ConfigError::Invalid(
@@ -198,9 +201,7 @@ impl Config {
             ));
         }
         if self.scheduler.aging_step.is_zero() {
-            return Err(ConfigError::Invalid(
-                "scheduler.aging_step must be > 0".into(),
-            ));
+            return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
         }
         Ok(())
     }
@@ -243,23 +244,14 @@ mod tests {
     fn bad_configs_are_refused_with_a_reason() {
         let cases = [
             ("[pools.a]\nmax_concurrent = 0", "max_concurrent"),
-            (
-                "[pools.a]\nmax_concurrent = 1\nparent = \"b\"",
-                "does not exist",
-            ),
+            ("[pools.a]\nmax_concurrent = 1\nparent = \"b\"", "does not exist"),
             (
                 "[pools.a]\nmax_concurrent = 1\nparent = \"b\"\n[pools.b]\nmax_concurrent = 1\nparent = \"a\"",
                 "cycle",
             ),
             ("[pools.a]\nmax_concurrent = 1\nbogus = 3", "unknown field"),
-            (
-                "[pools.a]\nmax_concurrent = 1\ncooldown = \"soon\"",
-                "cooldown",
-            ),
-            (
-                "[pools.\"bad name\"]\nmax_concurrent = 1",
-                "invalid pool name",
-            ),
+            ("[pools.a]\nmax_concurrent = 1\ncooldown = \"soon\"", "cooldown"),
+            ("[pools.\"bad name\"]\nmax_concurrent = 1", "invalid pool name"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

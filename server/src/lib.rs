@@ -14,7 +14,11 @@ use std::{
 };
 
 use slotd_proto::v1::slotd_server::SlotdServer;
-use tokio::{net::TcpListener, sync::mpsc, time::Instant};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -41,7 +45,8 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` resolves, then shuts down gracefully: health turns NOT_SERVING, grants stop,
-/// waiters are rejected with UNAVAILABLE and every stream ends.
+/// waiters are rejected with UNAVAILABLE and every stream ends. Connections still open after
+/// `limits.drain_timeout` are abandoned.
 ///
 /// # Cancel safety
 /// Dropping the future stops serving abruptly (connections are dropped, leases forgotten); resolve
@@ -66,9 +71,7 @@ pub async fn serve_with_reload(
 ) -> Result<(), ServeError> {
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
-    let first_token = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64);
+    let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
     let sched_cfg = SchedulerConfig {
         aging_step: cfg.scheduler.aging_step,
         learning_period: cfg.scheduler.learning_period,
@@ -114,17 +117,26 @@ pub async fn serve_with_reload(
     ))
     .max_decoding_message_size(max_msg);
 
+    let drain = cfg.limits.drain_timeout;
+    let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
         shutdown.await;
         info!("shutting down: health NOT_SERVING, grants stopped, streams told");
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        health.set_service_status("", ServingStatus::NotServing).await;
         handle.shutdown().await;
+        let _ = signalled.send(());
+    };
+    // tonic waits for every connection to close; one that never does (a health `Watch`, a client
+    // ignoring GOAWAY) must not hold the daemon forever.
+    let drain_deadline = async move {
+        if drain_started.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(drain).await;
     };
 
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -132,7 +144,12 @@ pub async fn serve_with_reload(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(slotd)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
+    tokio::select! {
+        res = server => res?,
+        () = drain_deadline => {
+            warn!(?drain, "connections still open after limits.drain_timeout; stopping anyway");
+        }
+    }
     Ok(())
 }
