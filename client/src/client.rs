@@ -1,0 +1,459 @@
+//! [`Client`], its [`ClientBuilder`], and the [`AcquireBuilder`] / [`Acquire`] future that asks for a slot.
+
+use std::{
+    fmt,
+    future::{Future, IntoFuture},
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use futures::FutureExt;
+use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{
+    metadata::AsciiMetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    Error, Lease, LeaseHandle, Outcome,
+    session::{Backoff, Command, Pauses, RequestSpec, Session, SessionConfig},
+};
+
+/// A connection to a slotd daemon: one background session task that owns one `Acquire` stream.
+///
+/// Cheap to clone (an `Arc`), `Send + Sync`. Every clone shares the same stream, leases and queue
+/// places. The session task ends when the last clone, lease and pending acquire are gone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cmd: mpsc::UnboundedSender<Command>,
+    grpc: SlotdClient<Channel>,
+    auth: Option<AsciiMetadataValue>,
+    pauses: watch::Receiver<Pauses>,
+    holder: String,
+    default_ttl: Option<Duration>,
+    next_request: AtomicU64,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("holder", &self.inner.holder).finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`Client`]; start with [`Client::builder`].
+#[derive(Clone)]
+pub struct ClientBuilder {
+    holder: Option<String>,
+    default_ttl: Option<Duration>,
+    heartbeat_interval: Option<Duration>,
+    backoff: Backoff,
+    resume_grace: Option<Duration>,
+    bearer_token: Option<String>,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("holder", &self.holder)
+            .field("default_ttl", &self.default_ttl)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("backoff", &self.backoff)
+            .field("resume_grace", &self.resume_grace)
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            holder: None,
+            default_ttl: None,
+            heartbeat_interval: None,
+            backoff: Backoff { initial: Self::DEFAULT_BACKOFF_INITIAL, max: Self::DEFAULT_BACKOFF_MAX },
+            resume_grace: Some(Self::DEFAULT_RESUME_GRACE),
+            bearer_token: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// How long the daemon keeps this client's leases after its stream breaks, waiting for a resume.
+    pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(5);
+    /// The first reconnect delay (before jitter).
+    pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
+    /// The longest reconnect delay (before jitter).
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+    /// Default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The holder name shown in the daemon's Status (default: program name and pid). Each acquire
+    /// can override it.
+    pub fn holder(mut self, name: impl Into<String>) -> Self {
+        self.holder = Some(name.into());
+        self
+    }
+
+    /// The TTL asked for when an acquire sets none (default: the pool's `default_ttl`).
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.default_ttl = Some(ttl);
+        self
+    }
+
+    /// A fixed heartbeat interval (default: a third of the shortest TTL held).
+    pub fn heartbeat_interval(mut self, every: Duration) -> Self {
+        self.heartbeat_interval = Some(every);
+        self
+    }
+
+    /// Reconnect delays: exponential from `initial` up to `max`, each with full jitter.
+    pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff { initial, max: max.max(initial) };
+        self
+    }
+
+    /// How long the daemon should keep this client's leases after its stream breaks, so that a
+    /// reconnect can resume them (sent as `slotd-resume-grace`; the daemon caps it). `None` means
+    /// closing the stream releases everything at once.
+    pub fn resume_grace(mut self, grace: Option<Duration>) -> Self {
+        self.resume_grace = grace;
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call.
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(token.into());
+        self
+    }
+
+    /// Connects to `endpoint` (for example `http://127.0.0.1:7070`) and starts the session task.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is started until the connection is made.
+    pub async fn connect(self, endpoint: impl Into<String>) -> Result<Client, Error> {
+        let endpoint = Endpoint::from_shared(endpoint.into())?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        self.connect_endpoint(endpoint).await
+    }
+
+    /// Connects through a configured tonic [`Endpoint`]: the hook for TLS (enable tonic's TLS features
+    /// and call `Endpoint::tls_config`), timeouts or a custom connector.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is started until the connection is made.
+    pub async fn connect_endpoint(self, endpoint: Endpoint) -> Result<Client, Error> {
+        let channel = endpoint.connect().await?;
+        self.connect_channel(channel)
+    }
+
+    /// Starts a client over an existing channel (which reconnects by itself). Must be called within
+    /// a tokio runtime.
+    pub fn connect_channel(self, channel: Channel) -> Result<Client, Error> {
+        let auth = match &self.bearer_token {
+            None => None,
+            Some(token) => Some(
+                AsciiMetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| Error::Config("bearer token is not valid metadata".into()))?,
+            ),
+        };
+        let grpc = SlotdClient::new(channel);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (pauses_tx, pauses_rx) = watch::channel(Pauses::new());
+        let session = Session::new(
+            SessionConfig {
+                grpc: grpc.clone(),
+                auth: auth.clone(),
+                resume_grace: self.resume_grace,
+                heartbeat_interval: self.heartbeat_interval,
+                backoff: self.backoff,
+            },
+            cmd_rx,
+            cmd_tx.downgrade(),
+            pauses_tx,
+        );
+        tokio::spawn(session.run());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cmd: cmd_tx,
+                grpc,
+                auth,
+                pauses: pauses_rx,
+                holder: self.holder.unwrap_or_else(default_holder),
+                default_ttl: self.default_ttl,
+                next_request: AtomicU64::new(1),
+            }),
+        })
+    }
+}
+
+fn default_holder() -> String {
+    let program = std::env::args()
+        .next()
+        .and_then(|p| std::path::Path::new(&p).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "slotd-client".into());
+    format!("{program} pid {}", std::process::id())
+}
+
+impl Client {
+    /// Connects with default settings. See [`ClientBuilder::connect`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is started until the connection is made.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Client, Error> {
+        ClientBuilder::new().connect(endpoint).await
+    }
+
+    /// Settings for a new client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::new()
+    }
+
+    /// Asks for a slot on `pool`. Set options on the builder, then `.await` it for a [`Lease`].
+    ///
+    /// Waits in the daemon's queue (and through pauses) until granted, rejected, or `max_wait` runs
+    /// out. See [`Acquire`] for cancel safety.
+    pub fn acquire(&self, pool: impl Into<String>) -> AcquireBuilder {
+        AcquireBuilder {
+            client: self.clone(),
+            spec: RequestSpec {
+                pool: pool.into(),
+                priority: None,
+                started_at: SystemTime::now(),
+                ttl: self.inner.default_ttl,
+                max_wait: None,
+                holder: self.inner.holder.clone(),
+            },
+        }
+    }
+
+    /// Runs `f` under a lease on `pool` and releases the lease when `f`'s future ends, however it ends.
+    ///
+    /// The outcome is the one set through [`LeaseHandle::set_outcome`], or else [`Outcome::Ok`] for
+    /// `Ok`, [`Outcome::Error`] for `Err` and for a panic (which is then resumed), and
+    /// [`Outcome::Cancelled`] if this future is dropped while `f` runs. The release is sent without
+    /// waiting for the daemon's answer.
+    ///
+    /// # Cancel safety
+    /// Dropping the future while it waits for the slot cancels the request (losing its place in the
+    /// queue); dropping it while `f` runs drops `f`'s future and releases the lease as cancelled.
+    pub async fn run<F, Fut, T, E>(&self, pool: impl Into<String>, f: F) -> Result<T, E>
+    where
+        F: FnOnce(LeaseHandle) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        let lease = self.acquire(pool).await?;
+        let handle = lease.handle();
+        let guard = ReleaseGuard(Some(lease));
+        let result = AssertUnwindSafe(f(handle.clone())).catch_unwind().await;
+        let default = match &result {
+            Ok(Ok(_)) => Outcome::Ok,
+            Ok(Err(_)) | Err(_) => Outcome::Error,
+        };
+        guard.finish(default);
+        match result {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// The pause state of every pool this client waits on or holds, as pushed by the daemon.
+    pub fn pauses(&self) -> watch::Receiver<Pauses> {
+        self.inner.pauses.clone()
+    }
+
+    /// A snapshot of the daemon: every pool (or only `pool`) and every lease.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read-only call.
+    pub async fn status(&self, pool: Option<&str>) -> Result<pb::StatusResponse, Error> {
+        let req = self.request(pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() });
+        Ok(self.inner.grpc.clone().status(req).await?.into_inner())
+    }
+
+    /// Reports a provider 429 seen outside a lease; pauses `pool` for `retry_after` (or the pool's
+    /// default). Returns when the pool's pause now ends.
+    ///
+    /// # Cancel safety
+    /// Dropping the future may or may not have delivered the report.
+    pub async fn report_rate_limit(
+        &self,
+        pool: impl Into<String>,
+        retry_after: Option<Duration>,
+        reason: impl Into<String>,
+    ) -> Result<Option<SystemTime>, Error> {
+        let req = self.request(pb::ReportRateLimitRequest {
+            pool: pool.into(),
+            retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            reason: reason.into(),
+        });
+        let resp = self.inner.grpc.clone().report_rate_limit(req).await?;
+        Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(auth) = &self.inner.auth {
+            req.metadata_mut().insert("authorization", auth.clone());
+        }
+        req
+    }
+
+    fn next_request_id(&self) -> String {
+        format!("r{}", self.inner.next_request.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Releases the lease if the closure form is dropped (or unwinds) before it finished.
+struct ReleaseGuard(Option<Lease>);
+
+impl ReleaseGuard {
+    fn finish(mut self, default: Outcome) {
+        if let Some(lease) = self.0.take() {
+            let outcome = lease.handle().take_outcome().unwrap_or(default);
+            lease.release_in_background(outcome);
+        }
+    }
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if let Some(lease) = self.0.take() {
+            let outcome = lease.handle().take_outcome().unwrap_or(Outcome::Cancelled);
+            lease.release_in_background(outcome);
+        }
+    }
+}
+
+/// Options of one acquire; `.await` it (it is [`IntoFuture`]) to get a [`Lease`].
+#[must_use = "an acquire does nothing until awaited"]
+#[derive(Debug)]
+pub struct AcquireBuilder {
+    client: Client,
+    spec: RequestSpec,
+}
+
+impl AcquireBuilder {
+    /// 0..=9, higher is served first (the daemon's default is 5).
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.spec.priority = Some(priority);
+        self
+    }
+
+    /// When the agent's turn started (default: when `acquire` was called). Within a priority the
+    /// oldest turn is served first, and the time survives reconnects.
+    pub fn started_at(mut self, t: SystemTime) -> Self {
+        self.spec.started_at = t;
+        self
+    }
+
+    /// How long the lease lives without a heartbeat (default: the client's default TTL or the
+    /// pool's). Heartbeats are automatic.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.spec.ttl = Some(ttl);
+        self
+    }
+
+    /// Give up with `DEADLINE_EXCEEDED` after waiting this long. Zero means "now or never".
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.spec.max_wait = Some(max_wait);
+        self
+    }
+
+    /// The holder name shown in Status for this lease.
+    pub fn holder(mut self, name: impl Into<String>) -> Self {
+        self.spec.holder = name.into();
+        self
+    }
+}
+
+impl IntoFuture for AcquireBuilder {
+    type Output = Result<Lease, Error>;
+    type IntoFuture = Acquire;
+
+    fn into_future(self) -> Acquire {
+        let request_id = self.client.next_request_id();
+        Acquire { client: self.client, request_id, spec: Some(self.spec), rx: None, done: false }
+    }
+}
+
+/// The future of an [`AcquireBuilder`]: resolves to a [`Lease`] once the daemon grants the slot.
+///
+/// # Cancel safety
+/// Dropping it cancels the request: it leaves the daemon's queue and loses its place. If the grant
+/// was already on its way, the slot goes straight back to the daemon.
+#[must_use = "futures do nothing unless polled"]
+#[derive(Debug)]
+pub struct Acquire {
+    client: Client,
+    request_id: String,
+    spec: Option<RequestSpec>,
+    rx: Option<oneshot::Receiver<Result<Lease, Error>>>,
+    done: bool,
+}
+
+impl Acquire {
+    /// The request id sent to the daemon (unique within this client).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}
+
+impl Future for Acquire {
+    type Output = Result<Lease, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(Err(Error::SessionClosed));
+        }
+        if let Some(spec) = this.spec.take() {
+            let (tx, rx) = oneshot::channel();
+            let sent = this.client.inner.cmd.send(Command::Acquire {
+                request_id: this.request_id.clone(),
+                spec,
+                reply: tx,
+            });
+            if sent.is_err() {
+                this.done = true;
+                return Poll::Ready(Err(Error::SessionClosed));
+            }
+            this.rx = Some(rx);
+        }
+        let rx = this.rx.as_mut().expect("sent above");
+        match Pin::new(rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(answer) => {
+                this.done = true;
+                Poll::Ready(answer.unwrap_or(Err(Error::SessionClosed)))
+            }
+        }
+    }
+}
+
+impl Drop for Acquire {
+    fn drop(&mut self) {
+        if self.rx.is_some() && !self.done {
+            // Sent before the receiver is dropped: if the grant already arrived, the lease inside the
+            // receiver drops next and releases itself, and the session ignores this cancel.
+            let _ = self.client.inner.cmd.send(Command::Cancel { request_id: self.request_id.clone() });
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The [`Lease`] guard: one granted slot, released when it is dropped.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{Error, Hold, session::Command};
+
+/// How the call covered by a lease ended; sent to the daemon with the release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    /// The provider call succeeded.
+    #[default]
+    Ok,
+    /// The provider call failed for a reason other than rate limiting.
+    Error,
+    /// The caller gave up before the call ended.
+    Cancelled,
+    /// The provider answered 429 (or an overload such as Anthropic's 529). Pauses the pool for
+    /// `retry_after`, or for the pool's `default_retry_after` when `None`.
+    RateLimited {
+        /// The provider's Retry-After.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Why a lease ended without being released by its holder. Whoever holds it must stop using the slot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Lost {
+    /// The daemon reclaimed it: no heartbeat arrived within its TTL.
+    #[error("expired: {0}")]
+    Expired(String),
+    /// An operator revoked it, or its pool was removed.
+    #[error("revoked: {0}")]
+    Revoked(String),
+    /// After a reconnect the daemon refused to re-attach it (the grace or learning period was over,
+    /// or taking it back would have exceeded the limit).
+    #[error("resume failed: {0}")]
+    ResumeFailed(String),
+    /// The client's session task ended, so nobody renews the lease any more.
+    #[error("client session closed")]
+    SessionClosed,
+}
+
+/// State shared by a [`Lease`], its [`LeaseHandle`]s and the session task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) lease_id: String,
+    pub(crate) pool: String,
+    pub(crate) fencing_token: u64,
+    pub(crate) ttl: Duration,
+    pub(crate) expires_at: Mutex<SystemTime>,
+    pub(crate) lost: watch::Sender<Option<Lost>>,
+    /// The outcome a drop (or the closure form) reports, when someone set one.
+    pub(crate) outcome: Mutex<Option<Outcome>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        lease_id: String,
+        pool: String,
+        fencing_token: u64,
+        ttl: Duration,
+        expires_at: SystemTime,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            lease_id,
+            pool,
+            fencing_token,
+            ttl,
+            expires_at: Mutex::new(expires_at),
+            lost: watch::Sender::new(None),
+            outcome: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn set_expires_at(&self, t: SystemTime) {
+        // A poisoned lock only means another thread panicked mid-assignment of a plain value.
+        *self.expires_at.lock().unwrap_or_else(|e| e.into_inner()) = t;
+    }
+
+    pub(crate) fn mark_lost(&self, why: Lost) {
+        self.lost.send_if_modified(|l| {
+            if l.is_none() {
+                *l = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn take_outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// A cheap, cloneable view of a lease: its identity, expiry and loss signal, without ownership.
+///
+/// Dropping a handle does nothing; the [`Lease`] it came from decides when the slot goes back.
+#[derive(Debug, Clone)]
+pub struct LeaseHandle {
+    shared: Arc<Shared>,
+}
+
+impl LeaseHandle {
+    /// The daemon's id of the lease (32 hex digits).
+    pub fn lease_id(&self) -> &str {
+        &self.shared.lease_id
+    }
+
+    /// The pool the slot is on.
+    pub fn pool(&self) -> &str {
+        &self.shared.pool
+    }
+
+    /// Strictly increasing per pool: pass it to anything that must reject stale holders.
+    pub fn fencing_token(&self) -> u64 {
+        self.shared.fencing_token
+    }
+
+    /// The lease's TTL; the client heartbeats at about a third of it.
+    pub fn ttl(&self) -> Duration {
+        self.shared.ttl
+    }
+
+    /// When the lease expires unless renewed (updated as heartbeats are sent).
+    pub fn expires_at(&self) -> SystemTime {
+        *self.shared.expires_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True once the lease is known to be lost (see [`lost`](Self::lost)).
+    pub fn is_lost(&self) -> bool {
+        self.shared.lost.borrow().is_some()
+    }
+
+    /// Resolves when the daemon expires or revokes the lease, or a resume after a reconnect fails.
+    ///
+    /// Never resolves for a lease that is released normally.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the returned future only watches; dropping it changes nothing.
+    pub fn lost(&self) -> impl Future<Output = Lost> + Send + 'static {
+        let mut rx = self.shared.lost.subscribe();
+        async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(lost) => lost.clone().unwrap_or(Lost::SessionClosed),
+                Err(_) => Lost::SessionClosed,
+            }
+        }
+    }
+
+    pub(crate) fn take_outcome(&self) -> Option<Outcome> {
+        self.shared.take_outcome()
+    }
+
+    /// Sets the outcome reported when the lease is released by drop (or by [`Client::run`](crate::Client::run)).
+    pub fn set_outcome(&self, outcome: Outcome) {
+        *self.shared.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+    }
+}
+
+/// One granted slot. The slot goes back to the daemon when the lease is dropped or released.
+///
+/// Dropping a lease releases it with outcome [`Outcome::Ok`] (or the outcome given to
+/// [`set_outcome`](Self::set_outcome); [`Outcome::Error`] if the thread is panicking). The drop only
+/// sends a message to the client's session task: it never blocks, awaits or panics. If even that
+/// message cannot be delivered, the daemon reclaims the slot when its TTL runs out.
+#[must_use = "dropping a Lease releases its slot at once"]
+#[derive(Debug)]
+pub struct Lease {
+    handle: LeaseHandle,
+    cmd: mpsc::UnboundedSender<Command>,
+    released: bool,
+}
+
+impl Lease {
+    pub(crate) fn new(shared: Arc<Shared>, cmd: mpsc::UnboundedSender<Command>) -> Self {
+        Lease { handle: LeaseHandle { shared }, cmd, released: false }
+    }
+
+    /// A cloneable view of this lease (identity, expiry, [`lost`](LeaseHandle::lost), outcome).
+    pub fn handle(&self) -> LeaseHandle {
+        self.handle.clone()
+    }
+
+    /// The daemon's id of the lease (32 hex digits).
+    pub fn lease_id(&self) -> &str {
+        self.handle.lease_id()
+    }
+
+    /// The pool the slot is on.
+    pub fn pool(&self) -> &str {
+        self.handle.pool()
+    }
+
+    /// Strictly increasing per pool: pass it to anything that must reject stale holders.
+    pub fn fencing_token(&self) -> u64 {
+        self.handle.fencing_token()
+    }
+
+    /// The lease's TTL; the client heartbeats at about a third of it.
+    pub fn ttl(&self) -> Duration {
+        self.handle.ttl()
+    }
+
+    /// When the lease expires unless renewed (updated as heartbeats are sent).
+    pub fn expires_at(&self) -> SystemTime {
+        self.handle.expires_at()
+    }
+
+    /// True once the lease is known to be lost.
+    pub fn is_lost(&self) -> bool {
+        self.handle.is_lost()
+    }
+
+    /// Resolves when the daemon expires or revokes the lease, or a resume after a reconnect fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: the returned future only watches; dropping it changes nothing.
+    pub fn lost(&self) -> impl Future<Output = Lost> + Send + 'static {
+        self.handle.lost()
+    }
+
+    /// Sets the outcome reported when this lease is dropped.
+    pub fn set_outcome(&self, outcome: Outcome) {
+        self.handle.set_outcome(outcome);
+    }
+
+    /// Releases the lease with `outcome` and waits until the daemon applied it.
+    ///
+    /// While the client is reconnecting, this waits until the lease was resumed and released.
+    ///
+    /// # Cancel safety
+    /// The release is sent on the first poll; dropping the future afterwards only stops waiting for
+    /// the answer. Dropping it before the first poll drops the lease, which releases it with
+    /// [`Outcome::Ok`].
+    pub async fn release(mut self, outcome: Outcome) -> Result<(), Error> {
+        self.released = true;
+        if let Some(why) = self.handle.shared.lost.borrow().clone() {
+            return Err(Error::Lost { lease_id: self.lease_id().to_owned(), reason: why });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Release { lease_id: self.lease_id().to_owned(), outcome, reply: Some(tx) })
+            .map_err(|_| Error::SessionClosed)?;
+        rx.await.unwrap_or(Err(Error::SessionClosed))
+    }
+
+    /// Releases the lease reporting a provider 429 (pauses the pool for `retry_after`, or the pool's
+    /// default when `None`).
+    ///
+    /// # Cancel safety
+    /// As for [`release`](Self::release).
+    pub async fn rate_limited(self, retry_after: Option<Duration>) -> Result<(), Error> {
+        self.release(Outcome::RateLimited { retry_after }).await
+    }
+
+    /// Releases the lease reporting a failed provider call.
+    ///
+    /// # Cancel safety
+    /// As for [`release`](Self::release).
+    pub async fn failed(self) -> Result<(), Error> {
+        self.release(Outcome::Error).await
+    }
+
+    /// Wraps `stream` so that the lease is held until the stream ends (yields `None`) or is dropped.
+    pub fn hold<S>(self, stream: S) -> Hold<S> {
+        Hold::new(self, stream)
+    }
+
+    /// Releases without waiting for the answer: what `Drop` does, with an explicit outcome.
+    pub(crate) fn release_in_background(mut self, outcome: Outcome) {
+        self.released = true;
+        let _ =
+            self.cmd.send(Command::Release { lease_id: self.lease_id().to_owned(), outcome, reply: None });
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let outcome = self.handle.shared.take_outcome().unwrap_or(if std::thread::panicking() {
+            Outcome::Error
+        } else {
+            Outcome::Ok
+        });
+        // An unbounded send never blocks; if the session is gone the daemon's TTL covers the slot.
+        let _ = self.cmd.send(Command::Release {
+            lease_id: self.handle.shared.lease_id.clone(),
+            outcome,
+            reply: None,
+        });
+    }
+}
