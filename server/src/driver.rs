@@ -17,8 +17,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::scheduler::{
-    Decisions, Error, Event, LeaseId, NewRequest, Outcome, PauseApplied, PoolConfig, PoolId,
-    ResumeRequest, Scheduler, SessionId, Snapshot,
+    Decisions, Error, Event, LeaseId, NewRequest, Outcome, PauseApplied, PoolConfig, PoolId, ResumeRequest,
+    Scheduler, SessionId, Snapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -97,21 +97,9 @@ impl DriverHandle {
     /// # Cancel safety
     /// Cancel safe in effect: if cancelled after the driver registered the session, the session's
     /// event channel is dropped with the future, and the driver closes the session on its next send.
-    pub async fn open(
-        &self,
-        events: mpsc::Sender<Outbound>,
-        grace: Duration,
-    ) -> Result<SessionId, Error> {
+    pub async fn open(&self, events: mpsc::Sender<Outbound>, grace: Duration) -> Result<SessionId, Error> {
         let (reply, rx) = oneshot::channel();
-        self.call(
-            Command::Open {
-                events,
-                grace,
-                reply,
-            },
-            rx,
-        )
-        .await
+        self.call(Command::Open { events, grace, reply }, rx).await
     }
 
     /// Applies one stream message; its answers arrive on the session's event channel.
@@ -119,10 +107,7 @@ impl DriverHandle {
     /// # Cancel safety
     /// Cancel safe: the message is either queued to the driver or not sent at all.
     pub async fn op(&self, session: SessionId, op: StreamOp) -> Result<(), Error> {
-        self.commands
-            .send(Command::Op { session, op })
-            .await
-            .map_err(|_| Error::ShuttingDown)
+        self.commands.send(Command::Op { session, op }).await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Ends a stream: its waiters leave the queues and its leases are released (or kept for the grace).
@@ -142,16 +127,7 @@ impl DriverHandle {
         reason: String,
     ) -> Result<PauseApplied, Error> {
         let (reply, rx) = oneshot::channel();
-        self.call(
-            Command::RateLimit {
-                pool,
-                retry_after,
-                reason,
-                reply,
-            },
-            rx,
-        )
-        .await?
+        self.call(Command::RateLimit { pool, retry_after, reason, reply }, rx).await?
     }
 
     /// A snapshot of the scheduler.
@@ -182,10 +158,7 @@ impl DriverHandle {
     }
 
     async fn call<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, Error> {
-        self.commands
-            .send(cmd)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        self.commands.send(cmd).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 }
@@ -213,20 +186,8 @@ impl Driver {
     pub fn new(sched: Scheduler) -> (Self, DriverHandle) {
         let (ctx, commands) = mpsc::channel(Self::COMMAND_BUFFER);
         let (close_tx, closes) = mpsc::unbounded_channel();
-        let driver = Self {
-            sched,
-            sessions: HashMap::new(),
-            commands,
-            closes,
-            overflowed: Vec::new(),
-        };
-        (
-            driver,
-            DriverHandle {
-                commands: ctx,
-                closes: close_tx,
-            },
-        )
+        let driver = Self { sched, sessions: HashMap::new(), commands, closes, overflowed: Vec::new() };
+        (driver, DriverHandle { commands: ctx, closes: close_tx })
     }
 
     /// Runs until every handle is dropped.
@@ -240,9 +201,7 @@ impl Driver {
             if let Some(at) = self.sched.next_deadline() {
                 sleep.as_mut().reset(at);
             } else {
-                sleep
-                    .as_mut()
-                    .reset(Instant::now() + Duration::from_secs(3600));
+                sleep.as_mut().reset(Instant::now() + Duration::from_secs(3600));
             }
             tokio::select! {
                 biased;
@@ -266,15 +225,10 @@ impl Driver {
                 }
             }
             while let Some(session) = self.overflowed.pop() {
-                warn!(
-                    session = session.0,
-                    "client is not reading its stream; disconnecting it"
-                );
+                warn!(session = session.0, "client is not reading its stream; disconnecting it");
                 self.handle_close(Close {
                     session,
-                    error: Some(Error::LimitExceeded(
-                        "client fell too far behind reading its stream".into(),
-                    )),
+                    error: Some(Error::LimitExceeded("client fell too far behind reading its stream".into())),
                 });
             }
         }
@@ -283,18 +237,11 @@ impl Driver {
     fn handle(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
-            Command::Open {
-                events,
-                grace,
-                reply,
-            } => {
+            Command::Open { events, grace, reply } => {
                 let session = self.sched.open_session();
                 self.sessions.insert(session, SessionOut { events, grace });
                 if reply.send(session).is_err() {
-                    self.handle_close(Close {
-                        session,
-                        error: None,
-                    });
+                    self.handle_close(Close { session, error: None });
                 }
             }
             Command::Op { session, op } => {
@@ -307,23 +254,14 @@ impl Driver {
                     StreamOp::Heartbeat(ids) => self.sched.heartbeat(now, session, &ids),
                     StreamOp::Release(id, outcome) => self.sched.release(now, session, id, outcome),
                     StreamOp::Resume(req) => self.sched.resume(now, session, req),
-                    StreamOp::Invalid(event) => Decisions {
-                        events: vec![(session, event)],
-                    },
+                    StreamOp::Invalid(event) => Decisions { events: vec![(session, event)] },
                 };
                 self.route(d);
             }
-            Command::RateLimit {
-                pool,
-                retry_after,
-                reason,
-                reply,
-            } => {
+            Command::RateLimit { pool, retry_after, reason, reply } => {
                 info!(%pool, ?retry_after, %reason, "rate limit reported");
-                let res = self
-                    .sched
-                    .report_rate_limit(now, &pool, retry_after, &reason)
-                    .map(|(applied, d)| {
+                let res =
+                    self.sched.report_rate_limit(now, &pool, retry_after, &reason).map(|(applied, d)| {
                         self.route(d);
                         applied
                     });
@@ -361,9 +299,7 @@ impl Driver {
         if let Some(error) = close.error {
             let _ = out.events.try_send(Err(error));
         }
-        let d = self
-            .sched
-            .close_session(Instant::now(), close.session, out.grace);
+        let d = self.sched.close_session(Instant::now(), close.session, out.grace);
         debug!(session = close.session.0, "stream closed");
         self.route(d);
     }
@@ -387,13 +323,7 @@ impl Driver {
 fn log_event(session: SessionId, event: &Event, last_pool: &mut Option<PoolId>) {
     let s = session.0;
     match event {
-        Event::Granted {
-            request_id,
-            lease_id,
-            pool,
-            token,
-            ..
-        } => {
+        Event::Granted { request_id, lease_id, pool, token, .. } => {
             debug!(session = s, %request_id, %lease_id, %pool, token = token.0, "granted");
         }
         Event::Rejected { request_id, error } => {
@@ -402,14 +332,8 @@ fn log_event(session: SessionId, event: &Event, last_pool: &mut Option<PoolId>) 
         Event::Expired { lease_id, reason } => {
             warn!(session = s, %lease_id, ?reason, "lease reclaimed");
         }
-        Event::Paused {
-            pool,
-            reason,
-            until,
-        } if last_pool.as_ref() != Some(pool) => {
-            let secs = until
-                .saturating_duration_since(Instant::now())
-                .as_secs_f64();
+        Event::Paused { pool, reason, until } if last_pool.as_ref() != Some(pool) => {
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
             warn!(%pool, %reason, pause_secs = secs, "pool paused; telling its waiters and holders");
             *last_pool = Some(pool.clone());
         }

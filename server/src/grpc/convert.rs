@@ -16,8 +16,8 @@ use crate::{
     driver::StreamOp,
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, FencingToken, LeaseId, NewRequest, Outcome, PoolId, Priority,
-        RequestId, ResumeRequest, Snapshot,
+        Error, Event, ExpiryReason, FencingToken, LeaseId, NewRequest, Outcome, PoolId, Priority, RequestId,
+        ResumeRequest, Snapshot,
     },
 };
 
@@ -37,20 +37,13 @@ pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<
 
 /// A `Duration` on the wire.
 pub fn pb_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
-        seconds: i64::MAX,
-        nanos: 0,
-    })
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
 }
 
 /// An `Instant` as a wall-clock timestamp.
 pub fn timestamp(at: Instant) -> Timestamp {
     let (now_i, now_s) = (Instant::now(), SystemTime::now());
-    let wall = if at >= now_i {
-        now_s + (at - now_i)
-    } else {
-        now_s - (now_i - at)
-    };
+    let wall = if at >= now_i { now_s + (at - now_i) } else { now_s - (now_i - at) };
     Timestamp::from(wall)
 }
 
@@ -61,9 +54,7 @@ pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
     let (now_i, now_s) = (Instant::now(), SystemTime::now());
     let ago = now_s.duration_since(wall).unwrap_or(Duration::ZERO);
     // Anything older than the clamp the scheduler applies is equivalent; avoid Instant underflow.
-    Ok(now_i
-        .checked_sub(ago.min(Duration::from_secs(2 * 3600)))
-        .unwrap_or(now_i))
+    Ok(now_i.checked_sub(ago.min(Duration::from_secs(2 * 3600))).unwrap_or(now_i))
 }
 
 fn priority(p: Option<u32>) -> Result<Priority, Error> {
@@ -91,18 +82,25 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
     match msg.msg {
         None => StreamOp::Invalid(Event::Rejected {
             request_id: String::new(),
-            error: Error::InvalidArgument("client message has no body: set one of request, cancel, heartbeat, release, resume".into()),
+            error: Error::InvalidArgument(
+                "client message has no body: set one of request, cancel, heartbeat, release, resume".into(),
+            ),
         }),
         Some(Msg::Request(r)) => {
             let rid = truncated(&r.request_id);
-            request(r).map_or_else(|error| StreamOp::Invalid(Event::Rejected { request_id: rid, error }), StreamOp::Request)
+            request(r).map_or_else(
+                |error| StreamOp::Invalid(Event::Rejected { request_id: rid, error }),
+                StreamOp::Request,
+            )
         }
         Some(Msg::Cancel(c)) => StreamOp::Cancel(truncated(&c.request_id)),
         Some(Msg::Heartbeat(h)) => {
             if h.lease_ids.len() > MAX_HEARTBEAT_IDS {
                 return StreamOp::Invalid(Event::LeaseError {
                     lease_id: String::new(),
-                    error: Error::InvalidArgument(format!("heartbeat lists more than {MAX_HEARTBEAT_IDS} leases")),
+                    error: Error::InvalidArgument(format!(
+                        "heartbeat lists more than {MAX_HEARTBEAT_IDS} leases"
+                    )),
                 });
             }
             match h.lease_ids.iter().map(|s| s.parse()).collect::<Result<Vec<LeaseId>, _>>() {
@@ -112,13 +110,17 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
         }
         Some(Msg::Release(r)) => {
             let lid = truncated(&r.lease_id);
-            release(r).map_or_else(|error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }), |(id, o)| {
-                StreamOp::Release(id, o)
-            })
+            release(r).map_or_else(
+                |error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }),
+                |(id, o)| StreamOp::Release(id, o),
+            )
         }
         Some(Msg::Resume(r)) => {
             let lid = truncated(&r.lease_id);
-            resume(r).map_or_else(|error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }), StreamOp::Resume)
+            resume(r).map_or_else(
+                |error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }),
+                StreamOp::Resume,
+            )
         }
     }
 }
@@ -141,14 +143,9 @@ fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Outcome), Error> {
         Ok(pb::Outcome::Unspecified | pb::Outcome::Ok) => Outcome::Ok,
         Ok(pb::Outcome::Error) => Outcome::Error,
         Ok(pb::Outcome::Cancelled) => Outcome::Cancelled,
-        Ok(pb::Outcome::RateLimited) => {
-            Outcome::RateLimited(duration("retry_after", r.retry_after)?)
-        }
+        Ok(pb::Outcome::RateLimited) => Outcome::RateLimited(duration("retry_after", r.retry_after)?),
         Err(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown outcome {}",
-                r.outcome
-            )));
+            return Err(Error::InvalidArgument(format!("unknown outcome {}", r.outcome)));
         }
     };
     Ok((id, outcome))
@@ -169,23 +166,10 @@ fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
 pub fn server_message(event: Event) -> pb::ServerMessage {
     use pb::server_message::Msg;
     let msg = match event {
-        Event::Queued {
-            request_id,
-            position,
-            blocked,
-        } => Msg::Queued(pb::Queued {
-            request_id: request_id.to_string(),
-            position,
-            blocked,
-        }),
-        Event::Granted {
-            request_id,
-            lease_id,
-            pool,
-            token,
-            ttl,
-            expires_at,
-        } => Msg::Granted(pb::Granted {
+        Event::Queued { request_id, position, blocked } => {
+            Msg::Queued(pb::Queued { request_id: request_id.to_string(), position, blocked })
+        }
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at } => Msg::Granted(pb::Granted {
             request_id: request_id.to_string(),
             lease_id: lease_id.to_string(),
             fencing_token: token.0,
@@ -199,29 +183,20 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
             message: error.to_string(),
             retry_after: error.retry_after().map(pb_duration),
         }),
-        Event::Paused {
-            pool,
-            until,
-            reason,
-        } => Msg::Paused(pb::Paused {
+        Event::Paused { pool, until, reason } => Msg::Paused(pb::Paused {
             pool: pool.to_string(),
             until: Some(timestamp(until)),
             reason: reason.to_string(),
             remaining: Some(pb_duration(until.saturating_duration_since(Instant::now()))),
         }),
-        Event::Resumed { pool } => Msg::Resumed(pb::Resumed {
-            pool: pool.to_string(),
-        }),
+        Event::Resumed { pool } => Msg::Resumed(pb::Resumed { pool: pool.to_string() }),
         Event::Expired { lease_id, reason } => {
             let (reason, message) = match reason {
-                ExpiryReason::Ttl => (
-                    pb::ExpiryReason::Ttl,
-                    "no heartbeat within the ttl; the slot was reclaimed",
-                ),
-                ExpiryReason::Revoked => (pb::ExpiryReason::Revoked, "revoked by an operator"),
-                ExpiryReason::PoolRemoved => {
-                    (pb::ExpiryReason::PoolRemoved, "the pool was removed")
+                ExpiryReason::Ttl => {
+                    (pb::ExpiryReason::Ttl, "no heartbeat within the ttl; the slot was reclaimed")
                 }
+                ExpiryReason::Revoked => (pb::ExpiryReason::Revoked, "revoked by an operator"),
+                ExpiryReason::PoolRemoved => (pb::ExpiryReason::PoolRemoved, "the pool was removed"),
             };
             Msg::Expired(pb::Expired {
                 lease_id: lease_id.to_string(),
@@ -229,26 +204,20 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 message: message.into(),
             })
         }
-        Event::Released { lease_id } => Msg::Released(pb::Released {
-            lease_id: lease_id.to_string(),
-        }),
+        Event::Released { lease_id } => Msg::Released(pb::Released { lease_id: lease_id.to_string() }),
         Event::LeaseError { lease_id, error } => Msg::LeaseError(pb::LeaseError {
             lease_id,
             code: code(&error) as i32,
             message: error.to_string(),
         }),
-        Event::LeaseResumed {
-            lease_id,
-            token,
-            expires_at,
-        } => Msg::LeaseResumed(pb::LeaseResumed {
+        Event::LeaseResumed { lease_id, token, expires_at } => Msg::LeaseResumed(pb::LeaseResumed {
             lease_id: lease_id.to_string(),
             fencing_token: token.0,
             expires_at: Some(timestamp(expires_at)),
         }),
-        Event::Cancelled { request_id } => Msg::Cancelled(pb::Cancelled {
-            request_id: request_id.to_string(),
-        }),
+        Event::Cancelled { request_id } => {
+            Msg::Cancelled(pb::Cancelled { request_id: request_id.to_string() })
+        }
         Event::HeartbeatAck { renewed } => Msg::HeartbeatAck(pb::HeartbeatAck { renewed }),
     };
     pb::ServerMessage { msg: Some(msg) }

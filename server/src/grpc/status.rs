@@ -22,10 +22,9 @@ pub fn code(e: &Error) -> Code {
             Code::InvalidArgument
         }
         Error::DuplicateRequest(_) => Code::AlreadyExists,
-        Error::QueueFull { .. }
-        | Error::Shed(_)
-        | Error::LimitExceeded(_)
-        | Error::ResumeOverLimit(_) => Code::ResourceExhausted,
+        Error::QueueFull { .. } | Error::Shed(_) | Error::LimitExceeded(_) | Error::ResumeOverLimit(_) => {
+            Code::ResourceExhausted
+        }
         Error::UnknownPool(_) | Error::UnknownLease(_) | Error::UnknownRequest(_) => Code::NotFound,
         Error::NotYourLease(_) | Error::LeaseEnded { .. } | Error::LeaseMismatch(..) => {
             Code::FailedPrecondition
