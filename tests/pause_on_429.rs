@@ -88,13 +88,15 @@ async fn report_rate_limit_pauses_and_a_shorter_retry_never_shortens_the_pause()
     let mut w = d.agent("waiter").await;
     w.request(w.req("rw", "p")).await;
     w.expect_queued("rw").await;
+    // It arrived during the pause, so it is told about the pause at once.
+    w.expect_paused("p").await;
 
     // A later, shorter retry_after leaves the pause end where it was (and is the same episode).
     let r2 = client.report_rate_limit(report(50)).await.expect("report").into_inner();
     let u2 = r2.paused_until.expect("paused_until");
     assert!(diff_ms(&u2, &u1).abs() <= 1, "pause moved from {u1:?} to {u2:?}");
     assert_eq!(r2.effective_limit, 2, "one episode lowers the limit once");
-    // The waiter queued after the pause began, and the pause did not move: it hears nothing.
+    // The pause did not move: the waiter hears nothing more.
     w.expect_silence(Duration::from_millis(80)).await;
 
     // A longer one extends it, and the waiter hears about the new end.
@@ -133,6 +135,8 @@ async fn waiting_past_max_wait_during_a_pause_says_how_long_the_pause_lasts() {
     let mut w = d.agent("waiter").await;
     w.request(pb::LeaseRequest { max_wait: Some(ms(50)), ..w.req("rw", "p") }).await;
     w.expect_queued("rw").await;
+    // It arrived during the pause, so it is told about the pause at once.
+    w.expect_paused("p").await;
     let r = w.expect_rejected("rw", Code::DeadlineExceeded).await;
     let retry = r.retry_after.expect("retry_after while paused");
     let retry = Duration::try_from(retry).unwrap();

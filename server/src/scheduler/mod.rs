@@ -539,6 +539,14 @@ impl Scheduler {
         };
         self.insert_waiter(wid, waiter);
         out.push(session, Event::Queued { request_id: req.request_id, position, blocked });
+        // A waiter that arrives during a pause learns of it now, not only when it ends.
+        for level in &self.pools[&req.pool].chain {
+            let p = &self.pools[level];
+            if let Some(until) = p.paused_until.filter(|u| *u > now) {
+                let reason = p.pause_reason.clone();
+                out.push(session, Event::Paused { pool: level.clone(), until, reason });
+            }
+        }
         Ok(())
     }
 

@@ -72,6 +72,8 @@ impl PoolConfig {
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
     /// Default `headroom_recovery`.
     pub const DEFAULT_HEADROOM_RECOVERY: Duration = Duration::from_secs(30);
+    /// Largest accepted `max_ttl`.
+    pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(24 * 3600);
     /// Largest accepted `max_concurrent`.
     pub const MAX_CONCURRENT_LIMIT: u32 = 10_000;
 
@@ -94,6 +96,12 @@ impl PoolConfig {
         }
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
             return Err(format!("pool {name}: default_ttl and max_ttl must be > 0"));
+        }
+        if self.max_ttl > Self::MAX_TTL_LIMIT {
+            return Err(format!(
+                "pool {name}: max_ttl is above {}",
+                humantime::format_duration(Self::MAX_TTL_LIMIT)
+            ));
         }
         if self.default_ttl > self.max_ttl {
             return Err(format!("pool {name}: default_ttl is above max_ttl"));

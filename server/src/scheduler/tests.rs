@@ -117,6 +117,24 @@ pub(super) fn assert_only(d: &Decisions, session: SessionId, want: Event) {
     assert_eq!(d.events, vec![(session, want)]);
 }
 
+/// A request queued behind a pause: `Queued`, then `Paused` for the paused level.
+#[track_caller]
+pub(super) fn assert_queued_in_pause(
+    d: &Decisions,
+    session: SessionId,
+    want: Event,
+    pool: &str,
+    until: Instant,
+) {
+    assert_eq!(d.events.len(), 2, "{:#?}", d.events);
+    assert_eq!(d.events[0], (session, want));
+    assert!(
+        matches!(&d.events[1], (s, Event::Paused { pool: p, until: u, .. }) if *s == session && *p == pid(pool) && *u == until),
+        "{:#?}",
+        d.events[1]
+    );
+}
+
 /// `Queued` for a request that entered the queue proper.
 pub(super) fn queued(request_id: &str, position: u32) -> Event {
     Event::Queued { request_id: RequestId::parse(request_id).unwrap(), position, blocked: false }

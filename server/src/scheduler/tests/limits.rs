@@ -127,7 +127,7 @@ fn a_pause_ending_serves_the_queued_waiter_before_a_newcomer() {
     let x = s.open_session();
     let y = s.open_session();
     s.report_rate_limit(t0, &pid("p"), Some(secs(2)), "").unwrap();
-    assert_only(&s.request(t0, x, req_p("w", "p", 9)), x, queued("w", 0));
+    assert_queued_in_pause(&s.request(t0, x, req_p("w", "p", 9)), x, queued("w", 0), "p", t0 + secs(2));
     let t1 = t0 + secs(2);
     let d = s.request(t1, y, req_p("late", "c", 0));
     granted(&d, x, "w");

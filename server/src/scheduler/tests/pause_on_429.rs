@@ -35,8 +35,11 @@ fn a_429_pauses_the_pool_and_its_descendants_until_the_latest_end() {
     assert!(p.pause_reason.contains("429"), "{}", p.pause_reason);
     s.check_invariants(t1);
 
-    // A newcomer with room on every level still waits.
-    assert_only(&s.request(t1, bystander, req("n", "c")), bystander, queued("n", 1));
+    // A newcomer with room on every level still waits, and is told about the pause right away.
+    let d = s.request(t1, bystander, req("n", "c"));
+    assert_eq!(d.events.len(), 2, "{:#?}", d.events);
+    assert_eq!(d.events[0], (bystander, queued("n", 1)));
+    assert!(paused("p", t1 + secs(5))(&d.events[1].1) && d.events[1].0 == bystander);
     // A shorter retry_after never shortens the pause and tells nobody.
     let (applied, d) = s.report_rate_limit(t0 + secs(2), &pid("p"), Some(secs(1)), "").unwrap();
     assert_eq!(applied.until, t1 + secs(5));
@@ -80,7 +83,7 @@ fn a_child_pause_leaves_parent_and_siblings_alone() {
     let (applied, d) = s.report_rate_limit(t0, &pid("a"), Some(secs(5)), "").unwrap();
     assert_eq!(applied.until, t0 + secs(5));
     assert!(d.events.is_empty(), "nobody waits on or holds a: {:#?}", d.events);
-    assert_only(&s.request(t0, x, req("a1", "a")), x, queued("a1", 0));
+    assert_queued_in_pause(&s.request(t0, x, req("a1", "a")), x, queued("a1", 0), "a", t0 + secs(5));
     granted(&s.request(t0, x, req("g1", "g")), x, "g1");
     s.check_invariants(t0);
     assert_eq!(pool_snap(&s, "g").paused_until, None);
@@ -99,7 +102,7 @@ fn a_wait_that_times_out_during_a_pause_says_how_long_the_pause_lasts() {
     let x = s.open_session();
     s.report_rate_limit(t0, &pid("p"), Some(secs(10)), "").unwrap();
     let d = s.request(t0, x, NewRequest { max_wait: Some(secs(1)), ..req("w", "p") });
-    assert_only(&d, x, queued("w", 0));
+    assert_queued_in_pause(&d, x, queued("w", 0), "p", t0 + secs(10));
     let d = s.tick(t0 + secs(1));
     let err = Error::WaitTimeout { pool: pid("p"), waited: secs(1), retry_after: Some(secs(9)) };
     assert_eq!(err.retry_after(), Some(secs(9)));
