@@ -6,9 +6,9 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/slotd/v1/slotd.proto";
+    let protos = ["proto/slotd/v1/slotd.proto", "proto/slotd/v1/admin.proto"];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("slotd_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
