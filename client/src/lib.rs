@@ -22,7 +22,7 @@
 //! async fn main() -> Result<(), slotd_client::Error> {
 //!     let client = Client::builder()
 //!         .holder("reviewer-agent")
-//!         .connect("http://127.0.0.1:7070")
+//!         .connect("http://127.0.0.1:50051")
 //!         .await?;
 //!
 //!     // The guard form: hold the slot for one provider call.
