@@ -7,6 +7,7 @@ pub mod config;
 pub mod driver;
 pub mod grpc;
 pub mod scheduler;
+pub mod slotctl;
 
 use std::{
     future::Future,

@@ -1,0 +1,185 @@
+//! The Admin-service commands: `pool set|rm`, `pause`, `resume`, `revoke`, `drain`, `undrain`.
+//!
+//! Each is one RPC (`drain` reads a stream) and prints one short confirmation line.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use slotd_proto::v1 as pb;
+
+use super::{
+    CtlError,
+    cli::{Output, PoolSetArgs},
+    conn::Conn,
+    table::{fmt_duration, remaining, usage},
+};
+
+fn wire(d: Duration) -> Result<prost_types::Duration, CtlError> {
+    prost_types::Duration::try_from(d)
+        .map_err(|_| CtlError::with_code(format!("duration {d:?} is too long"), tonic::Code::InvalidArgument))
+}
+
+fn wire_opt(d: Option<Duration>) -> Result<Option<prost_types::Duration>, CtlError> {
+    d.map(wire).transpose()
+}
+
+/// The `PoolSpec` that `pool set` sends: only the options given are set.
+pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
+    Ok(pb::PoolSpec {
+        name: args.name.clone(),
+        max_concurrent: args.max_concurrent,
+        parent: args.parent.clone(),
+        max_queue_depth: args.max_queue_depth,
+        on_overflow: args.on_overflow.map(|o| o.as_str().to_owned()),
+        cooldown: wire_opt(args.cooldown)?,
+        default_ttl: wire_opt(args.default_ttl)?,
+        max_ttl: wire_opt(args.max_ttl)?,
+        max_wait: wire_opt(args.max_wait)?,
+        default_retry_after: wire_opt(args.default_retry_after)?,
+        adaptive: args.adaptive,
+        headroom_recovery: wire_opt(args.headroom_recovery)?,
+    })
+}
+
+/// `slotctl pool set`: Admin.UpsertPool.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have applied the change.
+pub async fn pool_set(conn: &Conn, args: &PoolSetArgs, output: Output) -> Result<(), CtlError> {
+    let spec = pool_spec(args)?;
+    let resp = conn.admin().upsert_pool(conn.request(pb::UpsertPoolRequest { pool: Some(spec) })).await?;
+    let resp = resp.into_inner();
+    let verb = if resp.created { "created" } else { "updated" };
+    match (output, resp.pool) {
+        (Output::Json, p) => {
+            let p = p.unwrap_or_default();
+            println!(
+                "{}",
+                json!({
+                    "created": resp.created,
+                    "name": if p.name.is_empty() { &args.name } else { &p.name },
+                    "limit": p.limit,
+                    "effective_limit": p.effective_limit,
+                    "in_flight": p.in_flight,
+                    "queued": p.queued,
+                })
+            );
+        }
+        (Output::Table, Some(p)) => {
+            println!("{verb} pool {}: in_flight/eff/limit {}, {} queued", p.name, usage(&p), p.queued)
+        }
+        (Output::Table, None) => println!("{verb} pool {}", args.name),
+    }
+    Ok(())
+}
+
+/// `slotctl pool rm`: Admin.DeletePool.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have removed the pool.
+pub async fn pool_rm(conn: &Conn, name: &str) -> Result<(), CtlError> {
+    let resp =
+        conn.admin().delete_pool(conn.request(pb::DeletePoolRequest { name: name.to_owned() })).await?;
+    let r = resp.into_inner();
+    println!(
+        "removed pool {name} ({} waiters rejected, {} leases expired)",
+        r.rejected_waiters, r.expired_leases
+    );
+    Ok(())
+}
+
+/// `slotctl pause`: Admin.PausePool.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have paused the pool.
+pub async fn pause(conn: &Conn, pool: &str, duration: Duration, reason: &str) -> Result<(), CtlError> {
+    if duration.is_zero() {
+        return Err(CtlError::with_code("--for must be longer than 0s", tonic::Code::InvalidArgument));
+    }
+    let req = pb::PausePoolRequest {
+        pool: pool.to_owned(),
+        duration: Some(wire(duration)?),
+        reason: reason.to_owned(),
+    };
+    let resp = conn.admin().pause_pool(conn.request(req)).await?.into_inner();
+    match remaining(resp.paused_until.as_ref(), SystemTime::now()) {
+        Some(left) => println!("paused {pool} for {}", fmt_duration(left)),
+        None => println!("paused {pool}"),
+    }
+    Ok(())
+}
+
+/// `slotctl resume`: Admin.ResumePool.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have resumed the pool.
+pub async fn resume(conn: &Conn, pool: &str) -> Result<(), CtlError> {
+    let req = pb::ResumePoolRequest { pool: pool.to_owned() };
+    let resp = conn.admin().resume_pool(conn.request(req)).await?.into_inner();
+    if resp.was_paused {
+        println!("resumed {pool}");
+    } else {
+        println!("{pool} was not paused");
+    }
+    Ok(())
+}
+
+/// `slotctl revoke`: Admin.RevokeLease.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have revoked the lease.
+pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
+    let req = pb::RevokeLeaseRequest { lease_id: lease_id.to_owned() };
+    let resp = conn.admin().revoke_lease(conn.request(req)).await?.into_inner();
+    let holder = if resp.holder.is_empty() { "-" } else { &resp.holder };
+    println!("revoked lease {lease_id} (pool {}, holder {holder})", resp.pool);
+    Ok(())
+}
+
+/// `slotctl drain`: Admin.Drain, printing each progress message. Returns the exit code: 0 once no
+/// lease is held, 1 if the stream ended first (the timeout passed).
+///
+/// # Cancel safety
+/// Dropping the future stops reporting; the daemon keeps draining (granting stays stopped until
+/// Undrain).
+pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Result<i32, CtlError> {
+    let req = pb::DrainRequest { timeout: wire_opt(timeout)? };
+    let mut stream = conn.admin().drain(conn.request(req)).await?.into_inner();
+    let mut last = None;
+    while let Some(p) = stream.message().await? {
+        match output {
+            Output::Json => println!(
+                "{}",
+                json!({"leases_remaining": p.leases_remaining, "queued": p.queued, "done": p.done})
+            ),
+            Output::Table if p.done => {
+                println!(
+                    "drained: no lease is held ({} queued); granting stays stopped until `slotctl undrain`",
+                    p.queued
+                )
+            }
+            Output::Table => {
+                println!("draining: {} leases remaining, {} queued", p.leases_remaining, p.queued)
+            }
+        }
+        if p.done {
+            return Ok(0);
+        }
+        last = Some(p);
+    }
+    let left = last.map_or_else(|| "some".to_owned(), |p| p.leases_remaining.to_string());
+    eprintln!(
+        "slotctl: drain timed out with {left} leases still held (granting stays stopped until `slotctl undrain`)"
+    );
+    Ok(1)
+}
+
+/// `slotctl undrain`: Admin.Undrain.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have resumed granting.
+pub async fn undrain(conn: &Conn) -> Result<(), CtlError> {
+    conn.admin().undrain(conn.request(pb::UndrainRequest {})).await?;
+    println!("granting again");
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! `slotctl`: the operator's command line for slotd.
+//!
+//! The binary (`src/bin/slotctl.rs`) only parses [`cli::Cli`] and calls [`main`]. Everything else lives
+//! here so that tests can reach it: [`table`] renders `slotctl status`, [`top`] is the live TUI (its
+//! [`top::draw`] is a pure function of [`top::App`], testable with ratatui's `TestBackend`), [`admin`]
+//! holds the Admin-service commands and [`run`] is `slotctl run`, `flock(1)` for LLM slots.
+//!
+//! Exit codes: 0 on success, 1 for an error (printed as one line with its gRPC code), 2 for a usage
+//! error (clap's), and for `slotctl run` the command's own exit status.
+
+pub mod admin;
+pub mod cli;
+pub mod conn;
+pub mod error;
+pub mod run;
+pub mod table;
+pub mod top;
+
+use std::io::Write;
+
+use clap::CommandFactory;
+
+pub use self::error::CtlError;
+use self::{
+    cli::{Cli, Command, Output, PoolCommand},
+    conn::Conn,
+};
+
+/// Runs one parsed command line and returns the process exit code.
+///
+/// # Cancel safety
+/// Dropping the future abandons the command where it is: a `run` drops its lease (released as ok, the
+/// child keeps running unsupervised), a `drain` stops reporting (the daemon keeps draining).
+pub async fn main(cli: Cli) -> i32 {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("slotctl: {e}");
+            1
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
+    let conn = || Conn::connect(&cli.endpoint, cli.token.as_deref());
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(*shell, &mut cmd, "slotctl", &mut out);
+            let _ = out.flush();
+            Ok(0)
+        }
+        Command::Status { pool } => {
+            let conn = conn().await?;
+            let status = conn.status(pool.as_deref()).await?;
+            let now = std::time::SystemTime::now();
+            let text = match cli.output {
+                Output::Table => table::render_status(&status, now),
+                Output::Json => table::status_json(&status, now),
+            };
+            print!("{text}");
+            Ok(0)
+        }
+        Command::Top { pool } => {
+            top::run(conn().await?, pool.clone()).await?;
+            Ok(0)
+        }
+        Command::Pool { command } => match command {
+            PoolCommand::Set(args) => admin::pool_set(&conn().await?, args, cli.output).await.map(|()| 0),
+            PoolCommand::Rm { name } => admin::pool_rm(&conn().await?, name).await.map(|()| 0),
+        },
+        Command::Pause { pool, duration, reason } => {
+            admin::pause(&conn().await?, pool, *duration, reason.as_deref().unwrap_or_default())
+                .await
+                .map(|()| 0)
+        }
+        Command::Resume { pool } => admin::resume(&conn().await?, pool).await.map(|()| 0),
+        Command::Revoke { lease_id } => admin::revoke(&conn().await?, lease_id).await.map(|()| 0),
+        Command::Drain { timeout } => admin::drain(&conn().await?, *timeout, cli.output).await,
+        Command::Undrain => admin::undrain(&conn().await?).await.map(|()| 0),
+        Command::Run(args) => run::run(&cli.endpoint, cli.token.as_deref(), args).await,
+    }
+}

@@ -1,0 +1,328 @@
+//! `slotctl run`: `flock(1)` for LLM-provider slots.
+//!
+//! Acquires a lease through `slotd-client` (which heartbeats it and waits through pauses), runs the
+//! command with the lease in its environment, passes its exit status through and releases the lease
+//! with an outcome read from that status: 0 is ok, the rate-limit exit code (75, EX_TEMPFAIL, unless
+//! configured) is rate limited (the daemon pauses the pool), anything else failed.
+//!
+//! While the command runs, slotctl ignores SIGINT (a terminal's ctrl-c reaches the command through the
+//! process group, and the lease is released once the command is gone) and forwards SIGTERM and SIGHUP.
+
+use std::{
+    ffi::OsStr,
+    path::Path,
+    process::ExitStatus,
+    time::{Duration, SystemTime},
+};
+
+use slotd_client::{Client, Lease, Lost, Outcome};
+use tokio::time::Instant;
+use tonic::Code;
+
+use super::{CtlError, cli::RunArgs, table::fmt_duration};
+
+/// The exit code for "gave up waiting for a slot" (EX_TEMPFAIL).
+pub const EXIT_TEMPFAIL: i32 = 75;
+/// The exit code after ctrl-c while waiting for a slot (128 + SIGINT).
+pub const EXIT_INTERRUPTED: i32 = 130;
+/// The exit code when the command could not be found (as in shells).
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// The exit code when the command was found but could not be started (as in shells).
+pub const EXIT_CANNOT_EXECUTE: i32 = 126;
+/// With `--kill-on-lost`: how long the command gets after SIGTERM before SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How long the final release may take before slotctl leaves the slot to the daemon's TTL.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The outcome a command's exit status reports.
+pub fn outcome_for(code: i32, rate_limit_exit_code: i32, retry_after: Option<Duration>) -> Outcome {
+    if code == 0 {
+        Outcome::Ok
+    } else if code == rate_limit_exit_code {
+        Outcome::RateLimited { retry_after }
+    } else {
+        Outcome::Error
+    }
+}
+
+/// The shell convention for an exit status: the exit code, or 128+N for a signal N.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    1
+}
+
+fn program_name(cmd: &OsStr) -> String {
+    Path::new(cmd).file_name().unwrap_or(cmd).to_string_lossy().into_owned()
+}
+
+/// Runs `slotctl run` and returns the exit code to leave with.
+///
+/// # Cancel safety
+/// Dropping the future while it waits cancels the request; dropping it while the command runs drops
+/// the lease (released as ok) and leaves the command running.
+pub async fn run(endpoint: &str, token: Option<&str>, args: &RunArgs) -> Result<i32, CtlError> {
+    let Some((program, rest)) = args.command.split_first() else {
+        return Err(CtlError::new("no command given after --"));
+    };
+    let name = program_name(program);
+    let holder =
+        args.holder.clone().unwrap_or_else(|| format!("slotctl run {name} pid {}", std::process::id()));
+    let mut builder = Client::builder().holder(holder);
+    if let Some(t) = token {
+        builder = builder.bearer_token(t);
+    }
+    let client = builder.connect(endpoint).await.map_err(|e| {
+        CtlError::with_code(
+            format!("cannot connect to {endpoint}: {e}"),
+            e.code().unwrap_or(Code::Unavailable),
+        )
+    })?;
+
+    let lease = match wait_for_lease(&client, args).await? {
+        Wait::Granted(lease) => lease,
+        Wait::GaveUp => return Ok(EXIT_TEMPFAIL),
+        Wait::Interrupted => return Ok(EXIT_INTERRUPTED),
+    };
+
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest)
+        .env("SLOTD_LEASE_ID", lease.lease_id())
+        .env("SLOTD_FENCING_TOKEN", lease.fencing_token().to_string())
+        .env("SLOTD_POOL", lease.pool());
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let code =
+                if e.kind() == std::io::ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_CANNOT_EXECUTE };
+            eprintln!("slotctl: cannot run {:?}: {e}", program.to_string_lossy());
+            finish(lease, Outcome::Error).await;
+            return Ok(code);
+        }
+    };
+    let (status, lost) = supervise(child, &lease, &name, args.kill_on_lost).await?;
+    let code = exit_code(status);
+    if !lost {
+        finish(lease, outcome_for(code, args.rate_limit_exit_code, args.retry_after)).await;
+    }
+    Ok(code)
+}
+
+enum Wait {
+    Granted(Lease),
+    GaveUp,
+    Interrupted,
+}
+
+/// Waits for the grant (through pauses, telling the user about them).
+async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlError> {
+    let mut acquire = client.acquire(args.pool.clone());
+    if let Some(p) = args.priority {
+        acquire = acquire.priority(p);
+    }
+    if let Some(t) = args.ttl {
+        acquire = acquire.ttl(t);
+    }
+    let acquire = std::future::IntoFuture::into_future(acquire);
+    tokio::pin!(acquire);
+    let deadline = args.max_wait.map(|d| Instant::now() + d);
+    let mut pauses = client.pauses();
+    let mut told_until: Option<SystemTime> = None;
+    let mut pauses_open = true;
+    loop {
+        tokio::select! {
+            res = &mut acquire => {
+                return match res {
+                    Ok(lease) => Ok(Wait::Granted(lease)),
+                    Err(e) if e.code() == Some(Code::DeadlineExceeded) => {
+                        eprintln!("slotctl: gave up waiting for a slot on pool {}: {}", args.pool, CtlError::from(e));
+                        Ok(Wait::GaveUp)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+            }
+            () = sleep_until_opt(deadline) => {
+                let waited = args.max_wait.map(fmt_duration).unwrap_or_default();
+                eprintln!("slotctl: gave up waiting for a slot on pool {} after {waited} (--max-wait)", args.pool);
+                return Ok(Wait::GaveUp);
+            }
+            changed = pauses.changed(), if pauses_open => {
+                if changed.is_err() {
+                    // The session ended; the acquire resolves with the reason next.
+                    pauses_open = false;
+                    continue;
+                }
+                let pause = pauses.borrow_and_update().get(&args.pool).cloned();
+                if let Some(p) = pause
+                    && told_until != Some(p.until)
+                {
+                    told_until = Some(p.until);
+                    let left = p.until.duration_since(SystemTime::now()).unwrap_or_default();
+                    let why = if p.reason.is_empty() { String::new() } else { format!(" ({})", p.reason) };
+                    eprintln!("slotctl: pool {} is paused for {}{why}; waiting", args.pool, fmt_duration(left));
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("slotctl: interrupted while waiting for a slot on pool {}", args.pool);
+                return Ok(Wait::Interrupted);
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches the command until it exits; returns its status and whether the lease was lost meanwhile.
+async fn supervise(
+    mut child: tokio::process::Child,
+    lease: &Lease,
+    name: &str,
+    kill_on_lost: bool,
+) -> Result<(ExitStatus, bool), CtlError> {
+    let lost = lease.lost();
+    tokio::pin!(lost);
+    let mut was_lost = false;
+    let mut kill_at: Option<Instant> = None;
+    let mut signals = Signals::new()?;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| CtlError::new(format!("waiting for {name}: {e}")))?;
+                return Ok((status, was_lost));
+            }
+            why = &mut lost, if !was_lost => {
+                was_lost = true;
+                warn_lost(lease, name, &why, kill_on_lost);
+                if kill_on_lost {
+                    signals::send(&child, signals::TERM);
+                    kill_at = Some(Instant::now() + KILL_GRACE);
+                }
+            }
+            () = sleep_until_opt(kill_at) => {
+                kill_at = None;
+                let _ = child.start_kill();
+            }
+            sig = signals.recv() => signals::send(&child, sig),
+        }
+    }
+}
+
+fn warn_lost(lease: &Lease, name: &str, why: &Lost, kill: bool) {
+    let then = if kill { "terminating it" } else { "it keeps running (--kill-on-lost stops it)" };
+    eprintln!(
+        "slotctl: warning: lease {} on pool {} was lost while {name} runs ({why}); another holder may get \
+         the slot; {then}",
+        lease.lease_id(),
+        lease.pool()
+    );
+}
+
+/// Releases the lease, bounded by [`RELEASE_TIMEOUT`]; failures only warn (the daemon's TTL covers them).
+async fn finish(lease: Lease, outcome: Outcome) {
+    let id = lease.lease_id().to_owned();
+    match tokio::time::timeout(RELEASE_TIMEOUT, lease.release(outcome)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("slotctl: warning: releasing lease {id}: {}", CtlError::from(e)),
+        Err(_) => eprintln!(
+            "slotctl: warning: releasing lease {id} took longer than {}; the daemon reclaims it when its \
+             TTL runs out",
+            fmt_duration(RELEASE_TIMEOUT)
+        ),
+    }
+}
+
+/// The signals slotctl receives while the command runs.
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self, CtlError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen =
+                |kind| signal(kind).map_err(|e| CtlError::new(format!("installing a signal handler: {e}")));
+            Ok(Signals {
+                int: listen(SignalKind::interrupt())?,
+                term: listen(SignalKind::terminate())?,
+                hup: listen(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal to forward to the command (SIGINT is swallowed: the terminal sent it to the
+    /// whole process group already).
+    async fn recv(&mut self) -> i32 {
+        #[cfg(unix)]
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => {}
+                _ = self.term.recv() => return signals::TERM,
+                _ = self.hup.recv() => return signals::HUP,
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending().await
+    }
+}
+
+mod signals {
+    //! Sending a signal to the child (a no-op where there are no signals).
+
+    #[cfg(unix)]
+    pub const TERM: i32 = libc::SIGTERM;
+    #[cfg(unix)]
+    pub const HUP: i32 = libc::SIGHUP;
+    #[cfg(not(unix))]
+    pub const TERM: i32 = 15;
+
+    /// Sends `sig` to the child if it is still running.
+    pub fn send(child: &tokio::process::Child, sig: i32) {
+        #[cfg(unix)]
+        if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own unreaped child,
+            // so it cannot have been reused by another process.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (child, sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_follow_the_exit_code() {
+        assert_eq!(outcome_for(0, 75, None), Outcome::Ok);
+        assert_eq!(outcome_for(3, 75, None), Outcome::Error);
+        let ra = Some(Duration::from_secs(5));
+        assert_eq!(outcome_for(75, 75, ra), Outcome::RateLimited { retry_after: ra });
+        assert_eq!(outcome_for(42, 42, None), Outcome::RateLimited { retry_after: None });
+        assert_eq!(outcome_for(75, 42, None), Outcome::Error);
+    }
+}

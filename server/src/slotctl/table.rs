@@ -1,0 +1,222 @@
+//! `slotctl status`: the Status snapshot as aligned tables (or JSON), plus the small formatting helpers
+//! that `top` shares (durations, countdowns, short ids).
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use slotd_proto::v1 as pb;
+
+/// A duration the way an operator reads it: `850ms`, `4.2s`, `42s`, `5m03s`, `2h05m`.
+pub fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        format!("{}.{}s", ms / 1_000, (ms % 1_000) / 100)
+    } else if ms < 60_000 {
+        format!("{}s", ms / 1_000)
+    } else if ms < 3_600_000 {
+        let s = ms / 1_000;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        let m = ms / 60_000;
+        format!("{}h{:02}m", m / 60, m % 60)
+    }
+}
+
+/// A wire duration as a `Duration` (negative or malformed ones read as zero).
+pub fn from_wire(d: Option<&prost_types::Duration>) -> Duration {
+    d.and_then(|d| Duration::try_from(*d).ok()).unwrap_or_default()
+}
+
+/// How long until `until`, or `None` when it is unset or already past.
+pub fn remaining(until: Option<&prost_types::Timestamp>, now: SystemTime) -> Option<Duration> {
+    let until = SystemTime::try_from(*until?).ok()?;
+    until.duration_since(now).ok().filter(|d| !d.is_zero())
+}
+
+/// The first 8 characters of a lease id: enough to tell leases apart on one screen.
+pub fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+/// `in_flight/effective/limit`.
+pub fn usage(p: &pb::PoolStatus) -> String {
+    format!("{}/{}/{}", p.in_flight, p.effective_limit, p.limit)
+}
+
+/// The pause column: `12s (reason)` while paused, `-` otherwise.
+pub fn pause_text(p: &pb::PoolStatus, now: SystemTime) -> String {
+    match remaining(p.paused_until.as_ref(), now) {
+        None => "-".to_owned(),
+        Some(left) if p.pause_reason.is_empty() => fmt_duration(left),
+        Some(left) => format!("{} ({})", fmt_duration(left), p.pause_reason),
+    }
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `slotctl status` as text: a pool table, a lease table and any daemon-wide state.
+pub fn render_status(s: &pb::StatusResponse, now: SystemTime) -> String {
+    let mut out = String::new();
+    if s.shutting_down {
+        out.push_str("daemon is shutting down\n");
+    }
+    if s.learning {
+        out.push_str("daemon is in its post-restart learning period (only resumes are granted)\n");
+    }
+    let pools: Vec<Vec<String>> = s
+        .pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                if p.parent.is_empty() { "-".to_owned() } else { p.parent.clone() },
+                usage(p),
+                p.queued.to_string(),
+                pause_text(p, now),
+                p.cooling.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&align(&["POOL", "PARENT", "IN_FLIGHT/EFF/LIMIT", "QUEUED", "PAUSED", "COOLING"], &pools));
+    out.push('\n');
+    if s.leases.is_empty() {
+        out.push_str("no leases\n");
+        return out;
+    }
+    let leases: Vec<Vec<String>> = s
+        .leases
+        .iter()
+        .map(|l| {
+            vec![
+                short_id(&l.lease_id).to_owned(),
+                l.pool.clone(),
+                if l.holder.is_empty() { "-".to_owned() } else { l.holder.clone() },
+                l.priority.to_string(),
+                fmt_duration(from_wire(l.age.as_ref())),
+                fmt_duration(from_wire(l.expires_in.as_ref())),
+                l.fencing_token.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&align(&["LEASE", "POOL", "HOLDER", "PRI", "AGE", "EXPIRES_IN", "TOKEN"], &leases));
+    out
+}
+
+/// `slotctl status --output json`: one pretty-printed object, durations in milliseconds.
+pub fn status_json(s: &pb::StatusResponse, now: SystemTime) -> String {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let pools: Vec<_> = s
+        .pools
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "parent": if p.parent.is_empty() { None } else { Some(&p.parent) },
+                "limit": p.limit,
+                "effective_limit": p.effective_limit,
+                "in_flight": p.in_flight,
+                "queued": p.queued,
+                "paused_for_ms": remaining(p.paused_until.as_ref(), now).map(ms),
+                "pause_reason": if p.pause_reason.is_empty() { None } else { Some(&p.pause_reason) },
+                "cooling": p.cooling,
+                "next_fencing_token": p.next_fencing_token,
+            })
+        })
+        .collect();
+    let leases: Vec<_> = s
+        .leases
+        .iter()
+        .map(|l| {
+            json!({
+                "lease_id": l.lease_id,
+                "pool": l.pool,
+                "holder": l.holder,
+                "priority": l.priority,
+                "age_ms": ms(from_wire(l.age.as_ref())),
+                "expires_in_ms": ms(from_wire(l.expires_in.as_ref())),
+                "fencing_token": l.fencing_token,
+            })
+        })
+        .collect();
+    let v = json!({
+        "pools": pools,
+        "leases": leases,
+        "learning": s.learning,
+        "shutting_down": s.shutting_down,
+    });
+    let mut text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| "{}".to_owned());
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(fmt_duration(Duration::from_millis(4_250)), "4.2s");
+        assert_eq!(fmt_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(fmt_duration(Duration::from_secs(303)), "5m03s");
+        assert_eq!(fmt_duration(Duration::from_secs(7_500)), "2h05m");
+    }
+
+    #[test]
+    fn tables_align_and_show_pauses() {
+        let now = SystemTime::now();
+        let s = pb::StatusResponse {
+            pools: vec![pb::PoolStatus {
+                name: "anthropic".into(),
+                limit: 4,
+                effective_limit: 3,
+                in_flight: 2,
+                queued: 1,
+                paused_until: Some((now + Duration::from_millis(30_400)).into()),
+                pause_reason: "429".into(),
+                ..Default::default()
+            }],
+            leases: vec![pb::LeaseStatus {
+                lease_id: "0123456789abcdef0123456789abcdef".into(),
+                pool: "anthropic".into(),
+                holder: "agent".into(),
+                priority: 5,
+                fencing_token: 7,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render_status(&s, now);
+        assert!(text.contains("anthropic  -       2/3/4"), "{text}");
+        assert!(text.contains("30s (429)"), "{text}");
+        assert!(text.contains("01234567  anthropic  agent"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&status_json(&s, now)).expect("valid json");
+        assert_eq!(v["pools"][0]["in_flight"], 2);
+    }
+}
