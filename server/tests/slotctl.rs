@@ -1,0 +1,458 @@
+//! `slotctl` end to end: the real binary against the real daemon on 127.0.0.1:0 (status, run and its
+//! exit-code contract, the 75 -> pause path, usage errors, completions), plus a `top` frame rendered
+//! with ratatui's `TestBackend` from a constructed `App`.
+
+use std::{
+    path::Path,
+    process::Output,
+    time::{Duration, SystemTime},
+};
+
+use ratatui::{Terminal, backend::TestBackend};
+use slotd::{
+    config::Config,
+    slotctl::top::{self, App, EventKind, EventSource},
+};
+use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// The longest any one step may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+const POOLS: &str = r#"
+[pools.anthropic]
+max_concurrent = 2
+
+[pools.opus]
+max_concurrent = 1
+parent = "anthropic"
+
+[pools.solo]
+max_concurrent = 1
+"#;
+
+/// The daemon, in-process on an ephemeral port.
+struct Daemon {
+    url: String,
+    client: SlotdClient<Channel>,
+    shutdown: Option<oneshot::Sender<()>>,
+    _task: JoinHandle<Result<(), slotd::ServeError>>,
+}
+
+impl Daemon {
+    async fn start(toml: &str) -> Daemon {
+        let cfg = Config::from_toml_str(toml).expect("valid config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(slotd::serve(cfg, listener, async move {
+            let _ = rx.await;
+        }));
+        let url = format!("http://{addr}");
+        let client = tokio::time::timeout(TIMEOUT, SlotdClient::connect(url.clone()))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Daemon { url, client, shutdown: Some(tx), _task: task }
+    }
+
+    async fn status(&self) -> pb::StatusResponse {
+        let mut c = self.client.clone();
+        tokio::time::timeout(TIMEOUT, c.status(pb::StatusRequest::default()))
+            .await
+            .expect("status in time")
+            .expect("status")
+            .into_inner()
+    }
+
+    async fn pool(&self, name: &str) -> pb::PoolStatus {
+        let s = self.status().await;
+        s.pools.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pool {name}"))
+    }
+
+    #[track_caller]
+    fn wait_for<'a>(
+        &'a self,
+        what: &'a str,
+        pred: impl Fn(&pb::StatusResponse) -> bool + 'a,
+    ) -> impl Future<Output = pb::StatusResponse> + 'a {
+        let at = std::panic::Location::caller();
+        async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let s = self.status().await;
+                if pred(&s) {
+                    return s;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{at}: timed out waiting for {what}: {s:#?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn slotctl() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_slotctl"));
+    cmd.env_remove("SLOTD_ENDPOINT")
+        .env_remove("SLOTD_TOKEN")
+        .env_remove("SLOTCTL_RATE_LIMIT_EXIT_CODE")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs slotctl with `args` against `url` and waits for it.
+#[track_caller]
+fn run_ctl<'a>(url: &'a str, args: &'a [&'a str]) -> impl Future<Output = Output> + 'a {
+    let at = std::panic::Location::caller();
+    async move {
+        let mut cmd = slotctl();
+        cmd.arg("--endpoint").arg(url).args(args);
+        tokio::time::timeout(TIMEOUT, cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{at}: slotctl {args:?} took longer than {TIMEOUT:?}"))
+            .expect("slotctl runs")
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[track_caller]
+fn assert_code(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_pools_and_leases() {
+    let d = Daemon::start(POOLS).await;
+    let out = run_ctl(&d.url, &["status"]).await;
+    assert_code(&out, 0);
+    let stdout = text(&out.stdout);
+    for want in ["POOL", "IN_FLIGHT/EFF/LIMIT", "anthropic", "opus", "solo", "0/2/2", "no leases"] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    assert!(stdout.lines().any(|l| l.starts_with("opus") && l.contains("anthropic")), "{stdout}");
+
+    let out = run_ctl(&d.url, &["status", "--output", "json", "--pool", "solo"]).await;
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["pools"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["pools"][0]["name"], "solo");
+    assert_eq!(v["pools"][0]["limit"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_line_with_the_grpc_code() {
+    let d = Daemon::start(POOLS).await;
+    let out = run_ctl(&d.url, &["status", "--pool", "nope"]).await;
+    assert_code(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("slotctl: ") && stderr.trim_end().ends_with("(NOT_FOUND)"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    // Nothing listens on port 1.
+    let out = run_ctl("http://127.0.0.1:1", &["status"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).contains("(UNAVAILABLE)"), "{}", text(&out.stderr));
+
+    let out = run_ctl(&d.url, &["run", "--pool", "nope", "--", "true"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).contains("(NOT_FOUND)"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_passes_the_exit_code_through_and_releases_the_lease() {
+    let d = Daemon::start(POOLS).await;
+    let out =
+        run_ctl(&d.url, &["run", "--pool", "anthropic", "--", "sh", "-c", "echo $SLOTD_LEASE_ID; exit 3"])
+            .await;
+    assert_code(&out, 3);
+    let id = text(&out.stdout).trim().to_owned();
+    assert_eq!(id.len(), 32, "a lease id on stdout: {id:?}");
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
+    let s = d.status().await;
+    assert!(s.leases.is_empty(), "released afterwards: {s:#?}");
+    assert!(s.pools.iter().all(|p| p.in_flight == 0 && p.paused_until.is_none()), "{s:#?}");
+
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "true"]).await;
+    assert_code(&out, 0);
+
+    // A signal N comes back as 128 + N.
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "sh", "-c", "kill -TERM $$"]).await;
+    assert_code(&out, 128 + 15);
+
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "/nonexistent/command"]).await;
+    assert_code(&out, 127);
+    assert!(text(&out.stderr).contains("cannot run"), "{}", text(&out.stderr));
+    d.wait_for("every lease released", |s| s.leases.is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_75_releases_as_rate_limited_and_pauses_the_pool() {
+    let d = Daemon::start(POOLS).await;
+    let out =
+        run_ctl(&d.url, &["run", "--pool", "solo", "--retry-after", "30s", "--", "sh", "-c", "exit 75"])
+            .await;
+    assert_code(&out, 75);
+    let p = d.pool("solo").await;
+    let until = SystemTime::try_from(p.paused_until.expect("solo is paused")).expect("valid time");
+    let left = until.duration_since(SystemTime::now()).expect("pause in the future");
+    assert!(left > Duration::from_secs(25) && left <= Duration::from_secs(30), "{left:?}");
+    assert!(d.status().await.leases.is_empty());
+    // Other pools are untouched.
+    assert!(d.pool("anthropic").await.paused_until.is_none());
+
+    // The rate-limit code can be configured; 75 then counts as an ordinary failure.
+    let mut cmd = slotctl();
+    cmd.env("SLOTCTL_RATE_LIMIT_EXIT_CODE", "42")
+        .args(["--endpoint", &d.url, "run", "--pool", "anthropic", "--retry-after", "20s", "--"])
+        .args(["sh", "-c", "exit 42"]);
+    let out = tokio::time::timeout(TIMEOUT, cmd.output()).await.expect("in time").expect("runs");
+    assert_code(&out, 42);
+    assert!(d.pool("anthropic").await.paused_until.is_some(), "42 paused anthropic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_holds_the_only_slot_while_the_command_runs() {
+    let d = Daemon::start(POOLS).await;
+    let dir = std::env::temp_dir().join(format!("slotctl-test-{}-{}", std::process::id(), line!()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let go = dir.join("go");
+    let env_file = dir.join("env");
+    let script = r#"echo "$SLOTD_LEASE_ID $SLOTD_FENCING_TOKEN $SLOTD_POOL" > "$ENV_FILE"
+        while [ ! -e "$GO" ]; do sleep 0.02; done"#;
+    let mut cmd = slotctl();
+    cmd.env("GO", &go).env("ENV_FILE", &env_file).args([
+        "--endpoint",
+        &d.url,
+        "run",
+        "--pool",
+        "solo",
+        "--holder",
+        "test-holder",
+        "--priority",
+        "7",
+        "--ttl",
+        "2s",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let child = cmd.spawn().expect("spawn slotctl");
+    let s =
+        d.wait_for("the slot held", |s| s.pools.iter().any(|p| p.name == "solo" && p.in_flight == 1)).await;
+    let lease = s.leases.iter().find(|l| l.pool == "solo").expect("a lease on solo");
+    assert_eq!(lease.holder, "test-holder");
+    assert_eq!(lease.priority, 7);
+
+    let out = run_ctl(&d.url, &["status"]).await;
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("test-holder") && stdout.contains(&lease.lease_id[..8]), "{stdout}");
+
+    // Nobody else gets the slot meanwhile: a second run gives up after --max-wait with 75.
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
+    assert_code(&out, 75);
+    assert!(text(&out.stderr).contains("gave up waiting"), "{}", text(&out.stderr));
+
+    // The environment the command saw names this lease.
+    let env = wait_for_file(&env_file).await;
+    let fields: Vec<&str> = env.split_whitespace().collect();
+    assert_eq!(fields, [lease.lease_id.as_str(), &lease.fencing_token.to_string(), "solo"]);
+
+    std::fs::write(&go, b"").expect("write go");
+    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output()).await.expect("in time").expect("wait");
+    assert_code(&out, 0);
+    let s = d.status().await;
+    assert!(s.leases.is_empty(), "{s:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn wait_for_file(path: &Path) -> String {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_waits_through_a_pause() {
+    let d = Daemon::start(POOLS).await;
+    let mut c = d.client.clone();
+    c.report_rate_limit(pb::ReportRateLimitRequest {
+        pool: "solo".into(),
+        retry_after: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
+        reason: "test".into(),
+    })
+    .await
+    .expect("report");
+    let started = tokio::time::Instant::now();
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "true"]).await;
+    assert_code(&out, 0);
+    assert!(started.elapsed() >= Duration::from_millis(300), "granted only after the pause");
+    assert!(text(&out.stderr).contains("paused"), "told about the pause: {}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    for args in [
+        &["run", "--pool", "p"][..],
+        &["pause", "p", "--for", "soon"],
+        &["run", "--pool", "p", "--priority", "12", "--", "true"],
+        &["pool", "set", "p", "--on-overflow", "sometimes"],
+        &["frobnicate"],
+    ] {
+        let out = run_ctl("http://127.0.0.1:1", args).await;
+        assert_code(&out, 2);
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn completions_are_printed() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ctl("http://127.0.0.1:1", &["completions", shell]).await;
+        assert_code(&out, 0);
+        let script = text(&out.stdout);
+        assert!(script.len() > 200 && script.contains("slotctl"), "{shell}: {script}");
+        assert!(script.contains("drain"), "{shell} completes subcommands");
+    }
+}
+
+/// The rows of a rendered buffer as strings.
+fn rows(terminal: &Terminal<TestBackend>) -> Vec<String> {
+    let buf = terminal.backend().buffer();
+    (0..buf.area.height)
+        .map(|y| (0..buf.area.width).map(|x| buf[(x, y)].symbol().to_owned()).collect::<String>())
+        .collect()
+}
+
+#[test]
+fn top_frame_shows_bars_queues_pause_countdown_and_events() {
+    let now = SystemTime::now();
+    let mut app = App::new("http://127.0.0.1:50051", now);
+    app.source = EventSource::Watch;
+    app.apply_status(
+        pb::StatusResponse {
+            pools: vec![
+                pb::PoolStatus {
+                    name: "anthropic".into(),
+                    limit: 4,
+                    effective_limit: 4,
+                    in_flight: 2,
+                    queued: 3,
+                    ..Default::default()
+                },
+                pb::PoolStatus {
+                    name: "opus".into(),
+                    parent: "anthropic".into(),
+                    limit: 2,
+                    effective_limit: 1,
+                    in_flight: 2,
+                    queued: 0,
+                    paused_until: Some((now + Duration::from_secs(30)).into()),
+                    pause_reason: "429".into(),
+                    ..Default::default()
+                },
+            ],
+            leases: vec![],
+            ..Default::default()
+        },
+        now,
+    );
+    app.push_event(
+        now - Duration::from_secs(2),
+        EventKind::Granted,
+        "granted anthropic lease 0123abcd to agent-1",
+    );
+    app.push_event(now, EventKind::Paused, "paused opus: rate limited");
+
+    let mut terminal = Terminal::new(TestBackend::new(100, 14)).expect("terminal");
+    terminal.draw(|f| top::draw(f, &app)).expect("draw");
+    let rows = rows(&terminal);
+    let screen = rows.join("\n");
+
+    assert!(rows[0].contains("slotctl top") && rows[0].contains("events: watch"), "{screen}");
+    let anthropic = rows.iter().find(|r| r.contains("anthropic ")).expect("a row for anthropic");
+    assert!(anthropic.contains("2/4") && anthropic.contains("queued 3"), "{screen}");
+    let filled = anthropic.matches('█').count();
+    assert!(filled >= 20, "half of the bar is filled: {filled} in {anthropic:?}");
+    assert!(!anthropic.contains("paused"), "{screen}");
+
+    let opus = rows.iter().find(|r| r.contains("  opus")).expect("opus indented under its parent");
+    assert!(opus.contains("2/2 (eff 1)") && opus.contains("queued 0"), "{screen}");
+    assert!(opus.contains("paused 30s"), "pause countdown: {screen}");
+
+    // Newest event first.
+    let ev_paused = rows.iter().position(|r| r.contains("paused opus: rate limited")).expect("paused event");
+    let ev_granted = rows
+        .iter()
+        .position(|r| r.contains("2.0s ago  granted anthropic lease 0123abcd"))
+        .expect("granted event");
+    assert!(ev_paused < ev_granted, "{screen}");
+
+    // A second later the countdown moved and events age.
+    app.now = now + Duration::from_secs(1);
+    terminal.draw(|f| top::draw(f, &app)).expect("draw");
+    let screen = self::rows(&terminal).join("\n");
+    assert!(screen.contains("paused 29s"), "{screen}");
+    assert!(screen.contains("3.0s ago  granted"), "{screen}");
+}
+
+#[test]
+fn top_derives_events_from_snapshots_without_watch() {
+    let now = SystemTime::now();
+    let mut app = App::new("x", now);
+    app.source = EventSource::Polling { why: "Admin.Watch not served".into() };
+    let pool = |in_flight, paused: bool| pb::PoolStatus {
+        name: "p".into(),
+        limit: 2,
+        effective_limit: 2,
+        in_flight,
+        paused_until: paused.then(|| (now + Duration::from_secs(5)).into()),
+        ..Default::default()
+    };
+    let lease = pb::LeaseStatus {
+        lease_id: "feedface00".into(),
+        pool: "p".into(),
+        holder: "h".into(),
+        ..Default::default()
+    };
+    app.apply_status(pb::StatusResponse { pools: vec![pool(0, false)], ..Default::default() }, now);
+    assert!(app.events.is_empty(), "the first snapshot is not a change");
+    app.apply_status(
+        pb::StatusResponse { pools: vec![pool(1, false)], leases: vec![lease], ..Default::default() },
+        now,
+    );
+    app.apply_status(pb::StatusResponse { pools: vec![pool(0, true)], ..Default::default() }, now);
+    app.apply_status(pb::StatusResponse { pools: vec![pool(0, false)], ..Default::default() }, now);
+    let texts: Vec<&str> = app.events.iter().rev().map(|e| e.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["granted p lease feedface to h", "paused p for 5.0s", "ended p lease feedface of h", "resumed p"]
+    );
+}
