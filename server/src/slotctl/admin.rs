@@ -146,7 +146,16 @@ pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Re
     let req = pb::DrainRequest { timeout: wire_opt(timeout)? };
     let mut stream = conn.admin().drain(conn.request(req)).await?.into_inner();
     let mut last = None;
-    while let Some(p) = stream.message().await? {
+    loop {
+        let p = match stream.message().await {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(s) => {
+                let mut e = CtlError::from(s);
+                e.message.push_str("; granting stays stopped until `slotctl undrain`");
+                return Err(e);
+            }
+        };
         match output {
             Output::Json => println!(
                 "{}",
@@ -169,7 +178,8 @@ pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Re
     }
     let left = last.map_or_else(|| "some".to_owned(), |p| p.leases_remaining.to_string());
     eprintln!(
-        "slotctl: drain timed out with {left} leases still held (granting stays stopped until `slotctl undrain`)"
+        "slotctl: drain stopped reporting with {left} leases still held (granting stays stopped until \
+         `slotctl undrain`)"
     );
     Ok(1)
 }
