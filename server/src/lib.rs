@@ -20,7 +20,6 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -145,7 +144,12 @@ pub async fn serve_with_reload(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(slotd)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
+        // `serve_with_incoming*` ignores the builder's `tcp_nodelay`: set it on each accepted socket, or
+        // Nagle holds back the second of two small writes (Released then Granted) for a delayed ACK.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            graceful,
+        );
     tokio::select! {
         res = server => res?,
         () = drain_deadline => {
