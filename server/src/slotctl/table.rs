@@ -50,8 +50,21 @@ pub fn pause_text(p: &pb::PoolStatus, now: SystemTime) -> String {
     match remaining(p.paused_until.as_ref(), now) {
         None => "-".to_owned(),
         Some(left) if p.pause_reason.is_empty() => fmt_duration(left),
-        Some(left) => format!("{} ({})", fmt_duration(left), p.pause_reason),
+        Some(left) => format!("{} ({})", fmt_duration(left), ellipsize(&p.pause_reason, MAX_REASON)),
     }
+}
+
+/// The longest pause reason shown in a table cell (the full text is in `--output json`).
+pub const MAX_REASON: usize = 40;
+
+/// `s` cut to `max` characters, ending in "…" when cut.
+pub fn ellipsize(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.

@@ -261,22 +261,27 @@ pub fn snapshot_events(
     out
 }
 
-/// Nesting depth of each pool (0 for roots), for indenting children under their parents.
-fn depths(pools: &[pb::PoolStatus]) -> HashMap<&str, usize> {
-    let parent: HashMap<&str, &str> = pools.iter().map(|p| (p.name.as_str(), p.parent.as_str())).collect();
-    pools
-        .iter()
-        .map(|p| {
-            let mut depth = 0;
-            let mut at = p.parent.as_str();
-            // Bounded by the pool count, so a (refused anyway) cycle cannot loop forever.
-            while !at.is_empty() && depth < pools.len() {
-                depth += 1;
-                at = parent.get(at).copied().unwrap_or("");
-            }
-            (p.name.as_str(), depth)
-        })
-        .collect()
+/// The pools in tree order (each child right under its parent, siblings in the daemon's order) with
+/// their depth (0 for roots). Pools whose parent is missing are shown as roots.
+pub fn tree_order(pools: &[pb::PoolStatus]) -> Vec<(&pb::PoolStatus, usize)> {
+    let known: std::collections::HashSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+    let is_root = |p: &pb::PoolStatus| p.parent.is_empty() || !known.contains(p.parent.as_str());
+    let mut out = Vec::with_capacity(pools.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<(&pb::PoolStatus, usize)> =
+        pools.iter().filter(|p| is_root(p)).rev().map(|p| (p, 0)).collect();
+    while let Some((p, depth)) = stack.pop() {
+        // A cycle (refused by the daemon anyway) must not loop forever.
+        if !seen.insert(p.name.as_str()) {
+            continue;
+        }
+        out.push((p, depth));
+        stack
+            .extend(pools.iter().filter(|c| c.parent == p.name && !is_root(c)).rev().map(|c| (c, depth + 1)));
+    }
+    // Anything unreachable (only in a cycle) still gets a row.
+    out.extend(pools.iter().filter(|p| !seen.contains(p.name.as_str())).map(|p| (p, 0)));
+    out
 }
 
 /// Draws the whole screen from `app`.
@@ -325,13 +330,11 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
         frame.render_widget(Paragraph::new(text), inner);
         return;
     }
-    let depth = depths(pools);
-    let names: Vec<String> = pools
-        .iter()
-        .map(|p| format!("{}{}", "  ".repeat(depth.get(p.name.as_str()).copied().unwrap_or(0)), p.name))
-        .collect();
+    let ordered = tree_order(pools);
+    let names: Vec<String> =
+        ordered.iter().map(|(p, depth)| format!("{}{}", "  ".repeat(*depth), p.name)).collect();
     let name_width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0).clamp(4, 32) as u16 + 1;
-    for (i, (p, name)) in pools.iter().zip(&names).enumerate() {
+    for (i, ((p, _), name)) in ordered.iter().zip(&names).enumerate() {
         let Ok(row) = u16::try_from(i) else { break };
         if row >= inner.height {
             break;
