@@ -61,7 +61,9 @@ impl Session {
                 Down::Rejected(r) if r.request_id == id => {
                     return Err(format!("request rejected: code {} {}", r.code, r.message).into());
                 }
-                Down::Expired(e) => return Err(format!("lease expired during the bench: {}", e.message).into()),
+                Down::Expired(e) => {
+                    return Err(format!("lease expired during the bench: {}", e.message).into());
+                }
                 _ => {}
             }
         }
