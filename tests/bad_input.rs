@@ -232,3 +232,37 @@ async fn unary_calls_and_metadata_validate_their_input() {
     d.assert_idle().await;
     d.stop().await;
 }
+
+/// Found by the `client_message` fuzz target: a resume during the learning period that re-created a
+/// lease with a fencing token near `u64::MAX` left the pool's token counter no room, so the next grant
+/// overflowed it (a panic in the driver task in debug builds, a wrapped token in release builds).
+#[tokio::test]
+async fn a_resume_with_an_out_of_range_fencing_token_is_refused_during_learning() {
+    let d = Daemon::start(&format!("[scheduler]\nlearning_period = \"5s\"\n{POOLS}")).await;
+    let mut x = d.agent("x").await;
+    for token in [u64::MAX, u64::MAX - 1, u64::MAX / 2 + 1] {
+        x.resume(pb::ResumeLease {
+            lease_id: NEVER.into(),
+            fencing_token: token,
+            pool: "p".into(),
+            ..Default::default()
+        })
+        .await;
+        x.expect_lease_error(NEVER, Code::InvalidArgument).await;
+    }
+    d.assert_idle().await;
+    // A token in range is re-created, and the pool's next token is above it.
+    x.resume(pb::ResumeLease {
+        lease_id: NEVER.into(),
+        fencing_token: 41,
+        pool: "p".into(),
+        ..Default::default()
+    })
+    .await;
+    let r = x.expect_lease_resumed(NEVER).await;
+    assert_eq!(r.fencing_token, 41);
+    assert!(pool_in(&d.status().await, "p").next_fencing_token > 41);
+    x.release_ok(NEVER).await;
+    d.assert_idle().await;
+    d.stop().await;
+}

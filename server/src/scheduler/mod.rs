@@ -80,6 +80,10 @@ impl SchedulerConfig {
     pub const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
     /// Longest `max_wait` honoured; longer waits are treated as this.
     pub const MAX_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Highest fencing token a resume may re-create a lease with. Tokens start at the wall clock in
+    /// microseconds (about 2^51), so real ones are far below; a larger one would leave the pool's
+    /// counter no room to grow (the next grant would overflow it).
+    pub const MAX_RESUME_TOKEN: u64 = u64::MAX / 2;
 }
 
 impl Default for SchedulerConfig {
@@ -671,6 +675,13 @@ impl Scheduler {
         }
         if self.learning_until.is_none() {
             return Err(Error::UnknownLease(id));
+        }
+        if req.token.0 > SchedulerConfig::MAX_RESUME_TOKEN {
+            return Err(Error::InvalidArgument(format!(
+                "fencing_token {} is out of range (max {})",
+                req.token,
+                SchedulerConfig::MAX_RESUME_TOKEN
+            )));
         }
         let sess = &self.sessions[&session];
         if sess.requests.len() + sess.leases.len() >= self.cfg.max_per_session {
