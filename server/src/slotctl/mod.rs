@@ -63,6 +63,7 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
             Ok(0)
         }
         Command::Top { pool } => {
+            top::require_terminal()?;
             top::run(conn().await?, pool.clone()).await?;
             Ok(0)
         }

@@ -425,15 +425,22 @@ impl Drop for TerminalGuard {
     }
 }
 
+/// Fails unless stdout is a terminal (checked before connecting, so scripts get the useful message).
+pub fn require_terminal() -> Result<(), CtlError> {
+    if std::io::stdout().is_terminal() {
+        Ok(())
+    } else {
+        Err(CtlError::new("slotctl top needs a terminal; use `slotctl status` in scripts"))
+    }
+}
+
 /// Runs the live view until q, Esc or ctrl-c.
 ///
 /// # Cancel safety
 /// Dropping the future restores the terminal and stops the background polls; the keyboard thread ends
 /// within 100 ms.
 pub async fn run(conn: Conn, pool: Option<String>) -> Result<(), CtlError> {
-    if !std::io::stdout().is_terminal() {
-        return Err(CtlError::new("slotctl top needs a terminal; use `slotctl status` in scripts"));
-    }
+    require_terminal()?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let poller = tokio::spawn(poll_status(conn.clone(), pool.clone(), tx.clone()));
     let watcher = tokio::spawn(watch_events(conn.clone(), pool, tx.clone()));
