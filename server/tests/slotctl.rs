@@ -367,6 +367,7 @@ fn top_frame_shows_bars_queues_pause_countdown_and_events() {
                     queued: 3,
                     ..Default::default()
                 },
+                pb::PoolStatus { name: "openai".into(), limit: 3, effective_limit: 3, ..Default::default() },
                 pb::PoolStatus {
                     name: "opus".into(),
                     parent: "anthropic".into(),
@@ -403,6 +404,10 @@ fn top_frame_shows_bars_queues_pause_countdown_and_events() {
     assert!(filled >= 20, "half of the bar is filled: {filled} in {anthropic:?}");
     assert!(!anthropic.contains("paused"), "{screen}");
 
+    let at =
+        |name: &str| rows.iter().position(|r| r.contains(name)).unwrap_or_else(|| panic!("{name}: {screen}"));
+    assert_eq!(at("  opus"), at("anthropic ") + 1, "a child right under its parent: {screen}");
+    assert!(at("openai") > at("  opus"), "{screen}");
     let opus = rows.iter().find(|r| r.contains("  opus")).expect("opus indented under its parent");
     assert!(opus.contains("2/2 (eff 1)") && opus.contains("queued 0"), "{screen}");
     assert!(opus.contains("paused 30s"), "pause countdown: {screen}");
@@ -455,4 +460,37 @@ fn top_derives_events_from_snapshots_without_watch() {
         texts,
         ["granted p lease feedface to h", "paused p for 5.0s", "ended p lease feedface of h", "resumed p"]
     );
+}
+
+#[test]
+fn top_draws_on_tiny_terminals_and_odd_states_without_panicking() {
+    let now = SystemTime::now();
+    let mut app = App::new("http://127.0.0.1:50051", now);
+    let pools = (0..50)
+        .map(|i| pb::PoolStatus {
+            name: format!("pool-with-a-rather-long-name-{i}"),
+            // A parent cycle and missing parents: refused by the daemon, but never a panic here.
+            parent: format!("pool-with-a-rather-long-name-{}", (i + 1) % 3),
+            limit: i % 3,
+            effective_limit: 5,
+            in_flight: 7,
+            paused_until: Some((now - Duration::from_secs(5)).into()),
+            ..Default::default()
+        })
+        .collect();
+    app.apply_status(pb::StatusResponse { pools, ..Default::default() }, now);
+    for i in 0..100 {
+        app.push_event(now + Duration::from_secs(1), EventKind::Info, format!("event {i} from the future"));
+    }
+    for (w, h) in [(1, 1), (5, 2), (20, 5), (40, 8), (200, 60)] {
+        let mut terminal = Terminal::new(TestBackend::new(w, h)).expect("terminal");
+        terminal.draw(|f| top::draw(f, &app)).expect("draw");
+    }
+}
+
+#[tokio::test]
+async fn top_refuses_to_run_without_a_terminal() {
+    let out = run_ctl("http://127.0.0.1:1", &["top"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).contains("needs a terminal"), "{}", text(&out.stderr));
 }
