@@ -20,6 +20,13 @@ pub struct Cli {
     /// Bearer token, sent as `authorization: Bearer <token>`.
     #[arg(long, global = true, env = "SLOTD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) to verify the daemon's TLS certificate; implies TLS. An `https://`
+    /// endpoint uses TLS too.
+    #[arg(long, global = true, env = "SLOTD_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// The name the daemon's TLS certificate must carry (default: the endpoint's host).
+    #[arg(long, global = true, env = "SLOTD_TLS_DOMAIN", value_name = "NAME")]
+    pub tls_domain: Option<String>,
     /// Output format (used by `status`, `pool set` and `drain`).
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,

@@ -42,7 +42,13 @@ pub async fn main(cli: Cli) -> i32 {
 }
 
 async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
-    let conn = || Conn::connect(&cli.endpoint, cli.token.as_deref());
+    let target = conn::Target {
+        endpoint: cli.endpoint.clone(),
+        token: cli.token.clone(),
+        ca_cert: cli.ca_cert.clone(),
+        tls_domain: cli.tls_domain.clone(),
+    };
+    let conn = || Conn::connect(&target);
     match &cli.command {
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
@@ -80,6 +86,6 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
         Command::Revoke { lease_id } => admin::revoke(&conn().await?, lease_id).await.map(|()| 0),
         Command::Drain { timeout } => admin::drain(&conn().await?, *timeout, cli.output).await,
         Command::Undrain => admin::undrain(&conn().await?).await.map(|()| 0),
-        Command::Run(args) => run::run(&cli.endpoint, cli.token.as_deref(), args).await,
+        Command::Run(args) => run::run(&target, args).await,
     }
 }

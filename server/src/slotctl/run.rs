@@ -19,7 +19,7 @@ use slotd_client::{Client, Lease, Lost, Outcome};
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{CtlError, cli::RunArgs, table::fmt_duration};
+use super::{CtlError, cli::RunArgs, conn::Target, table::fmt_duration};
 
 /// The exit code for "gave up waiting for a slot" (EX_TEMPFAIL).
 pub const EXIT_TEMPFAIL: i32 = 75;
@@ -69,7 +69,7 @@ fn program_name(cmd: &OsStr) -> String {
 /// # Cancel safety
 /// Dropping the future while it waits cancels the request; dropping it while the command runs drops
 /// the lease (released as ok) and leaves the command running.
-pub async fn run(endpoint: &str, token: Option<&str>, args: &RunArgs) -> Result<i32, CtlError> {
+pub async fn run(target: &Target, args: &RunArgs) -> Result<i32, CtlError> {
     let Some((program, rest)) = args.command.split_first() else {
         return Err(CtlError::new("no command given after --"));
     };
@@ -77,10 +77,11 @@ pub async fn run(endpoint: &str, token: Option<&str>, args: &RunArgs) -> Result<
     let holder =
         args.holder.clone().unwrap_or_else(|| format!("slotctl run {name} pid {}", std::process::id()));
     let mut builder = Client::builder().holder(holder);
-    if let Some(t) = token {
+    if let Some(t) = &target.token {
         builder = builder.bearer_token(t);
     }
-    let client = builder.connect(endpoint).await.map_err(|e| {
+    let endpoint = &target.endpoint;
+    let client = builder.connect_endpoint(target.endpoint()?).await.map_err(|e| {
         CtlError::with_code(
             format!("cannot connect to {endpoint}: {e}"),
             e.code().unwrap_or(Code::Unavailable),
