@@ -18,7 +18,7 @@ use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::{
     metadata::AsciiMetadataValue,
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
 };
 
 use crate::{
@@ -60,6 +60,10 @@ pub struct ClientBuilder {
     backoff: Backoff,
     resume_grace: Option<Duration>,
     bearer_token: Option<String>,
+    /// PEM CA bundle trusted for the daemon's certificate (implies TLS).
+    tls_ca: Option<Vec<u8>>,
+    /// Name checked against the daemon's certificate, when not the endpoint's host.
+    tls_domain: Option<String>,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -71,6 +75,8 @@ impl fmt::Debug for ClientBuilder {
             .field("backoff", &self.backoff)
             .field("resume_grace", &self.resume_grace)
             .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<pem>"))
+            .field("tls_domain", &self.tls_domain)
             .finish()
     }
 }
@@ -84,6 +90,8 @@ impl Default for ClientBuilder {
             backoff: Backoff { initial: Self::DEFAULT_BACKOFF_INITIAL, max: Self::DEFAULT_BACKOFF_MAX },
             resume_grace: Some(Self::DEFAULT_RESUME_GRACE),
             bearer_token: None,
+            tls_ca: None,
+            tls_domain: None,
         }
     }
 }
@@ -140,17 +148,59 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects to `endpoint` (for example `http://127.0.0.1:7070`) and starts the session task.
+    /// Uses TLS, trusting the CA certificates in `ca_pem` (PEM) for the daemon's certificate. An
+    /// `https://` endpoint without this trusts the system's roots.
+    pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(ca_pem.into());
+        self
+    }
+
+    /// The name to check the daemon's certificate against, when it is not the endpoint's host (for
+    /// example connecting to an IP address with a certificate for `slotd.internal`).
+    pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
+        self.tls_domain = Some(name.into());
+        self
+    }
+
+    /// Connects to `endpoint` (for example `http://127.0.0.1:7070`, or `https://...` for TLS) and
+    /// starts the session task.
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is started until the connection is made.
     pub async fn connect(self, endpoint: impl Into<String>) -> Result<Client, Error> {
-        let endpoint = Endpoint::from_shared(endpoint.into())?
+        let mut url = endpoint.into();
+        // A CA means TLS; say so in the URL too, since tonic picks the scheme from it.
+        if self.tls_ca.is_some()
+            && let Some(rest) = url.strip_prefix("http://")
+        {
+            url = format!("https://{rest}");
+        }
+        let mut endpoint = Endpoint::from_shared(url)?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        if let Some(tls) = self.tls_config(&endpoint) {
+            endpoint = endpoint.tls_config(tls)?;
+        }
         self.connect_endpoint(endpoint).await
+    }
+
+    /// The TLS settings for `endpoint`, when it needs any.
+    fn tls_config(&self, endpoint: &Endpoint) -> Option<ClientTlsConfig> {
+        let https = endpoint.uri().scheme_str() == Some("https");
+        if !https && self.tls_ca.is_none() {
+            return None;
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.tls_ca {
+            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+            None => tls.with_native_roots(),
+        };
+        if let Some(domain) = &self.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Some(tls)
     }
 
     /// Connects through a configured tonic [`Endpoint`]: the hook for TLS (enable tonic's TLS features
