@@ -16,6 +16,8 @@ use crate::BoxError;
 pub struct PoolSpec {
     /// `max_concurrent`.
     pub slots: u32,
+    /// Acquire streams the mode opens (to raise `limits.max_streams` above it, where the daemon has it).
+    pub streams: usize,
 }
 
 /// The daemon being measured.
@@ -41,14 +43,25 @@ impl Daemon {
         fs::create_dir_all(&dir)?;
         let config = dir.join("slotd.toml");
         // A large queue and long TTLs: the bench measures scheduling, not admission or expiry.
-        fs::write(
-            &config,
-            format!(
-                "[pools.{pool}]\nmax_concurrent = {}\nadaptive = false\nmax_queue_depth = 1000000\n\
-                 default_ttl = \"1h\"\nmax_ttl = \"1h\"\n",
-                spec.slots
-            ),
-        )?;
+        let pools = format!(
+            "[pools.{pool}]\nmax_concurrent = {}\nadaptive = false\nmax_queue_depth = 1000000\n\
+             default_ttl = \"1h\"\nmax_ttl = \"1h\"\n",
+            spec.slots
+        );
+        // Daemons with a stream cap need it above the bench's sessions; older ones refuse the key.
+        let limits = format!("[limits]\nmax_streams = {}\n\n", spec.streams + 64);
+        fs::write(&config, format!("{limits}{pools}"))?;
+        let checked = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .arg("--check")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        if !checked.success() {
+            fs::write(&config, &pools)?;
+        }
         // Pick a free port; the tiny race with other binders is acceptable for a benchmark.
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let log = fs::File::create(dir.join("slotd.log"))?;

@@ -66,9 +66,10 @@ impl Mode {
     /// The pool a spawned daemon needs.
     fn pool_spec(&self) -> PoolSpec {
         match self {
-            Mode::Cycles(o) => PoolSpec { slots: o.slots },
-            Mode::Rtt(_) => PoolSpec { slots: 64 },
-            Mode::Idle(_) | Mode::Fanout(_) => PoolSpec { slots: 1 },
+            Mode::Cycles(o) => PoolSpec { slots: o.slots, streams: o.sessions },
+            Mode::Rtt(_) => PoolSpec { slots: 64, streams: 1 },
+            Mode::Idle(o) => PoolSpec { slots: 1, streams: o.sessions + 1 },
+            Mode::Fanout(o) => PoolSpec { slots: 1, streams: o.waiters + 1 },
         }
     }
 }
