@@ -5,7 +5,15 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
-use crate::scheduler::{PoolConfig, PoolId, SchedulerConfig, validate_tree};
+use crate::{
+    grpc::auth::Token,
+    scheduler::{PoolConfig, PoolId, SchedulerConfig, validate_tree},
+};
+
+/// The env var holding the agent token (an alternative to `agent_token_file`).
+pub const AGENT_TOKEN_ENV: &str = "SLOTD_AGENT_TOKEN";
+/// The env var holding the admin token (an alternative to `admin_token_file`).
+pub const ADMIN_TOKEN_ENV: &str = "SLOTD_ADMIN_TOKEN";
 
 /// The configuration `slotd` serves with when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -30,6 +38,30 @@ pub struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Persist pool changes made through the Admin service to this TOML file (written atomically);
+    /// when it exists at startup, its pools replace the config file's. Overrides `state_file`.
+    #[arg(long, value_name = "PATH", env = "SLOTD_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on `http://ADDR/metrics`; overrides `metrics_listen` (off by default).
+    #[arg(long, value_name = "ADDR", env = "SLOTD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File holding the token agents must send (`authorization: Bearer <token>`) to slotd.v1.Slotd;
+    /// overrides `agent_token_file`. Or set the token itself in $SLOTD_AGENT_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
+    /// File holding the token operators must send to slotd.v1.Admin; overrides `admin_token_file`.
+    /// Or set the token itself in $SLOTD_ADMIN_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Allow listening beyond loopback with a service that has no token.
+    #[arg(long)]
+    pub allow_insecure_remote: bool,
+    /// TLS certificate chain (PEM); with --tls-key, gRPC is served over TLS. Overrides `tls_cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); overrides `tls_key`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// How logs are written.
@@ -57,6 +89,35 @@ pub struct Config {
     /// The pools, by name.
     #[serde(default)]
     pub pools: BTreeMap<PoolId, PoolConfig>,
+    /// Where Admin pool changes are persisted; `None` (the default) keeps them in memory only.
+    /// When the file exists at startup its pools replace `pools` (which stay the seed otherwise).
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Address of the Prometheus endpoint (`GET /metrics`); `None` (the default) serves none.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File holding the agent token (see [`Config::agent_token`]).
+    #[serde(default)]
+    pub agent_token_file: Option<PathBuf>,
+    /// File holding the admin token (see [`Config::admin_token`]).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Listen beyond loopback even with a service that has no token.
+    #[serde(default)]
+    pub allow_insecure_remote: bool,
+    /// TLS certificate chain (PEM file); with `tls_key`, gRPC is served over TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM file).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The token slotd.v1.Slotd requires, read by [`Config::load`] from `agent_token_file` or
+    /// `$SLOTD_AGENT_TOKEN`; `None` leaves the service open.
+    #[serde(skip)]
+    pub agent_token: Option<Token>,
+    /// The token slotd.v1.Admin requires (`admin_token_file` or `$SLOTD_ADMIN_TOKEN`).
+    #[serde(skip)]
+    pub admin_token: Option<Token>,
 }
 
 /// `[scheduler]`.
@@ -100,6 +161,10 @@ pub struct Limits {
     /// (a health `Watch` or a client that never closes would otherwise hold it forever).
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Most open Acquire streams in all; the next is refused with RESOURCE_EXHAUSTED.
+    pub max_streams: usize,
+    /// Most open Acquire streams on one connection; the next is refused with RESOURCE_EXHAUSTED.
+    pub max_streams_per_connection: usize,
 }
 
 impl Limits {
@@ -113,6 +178,24 @@ impl Limits {
     pub const DEFAULT_MAX_POOLS: usize = 1024;
     /// Default `drain_timeout`.
     pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default `max_streams`.
+    pub const DEFAULT_MAX_STREAMS: usize = 10_000;
+    /// Default `max_streams_per_connection`.
+    pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 256;
+    /// HTTP/2 streams allowed per connection beyond `max_streams_per_connection`, for unary calls
+    /// (Status, ReportRateLimit, health) next to a connection's Acquire streams.
+    pub const UNARY_STREAM_HEADROOM: u32 = 64;
+
+    /// Checks that one more pool fits under `max_pools` (for paths that add pools one by one).
+    pub fn check_pool_count(&self, after_adding: usize) -> Result<(), crate::scheduler::Error> {
+        if after_adding > self.max_pools {
+            return Err(crate::scheduler::Error::LimitExceeded(format!(
+                "{after_adding} pools would exist, more than limits.max_pools = {}",
+                self.max_pools
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -123,6 +206,8 @@ impl Default for Limits {
             stream_buffer: Self::DEFAULT_STREAM_BUFFER,
             max_pools: Self::DEFAULT_MAX_POOLS,
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
+            max_streams: Self::DEFAULT_MAX_STREAMS,
+            max_streams_per_connection: Self::DEFAULT_MAX_STREAMS_PER_CONNECTION,
         }
     }
 }
@@ -179,7 +264,46 @@ impl Config {
         if let Some(listen) = cli.listen {
             cfg.listen = listen;
         }
+        if let Some(f) = &cli.state_file {
+            cfg.state_file = Some(f.clone());
+        }
+        if let Some(addr) = cli.metrics_listen {
+            cfg.metrics_listen = Some(addr);
+        }
+        if let Some(f) = &cli.agent_token_file {
+            cfg.agent_token_file = Some(f.clone());
+        }
+        if let Some(f) = &cli.admin_token_file {
+            cfg.admin_token_file = Some(f.clone());
+        }
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            cfg.tls_cert = Some(cert.clone());
+            cfg.tls_key = Some(key.clone());
+        }
+        cfg.allow_insecure_remote |= cli.allow_insecure_remote;
+        cfg.validate()?;
+        cfg.resolve_tokens(|k| std::env::var(k).ok())?;
         Ok(cfg)
+    }
+
+    /// Reads the tokens: each from its file or its env var (`env` looks one up), not both.
+    pub fn resolve_tokens(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let read = |file: &Option<PathBuf>, var: &str, key: &str| -> Result<Option<Token>, ConfigError> {
+            let from_env = env(var).filter(|v| !v.is_empty());
+            let text = match (file, from_env) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(format!("both {key} and ${var} are set; use one")));
+                }
+                (Some(path), None) => std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?,
+                (None, Some(v)) => v,
+                (None, None) => return Ok(None),
+            };
+            Token::new(&text).map(Some).map_err(|e| ConfigError::Invalid(format!("{key} / ${var}: {e}")))
+        };
+        self.agent_token = read(&self.agent_token_file, AGENT_TOKEN_ENV, "agent_token_file")?;
+        self.admin_token = read(&self.admin_token_file, ADMIN_TOKEN_ENV, "admin_token_file")?;
+        Ok(())
     }
 
     /// Checks cross-field rules.
@@ -198,6 +322,14 @@ impl Config {
         if self.limits.stream_buffer == 0 || self.scheduler.max_per_stream == 0 {
             return Err(ConfigError::Invalid(
                 "limits.stream_buffer and scheduler.max_per_stream must be >= 1".into(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both or neither".into()));
+        }
+        if self.limits.max_streams == 0 || self.limits.max_streams_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
             ));
         }
         if self.scheduler.aging_step.is_zero() {
@@ -241,6 +373,27 @@ mod tests {
     }
 
     #[test]
+    fn tokens_come_from_a_file_or_the_env_not_both() {
+        let dir = std::env::temp_dir().join(format!("slotd-config-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut cfg = Config::embedded();
+        cfg.agent_token_file = Some(file.clone());
+        let env = |k: &str| (k == ADMIN_TOKEN_ENV).then(|| "from-env".to_owned());
+        cfg.resolve_tokens(env).unwrap();
+        assert!(cfg.agent_token.as_ref().is_some_and(|t| t.matches(b"from-file")));
+        assert!(cfg.admin_token.as_ref().is_some_and(|t| t.matches(b"from-env")));
+
+        let both = |_: &str| Some("x".to_owned());
+        let err = cfg.resolve_tokens(both).unwrap_err().to_string();
+        assert!(err.contains("agent_token_file") && err.contains(AGENT_TOKEN_ENV), "{err}");
+        cfg.agent_token_file = Some(dir.join("missing"));
+        assert!(cfg.resolve_tokens(|_| None).unwrap_err().to_string().contains("cannot read"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_a_reason() {
         let cases = [
             ("[pools.a]\nmax_concurrent = 0", "max_concurrent"),
@@ -252,6 +405,8 @@ mod tests {
             ("[pools.a]\nmax_concurrent = 1\nbogus = 3", "unknown field"),
             ("[pools.a]\nmax_concurrent = 1\ncooldown = \"soon\"", "cooldown"),
             ("[pools.\"bad name\"]\nmax_concurrent = 1", "invalid pool name"),
+            ("tls_key = \"k.pem\"", "tls_cert and tls_key"),
+            ("[limits]\nmax_streams = 0", "max_streams"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

@@ -6,19 +6,27 @@
 pub mod config;
 pub mod driver;
 pub mod grpc;
+pub mod metrics;
 pub mod scheduler;
 pub mod slotctl;
+pub mod state;
 
 use std::{
     future::Future,
+    net::SocketAddr,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use slotd_proto::v1::slotd_server::SlotdServer;
+use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
     time::Instant,
+};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Identity, ServerTlsConfig},
 };
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -26,8 +34,10 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     driver::Driver,
-    grpc::service::SlotdService,
+    grpc::{admin::AdminService, auth::RequireToken, limits::StreamLimits, service::SlotdService},
+    metrics::Metrics,
     scheduler::{Scheduler, SchedulerConfig},
+    state::StateFile,
 };
 
 /// Why the daemon could not start or stopped abnormally.
@@ -39,9 +49,26 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The state file could not be read.
+    #[error("{0}")]
+    State(#[from] state::StateError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A service without a token would be reachable beyond loopback.
+    #[error("{0}")]
+    Insecure(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// A listener could not be bound or inspected.
+    #[error("{what}: {source}")]
+    Listen {
+        /// Which listener.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Serves until `shutdown` resolves, then shuts down gracefully: health turns NOT_SERVING, grants stop,
@@ -59,7 +86,8 @@ pub async fn serve(
     serve_with_reload(cfg, listener, shutdown, None).await
 }
 
-/// [`serve`], also applying each configuration received on `reloads` (its pools, at once).
+/// [`serve`], also applying each configuration received on `reloads` (its pools, at once). With
+/// `metrics_listen` configured, binds it and serves Prometheus metrics there.
 ///
 /// # Cancel safety
 /// As for [`serve`].
@@ -69,6 +97,36 @@ pub async fn serve_with_reload(
     shutdown: impl Future<Output = ()> + Send + 'static,
     reloads: Option<mpsc::Receiver<Config>>,
 ) -> Result<(), ServeError> {
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServeError::Listen {
+            what: format!("cannot listen for metrics on {addr}"),
+            source,
+        })?),
+        None => None,
+    };
+    serve_with_metrics(cfg, listener, metrics, shutdown, reloads).await
+}
+
+/// [`serve_with_reload`] with the metrics listener (if any) already bound, for example to port 0;
+/// `cfg.metrics_listen` is ignored.
+///
+/// # Cancel safety
+/// As for [`serve`].
+pub async fn serve_with_metrics(
+    cfg: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reloads: Option<mpsc::Receiver<Config>>,
+) -> Result<(), ServeError> {
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { what: "cannot read the listen address".into(), source })?;
+    check_exposure(&cfg, local)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        _ => None,
+    };
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
     let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
@@ -79,15 +137,38 @@ pub async fn serve_with_reload(
         first_token,
         seed: None,
     };
-    let sched = Scheduler::new(sched_cfg, cfg.pools.clone(), Instant::now())?;
+    // With a state file, the pools operators last set (through Admin) replace the config file's; the
+    // config stays the seed until the first change (see `state`).
+    let state_file = cfg.state_file.clone().map(|p| Arc::new(StateFile::new(p)));
+    let pools = match state_file.as_deref().map(|s| state::load(s.path())).transpose()?.flatten() {
+        Some(saved) => {
+            info!(path = ?cfg.state_file, pools = saved.len(), "pools loaded from the state file");
+            saved
+        }
+        None => cfg.pools.clone(),
+    };
+    let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
     let (driver, handle) = Driver::new(sched);
+    let metrics = metrics_listener.map(|l| (l, Metrics::new()));
+    let driver = match &metrics {
+        Some((_, m)) => driver.with_metrics(m.clone()),
+        None => driver,
+    };
     tokio::spawn(driver.run());
+    // Aborted when serving ends (below): a scrape during shutdown has nothing useful to say.
+    let metrics_task = metrics.map(|(l, m)| {
+        if let Ok(addr) = l.local_addr() {
+            info!(%addr, "serving Prometheus metrics on /metrics");
+        }
+        tokio::spawn(metrics::serve_metrics(l, m, handle.clone(), std::future::pending()))
+    });
 
     if let Some(mut reloads) = reloads {
         let handle = handle.clone();
+        let state_file = state_file.clone();
         tokio::spawn(async move {
             while let Some(new) = reloads.recv().await {
-                match handle.set_pools(new.pools).await {
+                match reload_pools(&handle, state_file.as_deref(), new.pools).await {
                     Ok(()) => info!("configuration reloaded"),
                     Err(e) => {
                         warn!(error = %e, "configuration reload refused; keeping the old pools")
@@ -99,6 +180,7 @@ pub async fn serve_with_reload(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SlotdServer<SlotdService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -110,12 +192,17 @@ pub async fn serve_with_reload(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_msg = cfg.limits.max_message_bytes;
-    let slotd = SlotdServer::new(SlotdService::new(
-        handle.clone(),
-        cfg.limits.stream_buffer,
-        cfg.limits.max_resume_grace,
-    ))
+    let stream_limits = StreamLimits::new(cfg.limits.max_streams, cfg.limits.max_streams_per_connection);
+    let slotd = SlotdServer::new(
+        SlotdService::new(handle.clone(), cfg.limits.stream_buffer, cfg.limits.max_resume_grace)
+            .with_stream_limits(stream_limits),
+    )
     .max_decoding_message_size(max_msg);
+    // Each service checks its own token before any handler runs; health and reflection stay open.
+    let slotd = InterceptedService::new(slotd, RequireToken::agent(cfg.agent_token.clone()));
+    let admin = AdminServer::new(AdminService::new(handle.clone(), state_file, cfg.limits.max_pools))
+        .max_decoding_message_size(max_msg);
+    let admin = InterceptedService::new(admin, RequireToken::admin(cfg.admin_token.clone()));
 
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
@@ -123,6 +210,7 @@ pub async fn serve_with_reload(
         shutdown.await;
         info!("shutting down: health NOT_SERVING, grants stopped, streams told");
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
+        health.set_not_serving::<AdminServer<AdminService>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
         handle.shutdown().await;
         let _ = signalled.send(());
@@ -136,7 +224,17 @@ pub async fn serve_with_reload(
         tokio::time::sleep(drain).await;
     };
 
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    // Streams beyond max_streams_per_connection are refused by `StreamLimits` with a clear error; the
+    // HTTP/2 limit sits a little higher so unary calls still fit beside them.
+    let h2_streams = u32::try_from(cfg.limits.max_streams_per_connection)
+        .unwrap_or(u32::MAX)
+        .saturating_add(config::Limits::UNARY_STREAM_HEADROOM);
+    let server = builder
+        .max_concurrent_streams(h2_streams)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -144,17 +242,73 @@ pub async fn serve_with_reload(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(slotd)
+        .add_service(admin)
         // `serve_with_incoming*` ignores the builder's `tcp_nodelay`: set it on each accepted socket, or
         // Nagle holds back the second of two small writes (Released then Granted) for a delayed ACK.
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             graceful,
         );
-    tokio::select! {
-        res = server => res?,
+    let res = tokio::select! {
+        res = server => res.map_err(ServeError::from),
         () = drain_deadline => {
             warn!(?drain, "connections still open after limits.drain_timeout; stopping anyway");
+            Ok(())
         }
+    };
+    if let Some(t) = metrics_task {
+        t.abort();
     }
-    Ok(())
+    res
+}
+
+/// Refuses to serve beyond loopback while a service has no token, unless `allow_insecure_remote`.
+fn check_exposure(cfg: &Config, addr: SocketAddr) -> Result<(), ServeError> {
+    if addr.ip().is_loopback() || cfg.allow_insecure_remote {
+        return Ok(());
+    }
+    let open: Vec<&str> = [("agent", &cfg.agent_token), ("admin", &cfg.admin_token)]
+        .into_iter()
+        .filter(|(_, t)| t.is_none())
+        .map(|(name, _)| name)
+        .collect();
+    if open.is_empty() {
+        return Ok(());
+    }
+    Err(ServeError::Insecure(format!(
+        "refusing to listen on {addr}: no {} token is configured, so anyone who can reach it could use it; \
+         set agent_token_file/admin_token_file (or $SLOTD_AGENT_TOKEN/$SLOTD_ADMIN_TOKEN), listen on \
+         loopback, or pass --allow-insecure-remote (allow_insecure_remote = true)",
+        open.join(" or ")
+    )))
+}
+
+/// Reads the PEM certificate chain and key.
+fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<ServerTlsConfig, ServeError> {
+    let read = |what: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ServeError::Tls(format!("cannot read {what} {}: {e}", p.display())))
+    };
+    let identity = Identity::from_pem(read("tls_cert", cert)?, read("tls_key", key)?);
+    Ok(ServerTlsConfig::new().identity(identity))
+}
+
+/// Applies a reloaded config's pools. With a state file that exists, they are merged *under* it (the
+/// state file wins per pool; pools only in the config are added) and the result is written back, so
+/// the running pools and the file agree (see `state`).
+async fn reload_pools(
+    handle: &driver::DriverHandle,
+    state_file: Option<&StateFile>,
+    config_pools: state::Pools,
+) -> Result<(), String> {
+    let Some(sf) = state_file else {
+        return handle.set_pools(config_pools).await.map_err(|e| e.to_string());
+    };
+    let _guard = sf.lock().await;
+    let Some(saved) = state::load(sf.path()).map_err(|e| e.to_string())? else {
+        return handle.set_pools(config_pools).await.map_err(|e| e.to_string());
+    };
+    let mut merged = config_pools;
+    merged.extend(saved);
+    handle.set_pools(merged.clone()).await.map_err(|e| e.to_string())?;
+    sf.save(merged).await.map_err(|e| e.to_string())
 }

@@ -462,6 +462,211 @@ fn top_derives_events_from_snapshots_without_watch() {
     );
 }
 
+/// A `slotctl run` that holds a slot on `pool` until [`Held::finish`].
+struct Held {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    lease: pb::LeaseStatus,
+}
+
+impl Held {
+    /// Starts `slotctl run [extra] -- <wait for a file>` and waits until its lease shows in Status.
+    async fn start(d: &Daemon, pool: &str, holder: &str, extra: &[&str], cmd: &[&str]) -> Held {
+        let dir = std::env::temp_dir().join(format!("slotctl-test-{}-{holder}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut c = slotctl();
+        c.env("GO", dir.join("go"))
+            .args(["--endpoint", &d.url, "run", "--pool", pool, "--holder", holder])
+            .args(extra)
+            .arg("--")
+            .args(cmd)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = c.spawn().expect("spawn slotctl");
+        let s = d.wait_for("the lease", |s| s.leases.iter().any(|l| l.holder == holder)).await;
+        let lease = s.leases.into_iter().find(|l| l.holder == holder).expect("found above");
+        Held { child, dir, lease }
+    }
+
+    /// The command that waits for the go file.
+    const WAIT: &[&str] = &["sh", "-c", r#"while [ ! -e "$GO" ]; do sleep 0.02; done"#];
+
+    /// Lets the command finish and returns slotctl's output.
+    async fn finish(self) -> Output {
+        std::fs::write(self.dir.join("go"), b"").expect("write go");
+        let out = tokio::time::timeout(TIMEOUT, self.child.wait_with_output())
+            .await
+            .expect("in time")
+            .expect("wait");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_set_rm_pause_resume_end_to_end() {
+    let d = Daemon::start(POOLS).await;
+    let out = run_ctl(
+        &d.url,
+        &[
+            "pool",
+            "set",
+            "gpt",
+            "--max-concurrent",
+            "3",
+            "--cooldown",
+            "200ms",
+            "--max-queue-depth",
+            "10",
+            "--on-overflow",
+            "shed_oldest",
+        ],
+    )
+    .await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("created pool gpt"), "{}", text(&out.stdout));
+    assert_eq!(d.pool("gpt").await.limit, 3);
+
+    let out = run_ctl(&d.url, &["pool", "set", "gpt", "--max-concurrent", "5"]).await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("updated pool gpt"), "{}", text(&out.stdout));
+    assert_eq!(d.pool("gpt").await.limit, 5);
+
+    let out = run_ctl(&d.url, &["pool", "set", "gpt-mini", "--max-concurrent", "1", "--parent", "gpt"]).await;
+    assert_code(&out, 0);
+    assert_eq!(d.pool("gpt-mini").await.parent, "gpt");
+
+    let out =
+        run_ctl(&d.url, &["--output", "json", "pool", "set", "gpt-mini", "--max-concurrent", "2"]).await;
+    assert_code(&out, 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v["created"].as_bool(), v["limit"].as_u64()), (Some(false), Some(2)), "{v}");
+
+    let out = run_ctl(&d.url, &["pool", "set", "bad", "--max-concurrent", "0"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).trim_end().ends_with("(INVALID_ARGUMENT)"), "{}", text(&out.stderr));
+
+    let out = run_ctl(&d.url, &["pause", "gpt", "--for", "30s", "--reason", "maintenance"]).await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("paused gpt for"), "{}", text(&out.stdout));
+    let p = d.pool("gpt").await;
+    assert!(p.paused_until.is_some() && p.pause_reason.contains("maintenance"), "{p:?}");
+    let out = run_ctl(&d.url, &["status"]).await;
+    assert!(text(&out.stdout).contains("maintenance"), "{}", text(&out.stdout));
+
+    let out = run_ctl(&d.url, &["resume", "gpt"]).await;
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout).trim(), "resumed gpt");
+    assert!(d.pool("gpt").await.paused_until.is_none());
+    let out = run_ctl(&d.url, &["resume", "gpt"]).await;
+    assert_eq!(text(&out.stdout).trim(), "gpt was not paused");
+
+    let out = run_ctl(&d.url, &["pool", "rm", "gpt-mini"]).await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).starts_with("removed pool gpt-mini"), "{}", text(&out.stdout));
+    assert!(!d.status().await.pools.iter().any(|p| p.name == "gpt-mini"));
+    let out = run_ctl(&d.url, &["pool", "rm", "gpt-mini"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).trim_end().ends_with("(NOT_FOUND)"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_warns_the_running_command_and_kill_on_lost_stops_it() {
+    let d = Daemon::start(POOLS).await;
+    let held = Held::start(&d, "solo", "revoked-holder", &[], Held::WAIT).await;
+    let id = held.lease.lease_id.clone();
+    let out = run_ctl(&d.url, &["revoke", &id]).await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("pool solo, holder revoked-holder"), "{}", text(&out.stdout));
+    d.wait_for("the lease gone", |s| s.leases.is_empty()).await;
+    // The command keeps running and its exit code still comes through; slotctl warned.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let out = held.finish().await;
+    assert_code(&out, 0);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("warning: lease") && stderr.contains("lost"), "{stderr}");
+
+    let out = run_ctl(&d.url, &["revoke", &id]).await;
+    assert_code(&out, 1);
+
+    let held = Held::start(&d, "solo", "killed-holder", &["--kill-on-lost"], &["sleep", "30"]).await;
+    let started = tokio::time::Instant::now();
+    let id = held.lease.lease_id.clone();
+    assert_code(&run_ctl(&d.url, &["revoke", &id]).await, 0);
+    let out =
+        tokio::time::timeout(TIMEOUT, held.child.wait_with_output()).await.expect("in time").expect("wait");
+    assert_code(&out, 128 + 15);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_reports_until_done_and_undrain_grants_again() {
+    let d = Daemon::start(POOLS).await;
+    let held = Held::start(&d, "anthropic", "drained-holder", &[], Held::WAIT).await;
+
+    let out = run_ctl(&d.url, &["drain", "--timeout", "300ms"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stdout).contains("draining: 1 leases remaining"), "{}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("slotctl undrain"), "{}", text(&out.stderr));
+
+    // Granting is stopped: a new run gives up.
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
+    assert_code(&out, 75);
+
+    let mut drain = slotctl();
+    drain.args(["--endpoint", &d.url, "drain"]).stdout(std::process::Stdio::piped());
+    let drain = drain.spawn().expect("spawn drain");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_code(&held.finish().await, 0);
+    let out = tokio::time::timeout(TIMEOUT, drain.wait_with_output()).await.expect("in time").expect("wait");
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("drained: no lease is held"), "{}", text(&out.stdout));
+
+    let out = run_ctl(&d.url, &["undrain"]).await;
+    assert_code(&out, 0);
+    assert_eq!(text(&out.stdout).trim(), "granting again");
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "2s", "--", "true"]).await;
+    assert_code(&out, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_app_follows_real_watch_events() {
+    let d = Daemon::start(POOLS).await;
+    let channel = Channel::from_shared(d.url.clone()).expect("url").connect().await.expect("connect");
+    let mut admin = pb::admin_client::AdminClient::new(channel);
+    let mut watch = admin
+        .watch(pb::WatchRequest { pool: String::new(), snapshot_interval: None })
+        .await
+        .expect("Admin.Watch")
+        .into_inner();
+    let mut app = App::new(d.url.clone(), SystemTime::now());
+    app.source = EventSource::Watch;
+
+    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--holder", "watched", "--", "true"]).await;
+    assert_code(&out, 0);
+    assert_code(&run_ctl(&d.url, &["pause", "solo", "--for", "20s", "--reason", "watched pause"]).await, 0);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !app.events.iter().any(|e| e.kind == EventKind::Paused) {
+        let ev = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .expect("events in time")
+            .expect("watch stream")
+            .expect("watch open");
+        app.apply_watch(ev, SystemTime::now());
+    }
+    let texts: Vec<&str> = app.events.iter().rev().map(|e| e.text.as_str()).collect();
+    assert!(texts.iter().any(|t| t.starts_with("granted solo lease") && t.contains("watched")), "{texts:#?}");
+    assert!(texts.iter().any(|t| t.starts_with("released solo lease")), "{texts:#?}");
+    assert!(app.has_snapshot && app.status.pools.iter().any(|p| p.name == "solo"), "snapshot applied");
+
+    let mut terminal = Terminal::new(TestBackend::new(120, 16)).expect("terminal");
+    terminal.draw(|f| top::draw(f, &app)).expect("draw");
+    let screen = rows(&terminal).join("\n");
+    let solo = screen.lines().find(|r| r.contains("solo")).expect("solo row");
+    assert!(solo.contains("paused 19s") || solo.contains("paused 20s"), "{screen}");
+    assert!(screen.contains("watched pause"), "{screen}");
+}
+
 #[test]
 fn top_draws_on_tiny_terminals_and_odd_states_without_panicking() {
     let now = SystemTime::now();
@@ -493,4 +698,40 @@ async fn top_refuses_to_run_without_a_terminal() {
     let out = run_ctl("http://127.0.0.1:1", &["top"]).await;
     assert_code(&out, 1);
     assert!(text(&out.stderr).contains("needs a terminal"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_run_over_tls_with_a_ca_file() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("generate a cert");
+    let dir = std::env::temp_dir().join(format!("slotctl-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    let mut cfg = Config::from_toml_str(POOLS).expect("config");
+    cfg.tls_cert = Some(cert.clone());
+    cfg.tls_key = Some(key);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(slotd::serve(cfg, listener, async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = cert.to_string_lossy().into_owned();
+    let tls = ["--ca-cert", ca.as_str(), "--tls-domain", "localhost"];
+
+    let args: Vec<&str> = tls.iter().copied().chain(["status"]).collect();
+    let out = run_ctl(&url, &args).await;
+    assert_code(&out, 0);
+    assert!(text(&out.stdout).contains("anthropic"), "{}", text(&out.stdout));
+
+    let args: Vec<&str> =
+        tls.iter().copied().chain(["run", "--pool", "solo", "--", "sh", "-c", "exit 4"]).collect();
+    assert_code(&run_ctl(&url, &args).await, 4);
+
+    // Without the CA the daemon's certificate is not trusted.
+    let out = run_ctl(&url, &["status"]).await;
+    assert_code(&out, 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,7 +16,8 @@ use std::{
 
 use slotd::{ServeError, config::Config};
 use slotd_proto::v1::{
-    self as pb, client_message::Msg as Up, server_message::Msg, slotd_client::SlotdClient,
+    self as pb, admin_client::AdminClient, client_message::Msg as Up, server_message::Msg,
+    slotd_client::SlotdClient,
 };
 use tokio::{
     sync::{mpsc, oneshot},
@@ -108,6 +109,29 @@ impl Daemon {
         Daemon { addr, shutdown: Some(shutdown_tx), reloads, task: Some(task), client }
     }
 
+    /// Starts `slotd::serve_with_metrics` with a metrics endpoint on another ephemeral loopback port;
+    /// returns the daemon and the endpoint's address.
+    #[track_caller]
+    pub fn start_with_metrics(toml: &str) -> impl Future<Output = (Daemon, SocketAddr)> + '_ {
+        let at = Location::caller();
+        async move {
+            let cfg = Config::from_toml_str(toml).unwrap_or_else(|e| panic!("{at}: config: {e}"));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+            let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+            let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
+            let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+            let shutdown = async move {
+                let _ = shutdown_rx.await;
+            };
+            let task = tokio::spawn(slotd::serve_with_metrics(cfg, listener, Some(metrics), shutdown, None));
+            let client = bounded(at, "connect", SlotdClient::connect(format!("http://{addr}")))
+                .await
+                .unwrap_or_else(|e| panic!("{at}: connect to {addr}: {e}"));
+            let d = Daemon { addr, shutdown: Some(shutdown_tx), reloads: None, task: Some(task), client };
+            (d, metrics_addr)
+        }
+    }
+
     /// The daemon's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -126,6 +150,13 @@ impl Daemon {
             let endpoint = Channel::from_shared(self.url()).expect("valid url");
             bounded(at, "connect", endpoint.connect()).await.unwrap_or_else(|e| panic!("{at}: connect: {e}"))
         }
+    }
+
+    /// An Admin client on its own connection.
+    #[track_caller]
+    pub fn admin(&self) -> impl Future<Output = AdminClient<Channel>> + '_ {
+        let at = Location::caller();
+        async move { AdminClient::new(self.channel_at(at).await) }
     }
 
     /// A new simulated agent process: its own connection and one Acquire stream.

@@ -13,11 +13,11 @@ use slotd_proto::v1 as pb;
 use tokio::time::Instant;
 
 use crate::{
-    driver::StreamOp,
+    driver::{StreamOp, WatchEvent},
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, FencingToken, LeaseId, NewRequest, Outcome, PoolId, Priority, RequestId,
-        ResumeRequest, Snapshot,
+        Error, Event, ExpiryReason, FencingToken, Lease, LeaseId, NewRequest, Outcome, Overflow, PoolId,
+        PoolPatch, PoolSnapshot, Priority, RequestId, ResumeRequest, Snapshot,
     },
 };
 
@@ -169,14 +169,16 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
         Event::Queued { request_id, position, blocked } => {
             Msg::Queued(pb::Queued { request_id: request_id.to_string(), position, blocked })
         }
-        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at } => Msg::Granted(pb::Granted {
-            request_id: request_id.to_string(),
-            lease_id: lease_id.to_string(),
-            fencing_token: token.0,
-            ttl: Some(pb_duration(ttl)),
-            expires_at: Some(timestamp(expires_at)),
-            pool: pool.to_string(),
-        }),
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
+            Msg::Granted(pb::Granted {
+                request_id: request_id.to_string(),
+                lease_id: lease_id.to_string(),
+                fencing_token: token.0,
+                ttl: Some(pb_duration(ttl)),
+                expires_at: Some(timestamp(expires_at)),
+                pool: pool.to_string(),
+            })
+        }
         Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
             request_id,
             code: code(&error) as i32,
@@ -190,7 +192,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
             remaining: Some(pb_duration(until.saturating_duration_since(Instant::now()))),
         }),
         Event::Resumed { pool } => Msg::Resumed(pb::Resumed { pool: pool.to_string() }),
-        Event::Expired { lease_id, reason } => {
+        Event::Expired { lease_id, reason, .. } => {
             let (reason, message) = match reason {
                 ExpiryReason::Ttl => {
                     (pb::ExpiryReason::Ttl, "no heartbeat within the ttl; the slot was reclaimed")
@@ -204,7 +206,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 message: message.into(),
             })
         }
-        Event::Released { lease_id } => Msg::Released(pb::Released { lease_id: lease_id.to_string() }),
+        Event::Released { lease_id, .. } => Msg::Released(pb::Released { lease_id: lease_id.to_string() }),
         Event::LeaseError { lease_id, error } => Msg::LeaseError(pb::LeaseError {
             lease_id,
             code: code(&error) as i32,
@@ -227,22 +229,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
 pub fn status_response(s: Snapshot) -> pb::StatusResponse {
     let now = Instant::now();
     pb::StatusResponse {
-        pools: s
-            .pools
-            .into_iter()
-            .map(|p| pb::PoolStatus {
-                name: p.id.to_string(),
-                parent: p.config.parent.map(|p| p.to_string()).unwrap_or_default(),
-                limit: p.config.max_concurrent,
-                effective_limit: p.effective_limit,
-                in_flight: p.in_flight,
-                queued: p.queued,
-                paused_until: p.paused_until.map(timestamp),
-                pause_reason: p.pause_reason.to_string(),
-                cooling: p.cooling,
-                next_fencing_token: p.next_token,
-            })
-            .collect(),
+        pools: s.pools.into_iter().map(pool_status).collect(),
         leases: s
             .leases
             .into_iter()
@@ -258,5 +245,118 @@ pub fn status_response(s: Snapshot) -> pb::StatusResponse {
             .collect(),
         learning: s.learning,
         shutting_down: s.shutting_down,
+    }
+}
+
+/// One pool's state on the wire.
+pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
+    pb::PoolStatus {
+        name: p.id.to_string(),
+        parent: p.config.parent.map(|p| p.to_string()).unwrap_or_default(),
+        limit: p.config.max_concurrent,
+        effective_limit: p.effective_limit,
+        in_flight: p.in_flight,
+        queued: p.queued,
+        paused_until: p.paused_until.map(timestamp),
+        pause_reason: p.pause_reason.to_string(),
+        cooling: p.cooling,
+        next_fencing_token: p.next_token,
+    }
+}
+
+/// An `UpsertPool` spec as a pool name and the settings it changes. Range checks (for example
+/// max_concurrent in 1..=10000) are the scheduler's, so reloads and upserts share them.
+pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
+    let id = PoolId::parse(&spec.name)?;
+    let parent = match spec.parent.as_deref() {
+        None => None,
+        Some("") => Some(None),
+        Some(p) => Some(Some(PoolId::parse(p)?)),
+    };
+    let on_overflow = match spec.on_overflow.as_deref() {
+        None => None,
+        Some("reject") => Some(Overflow::Reject),
+        Some("shed_oldest") => Some(Overflow::ShedOldest),
+        Some("block") => Some(Overflow::Block),
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "on_overflow {:?}: want \"reject\", \"shed_oldest\" or \"block\"",
+                truncated(other)
+            )));
+        }
+    };
+    Ok((
+        id,
+        PoolPatch {
+            max_concurrent: spec.max_concurrent,
+            parent,
+            max_queue_depth: spec.max_queue_depth,
+            on_overflow,
+            cooldown: duration("cooldown", spec.cooldown)?,
+            default_ttl: duration("default_ttl", spec.default_ttl)?,
+            max_ttl: duration("max_ttl", spec.max_ttl)?,
+            // Zero clears the wait limit (wait forever), as documented on the field.
+            max_wait: duration("max_wait", spec.max_wait)?.map(|d| (!d.is_zero()).then_some(d)),
+            default_retry_after: duration("default_retry_after", spec.default_retry_after)?,
+            adaptive: spec.adaptive,
+            headroom_recovery: duration("headroom_recovery", spec.headroom_recovery)?,
+        },
+    ))
+}
+
+/// A published change as a Watch message.
+pub fn watch_event(at: Instant, event: WatchEvent) -> pb::WatchEvent {
+    use pb::watch_event::Event as E;
+    let lease = |l: &Lease, detail: String| pb::LeaseChange {
+        pool: l.pool.to_string(),
+        lease_id: l.id.to_string(),
+        holder: l.holder.to_string(),
+        detail,
+    };
+    let pool = |p: &PoolId, detail: String, status: Option<PoolSnapshot>| pb::PoolChange {
+        pool: p.to_string(),
+        detail,
+        status: status.map(pool_status),
+    };
+    let event = match event {
+        WatchEvent::Granted(l) => E::Granted(lease(&l, format!("fencing token {}", l.token.0))),
+        WatchEvent::Released(l, outcome) => E::Released(lease(
+            &l,
+            match outcome {
+                None => "stream closed".into(),
+                Some(Outcome::Ok) => "ok".into(),
+                Some(Outcome::Error) => "error".into(),
+                Some(Outcome::Cancelled) => "cancelled".into(),
+                Some(Outcome::RateLimited(_)) => "rate_limited".into(),
+            },
+        )),
+        WatchEvent::Expired(l, reason) => E::Expired(lease(
+            &l,
+            match reason {
+                ExpiryReason::Ttl => "ttl".into(),
+                ExpiryReason::Revoked => "revoked".into(),
+                ExpiryReason::PoolRemoved => "pool_removed".into(),
+            },
+        )),
+        WatchEvent::Paused { pool: p, until, reason, status } => {
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+            E::Paused(pool(&p, format!("{reason} ({secs:.1}s left)"), status))
+        }
+        WatchEvent::Resumed { pool: p, status } => E::Resumed(pool(&p, "pause ended".into(), status)),
+        WatchEvent::LimitChanged { pool: p, detail, status } => E::LimitChanged(pool(&p, detail, status)),
+        WatchEvent::Rejected { pool: p, error } => E::Rejected(pb::PoolChange {
+            pool: p.map(|p| p.to_string()).unwrap_or_default(),
+            detail: error.to_string(),
+            status: None,
+        }),
+    };
+    pb::WatchEvent { at: Some(timestamp(at)), event: Some(event) }
+}
+
+/// A snapshot as a Watch message.
+pub fn watch_snapshot(s: Snapshot) -> pb::WatchEvent {
+    pb::WatchEvent {
+        at: Some(timestamp(Instant::now())),
+        event: Some(pb::watch_event::Event::Snapshot(status_response(s))),
     }
 }

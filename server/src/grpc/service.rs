@@ -11,7 +11,7 @@ use tracing::debug;
 
 use crate::{
     driver::{DriverHandle, Outbound},
-    grpc::{convert, status::to_status},
+    grpc::{convert, limits::StreamLimits, status::to_status},
     scheduler::{Error, PoolId, SessionId},
 };
 
@@ -24,12 +24,19 @@ pub struct SlotdService {
     driver: DriverHandle,
     stream_buffer: usize,
     max_resume_grace: Duration,
+    limits: Option<StreamLimits>,
 }
 
 impl SlotdService {
     /// A service that talks to this driver.
     pub fn new(driver: DriverHandle, stream_buffer: usize, max_resume_grace: Duration) -> Self {
-        Self { driver, stream_buffer, max_resume_grace }
+        Self { driver, stream_buffer, max_resume_grace, limits: None }
+    }
+
+    /// Bounds the open Acquire streams (in all and per connection).
+    pub fn with_stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     fn resume_grace<T>(&self, req: &Request<T>) -> Result<Duration, Status> {
@@ -67,6 +74,11 @@ impl Slotd for SlotdService {
         req: Request<Streaming<pb::ClientMessage>>,
     ) -> Result<Response<EventStream>, Status> {
         let grace = self.resume_grace(&req)?;
+        // Held by the response stream: the stream's place is given back when it ends.
+        let permit = match &self.limits {
+            Some(l) => Some(l.admit(req.remote_addr())?),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel::<Outbound>(self.stream_buffer);
         let session = self.driver.open(tx, grace).await?;
         let guard = CloseOnDrop { driver: self.driver.clone(), session };
@@ -106,7 +118,7 @@ impl Slotd for SlotdService {
             driver.close(session, error);
         });
         let out = ReceiverStream::new(rx).map(move |item| {
-            let _keep = (&guard, &response_alive);
+            let _keep = (&guard, &response_alive, &permit);
             item.map(convert::server_message).map_err(|e| to_status(&e))
         });
         Ok(Response::new(Box::pin(out)))

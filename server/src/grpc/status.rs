@@ -12,7 +12,7 @@ use crate::scheduler::Error;
 /// | duplicate request_id | ALREADY_EXISTS |
 /// | queue full, shed, over a per-stream bound, resume over limit | RESOURCE_EXHAUSTED |
 /// | unknown pool, lease or request | NOT_FOUND |
-/// | lease of another stream, already ended, token/pool mismatch | FAILED_PRECONDITION |
+/// | lease of another stream, already ended, token/pool mismatch, pool with children | FAILED_PRECONDITION |
 /// | shutting down | UNAVAILABLE |
 /// | waited past max_wait | DEADLINE_EXCEEDED |
 /// | pool removed while waiting | ABORTED |
@@ -26,9 +26,10 @@ pub fn code(e: &Error) -> Code {
             Code::ResourceExhausted
         }
         Error::UnknownPool(_) | Error::UnknownLease(_) | Error::UnknownRequest(_) => Code::NotFound,
-        Error::NotYourLease(_) | Error::LeaseEnded { .. } | Error::LeaseMismatch(..) => {
-            Code::FailedPrecondition
-        }
+        Error::NotYourLease(_)
+        | Error::LeaseEnded { .. }
+        | Error::LeaseMismatch(..)
+        | Error::PoolHasChildren { .. } => Code::FailedPrecondition,
         Error::ShuttingDown => Code::Unavailable,
         Error::WaitTimeout { .. } => Code::DeadlineExceeded,
         Error::PoolRemoved(_) => Code::Aborted,
@@ -50,4 +51,22 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         to_status(&e)
     }
+}
+
+/// A pool change that was applied but could not be written to the state file: INTERNAL, saying so,
+/// because the change is live now but will not survive a restart.
+pub fn persist_failed(e: &crate::state::StateError) -> Status {
+    Status::internal(format!("the change is applied but was not persisted: {e}"))
+}
+
+/// A failure inside the daemon that no input explains.
+pub fn internal(what: &str) -> Status {
+    Status::internal(what.to_owned())
+}
+
+/// A Drain that gave up waiting: DEADLINE_EXCEEDED. Granting stays stopped until Undrain.
+pub fn drain_timeout(leases: usize) -> Status {
+    Status::deadline_exceeded(format!(
+        "drain timeout: {leases} leases still held; granting stays stopped until Undrain"
+    ))
 }

@@ -87,6 +87,14 @@ pub enum Error {
     /// The pool was removed while the request waited.
     #[error("pool {0} was removed")]
     PoolRemoved(PoolId),
+    /// A pool cannot be removed while other pools name it as their parent.
+    #[error("pool {pool} has child pools ({children}); remove or re-parent them first")]
+    PoolHasChildren {
+        /// The pool.
+        pool: PoolId,
+        /// Its children, comma-separated.
+        children: String,
+    },
     /// The daemon is shutting down.
     #[error("daemon is shutting down")]
     ShuttingDown,

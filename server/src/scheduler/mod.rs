@@ -199,6 +199,8 @@ pub enum Event {
         ttl: Duration,
         /// When it expires unless renewed.
         expires_at: Instant,
+        /// How long the request waited for it (zero when granted at once); for metrics.
+        waited: Duration,
     },
     /// A request was refused or gave up; it is gone.
     Rejected {
@@ -225,6 +227,8 @@ pub enum Event {
     Expired {
         /// The lease.
         lease_id: LeaseId,
+        /// Its pool (the lease is gone, so observers such as metrics cannot look it up).
+        pool: PoolId,
         /// Why.
         reason: ExpiryReason,
     },
@@ -232,6 +236,10 @@ pub enum Event {
     Released {
         /// The lease.
         lease_id: LeaseId,
+        /// Its pool (for observers such as metrics).
+        pool: PoolId,
+        /// The outcome the holder reported.
+        outcome: Outcome,
     },
     /// A lease-addressed message could not be applied; nothing changed.
     LeaseError {
@@ -266,12 +274,106 @@ pub enum Event {
 pub struct Decisions {
     /// Events, each for one session.
     pub events: Vec<(SessionId, Event)>,
+    /// Pool- and lease-level facts for observers (the driver's Watch), filled only while
+    /// [`Scheduler::set_observing`] is on: session events cannot carry them, since a pause of an idle
+    /// pool or a lease that ended has nobody (or no pool) to address.
+    pub observed: Vec<Observed>,
+}
+
+/// A fact for observers, independent of who is told (see [`Decisions::observed`]).
+#[derive(Clone, Debug)]
+pub enum Observed {
+    /// A lease was granted.
+    Granted(Lease),
+    /// A lease ended, and how (`Revoked` covers both revocation and pool removal).
+    Ended(Lease, Ended),
+    /// A pool's pause started or was extended.
+    Paused {
+        /// The pool.
+        pool: PoolId,
+        /// Until when.
+        until: Instant,
+        /// Why.
+        reason: Arc<str>,
+    },
+    /// A pool's pause ended.
+    Resumed {
+        /// The pool.
+        pool: PoolId,
+    },
+    /// A pool's effective limit moved (adaptive headroom).
+    Effective {
+        /// The pool.
+        pool: PoolId,
+        /// The new effective limit.
+        limit: u32,
+    },
 }
 
 impl Decisions {
     fn push(&mut self, session: SessionId, event: Event) {
         self.events.push((session, event));
     }
+}
+
+/// A partial change to a pool's settings (`UpsertPool`): `None` keeps the current value, or the
+/// default for a new pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolPatch {
+    /// See [`PoolConfig::max_concurrent`].
+    pub max_concurrent: Option<u32>,
+    /// `Some(None)` makes the pool a root.
+    pub parent: Option<Option<PoolId>>,
+    /// See [`PoolConfig::max_queue_depth`].
+    pub max_queue_depth: Option<u32>,
+    /// See [`PoolConfig::on_overflow`].
+    pub on_overflow: Option<Overflow>,
+    /// See [`PoolConfig::cooldown`].
+    pub cooldown: Option<Duration>,
+    /// See [`PoolConfig::default_ttl`].
+    pub default_ttl: Option<Duration>,
+    /// See [`PoolConfig::max_ttl`].
+    pub max_ttl: Option<Duration>,
+    /// `Some(None)` clears the wait limit.
+    pub max_wait: Option<Option<Duration>>,
+    /// See [`PoolConfig::default_retry_after`].
+    pub default_retry_after: Option<Duration>,
+    /// See [`PoolConfig::adaptive`].
+    pub adaptive: Option<bool>,
+    /// See [`PoolConfig::headroom_recovery`].
+    pub headroom_recovery: Option<Duration>,
+}
+
+impl PoolPatch {
+    /// `base` with the set fields replaced.
+    pub fn apply(&self, mut base: PoolConfig) -> PoolConfig {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut base.max_concurrent, &self.max_concurrent);
+        set(&mut base.parent, &self.parent);
+        set(&mut base.max_queue_depth, &self.max_queue_depth);
+        set(&mut base.on_overflow, &self.on_overflow);
+        set(&mut base.cooldown, &self.cooldown);
+        set(&mut base.default_ttl, &self.default_ttl);
+        set(&mut base.max_ttl, &self.max_ttl);
+        set(&mut base.max_wait, &self.max_wait);
+        set(&mut base.default_retry_after, &self.default_retry_after);
+        set(&mut base.adaptive, &self.adaptive);
+        set(&mut base.headroom_recovery, &self.headroom_recovery);
+        base
+    }
+}
+
+/// What [`Scheduler::delete_pool`] did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PoolDeleted {
+    /// Waiters rejected.
+    pub rejected_waiters: u32,
+    /// Leases expired.
+    pub expired_leases: u32,
 }
 
 /// What a rate-limit report did to its pool.
@@ -317,6 +419,8 @@ pub struct Snapshot {
     pub learning: bool,
     /// Shutting down.
     pub shutting_down: bool,
+    /// An operator's drain is on.
+    pub draining: bool,
 }
 
 #[derive(Debug)]
@@ -356,6 +460,10 @@ pub struct Scheduler {
     /// never reissues a token (invariant 6).
     retired_tokens: HashMap<PoolId, u64>,
     shutting_down: bool,
+    /// An operator's drain: nothing new is granted; waiters stay queued until undrained.
+    draining: bool,
+    /// Fill [`Decisions::observed`] (someone watches).
+    observing: bool,
 }
 
 impl Scheduler {
@@ -384,6 +492,8 @@ impl Scheduler {
             learning_until,
             retired_tokens: HashMap::new(),
             shutting_down: false,
+            draining: false,
+            observing: false,
             cfg,
         };
         s.sessions.insert(ORPHANS, Session::default());
@@ -422,7 +532,7 @@ impl Scheduler {
             }
             for l in sess.leases {
                 if grace.is_zero() {
-                    self.end_lease(now, &l, Ended::StreamClosed);
+                    self.end_lease(now, &l, Ended::StreamClosed, &mut out);
                     continue;
                 }
                 let lease = self.leases.get(&l).expect("session leases exist");
@@ -603,11 +713,11 @@ impl Scheduler {
         self.advance(now, &mut out);
         match self.own_lease(session, &id) {
             Ok(()) => {
-                let lease = self.end_lease(now, &id, Ended::Released).expect("owned lease exists");
-                out.push(session, Event::Released { lease_id: id });
+                let lease = self.end_lease(now, &id, Ended::Released, &mut out).expect("owned lease exists");
+                out.push(session, Event::Released { lease_id: id, pool: lease.pool.clone(), outcome });
                 if let Outcome::RateLimited(retry_after) = outcome {
                     let reason = format!("rate limited (429) reported on release of lease {id}");
-                    self.pause(now, &lease.pool, retry_after, reason, &mut out);
+                    self.pause(now, &lease.pool, retry_after, reason, true, &mut out);
                 }
             }
             Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
@@ -736,11 +846,161 @@ impl Scheduler {
         } else {
             format!("rate limited (429) reported: {}", ids::truncate(reason, 256))
         };
-        self.pause(now, pool, retry_after, reason, &mut out);
+        self.pause(now, pool, retry_after, reason, true, &mut out);
         self.settle(now, &mut out);
         let p = &self.pools[pool];
         let applied = PauseApplied { until: p.paused_until.unwrap_or(now), effective_limit: p.effective };
         Ok((applied, out))
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Operator operations (the Admin service)
+    // ----------------------------------------------------------------------------------------
+
+    /// Pauses a pool by hand until `max(current end, now + duration)`, with the same fan-out as a 429
+    /// pause but no adaptive decrease. Returns when the pause ends.
+    pub fn pause_pool(
+        &mut self,
+        now: Instant,
+        pool: &PoolId,
+        duration: Duration,
+        reason: &str,
+    ) -> Result<(Instant, Decisions), Error> {
+        if !self.pools.contains_key(pool) {
+            return Err(Error::UnknownPool(pool.clone()));
+        }
+        if duration.is_zero() {
+            return Err(Error::InvalidArgument("pause duration must be > 0".into()));
+        }
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let reason = if reason.is_empty() {
+            "paused by an operator".to_owned()
+        } else {
+            format!("paused by an operator: {}", ids::truncate(reason, 256))
+        };
+        self.pause(now, pool, Some(duration), reason, false, &mut out);
+        self.settle(now, &mut out);
+        Ok((self.pools[pool].paused_until.unwrap_or(now), out))
+    }
+
+    /// Ends a pool's pause now (Resumed fan-out, then grants). Returns whether it was paused. Adaptive
+    /// headroom is left alone: the operator lifts the pause, not the provider's limit.
+    pub fn resume_pool(&mut self, now: Instant, pool: &PoolId) -> Result<(bool, Decisions), Error> {
+        if !self.pools.contains_key(pool) {
+            return Err(Error::UnknownPool(pool.clone()));
+        }
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        let p = self.pools.get_mut(pool).expect("checked above");
+        let was_paused = p.paused_until.take().is_some();
+        if was_paused {
+            p.pause_reason = Arc::from("");
+            if self.observing {
+                out.observed.push(Observed::Resumed { pool: pool.clone() });
+            }
+            for s in self.interested(pool) {
+                out.push(s, Event::Resumed { pool: pool.clone() });
+            }
+        }
+        self.settle(now, &mut out);
+        Ok((was_paused, out))
+    }
+
+    /// Ends a lease now: its holder gets `Expired{Revoked}` and the slot is freed (cooldown applies).
+    /// Returns the lease as it was.
+    pub fn revoke(&mut self, now: Instant, id: LeaseId) -> Result<(Lease, Decisions), Error> {
+        // Checked before any timer runs, so a refusal changes nothing (invariant 7).
+        let Some(lease) = self.leases.get(&id).cloned() else {
+            return Err(match self.leases.ended(&id) {
+                Some(how) => Error::LeaseEnded { id, how: how.describe() },
+                None => Error::UnknownLease(id),
+            });
+        };
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        // A lease whose TTL ran out at `now` has already been reclaimed (and its holder told so) by
+        // `advance`; that ends it just as well.
+        if let Some(l) = self.end_lease(now, &id, Ended::Revoked, &mut out) {
+            let pool = l.pool.clone();
+            out.push(l.session, Event::Expired { lease_id: id, pool, reason: ExpiryReason::Revoked });
+        }
+        self.settle(now, &mut out);
+        Ok((lease, out))
+    }
+
+    /// Starts or ends an operator's drain. While draining nothing new is granted (fast path and
+    /// queue alike) and waiters stay queued; ending the drain grants them.
+    pub fn set_draining(&mut self, now: Instant, on: bool) -> Decisions {
+        let mut out = Decisions::default();
+        self.advance(now, &mut out);
+        self.draining = on;
+        self.settle(now, &mut out);
+        out
+    }
+
+    /// Whether an operator's drain is on.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Fills [`Decisions::observed`] while on. Off by default so the grant path builds nothing for
+    /// observers when nobody watches.
+    pub fn set_observing(&mut self, on: bool) {
+        self.observing = on;
+    }
+
+    /// Creates a pool or changes some of its settings, through [`Scheduler::set_pools`] (same
+    /// validation, same no-revoke semantics). A new pool may not take the count above `max_pools`.
+    /// Returns whether the pool was created.
+    pub fn upsert_pool(
+        &mut self,
+        now: Instant,
+        id: PoolId,
+        patch: &PoolPatch,
+        max_pools: usize,
+    ) -> Result<(bool, Decisions), Error> {
+        let current = self.pools.get(&id).map(|p| p.cfg.clone());
+        let created = current.is_none();
+        if created && self.pools.len() >= max_pools {
+            return Err(Error::LimitExceeded(format!(
+                "{} pools exist; limits.max_pools is {max_pools}",
+                self.pools.len()
+            )));
+        }
+        let mut all = self.pool_configs();
+        all.insert(id, patch.apply(current.unwrap_or_default()));
+        Ok((created, self.set_pools(now, all)?))
+    }
+
+    /// Removes a pool that has no children, through [`Scheduler::set_pools`]: its waiters are
+    /// rejected and its leases expire.
+    pub fn delete_pool(&mut self, now: Instant, id: &PoolId) -> Result<(PoolDeleted, Decisions), Error> {
+        if !self.pools.contains_key(id) {
+            return Err(Error::UnknownPool(id.clone()));
+        }
+        let mut children: Vec<&str> = self
+            .pools
+            .values()
+            .filter(|p| p.cfg.parent.as_ref() == Some(id))
+            .map(|p| p.id.as_str())
+            .collect();
+        if !children.is_empty() {
+            children.sort_unstable();
+            return Err(Error::PoolHasChildren { pool: id.clone(), children: children.join(", ") });
+        }
+        let mut all = self.pool_configs();
+        all.remove(id);
+        let out = self.set_pools(now, all)?;
+        let mut done = PoolDeleted { rejected_waiters: 0, expired_leases: 0 };
+        for (_, e) in &out.events {
+            match e {
+                Event::Rejected { error: Error::PoolRemoved(p), .. } if p == id => done.rejected_waiters += 1,
+                Event::Expired { reason: ExpiryReason::PoolRemoved, .. } => done.expired_leases += 1,
+                _ => {}
+            }
+        }
+        Ok((done, out))
     }
 
     /// Replaces the pool set (config reload). Raised limits grant at once; lowered ones revoke nothing.
@@ -765,8 +1025,9 @@ impl Scheduler {
             let leases: Vec<(LeaseId, SessionId)> =
                 self.leases.values().filter(|l| &l.pool == id).map(|l| (l.id, l.session)).collect();
             for (l, s) in leases {
-                self.end_lease(now, &l, Ended::Revoked);
-                out.push(s, Event::Expired { lease_id: l, reason: ExpiryReason::PoolRemoved });
+                self.end_lease(now, &l, Ended::Revoked, &mut out);
+                let pool = id.clone();
+                out.push(s, Event::Expired { lease_id: l, pool, reason: ExpiryReason::PoolRemoved });
             }
         }
         for id in &removed {
@@ -862,6 +1123,7 @@ impl Scheduler {
             leases,
             learning: self.learning_until.is_some(),
             shutting_down: self.shutting_down,
+            draining: self.draining,
         })
     }
 
@@ -878,6 +1140,16 @@ impl Scheduler {
     /// How many requests wait in all.
     pub fn waiter_count(&self) -> usize {
         self.waiters.len()
+    }
+
+    /// The pool of each lease a session holds (one entry per lease), for example to count what
+    /// closing it releases.
+    pub fn session_lease_pools(&self, session: SessionId) -> impl Iterator<Item = &PoolId> + '_ {
+        self.sessions
+            .get(&session)
+            .into_iter()
+            .flat_map(|s| s.leases.iter())
+            .filter_map(|l| self.leases.get(l).map(|l| &l.pool))
     }
 
     /// How many sessions are open.
@@ -902,7 +1174,7 @@ impl Scheduler {
     /// The conjunction of every gate over the pool's chain. New gates (RPM/TPM budgets, a circuit
     /// breaker) slot in here, or in [`Pool::gate`] when they are per level.
     fn chain_gate(&self, pool: &Pool, now: Instant) -> Result<(), Closed> {
-        if self.shutting_down {
+        if self.shutting_down || self.draining {
             return Err(Closed::Draining);
         }
         if self.learning_until.is_some() {
@@ -964,7 +1236,7 @@ impl Scheduler {
         }
         let expires_at = now + w.ttl;
         self.sessions.get_mut(&w.session).expect("waiter sessions exist").leases.insert(id);
-        self.leases.insert(Lease {
+        let lease = Lease {
             id,
             pool: w.pool.clone(),
             session: w.session,
@@ -975,8 +1247,11 @@ impl Scheduler {
             granted_at: now,
             ttl: w.ttl,
             expires_at,
-        });
-        let _ = w.enqueued_at;
+        };
+        if self.observing {
+            out.observed.push(Observed::Granted(lease.clone()));
+        }
+        self.leases.insert(lease);
         out.push(
             w.session,
             Event::Granted {
@@ -986,13 +1261,17 @@ impl Scheduler {
                 token,
                 ttl: w.ttl,
                 expires_at,
+                waited: now.saturating_duration_since(w.enqueued_at),
             },
         );
     }
 
     /// Removes a lease and frees its slot on every level (each level's cooldown applies).
-    fn end_lease(&mut self, now: Instant, id: &LeaseId, how: Ended) -> Option<Lease> {
+    fn end_lease(&mut self, now: Instant, id: &LeaseId, how: Ended, out: &mut Decisions) -> Option<Lease> {
         let lease = self.leases.remove(id, how)?;
+        if self.observing {
+            out.observed.push(Observed::Ended(lease.clone(), how));
+        }
         if let Some(s) = self.sessions.get_mut(&lease.session) {
             s.leases.remove(id);
         }
@@ -1016,22 +1295,30 @@ impl Scheduler {
         }
     }
 
+    /// Pauses a pool until `max(current end, now + wait)` and tells everyone interested. A 429
+    /// (`adaptive_step`) also starts an episode of adaptive headroom; a manual pause does not, since
+    /// it says nothing about the provider's capacity.
     fn pause(
         &mut self,
         now: Instant,
         pool_id: &PoolId,
         retry_after: Option<Duration>,
         reason: String,
+        adaptive_step: bool,
         out: &mut Decisions,
     ) {
+        let observing = self.observing;
         let Some(pool) = self.pools.get_mut(pool_id) else {
             return;
         };
         let wait = retry_after.unwrap_or(pool.cfg.default_retry_after).min(SchedulerConfig::MAX_PAUSE);
         let until = now + wait;
         let new_episode = pool.paused_until.is_none_or(|u| u <= now);
-        if new_episode && pool.cfg.adaptive && pool.effective > 1 {
+        if adaptive_step && new_episode && pool.cfg.adaptive && pool.effective > 1 {
             pool.effective -= 1;
+            if observing {
+                out.observed.push(Observed::Effective { pool: pool_id.clone(), limit: pool.effective });
+            }
         }
         // A zero retry_after still counts as a 429 episode but pauses nothing: recording a pause that
         // ends now would announce Paused and Resumed for nothing and leave a timer due already.
@@ -1040,11 +1327,14 @@ impl Scheduler {
             pool.paused_until = Some(until);
             pool.pause_reason = Arc::from(reason);
         }
-        if pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
+        if adaptive_step && pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
             pool.recover_at = Some(pool.paused_until.unwrap_or(until) + pool.cfg.headroom_recovery);
         }
         if extended {
             let reason = pool.pause_reason.clone();
+            if observing {
+                out.observed.push(Observed::Paused { pool: pool_id.clone(), until, reason: reason.clone() });
+            }
             for s in self.interested(pool_id) {
                 out.push(s, Event::Paused { pool: pool_id.clone(), until, reason: reason.clone() });
             }
@@ -1066,6 +1356,7 @@ impl Scheduler {
             self.learning_until = None;
         }
         let mut resumed = Vec::new();
+        let observing = self.observing;
         for pool in self.pools.values_mut() {
             while pool.cooling.front().is_some_and(|t| *t <= now) {
                 pool.cooling.pop_front();
@@ -1075,20 +1366,28 @@ impl Scheduler {
                 pool.pause_reason = Arc::from("");
                 resumed.push(pool.id.clone());
             }
+            let before = pool.effective;
             while let Some(at) = pool.recover_at.filter(|t| *t <= now) {
                 pool.effective = (pool.effective + 1).min(pool.cfg.max_concurrent);
                 pool.recover_at = (pool.effective < pool.cfg.max_concurrent)
                     .then(|| at + pool.cfg.headroom_recovery.max(Duration::from_millis(1)));
             }
+            if observing && pool.effective != before {
+                out.observed.push(Observed::Effective { pool: pool.id.clone(), limit: pool.effective });
+            }
         }
         for id in resumed {
+            if observing {
+                out.observed.push(Observed::Resumed { pool: id.clone() });
+            }
             for s in self.interested(&id) {
                 out.push(s, Event::Resumed { pool: id.clone() });
             }
         }
         while let Some(id) = self.leases.first_expired(now) {
-            if let Some(lease) = self.end_lease(now, &id, Ended::Expired) {
-                out.push(lease.session, Event::Expired { lease_id: id, reason: ExpiryReason::Ttl });
+            if let Some(lease) = self.end_lease(now, &id, Ended::Expired, out) {
+                let reason = ExpiryReason::Ttl;
+                out.push(lease.session, Event::Expired { lease_id: id, pool: lease.pool, reason });
             }
         }
         self.expire_waits(now, out);

@@ -62,6 +62,11 @@ enum Op {
     RateLimit { pool: usize, retry: Option<u64> },
     SetPools { limits: [u32; 4], depth: [u32; 4], remove_b: bool },
     Tick,
+    PausePool { pool: usize, dur: u64 },
+    ResumePool { pool: usize },
+    Revoke { which: usize },
+    Drain(bool),
+    Observe(bool),
 }
 
 fn overflow() -> impl Strategy<Value = Overflow> {
@@ -103,6 +108,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => ([1..5u32, 1..4u32, 1..4u32, 1..3u32], [1..4u32, 1..4u32, 1..4u32, 1..4u32], prop::bool::weighted(0.2))
             .prop_map(|(limits, depth, remove_b)| Op::SetPools { limits, depth, remove_b }),
         3 => Just(Op::Tick),
+        1 => (0..4usize, 0..800u64).prop_map(|(pool, dur)| Op::PausePool { pool, dur }),
+        1 => (0..4usize).prop_map(|pool| Op::ResumePool { pool }),
+        1 => (0..8usize).prop_map(|which| Op::Revoke { which }),
+        1 => any::<bool>().prop_map(Op::Drain),
+        1 => any::<bool>().prop_map(Op::Observe),
     ]
 }
 
@@ -189,6 +199,8 @@ struct Model {
     last_token: HashMap<PoolId, u64>,
     sessions: Vec<SessionId>,
     next_request: u64,
+    /// The lease an operator is revoking in the current step.
+    revoking: Option<LeaseId>,
 }
 
 impl Model {
@@ -271,7 +283,7 @@ impl Model {
                     w.blocked = *blocked;
                     self.waiters.insert((*s, p.id.clone()), w);
                 }
-                Event::Granted { request_id, lease_id, pool, token, ttl, expires_at } => {
+                Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
                     let key = (*s, request_id.to_string());
                     if let Some(w) = self.waiters.get(&key) {
                         assert_eq!(&w.pool, pool);
@@ -334,16 +346,18 @@ impl Model {
                 Event::Cancelled { request_id } => {
                     self.drop_waiter(&(*s, request_id.to_string())).expect("cancelled a waiter");
                 }
-                Event::Expired { lease_id, reason } => {
+                Event::Expired { lease_id, reason, .. } => {
                     let l = self.leases.remove(lease_id).expect("expired a lease");
                     assert_eq!(l.session, *s, "Expired went to the holder");
                     match reason {
                         ExpiryReason::Ttl => assert!(l.expires_at <= now, "expired early"),
                         ExpiryReason::PoolRemoved => assert!(!self.pools.contains_key(&l.pool)),
-                        ExpiryReason::Revoked => panic!("nothing revokes here"),
+                        ExpiryReason::Revoked => {
+                            assert_eq!(self.revoking, Some(*lease_id), "revoked by nobody")
+                        }
                     }
                 }
-                Event::Released { lease_id } => {
+                Event::Released { lease_id, .. } => {
                     let l = self.leases.remove(lease_id).expect("released a lease");
                     assert_eq!(l.session, *s);
                 }
@@ -433,6 +447,7 @@ fn run(case: Case) {
         last_token: HashMap::new(),
         sessions: Vec::new(),
         next_request: 0,
+        revoking: None,
     };
     for _ in 0..3 {
         m.sessions.push(s.open_session());
@@ -638,6 +653,48 @@ fn run(case: Case) {
                 (s.set_pools(now, new).unwrap(), false)
             }
             Op::Tick => (s.tick(now), false),
+            Op::PausePool { pool, dur } => match s.pause_pool(now, &pid(pool), ms(dur), "proptest") {
+                Ok((until, d)) => {
+                    assert!(until >= now + ms(dur));
+                    (d, false)
+                }
+                Err(e) => {
+                    assert!(dur == 0 || !m.pools.contains_key(&pid(pool)), "{e}");
+                    assert_eq!(fingerprint(&s), print_before);
+                    continue;
+                }
+            },
+            Op::ResumePool { pool } => match s.resume_pool(now, &pid(pool)) {
+                Ok((_, d)) => (d, false),
+                Err(e) => {
+                    assert_eq!(e, Error::UnknownPool(pid(pool)));
+                    assert_eq!(fingerprint(&s), print_before);
+                    continue;
+                }
+            },
+            Op::Revoke { which } => {
+                let id = match m.leases.keys().nth(which) {
+                    Some(id) if which < 7 => *id,
+                    _ => LeaseId(4242),
+                };
+                match s.revoke(now, id) {
+                    Ok((l, d)) => {
+                        assert_eq!(l.id, id);
+                        m.revoking = Some(id);
+                        (d, false)
+                    }
+                    Err(_) => {
+                        assert!(!m.leases.contains_key(&id));
+                        assert_eq!(fingerprint(&s), print_before);
+                        continue;
+                    }
+                }
+            }
+            Op::Drain(on) => (s.set_draining(now, on), false),
+            Op::Observe(on) => {
+                s.set_observing(on);
+                continue;
+            }
         };
 
         // Skipped operations moved `now` without telling the scheduler; opening a stream reads no
@@ -647,6 +704,7 @@ fn run(case: Case) {
             seen = now;
         }
         m.apply(seen, &d, pending.as_ref(), recreate_pool.as_ref());
+        m.revoking = None;
         m.check(&s, seen);
 
         // Limits, level by level.

@@ -4,6 +4,7 @@
 //! instants; nothing sleeps and nothing needs a runtime. The helpers below are shared by the files
 //! of this directory, which are split by concern.
 
+mod admin;
 mod admission;
 mod bad_input;
 mod lease_lifecycle;

@@ -130,7 +130,11 @@ fn a_waiter_past_its_max_wait_is_rejected_at_its_deadline() {
         rejected("w", Error::WaitTimeout { pool: pid("p"), waited: secs(1), retry_after: None }),
     );
     // A release after the deadline finds nobody waiting.
-    assert_only(&s.release(t0 + ms(1500), x, hp, Outcome::Ok), x, Event::Released { lease_id: hp });
+    assert_only(
+        &s.release(t0 + ms(1500), x, hp, Outcome::Ok),
+        x,
+        Event::Released { lease_id: hp, pool: pid("p"), outcome: Outcome::Ok },
+    );
     let d = s.tick(t0 + secs(2));
     assert_eq!(
         events_of(&d, x),

@@ -60,7 +60,7 @@ fn a_lease_without_heartbeat_is_reclaimed_at_its_expiry() {
     // Reclaimed exactly at expires_at, and the slot goes to the waiter in the same tick.
     let t1 = t0 + secs(1);
     let d = s.tick(t1);
-    assert_eq!(d.events[0], (x, Event::Expired { lease_id: l, reason: ExpiryReason::Ttl }));
+    assert_eq!(d.events[0], (x, Event::Expired { lease_id: l, pool: pid("p"), reason: ExpiryReason::Ttl }));
     granted(&d, y, "w");
     assert_eq!(d.events.len(), 2);
     s.check_invariants(t1);
@@ -92,7 +92,7 @@ fn a_heartbeat_extends_a_lease() {
     let d = s.heartbeat(t0 + ms(600), x, &[a]);
     assert_only(&d, x, Event::HeartbeatAck { renewed: 1 });
     let d = s.tick(t0 + secs(1));
-    assert_only(&d, x, Event::Expired { lease_id: b, reason: ExpiryReason::Ttl });
+    assert_only(&d, x, Event::Expired { lease_id: b, pool: pid("p"), reason: ExpiryReason::Ttl });
     assert_eq!(s.snapshot(None).unwrap().leases[0].expires_at, t0 + ms(1600));
 
     // An empty list renews all of the session's leases.
@@ -100,7 +100,7 @@ fn a_heartbeat_extends_a_lease() {
     assert_only(&d, x, Event::HeartbeatAck { renewed: 1 });
     assert!(s.tick(t0 + ms(2499)).events.is_empty());
     let d = s.tick(t0 + ms(2500));
-    assert_only(&d, x, Event::Expired { lease_id: a, reason: ExpiryReason::Ttl });
+    assert_only(&d, x, Event::Expired { lease_id: a, pool: pid("p"), reason: ExpiryReason::Ttl });
     assert_eq!((s.lease_count(), load(&s, "p")), (0, (0, 0)));
     s.check_invariants(t0 + ms(2500));
 }
@@ -116,7 +116,7 @@ fn a_released_slot_cools_down_before_it_is_granted_again() {
 
     let t1 = t0 + secs(1);
     let d = s.release(t1, x, l, Outcome::Ok);
-    assert_only(&d, x, Event::Released { lease_id: l });
+    assert_only(&d, x, Event::Released { lease_id: l, pool: pid("p"), outcome: Outcome::Ok });
     let p = pool_snap(&s, "p");
     assert_eq!((p.in_flight, p.cooling, p.queued), (0, 1, 1));
     assert_eq!(s.next_deadline(), Some(t1 + ms(200)));

@@ -58,7 +58,7 @@ fn a_lease_counts_on_every_ancestor() {
     s.check_invariants(t0);
 
     let d = s.release(t0, x, l, Outcome::Ok);
-    assert_only(&d, x, Event::Released { lease_id: l });
+    assert_only(&d, x, Event::Released { lease_id: l, pool: pid("leaf"), outcome: Outcome::Ok });
     for p in ["root", "mid", "leaf"] {
         assert_eq!(load(&s, p), (0, 0), "{p}");
     }
@@ -109,7 +109,7 @@ fn a_slot_freed_by_expiry_goes_to_the_queued_waiter_before_a_newcomer() {
     assert_eq!(
         d.events,
         vec![
-            (x, Event::Expired { lease_id: h, reason: ExpiryReason::Ttl }),
+            (x, Event::Expired { lease_id: h, pool: pid("p"), reason: ExpiryReason::Ttl }),
             d.events[1].clone(),
             (z, queued("late", 0)),
         ]

@@ -24,7 +24,13 @@ fn a_429_pauses_the_pool_and_its_descendants_until_the_latest_end() {
     // Release with a 429: the slot is free but nothing is granted; everyone on `p` or below hears.
     let t1 = t0 + secs(1);
     let d = s.release(t1, releaser, l, Outcome::RateLimited(Some(secs(5))));
-    assert_eq!(d.events[0], (releaser, Event::Released { lease_id: l }));
+    assert_eq!(
+        d.events[0],
+        (
+            releaser,
+            Event::Released { lease_id: l, pool: pid("p"), outcome: Outcome::RateLimited(Some(secs(5))) }
+        )
+    );
     assert!(grants(&d).is_empty());
     let told: Vec<SessionId> = d.events[1..].iter().map(|(s, _)| *s).collect();
     assert_eq!(told, vec![holder, waiter]);
@@ -202,7 +208,11 @@ fn a_zero_retry_after_lowers_headroom_but_pauses_nothing() {
     let x = s.open_session();
     let l = granted(&s.request(t0, x, req("a", "p")), x, "a");
     let d = s.release(t0, x, l, Outcome::RateLimited(Some(Duration::ZERO)));
-    assert_only(&d, x, Event::Released { lease_id: l });
+    assert_only(
+        &d,
+        x,
+        Event::Released { lease_id: l, pool: pid("p"), outcome: Outcome::RateLimited(Some(Duration::ZERO)) },
+    );
     let p = pool_snap(&s, "p");
     assert_eq!((p.paused_until, p.effective_limit), (None, 1));
     assert_eq!(s.next_deadline(), Some(t0 + PoolConfig::DEFAULT_HEADROOM_RECOVERY));

@@ -36,7 +36,11 @@ fn lowering_a_limit_revokes_nothing_and_waits_until_below_it() {
     // 2 and then 1 in flight: still not below the new limit of 1.
     for (i, l) in held[..2].iter().enumerate() {
         let t = t0 + ms(i as u64 + 1);
-        assert_only(&s.release(t, x, *l, Outcome::Ok), x, Event::Released { lease_id: *l });
+        assert_only(
+            &s.release(t, x, *l, Outcome::Ok),
+            x,
+            Event::Released { lease_id: *l, pool: pid("p"), outcome: Outcome::Ok },
+        );
         s.check_invariants(t);
     }
     assert_eq!(load(&s, "p"), (1, 1));
@@ -78,7 +82,7 @@ fn removing_a_pool_rejects_its_waiters_and_expires_its_leases() {
         d.events[..2],
         [
             (x, rejected("wa", Error::PoolRemoved(pid("a")))),
-            (x, Event::Expired { lease_id: l, reason: ExpiryReason::PoolRemoved }),
+            (x, Event::Expired { lease_id: l, pool: pid("a"), reason: ExpiryReason::PoolRemoved }),
         ]
     );
     // The parent slot it held goes to the sibling's waiter in the same decisions.

@@ -58,7 +58,11 @@ fn a_live_lease_moves_to_the_resuming_stream() {
     assert_eq!(d.events.len(), 1);
     assert_eq!(d.events[0].0, new);
 
-    assert_only(&s.release(t1, new, l, Outcome::Ok), new, Event::Released { lease_id: l });
+    assert_only(
+        &s.release(t1, new, l, Outcome::Ok),
+        new,
+        Event::Released { lease_id: l, pool: pid("p"), outcome: Outcome::Ok },
+    );
     // An ended lease cannot be resumed.
     assert_only(
         &s.resume(t1, new, resume(l, tok, "p")),

@@ -1,0 +1,157 @@
+//! Bearer-token authentication, one token per service: `authorization: Bearer <token>` metadata is
+//! checked by a tonic interceptor before any handler runs, so a refused call changes nothing.
+//!
+//! - no `authorization` metadata (or not a `Bearer` one) -> UNAUTHENTICATED
+//! - a token that is not this service's (an agent token on the admin service included) -> PERMISSION_DENIED
+//!
+//! A service whose token is not configured is open; [`crate::serve`] refuses to listen beyond
+//! loopback in that case unless `allow_insecure_remote` is set.
+
+use std::{fmt, sync::Arc};
+
+use tonic::{Request, Status, service::Interceptor};
+
+/// A secret token. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Arc<[u8]>);
+
+impl Token {
+    /// A token from text (a file's contents or an env var): surrounding whitespace is trimmed; it
+    /// must be non-empty visible ASCII, since it travels as HTTP/2 header text.
+    pub fn new(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("token is empty".into());
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("token must be visible ASCII without spaces".into());
+        }
+        Ok(Self(Arc::from(t.as_bytes())))
+    }
+
+    /// Compares in time that depends only on the lengths, not on where the first difference is,
+    /// so response timing does not leak the token byte by byte.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        constant_time_eq(&self.0, presented)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+#[inline(never)]
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u64;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= u64::from(x ^ y);
+    }
+    // Keeps the optimiser from turning the loop back into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+/// The interceptor for one service: requires its token when one is configured.
+#[derive(Clone, Debug)]
+pub struct RequireToken {
+    token: Option<Token>,
+    service: &'static str,
+}
+
+impl RequireToken {
+    /// Requires `token` (when `Some`) on calls to `service` (named in refusals).
+    pub fn new(token: Option<Token>, service: &'static str) -> Self {
+        Self { token, service }
+    }
+
+    /// The agent service's check (`slotd.v1.Slotd`).
+    pub fn agent(token: Option<Token>) -> Self {
+        Self::new(token, "slotd.v1.Slotd")
+    }
+
+    /// The admin service's check (`slotd.v1.Admin`). Wrap the admin server with
+    /// `AdminServer::with_interceptor(service, RequireToken::admin(cfg.admin_token.clone()))`.
+    pub fn admin(token: Option<Token>) -> Self {
+        Self::new(token, "slotd.v1.Admin")
+    }
+
+    /// Whether a token is required.
+    pub fn is_required(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Checks one call's metadata.
+    pub fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(want) = &self.token else {
+            return Ok(());
+        };
+        let Some(value) = req.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(format!(
+                "{} requires `authorization: Bearer <token>` metadata",
+                self.service
+            )));
+        };
+        let presented = value.as_bytes();
+        let token = match presented.split_first_chunk::<7>() {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => rest.trim_ascii(),
+            _ => {
+                return Err(Status::unauthenticated(format!(
+                    "{}: authorization metadata must be `Bearer <token>`",
+                    self.service
+                )));
+            }
+        };
+        if want.matches(token) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!("{}: token not accepted", self.service)))
+        }
+    }
+}
+
+impl Interceptor for RequireToken {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.check(&req)?;
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    fn call(check: &RequireToken, auth: Option<&str>) -> Result<(), Code> {
+        let mut req = Request::new(());
+        if let Some(a) = auth {
+            req.metadata_mut().insert("authorization", a.parse().unwrap());
+        }
+        check.check(&req).map_err(|s| s.code())
+    }
+
+    #[test]
+    fn refusals_have_the_right_codes() {
+        let c = RequireToken::agent(Some(Token::new("s3cret\n").unwrap()));
+        assert_eq!(call(&c, Some("Bearer s3cret")), Ok(()));
+        assert_eq!(call(&c, Some("bearer s3cret")), Ok(()));
+        assert_eq!(call(&c, None), Err(Code::Unauthenticated));
+        assert_eq!(call(&c, Some("Basic abc")), Err(Code::Unauthenticated));
+        assert_eq!(call(&c, Some("Bearer")), Err(Code::Unauthenticated));
+        assert_eq!(call(&c, Some("Bearer s3cre")), Err(Code::PermissionDenied));
+        assert_eq!(call(&c, Some("Bearer s3cret2")), Err(Code::PermissionDenied));
+        assert_eq!(call(&RequireToken::agent(None), None), Ok(()));
+    }
+
+    #[test]
+    fn tokens_are_checked_and_never_printed() {
+        assert!(Token::new("  ").is_err());
+        assert!(Token::new("a b").is_err());
+        let t = Token::new("abc").unwrap();
+        assert!(!format!("{t:?}").contains("abc"));
+        assert!(t.matches(b"abc") && !t.matches(b"abd") && !t.matches(b"ab") && !t.matches(b""));
+    }
+}

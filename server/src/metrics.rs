@@ -1,0 +1,387 @@
+//! Prometheus metrics: counters recorded by the driver from the decisions it routes, gauges refreshed
+//! from a scheduler snapshot at scrape time, and a tiny HTTP/1 endpoint serving `GET /metrics`.
+//!
+//! The scheduler core stays free of metrics: the driver looks at the [`Event`]s it routes anyway
+//! (they carry the pool, the release outcome and the queue wait) and bumps pre-resolved per-pool
+//! handles, so the grant path costs a hash lookup and two atomic adds, and allocates nothing once a
+//! pool has been seen. Label values only ever come from pools that exist (an unknown pool named by
+//! a client is counted under `pool=""`), so a client cannot blow up the series count.
+
+use std::{
+    collections::HashMap, convert::Infallible, io::Cursor, net::SocketAddr, sync::Arc, time::Duration,
+};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{Mutex, Semaphore},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    driver::DriverHandle,
+    scheduler::{Error, Event, ExpiryReason, Outcome, PoolId},
+};
+
+/// Upper bounds (seconds) of the queue-wait histogram: from an immediate grant to a ten-minute wait.
+pub const QUEUE_WAIT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+/// The `outcome` label of `slotd_leases_released_total`, in [`Outcome`] order plus a closed stream.
+const RELEASE_OUTCOMES: [&str; 5] = ["ok", "error", "cancelled", "rate_limited", "stream_closed"];
+/// The `reason` label of `slotd_leases_expired_total`.
+const EXPIRY_REASONS: [&str; 3] = ["ttl", "revoked", "pool_removed"];
+/// The `reason` label of `slotd_rejections_total`.
+const REJECTION_REASONS: [&str; 11] = [
+    "invalid_argument",
+    "unknown_pool",
+    "duplicate_request",
+    "unknown_request",
+    "queue_full",
+    "shed",
+    "limit_exceeded",
+    "wait_timeout",
+    "pool_removed",
+    "shutting_down",
+    "other",
+];
+
+/// Every slotd metric, registered in its own [`Registry`]. Cheap to clone (the prometheus types are
+/// shared handles).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    granted: IntCounterVec,
+    released: IntCounterVec,
+    expired: IntCounterVec,
+    rejections: IntCounterVec,
+    pauses: IntCounterVec,
+    queue_wait: HistogramVec,
+    in_flight: IntGaugeVec,
+    queued: IntGaugeVec,
+    effective_limit: IntGaugeVec,
+    limit: IntGaugeVec,
+    paused: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        fn gauge(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["pool"]).expect("valid metric definition");
+            r.register(Box::new(g.clone())).expect("metric names are unique");
+            g
+        }
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "slotd_queue_wait_seconds",
+                "Time from request to grant, per pool (zero when granted at once).",
+            )
+            .buckets(QUEUE_WAIT_BUCKETS.to_vec()),
+            &["pool"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(queue_wait.clone())).expect("metric names are unique");
+        Self {
+            granted: counter(&registry, "slotd_leases_granted_total", "Leases granted.", &["pool"]),
+            released: counter(
+                &registry,
+                "slotd_leases_released_total",
+                "Leases given back, by the outcome the holder reported (stream_closed: its stream ended).",
+                &["pool", "outcome"],
+            ),
+            expired: counter(
+                &registry,
+                "slotd_leases_expired_total",
+                "Leases ended without a release: ttl (no heartbeat), revoked, pool_removed.",
+                &["pool", "reason"],
+            ),
+            rejections: counter(
+                &registry,
+                "slotd_rejections_total",
+                "Requests refused or given up on, by reason (pool=\"\" when no existing pool applies).",
+                &["pool", "reason"],
+            ),
+            pauses: counter(
+                &registry,
+                "slotd_pauses_total",
+                "Pauses applied to the pool: rate-limit (429) reports and operator pauses.",
+                &["pool"],
+            ),
+            queue_wait,
+            in_flight: gauge(&registry, "slotd_in_flight", "Leases held on the pool and its descendants."),
+            queued: gauge(&registry, "slotd_queued", "Requests waiting on the pool."),
+            effective_limit: gauge(
+                &registry,
+                "slotd_effective_limit",
+                "The pool's limit now (below slotd_limit after 429s on an adaptive pool).",
+            ),
+            limit: gauge(&registry, "slotd_limit", "The pool's configured max_concurrent."),
+            paused: gauge(&registry, "slotd_paused", "1 while the pool is paused."),
+            registry,
+        }
+    }
+
+    /// The registry, to register more collectors or gather by hand.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts a pause of `pool` (a 429 report).
+    pub fn record_pause(&self, pool: &PoolId) {
+        self.pauses.with_label_values(&[pool.as_str()]).inc();
+    }
+
+    /// Refreshes the gauges from the driver's snapshot, then encodes everything as Prometheus text.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing but the gauges, which the next scrape sets again.
+    pub async fn render(&self, driver: &DriverHandle) -> Result<Vec<u8>, Error> {
+        let snap = driver.status(None).await?;
+        // Pools removed since the last scrape must not linger as gauges.
+        for g in [&self.in_flight, &self.queued, &self.effective_limit, &self.limit, &self.paused] {
+            g.reset();
+        }
+        for p in &snap.pools {
+            let l = [p.id.as_str()];
+            self.in_flight.with_label_values(&l).set(i64::from(p.in_flight));
+            self.queued.with_label_values(&l).set(i64::from(p.queued));
+            self.effective_limit.with_label_values(&l).set(i64::from(p.effective_limit));
+            self.limit.with_label_values(&l).set(i64::from(p.config.max_concurrent));
+            self.paused.with_label_values(&l).set(i64::from(p.paused_until.is_some()));
+        }
+        let mut buf = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(|e| Error::InvalidArgument(format!("encoding metrics: {e}")))?;
+        Ok(buf)
+    }
+}
+
+/// One pool's counter handles, resolved once.
+#[derive(Debug)]
+struct PoolHandles {
+    granted: IntCounter,
+    queue_wait: Histogram,
+    released: [IntCounter; RELEASE_OUTCOMES.len()],
+    expired: [IntCounter; EXPIRY_REASONS.len()],
+    /// Resolved on first use: most pools never see most reasons, and a zero series per reason per
+    /// pool would only be noise.
+    rejections: [Option<IntCounter>; REJECTION_REASONS.len()],
+    pauses: IntCounter,
+}
+
+/// The driver's side: turns routed events into counter increments through per-pool handles.
+#[derive(Debug)]
+pub struct Recorder {
+    metrics: Metrics,
+    pools: HashMap<PoolId, PoolHandles>,
+    /// `pool=""` rejections (no existing pool applies).
+    unattributed: [Option<IntCounter>; REJECTION_REASONS.len()],
+}
+
+impl Recorder {
+    /// A recorder feeding `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics, pools: HashMap::new(), unattributed: Default::default() }
+    }
+
+    fn pool(&mut self, pool: &PoolId) -> &mut PoolHandles {
+        if !self.pools.contains_key(pool) {
+            let m = &self.metrics;
+            let p = pool.as_str();
+            let handles = PoolHandles {
+                granted: m.granted.with_label_values(&[p]),
+                queue_wait: m.queue_wait.with_label_values(&[p]),
+                released: RELEASE_OUTCOMES.map(|o| m.released.with_label_values(&[p, o])),
+                expired: EXPIRY_REASONS.map(|r| m.expired.with_label_values(&[p, r])),
+                rejections: Default::default(),
+                pauses: m.pauses.with_label_values(&[p]),
+            };
+            self.pools.insert(pool.clone(), handles);
+        }
+        self.pools.get_mut(pool).expect("inserted above")
+    }
+
+    /// Records one routed event.
+    pub fn event(&mut self, event: &Event) {
+        match event {
+            Event::Granted { pool, waited, .. } => {
+                let h = self.pool(pool);
+                h.granted.inc();
+                h.queue_wait.observe(waited.as_secs_f64());
+            }
+            Event::Released { pool, outcome, .. } => {
+                let i = match outcome {
+                    Outcome::Ok => 0,
+                    Outcome::Error => 1,
+                    Outcome::Cancelled => 2,
+                    Outcome::RateLimited(_) => 3,
+                };
+                let h = self.pool(pool);
+                h.released[i].inc();
+                if i == 3 {
+                    h.pauses.inc();
+                }
+            }
+            Event::Expired { pool, reason, .. } => {
+                let i = match reason {
+                    ExpiryReason::Ttl => 0,
+                    ExpiryReason::Revoked => 1,
+                    ExpiryReason::PoolRemoved => 2,
+                };
+                self.pool(pool).expired[i].inc();
+            }
+            Event::Rejected { error, .. } => self.rejection(error),
+            _ => {}
+        }
+    }
+
+    /// Records leases that ended because their stream closed (no event tells of those).
+    pub fn stream_closed(&mut self, pool: &PoolId, n: u64) {
+        self.pool(pool).released[4].inc_by(n);
+    }
+
+    /// Records a 429 report on `pool` (a `ReportRateLimit` that was applied).
+    pub fn pause(&mut self, pool: &PoolId) {
+        self.pool(pool).pauses.inc();
+    }
+
+    fn rejection(&mut self, error: &Error) {
+        let (i, pool) = rejection_reason(error);
+        let slot = match pool {
+            Some(pool) => {
+                let metrics = self.metrics.clone();
+                let h = self.pool(pool);
+                let p = pool.as_str();
+                h.rejections[i]
+                    .get_or_insert_with(|| metrics.rejections.with_label_values(&[p, REJECTION_REASONS[i]]))
+            }
+            None => {
+                let m = &self.metrics;
+                self.unattributed[i]
+                    .get_or_insert_with(|| m.rejections.with_label_values(&["", REJECTION_REASONS[i]]))
+            }
+        };
+        slot.inc();
+    }
+}
+
+/// The index into [`REJECTION_REASONS`], and the pool when the error names one that exists.
+fn rejection_reason(e: &Error) -> (usize, Option<&PoolId>) {
+    match e {
+        Error::InvalidArgument(_) | Error::PriorityOutOfRange { .. } => (0, None),
+        Error::InvalidTtl { pool, .. } => (0, Some(pool)),
+        // The name came from the client and names no pool: never a label value.
+        Error::UnknownPool(_) => (1, None),
+        Error::DuplicateRequest(_) => (2, None),
+        Error::UnknownRequest(_) => (3, None),
+        Error::QueueFull { pool, .. } => (4, Some(pool)),
+        Error::Shed(pool) => (5, Some(pool)),
+        Error::LimitExceeded(_) => (6, None),
+        Error::WaitTimeout { pool, .. } => (7, Some(pool)),
+        Error::PoolRemoved(pool) => (8, Some(pool)),
+        Error::ShuttingDown => (9, None),
+        _ => (10, None),
+    }
+}
+
+/// Most concurrent connections to the metrics endpoint; more wait in the accept backlog.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+/// How long a metrics client gets to send its request headers.
+pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown` resolves.
+/// Anything else gets 404 (other paths) or 405 (other methods).
+///
+/// # Cancel safety
+/// Dropping the future stops accepting; connections already accepted finish their request.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: Metrics,
+    driver: DriverHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let state = Arc::new((metrics, driver, Mutex::new(())));
+    let permits = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => return,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(req, &state).await) }
+            });
+            let res = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            if let Err(e) = res {
+                debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+type Body = Full<Cursor<Vec<u8>>>;
+
+async fn respond(req: Request<Incoming>, state: &(Metrics, DriverHandle, Mutex<()>)) -> Response<Body> {
+    let reply = |code: StatusCode, ctype: &'static str, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Cursor::new(body)));
+        *r.status_mut() = code;
+        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", b"not found; try /metrics\n".to_vec());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"GET only\n".to_vec());
+    }
+    let (metrics, driver, lock) = state;
+    // Gauges are reset and refilled per scrape; two scrapes at once must not interleave that.
+    let _one_at_a_time = lock.lock().await;
+    match metrics.render(driver).await {
+        Ok(body) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n").into_bytes()),
+    }
+}
