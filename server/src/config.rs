@@ -38,6 +38,11 @@ pub struct Cli {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Restart marker: present while the daemon runs (and kept if it stops with leases held). Finding it
+    /// at startup means a restart: grant nothing new for one lease TTL so earlier holders resume first.
+    /// Default: `$TMPDIR/slotd-<port>.running` for the binary; `none` disables it.
+    #[arg(long, value_name = "PATH|none", env = "SLOTD_RESTART_MARKER")]
+    pub restart_marker: Option<String>,
     /// Persist pool changes made through the Admin service to this TOML file (written atomically);
     /// when it exists at startup, its pools replace the config file's. Overrides `state_file`.
     #[arg(long, value_name = "PATH", env = "SLOTD_STATE_FILE")]
@@ -89,6 +94,9 @@ pub struct Config {
     /// The pools, by name.
     #[serde(default)]
     pub pools: BTreeMap<PoolId, PoolConfig>,
+    /// Restart detection (see `--restart-marker`); `None` (the library default) never detects one.
+    #[serde(default)]
+    pub restart_marker: Option<PathBuf>,
     /// Where Admin pool changes are persisted; `None` (the default) keeps them in memory only.
     /// When the file exists at startup its pools replace `pools` (which stay the seed otherwise).
     #[serde(default)]
@@ -266,6 +274,15 @@ impl Config {
         }
         if let Some(f) = &cli.state_file {
             cfg.state_file = Some(f.clone());
+        }
+        match cli.restart_marker.as_deref() {
+            Some("none") => cfg.restart_marker = None,
+            Some(path) => cfg.restart_marker = Some(PathBuf::from(path)),
+            None if cfg.restart_marker.is_none() => {
+                let name = format!("slotd-{}.running", cfg.listen.port());
+                cfg.restart_marker = Some(std::env::temp_dir().join(name));
+            }
+            None => {}
         }
         if let Some(addr) = cli.metrics_listen {
             cfg.metrics_listen = Some(addr);

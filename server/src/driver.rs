@@ -132,7 +132,7 @@ enum Command {
         reply: oneshot::Sender<Result<(), Error>>,
     },
     Shutdown {
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<usize>,
     },
     Admin(AdminOp),
 }
@@ -364,9 +364,10 @@ impl DriverHandle {
     ///
     /// # Cancel safety
     /// Not cancel safe: once sent, shutdown proceeds.
-    pub async fn shutdown(&self) {
+    /// Returns how many leases were still held when granting stopped.
+    pub async fn shutdown(&self) -> usize {
         let (reply, rx) = oneshot::channel();
-        let _ = self.call(Command::Shutdown { reply }, rx).await;
+        self.call(Command::Shutdown { reply }, rx).await.unwrap_or(0)
     }
 
     async fn call<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, Error> {
@@ -547,6 +548,7 @@ impl Driver {
             }
             Command::Admin(op) => self.handle_admin(now, op),
             Command::Shutdown { reply } => {
+                let held = self.sched.lease_count();
                 let d = self.sched.shutdown(now);
                 self.route(d);
                 // Replacing the sender closes every Watch subscription, so those streams end and
@@ -558,7 +560,7 @@ impl Driver {
                     self.count_stream_closed(session);
                     let _ = self.sched.close_session(now, session, Duration::ZERO);
                 }
-                let _ = reply.send(());
+                let _ = reply.send(held);
             }
         }
     }

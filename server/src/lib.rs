@@ -130,9 +130,10 @@ pub async fn serve_with_metrics(
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
     let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let learning_period = restart_learning_period(&cfg);
     let sched_cfg = SchedulerConfig {
         aging_step: cfg.scheduler.aging_step,
-        learning_period: cfg.scheduler.learning_period,
+        learning_period,
         max_per_session: cfg.scheduler.max_per_stream,
         first_token,
         seed: None,
@@ -204,6 +205,7 @@ pub async fn serve_with_metrics(
         .max_decoding_message_size(max_msg);
     let admin = InterceptedService::new(admin, RequireToken::admin(cfg.admin_token.clone()));
 
+    let marker = cfg.restart_marker.clone();
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
@@ -212,7 +214,17 @@ pub async fn serve_with_metrics(
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
         health.set_not_serving::<AdminServer<AdminService>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
-        handle.shutdown().await;
+        let held = handle.shutdown().await;
+        match &marker {
+            // Nothing was held: the next start need not wait for anyone to resume.
+            Some(m) if held == 0 => {
+                let _ = std::fs::remove_file(m);
+            }
+            Some(_) => {
+                info!(leases = held, "stopping with leases held: the next start runs a learning period")
+            }
+            None => {}
+        }
         let _ = signalled.send(());
     };
     // tonic waits for every connection to close; one that never does (a health `Watch`, a client
@@ -311,4 +323,27 @@ async fn reload_pools(
     merged.extend(saved);
     handle.set_pools(merged.clone()).await.map_err(|e| e.to_string())?;
     sf.save(merged).await.map_err(|e| e.to_string())
+}
+
+/// The learning period for this start. With a restart marker, finding it means the previous run
+/// crashed or stopped with leases held: wait one lease TTL (the longest `default_ttl`) so those
+/// holders can resume before anything new is granted. The marker is then (re)written.
+fn restart_learning_period(cfg: &Config) -> Duration {
+    let configured = cfg.scheduler.learning_period;
+    let Some(marker) = &cfg.restart_marker else { return configured };
+    let restarted = marker.exists();
+    if let Err(e) = std::fs::write(marker, format!("{}\n", std::process::id())) {
+        warn!(path = %marker.display(), error = %e, "cannot write the restart marker; restarts will not be detected");
+    }
+    if !restarted {
+        return configured;
+    }
+    let ttl = cfg.pools.values().map(|p| p.default_ttl).max().unwrap_or_default();
+    let period = configured.max(ttl);
+    warn!(
+        path = %marker.display(),
+        learning_secs = period.as_secs_f64(),
+        "previous run ended with leases possibly held: granting only resumes during the learning period"
+    );
+    period
 }
