@@ -735,3 +735,39 @@ async fn status_and_run_over_tls_with_a_ca_file() {
     assert_code(&out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_go_to_the_right_service() {
+    use slotd::grpc::auth::Token;
+    let mut cfg = Config::from_toml_str(POOLS).expect("config");
+    cfg.agent_token = Some(Token::new("agent-secret").expect("token"));
+    cfg.admin_token = Some(Token::new("admin-secret").expect("token"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(slotd::serve(cfg, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let out = run_ctl(&url, &["status"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).trim_end().ends_with("(UNAUTHENTICATED)"), "{}", text(&out.stderr));
+
+    let agent = ["--token", "agent-secret"];
+    let both = ["--token", "agent-secret", "--admin-token", "admin-secret"];
+    let with = |pre: &[&'static str], rest: &[&'static str]| -> Vec<&'static str> {
+        pre.iter().chain(rest).copied().collect()
+    };
+    assert_code(&run_ctl(&url, &with(&agent, &["status"])).await, 0);
+    assert_code(&run_ctl(&url, &with(&agent, &["run", "--pool", "solo", "--", "true"])).await, 0);
+    let out = run_ctl(&url, &with(&agent, &["pause", "solo", "--for", "5s"])).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).trim_end().ends_with("(PERMISSION_DENIED)"), "{}", text(&out.stderr));
+    assert_code(&run_ctl(&url, &with(&both, &["pause", "solo", "--for", "5s"])).await, 0);
+    assert_code(&run_ctl(&url, &with(&both, &["resume", "solo"])).await, 0);
+    // One token for both, from the environment.
+    let mut cmd = slotctl();
+    cmd.env("SLOTD_TOKEN", "admin-secret").args(["--endpoint", &url, "resume", "solo"]);
+    let out = tokio::time::timeout(TIMEOUT, cmd.output()).await.expect("in time").expect("runs");
+    assert_code(&out, 0);
+}

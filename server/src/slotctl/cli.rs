@@ -17,9 +17,14 @@ pub struct Cli {
     /// The daemon's gRPC endpoint.
     #[arg(long, global = true, env = "SLOTD_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Bearer token, sent as `authorization: Bearer <token>`.
+    /// Bearer token, sent as `authorization: Bearer <token>` (to the admin service too, unless
+    /// --admin-token is given).
     #[arg(long, global = true, env = "SLOTD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Bearer token for the admin service (pool, pause, resume, revoke, drain, undrain, and top's
+    /// events), when it differs from --token.
+    #[arg(long, global = true, env = "SLOTD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// CA certificate (PEM) to verify the daemon's TLS certificate; implies TLS. An `https://`
     /// endpoint uses TLS too.
     #[arg(long, global = true, env = "SLOTD_CA_CERT", value_name = "FILE")]

@@ -18,6 +18,8 @@ pub struct Target {
     pub endpoint: String,
     /// The bearer token.
     pub token: Option<String>,
+    /// The admin service's bearer token, when it differs from `token`.
+    pub admin_token: Option<String>,
     /// A CA certificate (PEM file) to verify the daemon with; implies TLS.
     pub ca_cert: Option<PathBuf>,
     /// The name the daemon's certificate must carry.
@@ -57,6 +59,16 @@ pub struct Conn {
     endpoint: String,
     channel: Channel,
     auth: Option<AsciiMetadataValue>,
+    admin_auth: Option<AsciiMetadataValue>,
+}
+
+fn bearer(token: Option<&str>) -> Result<Option<AsciiMetadataValue>, CtlError> {
+    token
+        .map(|t| {
+            AsciiMetadataValue::try_from(format!("Bearer {t}"))
+                .map_err(|_| CtlError::new("the token contains characters that cannot be sent in metadata"))
+        })
+        .transpose()
 }
 
 impl Conn {
@@ -69,17 +81,16 @@ impl Conn {
     /// # Cancel safety
     /// Cancel safe: nothing is kept until the connection is made.
     pub async fn connect(target: &Target) -> Result<Conn, CtlError> {
-        let auth = match &target.token {
-            None => None,
-            Some(t) => Some(AsciiMetadataValue::try_from(format!("Bearer {t}")).map_err(|_| {
-                CtlError::new("the token contains characters that cannot be sent in metadata")
-            })?),
+        let auth = bearer(target.token.as_deref())?;
+        let admin_auth = match target.admin_token.as_deref() {
+            Some(t) => bearer(Some(t))?,
+            None => auth.clone(),
         };
         let endpoint = &target.endpoint;
         let channel = target.endpoint()?.connect().await.map_err(|e| {
             CtlError::with_code(format!("cannot connect to {endpoint}: {}", chain(&e)), Code::Unavailable)
         })?;
-        Ok(Conn { endpoint: endpoint.clone(), channel, auth })
+        Ok(Conn { endpoint: endpoint.clone(), channel, auth, admin_auth })
     }
 
     /// The endpoint this connection goes to.
@@ -87,18 +98,14 @@ impl Conn {
         &self.endpoint
     }
 
-    /// The bearer token's metadata value, if any.
-    pub fn auth(&self) -> Option<&AsciiMetadataValue> {
-        self.auth.as_ref()
+    /// A request to the agent service, carrying the bearer token.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        with_auth(msg, self.auth.as_ref())
     }
 
-    /// A request carrying the bearer token.
-    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(auth) = &self.auth {
-            req.metadata_mut().insert("authorization", auth.clone());
-        }
-        req
+    /// A request to the admin service, carrying the admin token (or the bearer token).
+    pub fn admin_request<T>(&self, msg: T) -> tonic::Request<T> {
+        with_auth(msg, self.admin_auth.as_ref())
     }
 
     /// The agent service.
@@ -119,4 +126,12 @@ impl Conn {
         let req = self.request(pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() });
         Ok(self.slotd().status(req).await?.into_inner())
     }
+}
+
+fn with_auth<T>(msg: T, auth: Option<&AsciiMetadataValue>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(auth) = auth {
+        req.metadata_mut().insert("authorization", auth.clone());
+    }
+    req
 }

@@ -45,6 +45,7 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
     let target = conn::Target {
         endpoint: cli.endpoint.clone(),
         token: cli.token.clone(),
+        admin_token: cli.admin_token.clone(),
         ca_cert: cli.ca_cert.clone(),
         tls_domain: cli.tls_domain.clone(),
     };
