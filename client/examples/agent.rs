@@ -147,7 +147,16 @@ async fn main() -> Result<(), BoxError> {
     }
     streamer.await??;
 
-    let st = client.status(Some(&args.pool)).await?;
+    // Dropped leases are released through the client's background task; give the last release a moment
+    // to reach the daemon so the summary shows the settled state.
+    let mut st = client.status(Some(&args.pool)).await?;
+    for _ in 0..50 {
+        if st.pools.iter().all(|p| p.in_flight == 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        st = client.status(Some(&args.pool)).await?;
+    }
     for p in &st.pools {
         println!(
             "done in {:.1?}: pool {} in_flight {} queued {} (limit {}, effective {})",

@@ -589,10 +589,15 @@ async fn revoke_warns_the_running_command_and_kill_on_lost_stops_it() {
     let out = run_ctl(&d.url, &["revoke", &id]).await;
     assert_code(&out, 1);
 
+    let out = run_ctl(&d.url, &["revoke", "zz"]).await;
+    assert_code(&out, 1);
+    assert!(text(&out.stderr).trim_end().ends_with("(NOT_FOUND)"), "{}", text(&out.stderr));
+
     let held = Held::start(&d, "solo", "killed-holder", &["--kill-on-lost"], &["sleep", "30"]).await;
     let started = tokio::time::Instant::now();
-    let id = held.lease.lease_id.clone();
-    assert_code(&run_ctl(&d.url, &["revoke", &id]).await, 0);
+    // The short id that `slotctl status` shows is enough.
+    let short = held.lease.lease_id[..8].to_owned();
+    assert_code(&run_ctl(&d.url, &["revoke", &short]).await, 0);
     let out =
         tokio::time::timeout(TIMEOUT, held.child.wait_with_output()).await.expect("in time").expect("wait");
     assert_code(&out, 128 + 15);

@@ -125,11 +125,41 @@ pub async fn resume(conn: &Conn, pool: &str) -> Result<(), CtlError> {
     Ok(())
 }
 
-/// `slotctl revoke`: Admin.RevokeLease.
+/// The length of a full lease id (hex digits).
+pub const LEASE_ID_LEN: usize = 32;
+
+/// The one lease whose id starts with `prefix` (as `slotctl status` shows them).
+async fn expand_lease_id(conn: &Conn, prefix: &str) -> Result<String, CtlError> {
+    if prefix.is_empty() {
+        return Err(CtlError::with_code("empty lease id", tonic::Code::InvalidArgument));
+    }
+    let status = conn.status(None).await?;
+    let mut matches = status.leases.into_iter().filter(|l| l.lease_id.starts_with(prefix));
+    match (matches.next(), matches.next()) {
+        (Some(l), None) => Ok(l.lease_id),
+        (None, _) => {
+            Err(CtlError::with_code(format!("no lease id starts with {prefix}"), tonic::Code::NotFound))
+        }
+        (Some(_), Some(_)) => Err(CtlError::with_code(
+            format!("more than one lease id starts with {prefix}; give more digits"),
+            tonic::Code::InvalidArgument,
+        )),
+    }
+}
+
+/// `slotctl revoke`: Admin.RevokeLease. A prefix of an id (8 digits, as in `slotctl status`) is
+/// expanded through Status when it matches exactly one lease.
 ///
 /// # Cancel safety
 /// Dropping the future may or may not have revoked the lease.
 pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
+    let full;
+    let lease_id = if lease_id.len() < LEASE_ID_LEN {
+        full = expand_lease_id(conn, lease_id).await?;
+        full.as_str()
+    } else {
+        lease_id
+    };
     let req = pb::RevokeLeaseRequest { lease_id: lease_id.to_owned() };
     let resp = conn.admin().revoke_lease(conn.admin_request(req)).await?.into_inner();
     let holder = if resp.holder.is_empty() { "-" } else { &resp.holder };

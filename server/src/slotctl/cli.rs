@@ -89,7 +89,7 @@ pub enum Command {
     },
     /// End a lease now; its holder is told it expired (revoked).
     Revoke {
-        /// The lease id (32 hex digits, as shown by `slotctl status --output json`).
+        /// The lease id (32 hex digits), or a prefix that matches one lease (`slotctl status` shows 8).
         lease_id: String,
     },
     /// Stop granting, then report progress until no lease is held. Granting stays stopped until
