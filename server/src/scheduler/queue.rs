@@ -34,6 +34,9 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
+    /// How far from either end of the queue [`Queue::push`] counts exactly.
+    pub(crate) const EXACT_POSITION: usize = 1024;
+
     /// Admitted waiters (not counting blocked ones).
     pub(crate) fn depth(&self) -> usize {
         self.ready.len()
@@ -55,21 +58,34 @@ impl Queue {
 
     /// Admits a waiter and returns its 0-based position.
     ///
-    /// The position costs O(min(ahead, behind)) steps; appending at either end is O(log n).
+    /// The position is exact when the waiter lands within [`Queue::EXACT_POSITION`] places of either end
+    /// of the queue (the common cases: appended behind its peers, or jumping to the front). Deeper in a
+    /// long queue it is estimated by interpolating its key between the first and last keys, so that
+    /// admitting stays O(log n) instead of counting half the queue.
     pub(crate) fn push(&mut self, key: WaitKey, id: WaiterId) -> u32 {
         self.ready.insert((key, id));
         self.by_arrival.insert(id);
         let entry = (key, id);
         let mut ahead = self.ready.range(..entry);
         let mut behind = self.ready.range(entry..).skip(1);
-        let mut n = 0usize;
-        loop {
+        for n in 0..Self::EXACT_POSITION {
             match (ahead.next(), behind.next()) {
                 (None, _) => return n as u32,
                 (_, None) => return (self.ready.len() - 1 - n) as u32,
-                _ => n += 1,
+                _ => {}
             }
         }
+        let len = self.ready.len();
+        let (first, last) = match (self.ready.first(), self.ready.last()) {
+            (Some(f), Some(l)) => (i128::from(f.0), i128::from(l.0)),
+            _ => return 0,
+        };
+        let estimate = if last > first {
+            ((i128::from(key) - first) * (len as i128 - 1) / (last - first)) as usize
+        } else {
+            len / 2
+        };
+        estimate.clamp(Self::EXACT_POSITION, len - 1 - Self::EXACT_POSITION) as u32
     }
 
     /// Holds a waiter outside the full queue; returns its position counting the queue ahead of it.
@@ -129,6 +145,21 @@ mod tests {
         assert_eq!(q.push(15, WaiterId(6)), 3);
         assert_eq!(q.head(), Some((5, WaiterId(4))));
         assert_eq!(q.oldest(), Some(WaiterId(1)));
+    }
+
+    #[test]
+    fn deep_positions_are_estimated_without_counting() {
+        let mut q = Queue::default();
+        let n = 3 * Queue::EXACT_POSITION as u64;
+        for i in 0..n {
+            q.push(10 * i as i64, WaiterId(i));
+        }
+        // Exactly in the middle of evenly spread keys: the estimate is the true rank.
+        let mid = q.push(10 * (n as i64 / 2) + 5, WaiterId(n));
+        assert_eq!(mid as u64, n / 2 + 1);
+        // Near the ends it is counted exactly.
+        assert_eq!(q.push(10 * 5 + 5, WaiterId(n + 1)), 6);
+        assert_eq!(q.push(i64::MAX, WaiterId(n + 2)), q.depth() as u32 - 1);
     }
 
     #[test]
