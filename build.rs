@@ -11,6 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("slotd_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SlotdCodec")
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -12,3 +12,55 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/slotd_descriptor.bin"));
 
 pub use prost_types;
+
+/// The protobuf codec of every slotd service and client: prost, with small per-stream buffers.
+///
+/// tonic's default codec reserves 8 KiB to encode and 8 KiB to decode on every stream. slotd's messages
+/// are a few hundred bytes and a daemon holds one long-lived stream per agent process, so that reserve
+/// was most of the memory of an idle session. 1 KiB buffers grow on demand for a larger message.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstDecoder, ProstEncoder};
+
+    /// Initial encode/decode buffer per stream, in bytes.
+    pub const BUFFER_SIZE: usize = 1024;
+    /// Encoded bytes after which a busy stream yields to let others run (tonic's default).
+    pub const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// [`tonic_prost::ProstCodec`] with [`BUFFER_SIZE`] buffers.
+    #[derive(Debug)]
+    pub struct SlotdCodec<T, U>(PhantomData<fn() -> (T, U)>);
+
+    impl<T, U> Default for SlotdCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Clone for SlotdCodec<T, U> {
+        fn clone(&self) -> Self {
+            Self::default()
+        }
+    }
+
+    impl<T, U> Codec for SlotdCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstEncoder::new(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstDecoder::new(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+        }
+    }
+}
