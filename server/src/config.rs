@@ -360,6 +360,20 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Every TOML example in the README is a valid configuration, so the docs cannot rot.
+    #[test]
+    fn readme_config_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let blocks: Vec<&str> =
+            readme.split("```toml\n").skip(1).map(|b| b.split("```").next().unwrap_or("")).collect();
+        assert!(!blocks.is_empty(), "the README shows a config example");
+        for b in blocks {
+            if let Err(e) = Config::from_toml_str(b) {
+                panic!("README config example is invalid: {e}\n{b}");
+            }
+        }
+    }
+
     #[test]
     fn embedded_default_has_one_pool_of_four_on_50051() {
         let cfg = Config::embedded();
