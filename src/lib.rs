@@ -17,7 +17,9 @@ pub use prost_types;
 ///
 /// tonic's default codec reserves 8 KiB to encode and 8 KiB to decode on every stream. slotd's messages
 /// are a few hundred bytes and a daemon holds one long-lived stream per agent process, so that reserve
-/// was most of the memory of an idle session. 1 KiB buffers grow on demand for a larger message.
+/// was most of the memory of an idle session. 256-byte buffers hold every stream message slotd sends or
+/// receives (the largest, a full request, is about 200 bytes) and grow on demand for a larger one,
+/// such as a big `Status` response.
 pub mod codec {
     use std::marker::PhantomData;
 
@@ -25,7 +27,7 @@ pub mod codec {
     use tonic_prost::{ProstDecoder, ProstEncoder};
 
     /// Initial encode/decode buffer per stream, in bytes.
-    pub const BUFFER_SIZE: usize = 1024;
+    pub const BUFFER_SIZE: usize = 256;
     /// Encoded bytes after which a busy stream yields to let others run (tonic's default).
     pub const YIELD_THRESHOLD: usize = 32 * 1024;
 

@@ -306,3 +306,38 @@ async fn an_unclaimed_grace_runs_out_and_frees_the_slot() {
     d.assert_idle().await;
     d.stop().await;
 }
+
+/// The daemon reads a stream and writes its answers from one task, forwarding a bounded number of
+/// messages per turn: a long pipelined burst must still be answered completely and in order.
+#[tokio::test]
+async fn a_pipelined_burst_on_one_stream_is_answered_in_order() {
+    const N: usize = 300;
+    let d = Daemon::start("[pools.p]\nmax_concurrent = 1000").await;
+    let mut a = d.agent("burst").await;
+    let sender = {
+        let reqs: Vec<pb::LeaseRequest> = (0..N).map(|i| a.req(&format!("r{i}"), "p")).collect();
+        let tx = a.sender();
+        tokio::spawn(async move {
+            for r in reqs {
+                tx.send(pb::ClientMessage { msg: Some(pb::client_message::Msg::Request(r)) }).await.unwrap();
+            }
+        })
+    };
+    let mut leases = Vec::with_capacity(N);
+    for i in 0..N {
+        leases.push(a.expect_granted(&format!("r{i}")).await.lease_id);
+    }
+    sender.await.unwrap();
+    assert_eq!(d.pool("p").await.in_flight, N as u32);
+    for l in &leases {
+        a.release(l).await;
+    }
+    for l in &leases {
+        match a.next().await {
+            pb::server_message::Msg::Released(r) => assert_eq!(&r.lease_id, l, "releases out of order"),
+            other => panic!("expected Released({l}), got {other:?}"),
+        }
+    }
+    d.assert_idle().await;
+    d.stop().await;
+}

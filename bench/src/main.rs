@@ -60,17 +60,30 @@ enum Mode {
     Idle(modes::idle::Opts),
     /// N queued waiters, then ReportRateLimit: time until every waiter has received Paused.
     Fanout(modes::fanout::Opts),
+    /// The fan-out floor without slotd: raw TCP writes to N loopback connections from a child process.
+    Floor(modes::floor::Opts),
+    /// The child side of `floor` (started by it; not for direct use).
+    #[command(hide = true)]
+    FloorServe {
+        /// Bytes per message.
+        #[arg(long)]
+        message_bytes: usize,
+        /// Connections to wait for before answering `?`.
+        #[arg(long)]
+        sockets: usize,
+    },
 }
 
 impl Mode {
-    /// The pool a spawned daemon needs.
-    fn pool_spec(&self) -> PoolSpec {
-        match self {
+    /// The pool a spawned daemon needs; `None` for the modes that run without a daemon.
+    fn pool_spec(&self) -> Option<PoolSpec> {
+        Some(match self {
             Mode::Cycles(o) => PoolSpec { slots: o.slots, streams: o.sessions },
             Mode::Rtt(_) => PoolSpec { slots: 64, streams: 1 },
             Mode::Idle(o) => PoolSpec { slots: 1, streams: o.sessions + 1 },
             Mode::Fanout(o) => PoolSpec { slots: 1, streams: o.waiters + 1 },
-        }
+            Mode::Floor(_) | Mode::FloorServe { .. } => return None,
+        })
     }
 }
 
@@ -78,9 +91,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Every session is a socket here (and one in the daemon, which inherits this when spawned).
     let nofile = daemon::raise_nofile(65_536);
+    let Some(spec) = cli.mode.pool_spec() else {
+        return run_without_daemon(&cli);
+    };
     let daemon = match (&cli.target.endpoint, &cli.target.spawn_daemon) {
         (Some(ep), None) => Ok(Daemon::external(ep.clone(), cli.target.daemon_pid)),
-        (None, Some(bin)) => Daemon::spawn(bin, &cli.target.pool, cli.mode.pool_spec()),
+        (None, Some(bin)) => Daemon::spawn(bin, &cli.target.pool, spec),
         _ => Err("give --endpoint URL or --spawn-daemon PATH".into()),
     };
     let daemon = match daemon {
@@ -98,6 +114,7 @@ fn main() -> ExitCode {
             Mode::Rtt(o) => modes::rtt::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Idle(o) => modes::idle::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Fanout(o) => modes::fanout::run(&ctx, o).await.map(|r| r.emit(cli.json)),
+            Mode::Floor(_) | Mode::FloorServe { .. } => unreachable!("run without a daemon"),
         }
     });
     // Don't wait for sessions still winding down in the background.
@@ -109,6 +126,28 @@ fn main() -> ExitCode {
             if daemon.pid.is_some() && !daemon.log_path().is_empty() {
                 eprintln!("slotd-bench: daemon log: {}", daemon.log_path());
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The modes that need no daemon: `floor` and its child.
+fn run_without_daemon(cli: &Cli) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let res = rt.block_on(async {
+        match &cli.mode {
+            Mode::Floor(o) => modes::floor::run(o).await.map(|r| r.emit(cli.json)),
+            Mode::FloorServe { message_bytes, sockets } => {
+                modes::floor::serve(*message_bytes, *sockets).await
+            }
+            _ => unreachable!("only the modes without a pool spec"),
+        }
+    });
+    rt.shutdown_timeout(Duration::from_millis(500));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slotd-bench: {e}");
             ExitCode::FAILURE
         }
     }

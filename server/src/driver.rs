@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -15,6 +16,7 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot},
     time::Instant,
 };
+use tokio_util::sync::PollSender;
 use tracing::{debug, info, warn};
 
 use crate::scheduler::{
@@ -24,7 +26,10 @@ use crate::scheduler::{
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
-pub type Outbound = Result<Event, Error>;
+///
+/// Boxed because a tokio channel allocates its slots 32 at a time: unboxed, that block (about 4 KiB)
+/// was the largest single cost of an idle session; boxed it is 256 bytes.
+pub type Outbound = Box<Result<Event, Error>>;
 
 /// A change published to Watch subscribers (see [`DriverHandle::watch`]).
 #[derive(Clone, Debug)]
@@ -228,12 +233,10 @@ impl DriverHandle {
         self.call(Command::Open { events, grace, reply }, rx).await
     }
 
-    /// Applies one stream message; its answers arrive on the session's event channel.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: the message is either queued to the driver or not sent at all.
-    pub async fn op(&self, session: SessionId, op: StreamOp) -> Result<(), Error> {
-        self.commands.send(Command::Op { session, op }).await.map_err(|_| Error::ShuttingDown)
+    /// A sink for `session`'s stream messages that can be driven from a `poll` function, so one task
+    /// can both read a stream and write its events (see `grpc::session`).
+    pub fn op_sink(&self, session: SessionId) -> OpSink {
+        OpSink { commands: PollSender::new(self.commands.clone()), session }
     }
 
     /// Ends a stream: its waiters leave the queues and its leases are released (or kept for the grace).
@@ -373,6 +376,27 @@ impl DriverHandle {
     async fn call<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, Error> {
         self.commands.send(cmd).await.map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+/// One stream's way to the driver, driven by polling: [`OpSink::poll_reserve`] until ready, then
+/// [`OpSink::send`]. Reserve only with a message in hand: a reserved place is taken from the command
+/// buffer that every stream shares.
+#[derive(Debug)]
+pub struct OpSink {
+    commands: PollSender<Command>,
+    session: SessionId,
+}
+
+impl OpSink {
+    /// Waits for room for one message in the driver's command buffer.
+    pub fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.commands.poll_reserve(cx).map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Sends `op` into the place [`OpSink::poll_reserve`] reserved.
+    pub fn send(&mut self, op: StreamOp) -> Result<(), Error> {
+        self.commands.send_item(Command::Op { session: self.session, op }).map_err(|_| Error::ShuttingDown)
     }
 }
 
@@ -556,7 +580,7 @@ impl Driver {
                 self.watch = broadcast::channel(1).0;
                 let sessions: Vec<(SessionId, SessionOut)> = self.sessions.drain().collect();
                 for (session, out) in sessions {
-                    let _ = out.events.try_send(Err(Error::ShuttingDown));
+                    let _ = out.events.try_send(Box::new(Err(Error::ShuttingDown)));
                     self.count_stream_closed(session);
                     let _ = self.sched.close_session(now, session, Duration::ZERO);
                 }
@@ -695,7 +719,7 @@ impl Driver {
             return;
         };
         if let Some(error) = close.error {
-            let _ = out.events.try_send(Err(error));
+            let _ = out.events.try_send(Box::new(Err(error)));
         }
         if out.grace.is_zero() {
             self.count_stream_closed(close.session);
@@ -716,7 +740,7 @@ impl Driver {
             let Some(out) = self.sessions.get(&session) else {
                 continue;
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) = out.events.try_send(Ok(event)) {
+            if let Err(mpsc::error::TrySendError::Full(_)) = out.events.try_send(Box::new(Ok(event))) {
                 self.overflowed.push(session);
             }
         }

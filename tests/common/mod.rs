@@ -362,6 +362,14 @@ impl Agent {
         }
     }
 
+    /// A clone of the request side, to send from another task (the stream stays open while it lives).
+    #[track_caller]
+    pub fn sender(&self) -> mpsc::Sender<pb::ClientMessage> {
+        self.tx
+            .clone()
+            .unwrap_or_else(|| panic!("{}: {}: sending side closed", Location::caller(), self.name))
+    }
+
     /// Sends one raw client message (`msg: None` is a message with no body).
     #[track_caller]
     pub fn send_raw(&self, msg: Option<Up>) -> impl Future<Output = ()> + '_ {

@@ -2,6 +2,7 @@
 
 pub mod cycles;
 pub mod fanout;
+pub mod floor;
 pub mod idle;
 pub mod rtt;
 

@@ -5,4 +5,5 @@ pub mod auth;
 pub mod convert;
 pub mod limits;
 pub mod service;
+pub mod session;
 pub mod status;

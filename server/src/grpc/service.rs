@@ -2,17 +2,15 @@
 
 use std::{pin::Pin, time::Duration};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use slotd_proto::v1::{self as pb, slotd_server::Slotd};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::debug;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     driver::{DriverHandle, Outbound},
-    grpc::{convert, limits::StreamLimits, status::to_status},
-    scheduler::{Error, PoolId, SessionId},
+    grpc::{convert, limits::StreamLimits, session::SessionStream},
+    scheduler::PoolId,
 };
 
 /// The metadata key a client sets to keep its leases across a reconnect, e.g. `slotd-resume-grace: 5s`.
@@ -51,18 +49,6 @@ impl SlotdService {
     }
 }
 
-/// Closes the session when the response stream is dropped (the client went away).
-struct CloseOnDrop {
-    driver: DriverHandle,
-    session: SessionId,
-}
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.driver.close(self.session, None);
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -81,46 +67,7 @@ impl Slotd for SlotdService {
         };
         let (tx, rx) = mpsc::channel::<Outbound>(self.stream_buffer);
         let session = self.driver.open(tx, grace).await?;
-        let guard = CloseOnDrop { driver: self.driver.clone(), session };
-        let mut inbound = req.into_inner();
-        let driver = self.driver.clone();
-        // Dropped with the response stream. Once the daemon has ended the stream (shutdown, a client
-        // that fell behind), stop reading the request side too: holding it open would keep the
-        // connection busy, and graceful shutdown would wait for the client forever.
-        let (response_alive, mut response_gone) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let error = loop {
-                let next = tokio::select! {
-                    next = inbound.message() => next,
-                    _ = &mut response_gone => break None,
-                };
-                match next {
-                    Ok(Some(msg)) => {
-                        if driver.op(session, convert::stream_op(msg)).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Ok(None) => break None,
-                    Err(status) => {
-                        debug!(session = session.0, %status, "inbound stream error");
-                        break Some(match status.code() {
-                            Code::ResourceExhausted | Code::OutOfRange => {
-                                Error::LimitExceeded(status.message().into())
-                            }
-                            Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal => {
-                                break None;
-                            }
-                            _ => Error::InvalidArgument(status.message().into()),
-                        });
-                    }
-                }
-            };
-            driver.close(session, error);
-        });
-        let out = ReceiverStream::new(rx).map(move |item| {
-            let _keep = (&guard, &response_alive, &permit);
-            item.map(convert::server_message).map_err(|e| to_status(&e))
-        });
+        let out = SessionStream::new(req.into_inner(), rx, self.driver.clone(), session, permit);
         Ok(Response::new(Box::pin(out)))
     }
 

@@ -1,0 +1,143 @@
+//! One `Acquire` stream as a single response `Stream` that also reads the request side.
+//!
+//! hyper polls each response body in a task of its own. Reading the client's messages from that same
+//! poll, instead of from a second spawned task, saves a task (and its memory) per idle session, and a
+//! task hand-off on every message the client sends. Whatever ends the stream (the client going away,
+//! a transport error, shutdown) drops this value, which closes the session in the driver.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use futures::Stream;
+use slotd_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::{Code, Status, Streaming};
+use tracing::debug;
+
+use crate::{
+    driver::{DriverHandle, OpSink, Outbound, StreamOp},
+    grpc::{convert, limits::StreamPermit, status::to_status},
+    scheduler::{Error, SessionId},
+};
+
+/// Client messages forwarded per poll before the events get their turn (the task is woken again).
+const FORWARD_BUDGET: usize = 32;
+
+/// The response stream of one `Acquire` call.
+///
+/// Each poll first forwards what the client sent to the driver, then yields the driver's next event.
+/// Back-pressure: a message waits here while the driver's command buffer is full, and nothing more is
+/// read from the client until it has gone, so a flood stops at the client's HTTP/2 window.
+///
+/// hyper polls a response body only while the client's flow-control window has room, so a client that
+/// stops reading its events also stops being read; once the driver's per-stream buffer fills it is
+/// disconnected (see `driver`), which releases its leases.
+pub struct SessionStream {
+    /// The request side; `None` once it ended or failed (the session was closed then).
+    inbound: Option<Streaming<pb::ClientMessage>>,
+    /// A message read but not yet handed to the driver.
+    pending: Option<StreamOp>,
+    sink: OpSink,
+    events: mpsc::Receiver<Outbound>,
+    driver: DriverHandle,
+    session: SessionId,
+    /// The stream's place in `limits.max_streams`, given back with this value.
+    _permit: Option<StreamPermit>,
+}
+
+impl SessionStream {
+    /// The stream of `session`, whose events arrive on `events`.
+    pub fn new(
+        inbound: Streaming<pb::ClientMessage>,
+        events: mpsc::Receiver<Outbound>,
+        driver: DriverHandle,
+        session: SessionId,
+        permit: Option<StreamPermit>,
+    ) -> Self {
+        Self {
+            inbound: Some(inbound),
+            pending: None,
+            sink: driver.op_sink(session),
+            events,
+            driver,
+            session,
+            _permit: permit,
+        }
+    }
+
+    /// Hands the client's messages to the driver until the client has nothing more, the driver has no
+    /// room, or the budget is spent. Registers the waker for whichever it waits on.
+    fn forward_inbound(&mut self, cx: &mut Context<'_>) {
+        for _ in 0..FORWARD_BUDGET {
+            if let Some(op) = self.pending.take() {
+                match self.sink.poll_reserve(cx) {
+                    Poll::Ready(Ok(())) => {
+                        if self.sink.send(op).is_err() {
+                            return self.end_inbound(None);
+                        }
+                    }
+                    // The driver is gone: the daemon is stopping and ends the stream itself.
+                    Poll::Ready(Err(_)) => return self.end_inbound(None),
+                    Poll::Pending => {
+                        self.pending = Some(op);
+                        return;
+                    }
+                }
+            }
+            let Some(inbound) = self.inbound.as_mut() else { return };
+            match Pin::new(inbound).poll_next(cx) {
+                Poll::Pending => return,
+                Poll::Ready(Some(Ok(msg))) => self.pending = Some(convert::stream_op(msg)),
+                Poll::Ready(None) => return self.end_inbound(None),
+                Poll::Ready(Some(Err(status))) => {
+                    debug!(session = self.session.0, %status, "inbound stream error");
+                    return self.end_inbound(inbound_error(&status));
+                }
+            }
+        }
+        // Budget spent with more perhaps waiting: come back after the events had their turn.
+        cx.waker().wake_by_ref();
+    }
+
+    /// The client is done sending (or failed): close the session. Its leases are released (or kept
+    /// for the resume grace) and the driver ends the event channel, which ends this stream.
+    fn end_inbound(&mut self, error: Option<Error>) {
+        self.inbound = None;
+        self.pending = None;
+        self.driver.close(self.session, error);
+    }
+}
+
+/// What a failed read of the request side tells the client, if anything (a vanished client is told
+/// nothing).
+fn inbound_error(status: &Status) -> Option<Error> {
+    match status.code() {
+        Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal => None,
+        Code::ResourceExhausted | Code::OutOfRange => Some(Error::LimitExceeded(status.message().into())),
+        _ => Some(Error::InvalidArgument(status.message().into())),
+    }
+}
+
+impl Stream for SessionStream {
+    type Item = Result<pb::ServerMessage, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.forward_inbound(cx);
+        this.events.poll_recv(cx).map(|item| {
+            item.map(|out| match *out {
+                Ok(event) => Ok(convert::server_message(event)),
+                Err(error) => Err(to_status(&error)),
+            })
+        })
+    }
+}
+
+impl Drop for SessionStream {
+    /// The client went away or the stream ended: closing twice is harmless.
+    fn drop(&mut self) {
+        self.driver.close(self.session, None);
+    }
+}
