@@ -67,6 +67,10 @@ pub struct Cli {
     /// TLS private key (PEM); overrides `tls_key`.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Runtime threads; overrides `worker_threads`. 0: one per CPU; 1: everything on one thread (lower
+    /// latency and batched writes, at most one core).
+    #[arg(long, value_name = "N", env = "SLOTD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// How logs are written.
@@ -119,6 +123,11 @@ pub struct Config {
     /// TLS private key (PEM file).
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Threads of the daemon's runtime: 0 (the default) runs one per CPU; 1 runs everything on one
+    /// thread, which on small machines gives lower latency and writes a fan-out in fewer syscalls but
+    /// uses at most one core (see docs/BENCHMARKS.md).
+    #[serde(default)]
+    pub worker_threads: usize,
     /// The token slotd.v1.Slotd requires, read by [`Config::load`] from `agent_token_file` or
     /// `$SLOTD_AGENT_TOKEN`; `None` leaves the service open.
     #[serde(skip)]
@@ -240,6 +249,9 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Most runtime threads `worker_threads` accepts.
+    pub const MAX_WORKER_THREADS: usize = 256;
+
     fn default_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 50051))
     }
@@ -298,6 +310,9 @@ impl Config {
             cfg.tls_key = Some(key.clone());
         }
         cfg.allow_insecure_remote |= cli.allow_insecure_remote;
+        if let Some(n) = cli.worker_threads {
+            cfg.worker_threads = n;
+        }
         cfg.validate()?;
         cfg.resolve_tokens(|k| std::env::var(k).ok())?;
         Ok(cfg)
@@ -326,6 +341,13 @@ impl Config {
     /// Checks cross-field rules.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_tree(&self.pools).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.worker_threads > Self::MAX_WORKER_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "worker_threads = {} is more than {}; 0 runs one per CPU",
+                self.worker_threads,
+                Self::MAX_WORKER_THREADS
+            )));
+        }
         if self.pools.len() > self.limits.max_pools {
             return Err(ConfigError::Invalid(format!(
                 "{} pools configured, more than limits.max_pools = {}",
@@ -438,6 +460,8 @@ mod tests {
             ("[pools.\"bad name\"]\nmax_concurrent = 1", "invalid pool name"),
             ("tls_key = \"k.pem\"", "tls_cert and tls_key"),
             ("[limits]\nmax_streams = 0", "max_streams"),
+            ("worker_threads = 100000", "worker_threads"),
+            ("worker_threads = -1", "worker_threads"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

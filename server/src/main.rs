@@ -8,8 +8,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.print_default_config {
         print!("{DEFAULT_TOML}");
@@ -27,7 +26,24 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(cli.log_format);
+    let runtime = match cfg.worker_threads {
+        // No LIFO hand-offs between threads: a woken connection task runs after the streams that woke
+        // it, so a fan-out leaves in one write per connection.
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(run(cli, cfg)),
+        Err(e) => {
+            eprintln!("slotd: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
+/// Binds, serves and reloads until SIGTERM or ctrl-c.
+async fn run(cli: Cli, cfg: Config) -> ExitCode {
     let listener = match TcpListener::bind(cfg.listen).await {
         Ok(l) => l,
         Err(e) => {

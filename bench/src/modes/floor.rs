@@ -40,6 +40,9 @@ pub struct Opts {
     /// Pause between rounds.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     pub gap: Duration,
+    /// One-byte ping-pongs timed on the signal connection first (the round-trip floor).
+    #[arg(long, default_value_t = 10_000)]
+    pub pings: usize,
 }
 
 /// The result of `floor`.
@@ -49,6 +52,8 @@ pub struct Report {
     pub mode: &'static str,
     /// Connections told per round.
     pub sockets: usize,
+    /// One-byte ping -> pong over one connection.
+    pub ping_pong: Latency,
     /// Per round: signal sent -> each connection's message received.
     pub rounds: Vec<Latency>,
     /// Every round together.
@@ -59,8 +64,13 @@ impl Report {
     /// Prints the report.
     pub fn emit(&self, json: bool) {
         emit(self, json, |r| {
-            let mut s =
-                format!("floor: raw TCP fan-out to {} loopback connections (no gRPC, no slotd)\n", r.sockets);
+            let mut s = format!(
+                "floor: raw TCP over loopback between two tokio processes (no gRPC, no slotd)\n\
+                 round trip (1-byte ping -> pong): {}\n\
+                 fan-out to {} connections:\n",
+                r.ping_pong.line(),
+                r.sockets
+            );
             for (i, round) in r.rounds.iter().enumerate() {
                 s += &format!("  round {}: {}\n", i + 1, round.line());
             }
@@ -116,6 +126,14 @@ pub async fn run(o: &Opts) -> Result<Report, BoxError> {
     signal.write_all(b"?").await?;
     signal.read_u8().await?;
 
+    let mut pings = stats::histogram();
+    for _ in 0..o.pings {
+        let t0 = Instant::now();
+        signal.write_all(b"p").await?;
+        signal.read_u8().await?;
+        stats::record(&mut pings, t0.elapsed());
+    }
+
     let (mut rounds, mut all) = (Vec::new(), stats::histogram());
     for _ in 0..o.rounds {
         tokio::time::sleep(o.gap).await;
@@ -132,17 +150,23 @@ pub async fn run(o: &Opts) -> Result<Report, BoxError> {
         all.add(&h)?;
         rounds.push(Latency::of(&h));
     }
-    Ok(Report { mode: "floor", sockets: o.sockets, rounds, all_rounds: Latency::of(&all) })
+    Ok(Report {
+        mode: "floor",
+        sockets: o.sockets,
+        ping_pong: Latency::of(&pings),
+        rounds,
+        all_rounds: Latency::of(&all),
+    })
 }
 
 /// The child side (`slotd-bench floor-serve`): prints its address, then on each `!` from the first
 /// connection writes `message_bytes` to every other connection, one task per connection as a daemon
 /// would have (on a multi-threaded runtime, like slotd's). `?` is answered once `sockets` connections
-/// have been accepted.
+/// have been accepted, `p` at once.
 pub async fn serve(message_bytes: usize, sockets: usize) -> Result<(), BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
-    let (mut signal, _) = listener.accept().await?;
+    let (signal, _) = listener.accept().await?;
     signal.set_nodelay(true)?;
     let (go, _) = watch::channel(0u64);
     let go = Arc::new(go);
@@ -165,6 +189,17 @@ pub async fn serve(message_bytes: usize, sockets: usize) -> Result<(), BoxError>
             });
         }
     });
+    // On a worker thread, as a daemon's connection task would be.
+    tokio::spawn(async move { signals(signal, go, accepted, sockets).await }).await?
+}
+
+/// Answers the signal connection.
+async fn signals(
+    mut signal: TcpStream,
+    go: Arc<watch::Sender<u64>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    sockets: usize,
+) -> Result<(), BoxError> {
     let mut byte = [0u8; 1];
     let mut rounds = 0u64;
     while signal.read_exact(&mut byte).await.is_ok() {
@@ -179,6 +214,7 @@ pub async fn serve(message_bytes: usize, sockets: usize) -> Result<(), BoxError>
                 }
                 signal.write_all(b"=").await?;
             }
+            b'p' => signal.write_all(b"p").await?,
             _ => {
                 rounds += 1;
                 go.send_replace(rounds);
