@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every slotd-bench measurement that docs/BENCHMARKS.md records, against a release daemon that
-# each run spawns on a free loopback port. Bounded: about two minutes in all.
+# each run spawns on a free loopback port (default runtime, then worker_threads = 1), plus the raw-TCP
+# floor and the same round trips with both processes pinned to one CPU. Bounded: about four minutes.
 #   bench/run.sh [path/to/slotd]        (add --json to any slotd-bench line for machine-readable output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,20 @@ run idle idle --sessions 10000
 run idle-mux idle --sessions 10000 --streams-per-connection 100
 run fanout fanout --waiters 10000 --rounds 5
 run fanout-mux fanout --waiters 10000 --rounds 5 --streams-per-connection 100
+# The same daemon on a single-threaded runtime (the spawned daemon inherits the variable).
+export SLOTD_WORKER_THREADS=1
+run rtt-1thread rtt --count 20000
+run cycles-h0-1thread cycles --sessions 64 --slots 8 --hold 0s --duration 10s
+run idle-1thread idle --sessions 10000
+run fanout-1thread fanout --waiters 10000 --rounds 5
+run fanout-mux-1thread fanout --waiters 10000 --rounds 5 --streams-per-connection 100
+unset SLOTD_WORKER_THREADS
+# What any daemon pays here: raw TCP between two tokio processes (round trip, fan-out to 10k sockets).
+echo "== floor: slotd-bench floor"
+"$b" floor --sockets 10000 --rounds 5
+echo "== floor, 100 sockets: slotd-bench floor --sockets 100"
+"$b" floor --sockets 100 --rounds 5 --pings 0
+# Round trips with the bench and the daemon pinned to one CPU: no cross-CPU wake-up on any hop.
+echo "== pinned to CPU 0: taskset -c 0 slotd-bench floor / rtt"
+taskset -c 0 "$b" floor --sockets 100 --rounds 1
+taskset -c 0 "$b" --spawn-daemon "$daemon" rtt --count 20000

@@ -67,8 +67,8 @@ pub struct Cli {
     /// TLS private key (PEM); overrides `tls_key`.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Runtime threads; overrides `worker_threads`. 0: one per CPU; 1: everything on one thread (lower
-    /// latency and batched writes, at most one core).
+    /// Runtime threads; overrides `worker_threads`. 0: one per CPU; 1: everything on one thread
+    /// (batched fan-out writes, at most one core).
     #[arg(long, value_name = "N", env = "SLOTD_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
@@ -124,8 +124,8 @@ pub struct Config {
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
     /// Threads of the daemon's runtime: 0 (the default) runs one per CPU; 1 runs everything on one
-    /// thread, which on small machines gives lower latency and writes a fan-out in fewer syscalls but
-    /// uses at most one core (see docs/BENCHMARKS.md).
+    /// thread, which writes a fan-out in fewer syscalls but uses at most one core (see
+    /// docs/BENCHMARKS.md).
     #[serde(default)]
     pub worker_threads: usize,
     /// The token slotd.v1.Slotd requires, read by [`Config::load`] from `agent_token_file` or
