@@ -90,6 +90,9 @@ impl Drop for Server {
 }
 
 /// Runs `floor`: starts `current_exe() floor-serve` and drives it.
+///
+/// # Cancel safety
+/// Dropping the future kills the server child (a drop guard); reader tasks end with their sockets.
 pub async fn run(o: &Opts) -> Result<Report, BoxError> {
     let mut child = Command::new(std::env::current_exe()?)
         .args(["floor-serve", "--message-bytes", &o.message_bytes.to_string()])
@@ -163,6 +166,9 @@ pub async fn run(o: &Opts) -> Result<Report, BoxError> {
 /// connection writes `message_bytes` to every other connection, one task per connection as a daemon
 /// would have (on a multi-threaded runtime, like slotd's). `?` is answered once `sockets` connections
 /// have been accepted, `p` at once.
+///
+/// # Cancel safety
+/// Not meant to be cancelled: it runs until the signal connection closes, then returns.
 pub async fn serve(message_bytes: usize, sockets: usize) -> Result<(), BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
