@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every slotd-bench measurement that docs/BENCHMARKS.md records, against a release daemon that
 # each run spawns on a free loopback port (default runtime, then worker_threads = 1), plus the raw-TCP
-# floor and the same round trips with both processes pinned to one CPU. Bounded: about four minutes.
+# floor and the same round trips with both processes pinned to one CPU. With redis-server installed, also
+# a Redis list semaphore through the same loops. Bounded: about five minutes.
 #   bench/run.sh [path/to/slotd]        (add --json to any slotd-bench line for machine-readable output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +40,15 @@ echo "== floor, 100 sockets: slotd-bench floor --sockets 100"
 echo "== pinned to CPU 0: taskset -c 0 slotd-bench floor / rtt"
 taskset -c 0 "$b" floor --sockets 100 --rounds 1
 taskset -c 0 "$b" --spawn-daemon "$daemon" rtt --count 20000
+# The same loops against a Redis list semaphore, when redis-server is installed (a throwaway instance).
+if command -v redis-server >/dev/null; then
+    port=6391
+    redis-server --port $port --bind 127.0.0.1 --save '' --appendonly no --daemonize yes >/dev/null
+    sleep 0.5
+    pid=$(redis-cli -p $port info server | tr -d '\r' | sed -n 's/^process_id://p')
+    r() { echo "== redis $*"; "$b" --endpoint redis://127.0.0.1:$port --daemon-pid "$pid" "$@" --backend redis-list; }
+    r rtt --count 20000
+    r cycles --sessions 64 --slots 8 --hold 0s --duration 10s
+    r cycles --sessions 64 --slots 8 --hold 50ms --duration 10s
+    redis-cli -p $port shutdown nosave >/dev/null 2>&1 || true
+fi

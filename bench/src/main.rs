@@ -7,6 +7,7 @@
 
 mod daemon;
 mod modes;
+mod sem;
 mod stats;
 mod wire;
 

@@ -3,8 +3,12 @@
 //!
 //! The next request follows the release on the same stream without waiting for `Released` (the
 //! stream keeps them in order), as a real client's release-on-drop does.
+//!
+//! `--backend redis-list` runs the same loop against a Redis list semaphore instead (K tokens;
+//! acquire = `BLPOP`, release = `RPUSH`), with the same Rust runtime and measurements, so slotd is
+//! compared with Redis through clients of the same weight. `--endpoint` is then the Redis URL.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use clap::Args;
 use futures::future::try_join_all;
@@ -15,8 +19,8 @@ use tokio::time::Instant;
 use super::{Ctx, Resources, emit};
 use crate::{
     BoxError,
+    sem::{Backend, Sem},
     stats::{self, Latency, jain},
-    wire::{self, Session},
 };
 
 /// Options of `cycles`.
@@ -37,6 +41,9 @@ pub struct Opts {
     /// Unmeasured warm-up before it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub warmup: Duration,
+    /// What to drive: slotd, or a Redis list semaphore at `--endpoint redis://HOST:PORT`.
+    #[arg(long, value_enum, default_value_t = Backend::Slotd)]
+    pub backend: Backend,
 }
 
 /// The result of `cycles`.
@@ -44,6 +51,8 @@ pub struct Opts {
 pub struct Report {
     /// "cycles".
     pub mode: &'static str,
+    /// What was driven.
+    pub backend: Backend,
     /// C.
     pub sessions: usize,
     /// K as configured (spawned) or given.
@@ -73,11 +82,12 @@ impl Report {
     pub fn emit(&self, json: bool) {
         emit(self, json, |r| {
             format!(
-                "cycles: C={} K={} h={} over {:.1}s\n\
+                "cycles ({:?}): C={} K={} h={} over {:.1}s\n\
                  cycles/s: {:.0} ({} cycles)\n\
                  acquire->grant: {}\n\
                  Jain fairness: {:.4} (per-session cycles min {} max {})\n\
                  slot use: {:.2}%\n{}",
+                r.backend,
                 r.sessions,
                 r.slots,
                 humantime::format_duration(Duration::from_secs_f64(r.hold_ms / 1000.0)),
@@ -107,27 +117,22 @@ fn overlap(a: Instant, b: Instant, lo: Instant, hi: Instant) -> Duration {
 }
 
 async fn session_loop(
-    mut s: Session,
-    pool: Arc<str>,
+    mut sem: Sem,
     hold: Duration,
     from: Instant,
     end: Instant,
 ) -> Result<PerSession, BoxError> {
     let mut out = PerSession { cycles: 0, held: Duration::ZERO, hist: stats::histogram() };
-    let mut n = 0u64;
     // Sessions start a little apart from each other, as they were connected.
     while Instant::now() < end {
-        n += 1;
-        let id = n.to_string();
         let t0 = Instant::now();
-        s.send(wire::request(&id, &pool, None)).await?;
-        let lease = s.answer(&id, false).await?.expect("answer waits for the grant");
+        let lease = sem.acquire().await?;
         let t1 = Instant::now();
         if !hold.is_zero() {
             tokio::time::sleep_until((t1 + hold).min(end)).await;
         }
         let t2 = Instant::now();
-        s.send(wire::release(lease)).await?;
+        sem.release(lease).await?;
         if t0 >= from && t1 <= end {
             stats::record(&mut out.hist, t1 - t0);
         }
@@ -141,21 +146,13 @@ async fn session_loop(
 
 /// Runs `cycles`.
 pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
-    let endpoint = ctx.daemon.endpoint.as_str();
     // Separate connections, opened before the clock starts.
-    let sessions = try_join_all((0..o.sessions).map(|_| async move {
-        let ch = wire::connect(endpoint).await?;
-        Session::open(ch).await
-    }))
-    .await?;
-    let pool: Arc<str> = Arc::from(ctx.pool.as_str());
+    let (sessions, cleanup) = Sem::open_all(o.backend, ctx, o.sessions, o.slots).await?;
     let start = Instant::now();
     let from = start + o.warmup;
     let end = from + o.duration;
-    let tasks: Vec<_> = sessions
-        .into_iter()
-        .map(|s| tokio::spawn(session_loop(s, pool.clone(), o.hold, from, end)))
-        .collect();
+    let tasks: Vec<_> =
+        sessions.into_iter().map(|s| tokio::spawn(session_loop(s, o.hold, from, end))).collect();
     tokio::time::sleep_until(from).await;
     let (mut resources, own) = Resources::start(ctx);
     tokio::time::sleep_until(end).await;
@@ -165,6 +162,7 @@ pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
     let results = tokio::time::timeout(o.hold * 100 + Duration::from_secs(30), try_join_all(tasks))
         .await
         .map_err(|_| "sessions did not finish within 30s of the end")??;
+    cleanup.run().await?;
     let mut hist = stats::histogram();
     let (mut cycles, mut held, mut per) = (0u64, Duration::ZERO, Vec::new());
     for r in results {
@@ -177,6 +175,7 @@ pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
     let xs: Vec<f64> = per.iter().map(|&c| c as f64).collect();
     Ok(Report {
         mode: "cycles",
+        backend: o.backend,
         sessions: o.sessions,
         slots: o.slots,
         hold_ms: o.hold.as_secs_f64() * 1000.0,

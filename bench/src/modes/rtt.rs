@@ -1,5 +1,6 @@
 //! `rtt`: one session on an uncontended pool; each iteration sends a request, waits for `Granted`,
-//! sends the release and waits for `Released`.
+//! sends the release and waits for `Released`. `--backend redis-list` times BLPOP and RPUSH on a Redis
+//! list semaphore the same way (two round trips too).
 
 use std::time::Duration;
 
@@ -10,8 +11,8 @@ use tokio::time::Instant;
 use super::{Ctx, Resources, emit};
 use crate::{
     BoxError,
+    sem::{Backend, Sem},
     stats::{self, Latency},
-    wire::{self, Session},
 };
 
 /// Options of `rtt`.
@@ -26,6 +27,9 @@ pub struct Opts {
     /// Stop early after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub max_duration: Duration,
+    /// What to drive: slotd, or a Redis list semaphore at `--endpoint redis://HOST:PORT`.
+    #[arg(long, value_enum, default_value_t = Backend::Slotd)]
+    pub backend: Backend,
 }
 
 /// The result of `rtt`.
@@ -33,6 +37,8 @@ pub struct Opts {
 pub struct Report {
     /// "rtt".
     pub mode: &'static str,
+    /// What was driven.
+    pub backend: Backend,
     /// Request sent -> Granted received.
     pub acquire: Latency,
     /// Request sent -> Granted -> Release sent -> Released received.
@@ -48,10 +54,11 @@ impl Report {
     pub fn emit(&self, json: bool) {
         emit(self, json, |r| {
             format!(
-                "rtt (1 session, uncontended)\n\
+                "rtt ({:?}, 1 session, uncontended)\n\
                  acquire (request -> Granted):                    {}\n\
                  acquire + release (... -> Release -> Released):  {}\n\
                  {:.0} round trips/s\n{}",
+                r.backend,
                 r.acquire.line(),
                 r.acquire_release.line(),
                 r.per_sec,
@@ -63,7 +70,8 @@ impl Report {
 
 /// Runs `rtt`.
 pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
-    let mut s = Session::open(wire::connect(&ctx.daemon.endpoint).await?).await?;
+    let (mut sessions, cleanup) = Sem::open_all(o.backend, ctx, 1, 64).await?;
+    let s = &mut sessions[0];
     let (mut acq, mut both) = (stats::histogram(), stats::histogram());
     let stop = Instant::now() + o.max_duration;
     let mut measured_from = None;
@@ -71,13 +79,10 @@ pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
         if i == o.warmup {
             measured_from = Some((Instant::now(), Resources::start(ctx)));
         }
-        let id = i.to_string();
         let t0 = Instant::now();
-        s.send(wire::request(&id, &ctx.pool, None)).await?;
-        let lease = s.answer(&id, false).await?.expect("answer waits for the grant");
+        let lease = s.acquire().await?;
         let t1 = Instant::now();
-        s.send(wire::release(lease.clone())).await?;
-        s.released(&lease).await?;
+        s.release_confirmed(lease).await?;
         let t2 = Instant::now();
         if i >= o.warmup {
             stats::record(&mut acq, t1 - t0);
@@ -87,11 +92,13 @@ pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
             break;
         }
     }
+    cleanup.run().await?;
     let (t_from, (mut resources, own)) = measured_from.ok_or("stopped before the warm-up ended")?;
     let wall = t_from.elapsed().as_secs_f64();
     resources.finish(ctx, own, wall);
     Ok(Report {
         mode: "rtt",
+        backend: o.backend,
         acquire: Latency::of(&acq),
         acquire_release: Latency::of(&both),
         per_sec: both.len() as f64 / wall,
