@@ -23,7 +23,8 @@ use tonic::{
 
 use crate::{
     Error, Lease, LeaseHandle, Outcome,
-    session::{Backoff, Command, Pauses, RequestSpec, Session, SessionConfig},
+    command::{Command, RequestSpec},
+    session::{Backoff, Pauses, Session, SessionConfig},
 };
 
 /// A connection to a slotd daemon: one background session task that owns one `Acquire` stream.
@@ -36,7 +37,7 @@ pub struct Client {
 }
 
 struct Inner {
-    cmd: mpsc::UnboundedSender<Command>,
+    cmd: mpsc::UnboundedSender<Command<Lease>>,
     grpc: SlotdClient<Channel>,
     auth: Option<AsciiMetadataValue>,
     pauses: watch::Receiver<Pauses>,

@@ -1,4 +1,4 @@
-//! The client's error type: what went wrong, with the daemon's gRPC code and retry hint where it has one.
+//! The client's error types: what went wrong (with the daemon's gRPC code and retry hint), and why a lease was lost.
 
 use std::time::Duration;
 
@@ -30,13 +30,13 @@ pub enum Error {
         /// The daemon's lowercase reason.
         message: String,
     },
-    /// The lease ended before it was released: see [`Lost`](crate::Lost).
+    /// The lease ended before it was released: see [`Lost`].
     #[error("lease {lease_id} was lost: {reason}")]
     Lost {
         /// The lease.
         lease_id: String,
         /// Why it ended.
-        reason: crate::Lost,
+        reason: Lost,
     },
     /// Could not reach the daemon, or a unary call failed.
     #[error("rpc failed: {0}")]
@@ -48,6 +48,25 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The background session task is gone (the runtime is shutting down).
+    #[error("client session closed")]
+    SessionClosed,
+}
+
+/// Why a lease ended without being released by its holder. Whoever holds it must stop using the slot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Lost {
+    /// The daemon reclaimed it: no heartbeat arrived within its TTL.
+    #[error("expired: {0}")]
+    Expired(String),
+    /// An operator revoked it, or its pool was removed.
+    #[error("revoked: {0}")]
+    Revoked(String),
+    /// After a reconnect the daemon refused to re-attach it (the grace or learning period was over,
+    /// or taking it back would have exceeded the limit).
+    #[error("resume failed: {0}")]
+    ResumeFailed(String),
+    /// The client's session task ended, so nobody renews the lease any more.
     #[error("client session closed")]
     SessionClosed,
 }

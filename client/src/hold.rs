@@ -24,8 +24,15 @@ pin_project! {
     }
 }
 
+impl Lease {
+    /// Wraps `stream` so that the lease is held until the stream ends (yields `None`) or is dropped.
+    pub fn hold<S>(self, stream: S) -> Hold<S> {
+        Hold::new(self, stream)
+    }
+}
+
 impl<S> Hold<S> {
-    pub(crate) fn new(lease: Lease, stream: S) -> Self {
+    fn new(lease: Lease, stream: S) -> Self {
         Hold { stream, lease: Some(lease) }
     }
 

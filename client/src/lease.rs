@@ -8,44 +8,7 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{Error, Hold, session::Command};
-
-/// How the call covered by a lease ended; sent to the daemon with the release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Outcome {
-    /// The provider call succeeded.
-    #[default]
-    Ok,
-    /// The provider call failed for a reason other than rate limiting.
-    Error,
-    /// The caller gave up before the call ended.
-    Cancelled,
-    /// The provider answered 429 (or an overload such as Anthropic's 529). Pauses the pool for
-    /// `retry_after`, or for the pool's `default_retry_after` when `None`.
-    RateLimited {
-        /// The provider's Retry-After.
-        retry_after: Option<Duration>,
-    },
-}
-
-/// Why a lease ended without being released by its holder. Whoever holds it must stop using the slot.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Lost {
-    /// The daemon reclaimed it: no heartbeat arrived within its TTL.
-    #[error("expired: {0}")]
-    Expired(String),
-    /// An operator revoked it, or its pool was removed.
-    #[error("revoked: {0}")]
-    Revoked(String),
-    /// After a reconnect the daemon refused to re-attach it (the grace or learning period was over,
-    /// or taking it back would have exceeded the limit).
-    #[error("resume failed: {0}")]
-    ResumeFailed(String),
-    /// The client's session task ended, so nobody renews the lease any more.
-    #[error("client session closed")]
-    SessionClosed,
-}
+use crate::{Error, Lost, Outcome, command::Command};
 
 /// State shared by a [`Lease`], its [`LeaseHandle`]s and the session task.
 #[derive(Debug)]
@@ -175,12 +138,12 @@ impl LeaseHandle {
 #[derive(Debug)]
 pub struct Lease {
     handle: LeaseHandle,
-    cmd: mpsc::UnboundedSender<Command>,
+    cmd: mpsc::UnboundedSender<Command<Lease>>,
     released: bool,
 }
 
 impl Lease {
-    pub(crate) fn new(shared: Arc<Shared>, cmd: mpsc::UnboundedSender<Command>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, cmd: mpsc::UnboundedSender<Command<Lease>>) -> Self {
         Lease { handle: LeaseHandle { shared }, cmd, released: false }
     }
 
@@ -267,11 +230,6 @@ impl Lease {
     /// As for [`release`](Self::release).
     pub async fn failed(self) -> Result<(), Error> {
         self.release(Outcome::Error).await
-    }
-
-    /// Wraps `stream` so that the lease is held until the stream ends (yields `None`) or is dropped.
-    pub fn hold<S>(self, stream: S) -> Hold<S> {
-        Hold::new(self, stream)
     }
 
     /// Releases without waiting for the answer: what `Drop` does, with an explicit outcome.

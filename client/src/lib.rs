@@ -67,6 +67,7 @@
 #![warn(missing_docs)]
 
 mod client;
+mod command;
 mod error;
 mod hold;
 mod layer;
@@ -75,13 +76,14 @@ mod session;
 
 pub use crate::{
     client::{Acquire, AcquireBuilder, Client, ClientBuilder},
-    error::Error,
+    command::Outcome,
+    error::{Error, Lost},
     hold::Hold,
     layer::{
         BoxError, FixedPool, LeaseBody, LeaseLayer, LeaseService, ResponseFuture, SelectPool, outcome_of,
         retry_after,
     },
-    lease::{Lease, LeaseHandle, Lost, Outcome},
+    lease::{Lease, LeaseHandle},
     session::{PauseInfo, Pauses},
 };
 /// The generated wire types, for [`Client::status`] answers.

@@ -1,0 +1,595 @@
+//! The session's state machine: requests, leases and pauses as plain state, with no I/O and no clock.
+//!
+//! [`Machine::handle`] takes one [`Input`] (a handle's command, a daemon message, the stream opening or
+//! breaking, the heartbeat timer, the last handle going away) and the current [`Now`], and returns a
+//! [`Step`]: the messages to send on the stream and the [`Notify`]s to deliver to handles. The
+//! connection task ([`super::task`]) carries them out; tests read them.
+//!
+//! # Invariants
+//! 1. The tables are the truth. After a reconnect the stream is rebuilt from them (resume every lease,
+//!    then re-send every queued request), so a message lost with the old stream never matters.
+//! 2. Nothing is sent while disconnected; whatever needed sending is rebuilt on [`Input::Connected`].
+//! 3. Every release that carries a [`Ticket`] is answered exactly once, with [`Notify::ReleaseDone`],
+//!    unless the session ends first.
+//! 4. Every lease that leaves the table is announced with [`Notify::LeaseEnded`] (after
+//!    [`Notify::LeaseLost`] when it was lost), so the task can drop what it keeps for it.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::{Duration, SystemTime},
+};
+
+use tokio::time::Instant;
+
+use super::{PauseInfo, Pauses};
+use crate::{Error, Lost, Outcome, command::RequestSpec};
+
+/// Heartbeats are never sent more often than this, whatever the TTL.
+pub(crate) const MIN_HEARTBEAT: Duration = Duration::from_millis(5);
+
+/// Names one release that someone waits on; the task maps it back to the waiter.
+pub(crate) type Ticket = u64;
+
+/// The two clocks the machine needs: monotonic for timers, wall for what the daemon speaks in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub(crate) mono: Instant,
+    pub(crate) wall: SystemTime,
+}
+
+impl Now {
+    /// Reads both clocks (tokio's, so paused time works).
+    pub(crate) fn current() -> Self {
+        Now { mono: Instant::now(), wall: SystemTime::now() }
+    }
+}
+
+/// A message for the daemon, before wire encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ToDaemon {
+    /// Queue a request. `max_wait` is what is left of the caller's after the time already waited.
+    Request { request_id: String, spec: RequestSpec, max_wait: Option<Duration> },
+    /// Withdraw a queued request.
+    Cancel { request_id: String },
+    /// Renew every lease this stream holds.
+    Heartbeat,
+    /// Give a lease back.
+    Release { lease_id: String, outcome: Outcome },
+    /// Re-attach a lease held on an earlier stream.
+    Resume {
+        lease_id: String,
+        fencing_token: u64,
+        pool: String,
+        priority: Option<u32>,
+        ttl: Duration,
+        holder: String,
+    },
+}
+
+/// A granted lease, as the daemon described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseInfo {
+    pub(crate) lease_id: String,
+    pub(crate) pool: String,
+    pub(crate) fencing_token: u64,
+    pub(crate) ttl: Duration,
+    pub(crate) expires_at: SystemTime,
+}
+
+/// Why the daemon ended a lease, as far as the client cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expiry {
+    /// No heartbeat within the TTL (or a reason this client does not know).
+    Ttl,
+    /// An operator revoked it, or its pool was removed.
+    Revoked,
+    /// The daemon is shutting down; a restart may let the lease be resumed.
+    Shutdown,
+}
+
+/// A message from the daemon, after wire decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FromDaemon {
+    Queued { request_id: String, position: u32 },
+    Granted { request_id: String, lease: LeaseInfo },
+    Rejected { request_id: String, code: tonic::Code, message: String, retry_after: Option<Duration> },
+    Paused { pool: String, until: SystemTime, reason: String },
+    Resumed { pool: String },
+    Expired { lease_id: String, reason: Expiry, message: String },
+    Released { lease_id: String },
+    LeaseError { lease_id: String, code: tonic::Code, message: String },
+    LeaseResumed { lease_id: String, expires_at: Option<SystemTime> },
+    Cancelled { request_id: String },
+    HeartbeatAck,
+}
+
+/// One event for the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// A handle asks for a slot.
+    Acquire { request_id: String, spec: RequestSpec },
+    /// The acquire future was dropped before its answer.
+    Cancel { request_id: String },
+    /// A handle gives a lease back; with a ticket when someone waits for the answer.
+    Release { lease_id: String, outcome: Outcome, ticket: Option<Ticket> },
+    /// The daemon said something.
+    Message(FromDaemon),
+    /// A new stream is open.
+    Connected,
+    /// The stream broke (or never opened).
+    Disconnected,
+    /// The heartbeat timer fired.
+    HeartbeatDue,
+    /// Every handle is gone.
+    Close,
+}
+
+/// Something to deliver to handles.
+#[derive(Debug, Clone)]
+pub(crate) enum Notify {
+    /// Answer acquire `request_id` with this lease.
+    Granted { request_id: String, lease: LeaseInfo },
+    /// Answer acquire `request_id` with this error.
+    Refused { request_id: String, error: Error },
+    /// Answer the release that carried `ticket`.
+    ReleaseDone { ticket: Ticket, result: Result<(), Error> },
+    /// The lease's expiry moved.
+    Renewed { lease_id: String, expires_at: SystemTime },
+    /// The lease is lost: its holder must stop using the slot.
+    LeaseLost { lease_id: String, why: Lost },
+    /// The lease left the table.
+    LeaseEnded { lease_id: String },
+    /// The pause map changed; here is the whole of it.
+    Pauses(Pauses),
+}
+
+/// What one input produced.
+#[derive(Debug, Default)]
+pub(crate) struct Step {
+    /// Messages for the current stream, in order (empty while disconnected).
+    pub(crate) send: Vec<ToDaemon>,
+    /// Deliveries to handles, in order.
+    pub(crate) notify: Vec<Notify>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    spec: RequestSpec,
+    /// When the acquire was made, to shorten `max_wait` when re-sending.
+    created: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Held on the current stream.
+    Held,
+    /// Resume sent (or to be sent once connected); not yet confirmed.
+    Resuming,
+    /// Release sent on the current stream.
+    Releasing { outcome: Outcome, ticket: Option<Ticket> },
+    /// The holder released it while it still needed a resume: resume, then release.
+    ResumingThenReleasing { outcome: Outcome, ticket: Option<Ticket> },
+}
+
+#[derive(Debug)]
+struct Held {
+    lease: LeaseInfo,
+    priority: Option<u32>,
+    holder: String,
+    state: State,
+}
+
+/// The session's state; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    /// A fixed heartbeat interval, or `None` for a third of the shortest TTL held.
+    heartbeat_interval: Option<Duration>,
+    connected: bool,
+    pending: HashMap<String, Pending>,
+    /// Requests cancelled on the current stream whose answer has not come yet: a grant for one of
+    /// them is released at once.
+    cancelling: HashSet<String>,
+    leases: HashMap<String, Held>,
+    pauses: Pauses,
+    next_heartbeat: Option<Instant>,
+    /// Send times of heartbeats not yet acknowledged (to move `expires_at` on each ack).
+    heartbeats_sent: VecDeque<SystemTime>,
+    /// Every handle is gone.
+    closed: bool,
+    step: Step,
+}
+
+impl Machine {
+    pub(crate) fn new(heartbeat_interval: Option<Duration>) -> Self {
+        Machine {
+            heartbeat_interval,
+            connected: false,
+            pending: HashMap::new(),
+            cancelling: HashSet::new(),
+            leases: HashMap::new(),
+            pauses: Pauses::new(),
+            next_heartbeat: None,
+            heartbeats_sent: VecDeque::new(),
+            closed: false,
+            step: Step::default(),
+        }
+    }
+
+    /// Applies one input.
+    pub(crate) fn handle(&mut self, now: Now, input: Input) -> Step {
+        match input {
+            Input::Acquire { request_id, spec } => self.acquire(now, request_id, spec),
+            Input::Cancel { request_id } => self.cancel(request_id),
+            Input::Release { lease_id, outcome, ticket } => self.release(lease_id, outcome, ticket),
+            Input::Message(msg) => self.on_message(now, msg),
+            Input::Connected => self.on_connected(now),
+            Input::Disconnected => self.on_disconnected(),
+            Input::HeartbeatDue => self.heartbeat(now),
+            Input::Close => self.closed = true,
+        }
+        std::mem::take(&mut self.step)
+    }
+
+    /// When the heartbeat timer should next fire, if at all.
+    pub(crate) fn next_heartbeat(&self) -> Option<Instant> {
+        self.next_heartbeat
+    }
+
+    /// Every handle is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Every handle is gone and no release waits for the daemon's answer: nothing is left to do.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.closed && !self.releasing()
+    }
+
+    /// How many leases and queued requests the session has (for logs).
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.leases.len(), self.pending.len())
+    }
+
+    fn releasing(&self) -> bool {
+        self.leases
+            .values()
+            .any(|h| matches!(h.state, State::Releasing { .. } | State::ResumingThenReleasing { .. }))
+    }
+
+    fn send(&mut self, msg: ToDaemon) {
+        if self.connected {
+            self.step.send.push(msg);
+        }
+    }
+
+    fn notify(&mut self, n: Notify) {
+        self.step.notify.push(n);
+    }
+
+    fn answer(&mut self, ticket: Option<Ticket>, result: Result<(), Error>) {
+        if let Some(ticket) = ticket {
+            self.notify(Notify::ReleaseDone { ticket, result });
+        }
+    }
+
+    fn acquire(&mut self, now: Now, request_id: String, spec: RequestSpec) {
+        self.send(ToDaemon::Request {
+            request_id: request_id.clone(),
+            spec: spec.clone(),
+            max_wait: spec.max_wait,
+        });
+        self.pending.insert(request_id, Pending { spec, created: now.mono });
+    }
+
+    fn cancel(&mut self, request_id: String) {
+        if self.pending.remove(&request_id).is_some() && self.connected {
+            self.send(ToDaemon::Cancel { request_id: request_id.clone() });
+            self.cancelling.insert(request_id);
+        }
+        // Not pending: it was granted already and its lease (dropped with the future's channel)
+        // releases itself; or we are disconnected and the daemon forgot it.
+    }
+
+    fn release(&mut self, lease_id: String, outcome: Outcome, ticket: Option<Ticket>) {
+        let connected = self.connected;
+        let Some(held) = self.leases.get_mut(&lease_id) else {
+            self.answer(
+                ticket,
+                Err(Error::Lease {
+                    lease_id,
+                    code: tonic::Code::FailedPrecondition,
+                    message: "lease already ended".into(),
+                }),
+            );
+            return;
+        };
+        let send_now = match held.state {
+            State::Held => {
+                held.state = State::Releasing { outcome, ticket };
+                connected
+            }
+            State::Resuming => {
+                // The resume (already sent, or sent on reconnect) goes first; the release follows it.
+                held.state = State::ResumingThenReleasing { outcome, ticket };
+                connected
+            }
+            State::Releasing { .. } | State::ResumingThenReleasing { .. } => {
+                self.answer(
+                    ticket,
+                    Err(Error::Lease {
+                        lease_id: lease_id.clone(),
+                        code: tonic::Code::FailedPrecondition,
+                        message: "lease is already being released".into(),
+                    }),
+                );
+                false
+            }
+        };
+        if send_now {
+            self.send(ToDaemon::Release { lease_id, outcome });
+        }
+    }
+
+    fn on_message(&mut self, now: Now, msg: FromDaemon) {
+        match msg {
+            FromDaemon::Queued { request_id, position } => {
+                tracing::trace!(request_id, position, "queued");
+            }
+            FromDaemon::Granted { request_id, lease } => self.on_granted(now, request_id, lease),
+            FromDaemon::Rejected { request_id, code, message, retry_after } => {
+                self.on_rejected(request_id, code, message, retry_after)
+            }
+            FromDaemon::Paused { pool, until, reason } => {
+                self.pauses.retain(|_, p| p.until > now.wall);
+                self.pauses.insert(pool, PauseInfo { until, reason });
+                self.notify(Notify::Pauses(self.pauses.clone()));
+            }
+            FromDaemon::Resumed { pool } => {
+                if self.pauses.remove(&pool).is_some() {
+                    self.notify(Notify::Pauses(self.pauses.clone()));
+                }
+            }
+            FromDaemon::Expired { lease_id, reason, message } => {
+                self.on_expired(now, lease_id, reason, message)
+            }
+            FromDaemon::Released { lease_id } => {
+                if let Some(held) = self.leases.remove(&lease_id) {
+                    if let State::Releasing { ticket, .. } | State::ResumingThenReleasing { ticket, .. } =
+                        held.state
+                    {
+                        self.answer(ticket, Ok(()));
+                    }
+                    self.notify(Notify::LeaseEnded { lease_id });
+                }
+                self.reschedule_heartbeat(now);
+            }
+            FromDaemon::LeaseError { lease_id, code, message } => {
+                self.on_lease_error(now, lease_id, code, message)
+            }
+            FromDaemon::LeaseResumed { lease_id, expires_at } => {
+                if let Some(held) = self.leases.get_mut(&lease_id) {
+                    held.state = match held.state {
+                        State::Resuming => State::Held,
+                        State::ResumingThenReleasing { outcome, ticket } => {
+                            State::Releasing { outcome, ticket }
+                        }
+                        other => other,
+                    };
+                    if let Some(t) = expires_at {
+                        held.lease.expires_at = t;
+                        self.notify(Notify::Renewed { lease_id, expires_at: t });
+                    }
+                }
+            }
+            FromDaemon::Cancelled { request_id } => {
+                self.cancelling.remove(&request_id);
+            }
+            FromDaemon::HeartbeatAck => {
+                if let Some(sent) = self.heartbeats_sent.pop_front() {
+                    let mut renewed = Vec::new();
+                    for (lease_id, held) in &mut self.leases {
+                        if held.state == State::Held {
+                            held.lease.expires_at = sent + held.lease.ttl;
+                            renewed.push(Notify::Renewed {
+                                lease_id: lease_id.clone(),
+                                expires_at: held.lease.expires_at,
+                            });
+                        }
+                    }
+                    self.step.notify.extend(renewed);
+                }
+            }
+        }
+    }
+
+    fn on_granted(&mut self, now: Now, request_id: String, lease: LeaseInfo) {
+        let lease_id = lease.lease_id.clone();
+        match self.pending.remove(&request_id) {
+            Some(p) => {
+                self.leases.insert(
+                    lease_id,
+                    Held {
+                        lease: lease.clone(),
+                        priority: p.spec.priority,
+                        holder: p.spec.holder,
+                        state: State::Held,
+                    },
+                );
+                self.notify(Notify::Granted { request_id, lease });
+            }
+            None => {
+                // Granted while (or after) its acquire was cancelled: the slot goes straight back.
+                self.cancelling.remove(&request_id);
+                tracing::debug!(request_id, lease_id, "releasing a grant nobody waits for");
+                self.leases.insert(
+                    lease_id.clone(),
+                    Held {
+                        lease,
+                        priority: None,
+                        holder: String::new(),
+                        state: State::Releasing { outcome: Outcome::Cancelled, ticket: None },
+                    },
+                );
+                self.send(ToDaemon::Release { lease_id, outcome: Outcome::Cancelled });
+            }
+        }
+        self.reschedule_heartbeat(now);
+    }
+
+    fn on_rejected(
+        &mut self,
+        request_id: String,
+        code: tonic::Code,
+        message: String,
+        retry_after: Option<Duration>,
+    ) {
+        if self.cancelling.remove(&request_id) {
+            return;
+        }
+        if code == tonic::Code::Unavailable && self.pending.contains_key(&request_id) {
+            // The daemon is shutting down: keep waiting and re-send on the next stream.
+            return;
+        }
+        if self.pending.remove(&request_id).is_some() {
+            let error = Error::Rejected { code, message, retry_after };
+            self.notify(Notify::Refused { request_id, error });
+        }
+    }
+
+    fn on_expired(&mut self, now: Now, lease_id: String, reason: Expiry, message: String) {
+        if reason == Expiry::Shutdown {
+            // The daemon is going away; the lease may come back through a resume once it restarts.
+            return;
+        }
+        let Some(held) = self.leases.remove(&lease_id) else {
+            return;
+        };
+        let lost = match reason {
+            Expiry::Revoked => Lost::Revoked(message),
+            Expiry::Ttl | Expiry::Shutdown => Lost::Expired(message),
+        };
+        self.lose(&lease_id, lost.clone());
+        if let State::Releasing { ticket, .. } | State::ResumingThenReleasing { ticket, .. } = held.state {
+            self.answer(ticket, Err(Error::Lost { lease_id: lease_id.clone(), reason: lost }));
+        }
+        self.notify(Notify::LeaseEnded { lease_id });
+        self.reschedule_heartbeat(now);
+    }
+
+    fn on_lease_error(&mut self, now: Now, lease_id: String, code: tonic::Code, message: String) {
+        let Some(held) = self.leases.get(&lease_id) else {
+            return;
+        };
+        match held.state {
+            State::Held => {
+                // Only a targeted heartbeat could cause this; the client sends none.
+                tracing::warn!(lease_id, message, "unexpected lease error");
+            }
+            State::Resuming => {
+                self.leases.remove(&lease_id);
+                self.lose(&lease_id, Lost::ResumeFailed(message));
+                self.notify(Notify::LeaseEnded { lease_id });
+            }
+            State::ResumingThenReleasing { ticket, .. } => {
+                // The release queued behind this resume fails too; the slot is gone either way.
+                self.leases.remove(&lease_id);
+                let lost = Lost::ResumeFailed(message);
+                self.lose(&lease_id, lost.clone());
+                self.answer(ticket, Err(Error::Lost { lease_id: lease_id.clone(), reason: lost }));
+                self.notify(Notify::LeaseEnded { lease_id });
+            }
+            State::Releasing { ticket, .. } => {
+                self.leases.remove(&lease_id);
+                self.lose(&lease_id, Lost::Expired(message.clone()));
+                self.answer(ticket, Err(Error::Lease { lease_id: lease_id.clone(), code, message }));
+                self.notify(Notify::LeaseEnded { lease_id });
+            }
+        }
+        self.reschedule_heartbeat(now);
+    }
+
+    fn lose(&mut self, lease_id: &str, why: Lost) {
+        self.notify(Notify::LeaseLost { lease_id: lease_id.to_owned(), why });
+    }
+
+    fn heartbeat_every(&self) -> Option<Duration> {
+        let min_ttl = self.leases.values().map(|h| h.lease.ttl).min()?;
+        Some(self.heartbeat_interval.unwrap_or(min_ttl / 3).max(MIN_HEARTBEAT))
+    }
+
+    /// Makes sure the next heartbeat comes within a third of the shortest TTL held.
+    fn reschedule_heartbeat(&mut self, now: Now) {
+        match self.heartbeat_every() {
+            None => self.next_heartbeat = None,
+            Some(every) => {
+                let due = now.mono + every;
+                self.next_heartbeat = Some(self.next_heartbeat.map_or(due, |n| n.min(due)));
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, now: Now) {
+        self.next_heartbeat = None;
+        if !self.connected || self.leases.is_empty() {
+            return;
+        }
+        self.heartbeats_sent.push_back(now.wall);
+        self.send(ToDaemon::Heartbeat);
+        self.reschedule_heartbeat(now);
+    }
+
+    /// The stream broke: every lease needs a resume, and the daemon forgot our queued requests.
+    fn on_disconnected(&mut self) {
+        self.connected = false;
+        self.cancelling.clear();
+        self.heartbeats_sent.clear();
+        self.next_heartbeat = None;
+        for held in self.leases.values_mut() {
+            held.state = match held.state {
+                State::Held | State::Resuming => State::Resuming,
+                State::Releasing { outcome, ticket } | State::ResumingThenReleasing { outcome, ticket } => {
+                    State::ResumingThenReleasing { outcome, ticket }
+                }
+            };
+        }
+    }
+
+    /// A new stream is open: resume every lease first, then re-send every queued request.
+    fn on_connected(&mut self, now: Now) {
+        self.connected = true;
+        let mut msgs = Vec::new();
+        for (lease_id, held) in &self.leases {
+            let resume = ToDaemon::Resume {
+                lease_id: lease_id.clone(),
+                fencing_token: held.lease.fencing_token,
+                pool: held.lease.pool.clone(),
+                priority: held.priority,
+                ttl: held.lease.ttl,
+                holder: held.holder.clone(),
+            };
+            match held.state {
+                State::Resuming => msgs.push(resume),
+                State::ResumingThenReleasing { outcome, .. } => {
+                    msgs.push(resume);
+                    msgs.push(ToDaemon::Release { lease_id: lease_id.clone(), outcome });
+                }
+                State::Held | State::Releasing { .. } => {}
+            }
+        }
+        // Oldest first; the daemon orders by `started_at` anyway, which the requests keep.
+        let mut pending: Vec<_> = self.pending.iter().collect();
+        pending.sort_by_key(|(_, p)| p.created);
+        for (request_id, p) in pending {
+            let waited = now.mono.saturating_duration_since(p.created);
+            msgs.push(ToDaemon::Request {
+                request_id: request_id.clone(),
+                spec: p.spec.clone(),
+                max_wait: p.spec.max_wait.map(|w| w.saturating_sub(waited)),
+            });
+        }
+        for msg in msgs {
+            self.send(msg);
+        }
+        self.reschedule_heartbeat(now);
+    }
+}

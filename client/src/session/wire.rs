@@ -1,0 +1,190 @@
+//! Wire encoding: the state machine's messages to and from the generated protobuf types.
+
+use std::time::{Duration, SystemTime};
+
+use slotd_proto::v1::{self as pb, client_message, server_message};
+
+use super::machine::{Expiry, FromDaemon, LeaseInfo, ToDaemon};
+use crate::Outcome;
+
+/// The TTL assumed when a grant names none (the daemon always sends one).
+const FALLBACK_TTL: Duration = Duration::from_secs(30);
+
+/// Encodes one message for the stream.
+pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
+    let msg = match msg {
+        ToDaemon::Request { request_id, spec, max_wait } => client_message::Msg::Request(pb::LeaseRequest {
+            request_id,
+            pool: spec.pool,
+            priority: spec.priority,
+            started_at: Some(prost_types::Timestamp::from(spec.started_at)),
+            ttl: spec.ttl.and_then(duration),
+            max_wait: max_wait.and_then(duration),
+            holder: spec.holder,
+        }),
+        ToDaemon::Cancel { request_id } => client_message::Msg::Cancel(pb::CancelRequest { request_id }),
+        ToDaemon::Heartbeat => client_message::Msg::Heartbeat(pb::Heartbeat { lease_ids: Vec::new() }),
+        ToDaemon::Release { lease_id, outcome } => {
+            let (outcome, retry_after) = match outcome {
+                Outcome::Ok => (pb::Outcome::Ok, None),
+                Outcome::Error => (pb::Outcome::Error, None),
+                Outcome::Cancelled => (pb::Outcome::Cancelled, None),
+                Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
+            };
+            client_message::Msg::Release(pb::ReleaseLease {
+                lease_id,
+                outcome: outcome as i32,
+                retry_after: retry_after.and_then(duration),
+            })
+        }
+        ToDaemon::Resume { lease_id, fencing_token, pool, priority, ttl, holder } => {
+            client_message::Msg::Resume(pb::ResumeLease {
+                lease_id,
+                fencing_token,
+                pool,
+                priority,
+                ttl: duration(ttl),
+                holder,
+            })
+        }
+    };
+    pb::ClientMessage { msg: Some(msg) }
+}
+
+/// Decodes one message from the stream; `None` for an empty one. `now` fills in times the daemon
+/// gave relative to now (or left out).
+pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaemon> {
+    use server_message::Msg;
+    Some(match msg.msg? {
+        Msg::Queued(q) => FromDaemon::Queued { request_id: q.request_id, position: q.position },
+        Msg::Granted(g) => {
+            let ttl = g.ttl.and_then(|d| Duration::try_from(d).ok()).unwrap_or(FALLBACK_TTL);
+            let expires_at = timestamp(g.expires_at).unwrap_or_else(|| now + ttl);
+            FromDaemon::Granted {
+                request_id: g.request_id,
+                lease: LeaseInfo {
+                    lease_id: g.lease_id,
+                    pool: g.pool,
+                    fencing_token: g.fencing_token,
+                    ttl,
+                    expires_at,
+                },
+            }
+        }
+        Msg::Rejected(r) => FromDaemon::Rejected {
+            request_id: r.request_id,
+            code: tonic::Code::from_i32(r.code),
+            message: r.message,
+            retry_after: r.retry_after.and_then(|d| Duration::try_from(d).ok()),
+        },
+        Msg::Paused(p) => {
+            let until = timestamp(p.until)
+                .or_else(|| p.remaining.and_then(|d| Duration::try_from(d).ok()).map(|d| now + d))
+                .unwrap_or(now);
+            FromDaemon::Paused { pool: p.pool, until, reason: p.reason }
+        }
+        Msg::Resumed(r) => FromDaemon::Resumed { pool: r.pool },
+        Msg::Expired(e) => {
+            let reason = match pb::ExpiryReason::try_from(e.reason).unwrap_or_default() {
+                pb::ExpiryReason::Shutdown => Expiry::Shutdown,
+                pb::ExpiryReason::Revoked | pb::ExpiryReason::PoolRemoved => Expiry::Revoked,
+                pb::ExpiryReason::Ttl | pb::ExpiryReason::Unspecified => Expiry::Ttl,
+            };
+            FromDaemon::Expired { lease_id: e.lease_id, reason, message: e.message }
+        }
+        Msg::Released(r) => FromDaemon::Released { lease_id: r.lease_id },
+        Msg::LeaseError(e) => FromDaemon::LeaseError {
+            lease_id: e.lease_id,
+            code: tonic::Code::from_i32(e.code),
+            message: e.message,
+        },
+        Msg::LeaseResumed(r) => {
+            FromDaemon::LeaseResumed { lease_id: r.lease_id, expires_at: timestamp(r.expires_at) }
+        }
+        Msg::Cancelled(c) => FromDaemon::Cancelled { request_id: c.request_id },
+        Msg::HeartbeatAck(_) => FromDaemon::HeartbeatAck,
+    })
+}
+
+fn duration(d: Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
+fn timestamp(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::RequestSpec;
+
+    #[test]
+    fn a_rate_limited_release_carries_its_retry_after() {
+        let msg = encode(ToDaemon::Release {
+            lease_id: "l1".into(),
+            outcome: Outcome::RateLimited { retry_after: Some(Duration::from_secs(7)) },
+        });
+        let Some(client_message::Msg::Release(r)) = msg.msg else { panic!("not a release: {msg:?}") };
+        assert_eq!(r.outcome, pb::Outcome::RateLimited as i32);
+        assert_eq!(r.retry_after, Some(prost_types::Duration { seconds: 7, nanos: 0 }));
+    }
+
+    #[test]
+    fn a_request_sends_what_is_left_of_max_wait() {
+        let spec = RequestSpec {
+            pool: "p".into(),
+            priority: Some(3),
+            started_at: SystemTime::UNIX_EPOCH,
+            ttl: None,
+            max_wait: Some(Duration::from_secs(10)),
+            holder: "h".into(),
+        };
+        let msg = encode(ToDaemon::Request {
+            request_id: "r1".into(),
+            spec,
+            max_wait: Some(Duration::from_secs(4)),
+        });
+        let Some(client_message::Msg::Request(r)) = msg.msg else { panic!("not a request: {msg:?}") };
+        assert_eq!(r.max_wait, Some(prost_types::Duration { seconds: 4, nanos: 0 }));
+        assert_eq!(r.ttl, None);
+        assert_eq!(r.priority, Some(3));
+    }
+
+    #[test]
+    fn a_pause_without_until_ends_after_remaining() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let msg = pb::ServerMessage {
+            msg: Some(server_message::Msg::Paused(pb::Paused {
+                pool: "p".into(),
+                until: None,
+                reason: "429".into(),
+                remaining: Some(prost_types::Duration { seconds: 5, nanos: 0 }),
+            })),
+        };
+        let until = now + Duration::from_secs(5);
+        assert_eq!(
+            decode(msg, now),
+            Some(FromDaemon::Paused { pool: "p".into(), until, reason: "429".into() })
+        );
+    }
+
+    #[test]
+    fn pool_removal_counts_as_a_revocation() {
+        let msg = pb::ServerMessage {
+            msg: Some(server_message::Msg::Expired(pb::Expired {
+                lease_id: "l1".into(),
+                reason: pb::ExpiryReason::PoolRemoved as i32,
+                message: "gone".into(),
+            })),
+        };
+        assert_eq!(
+            decode(msg, SystemTime::UNIX_EPOCH),
+            Some(FromDaemon::Expired {
+                lease_id: "l1".into(),
+                reason: Expiry::Revoked,
+                message: "gone".into()
+            })
+        );
+    }
+}
