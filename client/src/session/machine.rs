@@ -21,11 +21,22 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{PauseInfo, Pauses};
 use crate::{Error, Lost, Outcome, command::RequestSpec};
 
 /// Heartbeats are never sent more often than this, whatever the TTL.
-pub(crate) const MIN_HEARTBEAT: Duration = Duration::from_millis(5);
+const MIN_HEARTBEAT: Duration = Duration::from_millis(5);
+
+/// A pool's pause, as pushed by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseInfo {
+    /// When the pause ends.
+    pub until: SystemTime,
+    /// Why, for example "rate limited (429) reported by release of lease ...".
+    pub reason: String,
+}
+
+/// The pause state of every pool this client waits on or holds, by pool name.
+pub type Pauses = HashMap<String, PauseInfo>;
 
 /// Names one release that someone waits on; the task maps it back to the waiter.
 pub(crate) type Ticket = u64;

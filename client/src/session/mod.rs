@@ -13,21 +13,5 @@ mod task;
 mod tests;
 mod wire;
 
-use std::{collections::HashMap, time::SystemTime};
-
+pub use self::machine::{PauseInfo, Pauses};
 pub(crate) use self::task::{Backoff, Session, SessionConfig};
-
-/// A pool's pause, as pushed by the daemon.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PauseInfo {
-    /// When the pause ends.
-    pub until: SystemTime,
-    /// Why, for example "rate limited (429) reported by release of lease ...".
-    pub reason: String,
-}
-
-/// The pause state of every pool this client waits on or holds, by pool name.
-pub type Pauses = HashMap<String, PauseInfo>;
-
-/// Header that asks the daemon to keep this stream's leases for a while after it closes.
-pub(crate) const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";

@@ -18,12 +18,13 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Streaming, metadata::AsciiMetadataValue, transport::Channel};
 
 use super::{
-    Pauses, RESUME_GRACE_HEADER,
-    machine::{Input, Machine, Notify, Now, Ticket},
+    machine::{Input, Machine, Notify, Now, Pauses, Ticket},
     wire,
 };
 use crate::{Error, Lease, Outcome, command::Command, lease::Shared};
 
+/// Header that asks the daemon to keep this stream's leases for a while after it closes.
+pub(crate) const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the last handle is gone, how long to wait for outstanding releases to be acknowledged.
