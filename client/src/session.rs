@@ -77,7 +77,7 @@ pub(crate) struct SessionConfig {
 }
 
 /// Header that asks the daemon to keep this stream's leases for a while after it closes.
-pub(crate) const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
+pub(crate) use slotd_proto::RESUME_GRACE_HEADER;
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the last handle is gone, how long to wait for outstanding releases to be acknowledged.
