@@ -13,6 +13,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 pub use prost_types;
 
+/// The metadata key a client sets to keep its leases across a reconnect, e.g. `slotd-resume-grace: 5s`
+/// on the `Acquire` stream (the daemon caps it at its `max_resume_grace`).
+pub const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
+
+/// The metadata key of the bearer token, sent as `authorization: Bearer <token>` when the daemon
+/// requires one (each service checks its own token).
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
 /// The protobuf codec of every slotd service and client: prost, with small per-stream buffers.
 ///
 /// tonic's default codec reserves 8 KiB to encode and 8 KiB to decode on every stream. slotd's messages

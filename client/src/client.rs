@@ -16,14 +16,12 @@ use std::{
 use futures::FutureExt;
 use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
 use tokio::sync::{mpsc, oneshot, watch};
-use tonic::{
-    metadata::AsciiMetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     Error, Lease, LeaseHandle, Outcome,
     command::{Command, RequestSpec},
+    connect::{AuthChannel, BearerAuth, Connector},
     session::{Backoff, Pauses, Session, SessionConfig},
 };
 
@@ -38,8 +36,8 @@ pub struct Client {
 
 struct Inner {
     cmd: mpsc::UnboundedSender<Command<Lease>>,
-    grpc: SlotdClient<Channel>,
-    auth: Option<AsciiMetadataValue>,
+    /// Unary calls; the token rides in the channel's interceptor.
+    grpc: SlotdClient<AuthChannel>,
     pauses: watch::Receiver<Pauses>,
     holder: String,
     default_ttl: Option<Duration>,
@@ -61,10 +59,8 @@ pub struct ClientBuilder {
     backoff: Backoff,
     resume_grace: Option<Duration>,
     bearer_token: Option<String>,
-    /// PEM CA bundle trusted for the daemon's certificate (implies TLS).
-    tls_ca: Option<Vec<u8>>,
-    /// Name checked against the daemon's certificate, when not the endpoint's host.
-    tls_domain: Option<String>,
+    /// Endpoint parsing, TLS and timeouts.
+    connector: Connector,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -76,8 +72,7 @@ impl fmt::Debug for ClientBuilder {
             .field("backoff", &self.backoff)
             .field("resume_grace", &self.resume_grace)
             .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
-            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<pem>"))
-            .field("tls_domain", &self.tls_domain)
+            .field("connector", &self.connector)
             .finish()
     }
 }
@@ -91,8 +86,7 @@ impl Default for ClientBuilder {
             backoff: Backoff { initial: Self::DEFAULT_BACKOFF_INITIAL, max: Self::DEFAULT_BACKOFF_MAX },
             resume_grace: Some(Self::DEFAULT_RESUME_GRACE),
             bearer_token: None,
-            tls_ca: None,
-            tls_domain: None,
+            connector: Connector::new(),
         }
     }
 }
@@ -152,56 +146,25 @@ impl ClientBuilder {
     /// Uses TLS, trusting the CA certificates in `ca_pem` (PEM) for the daemon's certificate. An
     /// `https://` endpoint without this trusts the system's roots.
     pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
-        self.tls_ca = Some(ca_pem.into());
+        self.connector = self.connector.tls(ca_pem);
         self
     }
 
     /// The name to check the daemon's certificate against, when it is not the endpoint's host (for
     /// example connecting to an IP address with a certificate for `slotd.internal`).
     pub fn tls_domain(mut self, name: impl Into<String>) -> Self {
-        self.tls_domain = Some(name.into());
+        self.connector = self.connector.tls_domain(name);
         self
     }
 
-    /// Connects to `endpoint` (for example `http://127.0.0.1:7070`, or `https://...` for TLS) and
-    /// starts the session task.
+    /// Connects to `endpoint` and starts the session task. The endpoint is `host:port` or a URL:
+    /// `http://127.0.0.1:7070`, or `https://...` for TLS (see [`parse_endpoint`](crate::parse_endpoint)).
     ///
     /// # Cancel safety
     /// Cancel safe: nothing is started until the connection is made.
     pub async fn connect(self, endpoint: impl Into<String>) -> Result<Client, Error> {
-        let mut url = endpoint.into();
-        // A CA means TLS; say so in the URL too, since tonic picks the scheme from it.
-        if self.tls_ca.is_some()
-            && let Some(rest) = url.strip_prefix("http://")
-        {
-            url = format!("https://{rest}");
-        }
-        let mut endpoint = Endpoint::from_shared(url)?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        if let Some(tls) = self.tls_config(&endpoint) {
-            endpoint = endpoint.tls_config(tls)?;
-        }
+        let endpoint = self.connector.endpoint(&endpoint.into())?;
         self.connect_endpoint(endpoint).await
-    }
-
-    /// The TLS settings for `endpoint`, when it needs any.
-    fn tls_config(&self, endpoint: &Endpoint) -> Option<ClientTlsConfig> {
-        let https = endpoint.uri().scheme_str() == Some("https");
-        if !https && self.tls_ca.is_none() {
-            return None;
-        }
-        let mut tls = ClientTlsConfig::new();
-        tls = match &self.tls_ca {
-            Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
-            None => tls.with_native_roots(),
-        };
-        if let Some(domain) = &self.tls_domain {
-            tls = tls.domain_name(domain.clone());
-        }
-        Some(tls)
     }
 
     /// Connects through a configured tonic [`Endpoint`]: the hook for TLS (enable tonic's TLS features
@@ -217,20 +180,13 @@ impl ClientBuilder {
     /// Starts a client over an existing channel (which reconnects by itself). Must be called within
     /// a tokio runtime.
     pub fn connect_channel(self, channel: Channel) -> Result<Client, Error> {
-        let auth = match &self.bearer_token {
-            None => None,
-            Some(token) => Some(
-                AsciiMetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| Error::Config("bearer token is not valid metadata".into()))?,
-            ),
-        };
-        let grpc = SlotdClient::new(channel);
+        let auth = BearerAuth::new(self.bearer_token.as_deref())?;
+        let grpc = SlotdClient::new(auth.wrap(channel));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (pauses_tx, pauses_rx) = watch::channel(Pauses::new());
         let session = Session::new(
             SessionConfig {
                 grpc: grpc.clone(),
-                auth: auth.clone(),
                 resume_grace: self.resume_grace,
                 heartbeat_interval: self.heartbeat_interval,
                 backoff: self.backoff,
@@ -244,7 +200,6 @@ impl ClientBuilder {
             inner: Arc::new(Inner {
                 cmd: cmd_tx,
                 grpc,
-                auth,
                 pauses: pauses_rx,
                 holder: self.holder.unwrap_or_else(default_holder),
                 default_ttl: self.default_ttl,
@@ -335,7 +290,7 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe: a read-only call.
     pub async fn status(&self, pool: Option<&str>) -> Result<pb::StatusResponse, Error> {
-        let req = self.request(pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() });
+        let req = pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() };
         Ok(self.inner.grpc.clone().status(req).await?.into_inner())
     }
 
@@ -350,21 +305,13 @@ impl Client {
         retry_after: Option<Duration>,
         reason: impl Into<String>,
     ) -> Result<Option<SystemTime>, Error> {
-        let req = self.request(pb::ReportRateLimitRequest {
+        let req = pb::ReportRateLimitRequest {
             pool: pool.into(),
             retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
             reason: reason.into(),
-        });
+        };
         let resp = self.inner.grpc.clone().report_rate_limit(req).await?;
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
-    }
-
-    fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(auth) = &self.inner.auth {
-            req.metadata_mut().insert("authorization", auth.clone());
-        }
-        req
     }
 
     fn next_request_id(&self) -> String {

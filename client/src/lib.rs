@@ -60,6 +60,10 @@
 //! With tower, [`LeaseLayer`] takes a lease around every HTTP request and reads the outcome from the
 //! response (429 with `Retry-After`, Anthropic's 529, 5xx).
 //!
+//! [`Connector`] parses an endpoint (`host:port` or a URL) and sets up TLS, timeouts and keepalives;
+//! [`BearerAuth`] adds the token to every call of a channel. [`ClientBuilder`] uses both, and so can
+//! anything else that talks to the daemon (an operator tool calling the Admin service, for example).
+//!
 //! # Cancel safety
 //! Every async fn documents what dropping its future does. In short: dropping an acquire cancels the
 //! request (and returns a grant that raced with the cancel); dropping anything that holds a lease
@@ -68,6 +72,7 @@
 
 mod client;
 mod command;
+mod connect;
 mod error;
 mod hold;
 mod layer;
@@ -77,6 +82,7 @@ mod session;
 pub use crate::{
     client::{Acquire, AcquireBuilder, Client, ClientBuilder},
     command::Outcome,
+    connect::{AuthChannel, BearerAuth, Connector, parse_endpoint},
     error::{Error, Lost},
     hold::Hold,
     layer::{

@@ -8,7 +8,6 @@ pub mod driver;
 pub mod grpc;
 pub mod metrics;
 pub mod scheduler;
-pub mod slotctl;
 pub mod state;
 
 use std::{

@@ -75,26 +75,30 @@ pub fn write(path: &Path, pools: &Pools) -> Result<(), StateError> {
         _ => Path::new("."),
     };
     let name = path.file_name().map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    // Same directory, so the rename cannot cross file systems; the pid keeps two daemons pointed at
-    // the same file (a mistake) from writing through each other's temp file.
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(b"# Written by slotd: pools as changed through slotd.v1.Admin. Edit only while slotd is stopped.\n")?;
-        f.write_all(body.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable. Directories cannot be opened for syncing everywhere, so a
-        // failure here is not worth refusing a change that is already in place.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    // Same directory, so the rename cannot cross file systems. The temp file has a random name (two
+    // daemons pointed at the same file, a mistake, never write through each other's) and is removed
+    // if anything fails before the rename.
+    let prefix = format!(".{name}.tmp.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    // Readable as far as the umask allows, as a plain `File::create` would be (tempfile's default
+    // is owner-only).
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).map_err(io)?;
+    tmp.write_all(
+        b"# Written by slotd: pools as changed through slotd.v1.Admin. Edit only while slotd is stopped.\n",
+    )
+    .and_then(|()| tmp.write_all(body.as_bytes()))
+    .and_then(|()| tmp.as_file().sync_all())
+    .map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    // Make the rename itself durable. Directories cannot be opened for syncing everywhere, so a
+    // failure here is not worth refusing a change that is already in place.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
-    result.map_err(io)
+    Ok(())
 }
 
 /// The state file shared by the Admin service and the reload task. Callers hold [`StateFile::lock`]

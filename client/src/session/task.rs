@@ -9,22 +9,22 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use rand::Rng;
-use slotd_proto::v1::{ClientMessage, ServerMessage, slotd_client::SlotdClient};
+use slotd_proto::{
+    RESUME_GRACE_HEADER,
+    v1::{ClientMessage, ServerMessage, slotd_client::SlotdClient},
+};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     time::{Instant, sleep_until},
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::{Streaming, metadata::AsciiMetadataValue, transport::Channel};
+use tonic::{Streaming, metadata::AsciiMetadataValue};
 
 use super::{
     machine::{Input, Machine, Notify, Now, Pauses, Ticket},
     wire,
 };
-use crate::{Error, Lease, Outcome, command::Command, lease::Shared};
-
-/// Header that asks the daemon to keep this stream's leases for a while after it closes.
-pub(crate) const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
+use crate::{AuthChannel, Error, Lease, Outcome, command::Command, lease::Shared};
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the last handle is gone, how long to wait for outstanding releases to be acknowledged.
@@ -40,8 +40,8 @@ pub(crate) struct Backoff {
 /// Everything the task needs from the builder.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionConfig {
-    pub(crate) grpc: SlotdClient<Channel>,
-    pub(crate) auth: Option<AsciiMetadataValue>,
+    /// The token rides in the channel's interceptor.
+    pub(crate) grpc: SlotdClient<AuthChannel>,
     pub(crate) resume_grace: Option<Duration>,
     pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) backoff: Backoff,
@@ -146,9 +146,6 @@ impl Session {
     async fn open(&mut self) -> Result<Streaming<ServerMessage>, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
-        if let Some(auth) = &self.cfg.auth {
-            req.metadata_mut().insert("authorization", auth.clone());
-        }
         if let Some(grace) = self.cfg.resume_grace {
             let v = humantime::format_duration(grace).to_string();
             if let Ok(v) = AsciiMetadataValue::try_from(v) {

@@ -9,6 +9,8 @@
 
 use std::{fmt, sync::Arc};
 
+use slotd_proto::AUTHORIZATION_HEADER;
+use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
 /// A secret token. Its `Debug` never shows it.
@@ -29,10 +31,10 @@ impl Token {
         Ok(Self(Arc::from(t.as_bytes())))
     }
 
-    /// Compares in time that depends only on the lengths, not on where the first difference is,
-    /// so response timing does not leak the token byte by byte.
+    /// Compares in time that does not depend on where the first difference is, so response timing
+    /// does not leak the token byte by byte (only whether the lengths differ).
     pub fn matches(&self, presented: &[u8]) -> bool {
-        constant_time_eq(&self.0, presented)
+        self.0.ct_eq(presented).into()
     }
 }
 
@@ -40,18 +42,6 @@ impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
     }
-}
-
-#[inline(never)]
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u64;
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= u64::from(x ^ y);
-    }
-    // Keeps the optimiser from turning the loop back into an early-exit comparison.
-    std::hint::black_box(diff) == 0
 }
 
 /// The interceptor for one service: requires its token when one is configured.
@@ -78,17 +68,12 @@ impl RequireToken {
         Self::new(token, "slotd.v1.Admin")
     }
 
-    /// Whether a token is required.
-    pub fn is_required(&self) -> bool {
-        self.token.is_some()
-    }
-
     /// Checks one call's metadata.
     pub fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(want) = &self.token else {
             return Ok(());
         };
-        let Some(value) = req.metadata().get("authorization") else {
+        let Some(value) = req.metadata().get(AUTHORIZATION_HEADER) else {
             return Err(Status::unauthenticated(format!(
                 "{} requires `authorization: Bearer <token>` metadata",
                 self.service

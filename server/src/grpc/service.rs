@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The metadata key a client sets to keep its leases across a reconnect, e.g. `slotd-resume-grace: 5s`.
-pub const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
+pub use slotd_proto::RESUME_GRACE_HEADER;
 
 /// The agent-facing service.
 #[derive(Clone, Debug)]

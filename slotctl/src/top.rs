@@ -500,10 +500,7 @@ async fn poll_status(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender
 
 async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender<Msg>) {
     loop {
-        let req = conn.admin_request(pb::WatchRequest {
-            pool: pool.clone().unwrap_or_default(),
-            snapshot_interval: None,
-        });
+        let req = pb::WatchRequest { pool: pool.clone().unwrap_or_default(), snapshot_interval: None };
         let why = match conn.admin().watch(req).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();

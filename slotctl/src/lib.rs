@@ -1,6 +1,6 @@
-//! `slotctl`: the operator's command line for slotd.
+//! `slotctl`: the operator's command line for slotd, built on `slotd-client` alone.
 //!
-//! The binary (`src/bin/slotctl.rs`) only parses [`cli::Cli`] and calls [`main`]. Everything else lives
+//! The binary (`src/main.rs`) only parses [`cli::Cli`] and calls [`main`]. Everything else lives
 //! here so that tests can reach it: [`table`] renders `slotctl status`, [`top`] is the live TUI (its
 //! [`top::draw`] is a pure function of [`top::App`], testable with ratatui's `TestBackend`), [`admin`]
 //! holds the Admin-service commands and [`run`] is `slotctl run`, `flock(1)` for LLM slots.

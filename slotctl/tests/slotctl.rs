@@ -9,10 +9,8 @@ use std::{
 };
 
 use ratatui::{Terminal, backend::TestBackend};
-use slotd::{
-    config::Config,
-    slotctl::top::{self, App, EventKind, EventSource},
-};
+use slotctl::top::{self, App, EventKind, EventSource};
+use slotd::config::Config;
 use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;

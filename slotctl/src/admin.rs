@@ -47,8 +47,7 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
 /// Dropping the future may or may not have applied the change.
 pub async fn pool_set(conn: &Conn, args: &PoolSetArgs, output: Output) -> Result<(), CtlError> {
     let spec = pool_spec(args)?;
-    let resp =
-        conn.admin().upsert_pool(conn.admin_request(pb::UpsertPoolRequest { pool: Some(spec) })).await?;
+    let resp = conn.admin().upsert_pool(pb::UpsertPoolRequest { pool: Some(spec) }).await?;
     let resp = resp.into_inner();
     let verb = if resp.created { "created" } else { "updated" };
     match (output, resp.pool) {
@@ -79,8 +78,7 @@ pub async fn pool_set(conn: &Conn, args: &PoolSetArgs, output: Output) -> Result
 /// # Cancel safety
 /// Dropping the future may or may not have removed the pool.
 pub async fn pool_rm(conn: &Conn, name: &str) -> Result<(), CtlError> {
-    let resp =
-        conn.admin().delete_pool(conn.admin_request(pb::DeletePoolRequest { name: name.to_owned() })).await?;
+    let resp = conn.admin().delete_pool(pb::DeletePoolRequest { name: name.to_owned() }).await?;
     let r = resp.into_inner();
     println!(
         "removed pool {name} ({} waiters rejected, {} leases expired)",
@@ -102,7 +100,7 @@ pub async fn pause(conn: &Conn, pool: &str, duration: Duration, reason: &str) ->
         duration: Some(wire(duration)?),
         reason: reason.to_owned(),
     };
-    let resp = conn.admin().pause_pool(conn.admin_request(req)).await?.into_inner();
+    let resp = conn.admin().pause_pool(req).await?.into_inner();
     match remaining(resp.paused_until.as_ref(), SystemTime::now()) {
         Some(left) => println!("paused {pool} for {}", fmt_duration(left)),
         None => println!("paused {pool}"),
@@ -116,7 +114,7 @@ pub async fn pause(conn: &Conn, pool: &str, duration: Duration, reason: &str) ->
 /// Dropping the future may or may not have resumed the pool.
 pub async fn resume(conn: &Conn, pool: &str) -> Result<(), CtlError> {
     let req = pb::ResumePoolRequest { pool: pool.to_owned() };
-    let resp = conn.admin().resume_pool(conn.admin_request(req)).await?.into_inner();
+    let resp = conn.admin().resume_pool(req).await?.into_inner();
     if resp.was_paused {
         println!("resumed {pool}");
     } else {
@@ -161,7 +159,7 @@ pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
         lease_id
     };
     let req = pb::RevokeLeaseRequest { lease_id: lease_id.to_owned() };
-    let resp = conn.admin().revoke_lease(conn.admin_request(req)).await?.into_inner();
+    let resp = conn.admin().revoke_lease(req).await?.into_inner();
     let holder = if resp.holder.is_empty() { "-" } else { &resp.holder };
     println!("revoked lease {lease_id} (pool {}, holder {holder})", resp.pool);
     Ok(())
@@ -175,7 +173,7 @@ pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
 /// Undrain).
 pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Result<i32, CtlError> {
     let req = pb::DrainRequest { timeout: wire_opt(timeout)? };
-    let mut stream = conn.admin().drain(conn.admin_request(req)).await?.into_inner();
+    let mut stream = conn.admin().drain(req).await?.into_inner();
     let mut last = None;
     loop {
         let p = match stream.message().await {
@@ -220,7 +218,7 @@ pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Re
 /// # Cancel safety
 /// Dropping the future may or may not have resumed granting.
 pub async fn undrain(conn: &Conn) -> Result<(), CtlError> {
-    conn.admin().undrain(conn.admin_request(pb::UndrainRequest {})).await?;
+    conn.admin().undrain(pb::UndrainRequest {}).await?;
     println!("granting again");
     Ok(())
 }
