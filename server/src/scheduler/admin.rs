@@ -1,7 +1,7 @@
 //! Pool-wide and operator operations: 429 reports, manual pauses, revocation, drain and pool changes.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -9,8 +9,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    Decisions, Ended, Error, Event, ExpiryReason, Lease, LeaseId, Observed, PoolConfig, PoolId, Scheduler,
-    SessionId, WaiterId, ids,
+    Decisions, Error, Event, ExpiryReason, Fact, Lease, LeaseEnd, LeaseId, PoolChange, PoolConfig, PoolId,
+    Scheduler, SessionId, WaiterId, ids,
     pool::{Overflow, Pool},
 };
 
@@ -156,9 +156,7 @@ impl Scheduler {
         let was_paused = p.paused_until.take().is_some();
         if was_paused {
             p.pause_reason = Arc::from("");
-            if self.observing {
-                out.observed.push(Observed::Resumed { pool: pool.clone() });
-            }
+            out.facts.push(Fact::Resumed { pool: pool.clone() });
             for s in self.interested(pool) {
                 out.push(s, Event::Resumed { pool: pool.clone() });
             }
@@ -181,9 +179,9 @@ impl Scheduler {
         self.advance(now, &mut out);
         // A lease whose TTL ran out at `now` has already been reclaimed (and its holder told so) by
         // `advance`; that ends it just as well.
-        if let Some(l) = self.end_lease(now, &id, Ended::Revoked, &mut out) {
-            let pool = l.pool.clone();
-            out.push(l.session, Event::Expired { lease_id: id, pool, reason: ExpiryReason::Revoked });
+        let reason = ExpiryReason::Revoked;
+        if let Some(l) = self.end_lease(now, &id, LeaseEnd::Expired(reason), &mut out) {
+            out.push(l.session, Event::Expired { lease_id: id, pool: l.pool, reason });
         }
         self.settle(now, &mut out);
         Ok((lease, out))
@@ -202,12 +200,6 @@ impl Scheduler {
     /// Whether an operator's drain is on.
     pub fn is_draining(&self) -> bool {
         self.draining
-    }
-
-    /// Fills [`Decisions::observed`] while on. Off by default so the grant path builds nothing for
-    /// observers when nobody watches.
-    pub fn set_observing(&mut self, on: bool) {
-        self.observing = on;
     }
 
     /// Creates a pool or changes some of its settings, through [`Scheduler::set_pools`] (same
@@ -229,8 +221,11 @@ impl Scheduler {
             )));
         }
         let mut all = self.pool_configs();
-        all.insert(id, patch.apply(current.unwrap_or_default()));
-        Ok((created, self.set_pools(now, all)?))
+        all.insert(id.clone(), patch.apply(current.unwrap_or_default()));
+        let (mut out, _) = self.replace_pools(now, all, false)?;
+        let change = if created { PoolChange::Created } else { PoolChange::Changed };
+        out.facts.push(Fact::PoolChanged { pool: id, change, reload: false });
+        Ok((created, out))
     }
 
     /// Removes a pool that has no children, through [`Scheduler::set_pools`]: its waiters are
@@ -251,27 +246,33 @@ impl Scheduler {
         }
         let mut all = self.pool_configs();
         all.remove(id);
-        let out = self.set_pools(now, all)?;
-        let mut done = PoolDeleted { rejected_waiters: 0, expired_leases: 0 };
-        for (_, e) in &out.events {
-            match e {
-                Event::Rejected { error: Error::PoolRemoved(p), .. } if p == id => done.rejected_waiters += 1,
-                Event::Expired { reason: ExpiryReason::PoolRemoved, .. } => done.expired_leases += 1,
-                _ => {}
-            }
-        }
+        let (mut out, done) = self.replace_pools(now, all, false)?;
+        out.facts.push(Fact::PoolChanged { pool: id.clone(), change: PoolChange::Removed, reload: false });
         Ok((done, out))
     }
 
     /// Replaces the pool set (config reload). Raised limits grant at once; lowered ones revoke nothing.
-    /// Removed pools reject their waiters and expire their leases.
+    /// Removed pools reject their waiters and expire their leases. Each pool created, changed or
+    /// removed is a [`Fact::PoolChanged`].
     pub fn set_pools(
         &mut self,
         now: Instant,
         pools: BTreeMap<PoolId, PoolConfig>,
     ) -> Result<Decisions, Error> {
+        self.replace_pools(now, pools, true).map(|(out, _)| out)
+    }
+
+    /// The one way the pool set changes. With `reload`, records a fact per pool that differs.
+    fn replace_pools(
+        &mut self,
+        now: Instant,
+        pools: BTreeMap<PoolId, PoolConfig>,
+        reload: bool,
+    ) -> Result<(Decisions, PoolDeleted), Error> {
         validate_tree(&pools)?;
+        let before = if reload { self.pool_configs() } else { BTreeMap::new() };
         let mut out = Decisions::default();
+        let mut done = PoolDeleted { rejected_waiters: 0, expired_leases: 0 };
         self.advance(now, &mut out);
         let removed: Vec<PoolId> = self.pools.keys().filter(|p| !pools.contains_key(*p)).cloned().collect();
         for id in &removed {
@@ -280,14 +281,16 @@ impl Scheduler {
                 if let Some(w) = self.drop_waiter(w) {
                     let error = Error::PoolRemoved(id.clone());
                     out.push(w.session, Event::Rejected { request_id: w.request_id.to_string(), error });
+                    done.rejected_waiters += 1;
                 }
             }
             let leases: Vec<(LeaseId, SessionId)> =
                 self.leases.values().filter(|l| &l.pool == id).map(|l| (l.id, l.session)).collect();
             for (l, s) in leases {
-                self.end_lease(now, &l, Ended::Revoked, &mut out);
-                let pool = id.clone();
-                out.push(s, Event::Expired { lease_id: l, pool, reason: ExpiryReason::PoolRemoved });
+                let reason = ExpiryReason::PoolRemoved;
+                self.end_lease(now, &l, LeaseEnd::Expired(reason), &mut out);
+                out.push(s, Event::Expired { lease_id: l, pool: id.clone(), reason });
+                done.expired_leases += 1;
             }
         }
         for id in &removed {
@@ -313,7 +316,20 @@ impl Scheduler {
         }
         self.rebuild_chains();
         self.settle(now, &mut out);
-        Ok(out)
+        if reload {
+            let after = self.pool_configs();
+            let ids: BTreeSet<&PoolId> = before.keys().chain(after.keys()).collect();
+            for id in ids {
+                let change = match (before.get(id), after.get(id)) {
+                    (None, Some(_)) => PoolChange::Created,
+                    (Some(_), None) => PoolChange::Removed,
+                    (Some(a), Some(b)) if a != b => PoolChange::Changed,
+                    _ => continue,
+                };
+                out.facts.push(Fact::PoolChanged { pool: id.clone(), change, reload: true });
+            }
+        }
+        Ok((out, done))
     }
 }
 

@@ -11,7 +11,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{
-    Decisions, Ended, Error, Event, ExpiryReason, FencingToken, Lease, LeaseId, Observed, PoolId, Priority,
+    Decisions, Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, PoolId, Priority,
     Scheduler, SchedulerConfig, SessionId, WaitKey, Waiter, WaiterId,
     pool::{Closed, Pool},
 };
@@ -104,9 +104,8 @@ impl Scheduler {
             ttl: w.ttl,
             expires_at,
         };
-        if self.observing {
-            out.observed.push(Observed::Granted(lease.clone()));
-        }
+        let waited = now.saturating_duration_since(w.enqueued_at);
+        out.facts.push(Fact::Granted { lease: lease.clone(), waited });
         self.leases.insert(lease);
         out.push(
             w.session,
@@ -117,23 +116,22 @@ impl Scheduler {
                 token,
                 ttl: w.ttl,
                 expires_at,
-                waited: now.saturating_duration_since(w.enqueued_at),
+                waited,
             },
         );
     }
 
-    /// Removes a lease and frees its slot on every level (each level's cooldown applies).
+    /// Removes a lease and frees its slot on every level (each level's cooldown applies). Records the
+    /// fact; telling the holder is the caller's part.
     pub(super) fn end_lease(
         &mut self,
         now: Instant,
         id: &LeaseId,
-        how: Ended,
+        end: LeaseEnd,
         out: &mut Decisions,
     ) -> Option<Lease> {
-        let lease = self.leases.remove(id, how)?;
-        if self.observing {
-            out.observed.push(Observed::Ended(lease.clone(), how));
-        }
+        let lease = self.leases.remove(id, end.tombstone())?;
+        out.facts.push(Fact::Ended { lease: lease.clone(), end });
         if let Some(s) = self.sessions.get_mut(&lease.session) {
             s.leases.remove(id);
         }
@@ -157,7 +155,8 @@ impl Scheduler {
         }
     }
 
-    /// Pauses a pool until `max(current end, now + wait)` and tells everyone interested. A 429
+    /// Pauses a pool until `max(current end, now + wait)` and tells everyone interested; the fact is
+    /// recorded even when the pause did not move (so every 429 and operator pause is seen). A 429
     /// (`adaptive_step`) also starts an episode of adaptive headroom; a manual pause does not, since
     /// it says nothing about the provider's capacity.
     pub(super) fn pause(
@@ -169,7 +168,6 @@ impl Scheduler {
         adaptive_step: bool,
         out: &mut Decisions,
     ) {
-        let observing = self.observing;
         let Some(pool) = self.pools.get_mut(pool_id) else {
             return;
         };
@@ -178,9 +176,7 @@ impl Scheduler {
         let new_episode = pool.paused_until.is_none_or(|u| u <= now);
         if adaptive_step && new_episode && pool.cfg.adaptive && pool.effective > 1 {
             pool.effective -= 1;
-            if observing {
-                out.observed.push(Observed::Effective { pool: pool_id.clone(), limit: pool.effective });
-            }
+            out.facts.push(Fact::Effective { pool: pool_id.clone(), limit: pool.effective });
         }
         // A zero retry_after still counts as a 429 episode but pauses nothing: recording a pause that
         // ends now would announce Paused and Resumed for nothing and leave a timer due already.
@@ -192,11 +188,15 @@ impl Scheduler {
         if adaptive_step && pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
             pool.recover_at = Some(pool.paused_until.unwrap_or(until) + pool.cfg.headroom_recovery);
         }
+        let reason = pool.pause_reason.clone();
+        let current = pool.paused_until.filter(|u| *u > now).unwrap_or(now);
+        out.facts.push(Fact::Paused {
+            pool: pool_id.clone(),
+            until: current,
+            reason: reason.clone(),
+            extended,
+        });
         if extended {
-            let reason = pool.pause_reason.clone();
-            if observing {
-                out.observed.push(Observed::Paused { pool: pool_id.clone(), until, reason: reason.clone() });
-            }
             for s in self.interested(pool_id) {
                 out.push(s, Event::Paused { pool: pool_id.clone(), until, reason: reason.clone() });
             }
@@ -218,7 +218,6 @@ impl Scheduler {
             self.learning_until = None;
         }
         let mut resumed = Vec::new();
-        let observing = self.observing;
         for pool in self.pools.values_mut() {
             while pool.cooling.front().is_some_and(|t| *t <= now) {
                 pool.cooling.pop_front();
@@ -234,21 +233,19 @@ impl Scheduler {
                 pool.recover_at = (pool.effective < pool.cfg.max_concurrent)
                     .then(|| at + pool.cfg.headroom_recovery.max(Duration::from_millis(1)));
             }
-            if observing && pool.effective != before {
-                out.observed.push(Observed::Effective { pool: pool.id.clone(), limit: pool.effective });
+            if pool.effective != before {
+                out.facts.push(Fact::Effective { pool: pool.id.clone(), limit: pool.effective });
             }
         }
         for id in resumed {
-            if observing {
-                out.observed.push(Observed::Resumed { pool: id.clone() });
-            }
+            out.facts.push(Fact::Resumed { pool: id.clone() });
             for s in self.interested(&id) {
                 out.push(s, Event::Resumed { pool: id.clone() });
             }
         }
         while let Some(id) = self.leases.first_expired(now) {
-            if let Some(lease) = self.end_lease(now, &id, Ended::Expired, out) {
-                let reason = ExpiryReason::Ttl;
+            let reason = ExpiryReason::Ttl;
+            if let Some(lease) = self.end_lease(now, &id, LeaseEnd::Expired(reason), out) {
                 out.push(lease.session, Event::Expired { lease_id: id, pool: lease.pool, reason });
             }
         }

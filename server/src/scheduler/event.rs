@@ -1,4 +1,5 @@
-//! The facts the scheduler emits: what each session is told ([`Event`]) and what observers read.
+//! What the scheduler emits: the messages each session is told ([`Event`]) and the one stream of
+//! facts ([`Fact`]) that metrics, Watch and logs read, both gathered per operation in [`Decisions`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -84,7 +85,7 @@ pub enum Event {
     Expired {
         /// The lease.
         lease_id: LeaseId,
-        /// Its pool (the lease is gone, so observers such as metrics cannot look it up).
+        /// Its pool.
         pool: PoolId,
         /// Why.
         reason: ExpiryReason,
@@ -93,7 +94,7 @@ pub enum Event {
     Released {
         /// The lease.
         lease_id: LeaseId,
-        /// Its pool (for observers such as metrics).
+        /// Its pool.
         pool: PoolId,
         /// The outcome the holder reported.
         outcome: Outcome,
@@ -129,29 +130,42 @@ pub enum Event {
 /// Everything one operation decided, in order.
 #[derive(Debug, Default)]
 pub struct Decisions {
-    /// Events, each for one session.
+    /// What each session is told, in order: the messages of its stream.
     pub events: Vec<(SessionId, Event)>,
-    /// Pool- and lease-level facts for observers (the driver's Watch), filled only while
-    /// [`Scheduler::set_observing`] is on: session events cannot carry them, since a pause of an idle
-    /// pool or a lease that ended has nobody (or no pool) to address.
-    pub observed: Vec<Observed>,
+    /// What happened, each fact once, whoever is told: the one stream that metrics, Watch and logs
+    /// read. Session events cannot serve for this: a pause of a pool nobody waits on, or the leases of
+    /// a stream that just closed, have nobody to address.
+    pub facts: Vec<Fact>,
 }
 
-/// A fact for observers, independent of who is told (see [`Decisions::observed`]).
+/// One thing that happened, with everything an observer needs (see [`Decisions::facts`]).
 #[derive(Clone, Debug)]
-pub enum Observed {
+pub enum Fact {
     /// A lease was granted.
-    Granted(Lease),
-    /// A lease ended, and how (`Revoked` covers both revocation and pool removal).
-    Ended(Lease, Ended),
-    /// A pool's pause started or was extended.
+    Granted {
+        /// The lease.
+        lease: Lease,
+        /// How long its request waited (zero when granted at once).
+        waited: Duration,
+    },
+    /// A lease ended.
+    Ended {
+        /// The lease as it was.
+        lease: Lease,
+        /// How.
+        end: LeaseEnd,
+    },
+    /// A pool was asked to pause (a 429 or an operator): every such request, whether or not it moved
+    /// the pause's end.
     Paused {
         /// The pool.
         pool: PoolId,
-        /// Until when.
+        /// When its pause ends now (`now` itself when it is not paused: a zero `retry_after`).
         until: Instant,
-        /// Why.
+        /// Why the pool is paused.
         reason: Arc<str>,
+        /// The pause started or now ends later; `false` when an existing pause already lasted longer.
+        extended: bool,
     },
     /// A pool's pause ended.
     Resumed {
@@ -165,10 +179,100 @@ pub enum Observed {
         /// The new effective limit.
         limit: u32,
     },
+    /// A pool was created, changed or removed.
+    PoolChanged {
+        /// The pool.
+        pool: PoolId,
+        /// What happened.
+        change: PoolChange,
+        /// Through a configuration reload ([`Scheduler::set_pools`](super::Scheduler::set_pools)),
+        /// rather than an operator's upsert or delete.
+        reload: bool,
+    },
+    /// A request was refused or gave up.
+    Rejected {
+        /// The session it came from.
+        session: SessionId,
+        /// The request (as sent).
+        request_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A lease-addressed message was refused; nothing changed.
+    LeaseRefused {
+        /// The session it came from.
+        session: SessionId,
+        /// The lease as named by the client.
+        lease_id: String,
+        /// Why.
+        error: Error,
+    },
+}
+
+impl Fact {
+    /// The pool it concerns, when there is one.
+    pub fn pool(&self) -> Option<&PoolId> {
+        match self {
+            Fact::Granted { lease, .. } | Fact::Ended { lease, .. } => Some(&lease.pool),
+            Fact::Paused { pool, .. }
+            | Fact::Resumed { pool }
+            | Fact::Effective { pool, .. }
+            | Fact::PoolChanged { pool, .. } => Some(pool),
+            Fact::Rejected { error, .. } | Fact::LeaseRefused { error, .. } => error.pool(),
+        }
+    }
+}
+
+/// How a lease ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Its holder released it, reporting this outcome.
+    Released(Outcome),
+    /// Its stream closed without a resume grace.
+    StreamClosed,
+    /// It ended without a release.
+    Expired(ExpiryReason),
+}
+
+impl LeaseEnd {
+    /// What the lease table remembers of it.
+    pub(super) fn tombstone(self) -> Ended {
+        match self {
+            LeaseEnd::Released(_) => Ended::Released,
+            LeaseEnd::StreamClosed => Ended::StreamClosed,
+            LeaseEnd::Expired(ExpiryReason::Ttl) => Ended::Expired,
+            LeaseEnd::Expired(ExpiryReason::Revoked | ExpiryReason::PoolRemoved) => Ended::Revoked,
+        }
+    }
+}
+
+/// What happened to a pool's settings.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PoolChange {
+    /// It was created.
+    Created,
+    /// Its settings were replaced.
+    Changed,
+    /// It was removed.
+    Removed,
 }
 
 impl Decisions {
-    pub(super) fn push(&mut self, session: SessionId, event: Event) {
+    /// Tells `session` of `event`. A refusal is a fact as well, so observers see it.
+    pub fn push(&mut self, session: SessionId, event: Event) {
+        match &event {
+            Event::Rejected { request_id, error } => self.facts.push(Fact::Rejected {
+                session,
+                request_id: request_id.clone(),
+                error: error.clone(),
+            }),
+            Event::LeaseError { lease_id, error } => self.facts.push(Fact::LeaseRefused {
+                session,
+                lease_id: lease_id.clone(),
+                error: error.clone(),
+            }),
+            _ => {}
+        }
         self.events.push((session, event));
     }
 }

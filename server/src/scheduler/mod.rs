@@ -49,7 +49,7 @@ use tokio::time::Instant;
 pub use self::{
     admin::{PauseApplied, PoolDeleted, PoolPatch, validate_tree},
     error::Error,
-    event::{Decisions, Event, ExpiryReason, Observed, Outcome},
+    event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
     ids::{FencingToken, LeaseId, PoolId, Priority, RequestId, SessionId},
     lease::{Ended, Lease},
     pool::{Closed, Overflow, PoolConfig},
@@ -180,8 +180,6 @@ pub struct Scheduler {
     shutting_down: bool,
     /// An operator's drain: nothing new is granted; waiters stay queued until undrained.
     draining: bool,
-    /// Fill [`Decisions::observed`] (someone watches).
-    observing: bool,
 }
 
 impl Scheduler {
@@ -211,7 +209,6 @@ impl Scheduler {
             retired_tokens: HashMap::new(),
             shutting_down: false,
             draining: false,
-            observing: false,
             cfg,
         };
         s.sessions.insert(ORPHANS, Session::default());
@@ -250,7 +247,7 @@ impl Scheduler {
             }
             for l in sess.leases {
                 if grace.is_zero() {
-                    self.end_lease(now, &l, Ended::StreamClosed, &mut out);
+                    self.end_lease(now, &l, LeaseEnd::StreamClosed, &mut out);
                     continue;
                 }
                 let lease = self.leases.get(&l).expect("session leases exist");
@@ -265,6 +262,7 @@ impl Scheduler {
             }
         }
         self.settle(now, &mut out);
+        // Nobody reads the closed stream; the facts (its leases' ends among them) stay.
         out.events.retain(|(s, _)| *s != session);
         out
     }
@@ -431,7 +429,8 @@ impl Scheduler {
         self.advance(now, &mut out);
         match self.own_lease(session, &id) {
             Ok(()) => {
-                let lease = self.end_lease(now, &id, Ended::Released, &mut out).expect("owned lease exists");
+                let end = LeaseEnd::Released(outcome);
+                let lease = self.end_lease(now, &id, end, &mut out).expect("owned lease exists");
                 out.push(session, Event::Released { lease_id: id, pool: lease.pool.clone(), outcome });
                 if let Outcome::RateLimited(retry_after) = outcome {
                     let reason = format!("rate limited (429) reported on release of lease {id}");

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::{Error, Lease, PoolConfig, PoolId, Scheduler, SessionId};
+use super::{Error, Lease, PoolConfig, PoolId, Scheduler};
 
 /// One pool in a [`Snapshot`].
 #[derive(Clone, Debug)]
@@ -97,16 +97,6 @@ impl Scheduler {
     /// How many requests wait in all.
     pub fn waiter_count(&self) -> usize {
         self.waiters.len()
-    }
-
-    /// The pool of each lease a session holds (one entry per lease), for example to count what
-    /// closing it releases.
-    pub fn session_lease_pools(&self, session: SessionId) -> impl Iterator<Item = &PoolId> + '_ {
-        self.sessions
-            .get(&session)
-            .into_iter()
-            .flat_map(|s| s.leases.iter())
-            .filter_map(|l| self.leases.get(l).map(|l| &l.pool))
     }
 
     /// How many sessions are open.

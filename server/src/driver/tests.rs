@@ -1,0 +1,1 @@
+//! Driver tests under paused time: in-process channels, no sockets.
