@@ -7,6 +7,7 @@ pub mod config;
 pub mod driver;
 pub mod grpc;
 pub mod metrics;
+pub mod pool_store;
 pub mod scheduler;
 pub mod state;
 
@@ -35,6 +36,7 @@ use crate::{
     driver::Driver,
     grpc::{admin::AdminService, auth::RequireToken, limits::StreamLimits, service::SlotdService},
     metrics::Metrics,
+    pool_store::PoolStore,
     scheduler::{Scheduler, SchedulerConfig},
     state::StateFile,
 };
@@ -151,7 +153,7 @@ pub async fn serve_with_metrics(
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
     let driver = match &metrics {
-        Some((_, m)) => driver.with_metrics(m.clone()),
+        Some((_, m)) => driver.with_observer(metrics::Recorder::new(m.clone())),
         None => driver,
     };
     tokio::spawn(driver.run());
@@ -164,11 +166,10 @@ pub async fn serve_with_metrics(
     });
 
     if let Some(mut reloads) = reloads {
-        let handle = handle.clone();
-        let state_file = state_file.clone();
+        let store = PoolStore::new(handle.clone(), state_file.clone());
         tokio::spawn(async move {
             while let Some(new) = reloads.recv().await {
-                match reload_pools(&handle, state_file.as_deref(), new.pools).await {
+                match store.reload(new.pools).await {
                     Ok(()) => info!("configuration reloaded"),
                     Err(e) => {
                         warn!(error = %e, "configuration reload refused; keeping the old pools")
@@ -301,27 +302,6 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<ServerTls
     };
     let identity = Identity::from_pem(read("tls_cert", cert)?, read("tls_key", key)?);
     Ok(ServerTlsConfig::new().identity(identity))
-}
-
-/// Applies a reloaded config's pools. With a state file that exists, they are merged *under* it (the
-/// state file wins per pool; pools only in the config are added) and the result is written back, so
-/// the running pools and the file agree (see `state`).
-async fn reload_pools(
-    handle: &driver::DriverHandle,
-    state_file: Option<&StateFile>,
-    config_pools: state::Pools,
-) -> Result<(), String> {
-    let Some(sf) = state_file else {
-        return handle.set_pools(config_pools).await.map_err(|e| e.to_string());
-    };
-    let _guard = sf.lock().await;
-    let Some(saved) = state::load(sf.path()).map_err(|e| e.to_string())? else {
-        return handle.set_pools(config_pools).await.map_err(|e| e.to_string());
-    };
-    let mut merged = config_pools;
-    merged.extend(saved);
-    handle.set_pools(merged.clone()).await.map_err(|e| e.to_string())?;
-    sf.save(merged).await.map_err(|e| e.to_string())
 }
 
 /// The learning period for this start. With a restart marker, finding it means the previous run

@@ -1,9 +1,8 @@
 //! Prometheus metrics: counters recorded by the driver from the decisions it routes, gauges refreshed
 //! from a scheduler snapshot at scrape time, and a tiny HTTP/1 endpoint serving `GET /metrics`.
 //!
-//! The scheduler core stays free of metrics: the driver looks at the [`Event`]s it routes anyway
-//! (they carry the pool, the release outcome and the queue wait) and bumps pre-resolved per-pool
-//! handles, so the grant path costs a hash lookup and two atomic adds, and allocates nothing once a
+//! The scheduler core stays free of metrics: the driver hands every [`Fact`] to the [`Recorder`] (an
+//! [`Observer`]; the driver does not know metrics exist), which bumps pre-resolved per-pool handles, so the grant path costs a hash lookup and two atomic adds, and allocates nothing once a
 //! pool has been seen. Label values only ever come from pools that exist (an unknown pool named by
 //! a client is counted under `pool=""`), so a client cannot blow up the series count.
 
@@ -25,8 +24,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    driver::DriverHandle,
-    scheduler::{Error, Event, ExpiryReason, Outcome, PoolId},
+    driver::{DriverHandle, Observer},
+    scheduler::{Error, ExpiryReason, Fact, LeaseEnd, Outcome, PoolId},
 };
 
 /// Upper bounds (seconds) of the queue-wait histogram: from an immediate grant to a ten-minute wait.
@@ -145,11 +144,6 @@ impl Metrics {
         &self.registry
     }
 
-    /// Counts a pause of `pool` (a 429 report).
-    pub fn record_pause(&self, pool: &PoolId) {
-        self.pauses.with_label_values(&[pool.as_str()]).inc();
-    }
-
     /// Refreshes the gauges from the driver's snapshot, then encodes everything as Prometheus text.
     ///
     /// # Cancel safety
@@ -189,13 +183,19 @@ struct PoolHandles {
     pauses: IntCounter,
 }
 
-/// The driver's side: turns routed events into counter increments through per-pool handles.
+/// The driver's side: turns facts into counter increments through per-pool handles.
 #[derive(Debug)]
 pub struct Recorder {
     metrics: Metrics,
     pools: HashMap<PoolId, PoolHandles>,
     /// `pool=""` rejections (no existing pool applies).
     unattributed: [Option<IntCounter>; REJECTION_REASONS.len()],
+}
+
+impl Observer for Recorder {
+    fn fact(&mut self, fact: &Fact) {
+        self.record(fact);
+    }
 }
 
 impl Recorder {
@@ -221,48 +221,45 @@ impl Recorder {
         self.pools.get_mut(pool).expect("inserted above")
     }
 
-    /// Records one routed event.
-    pub fn event(&mut self, event: &Event) {
-        match event {
-            Event::Granted { pool, waited, .. } => {
-                let h = self.pool(pool);
+    /// Records one fact.
+    pub fn record(&mut self, fact: &Fact) {
+        match fact {
+            Fact::Granted { lease, waited } => {
+                let h = self.pool(&lease.pool);
                 h.granted.inc();
                 h.queue_wait.observe(waited.as_secs_f64());
             }
-            Event::Released { pool, outcome, .. } => {
-                let i = match outcome {
-                    Outcome::Ok => 0,
-                    Outcome::Error => 1,
-                    Outcome::Cancelled => 2,
-                    Outcome::RateLimited(_) => 3,
-                };
-                let h = self.pool(pool);
-                h.released[i].inc();
-                if i == 3 {
-                    h.pauses.inc();
+            Fact::Ended { lease, end } => {
+                let h = self.pool(&lease.pool);
+                match end {
+                    LeaseEnd::Released(outcome) => {
+                        let i = match outcome {
+                            Outcome::Ok => 0,
+                            Outcome::Error => 1,
+                            Outcome::Cancelled => 2,
+                            Outcome::RateLimited(_) => 3,
+                        };
+                        h.released[i].inc();
+                    }
+                    LeaseEnd::StreamClosed => h.released[4].inc(),
+                    LeaseEnd::Expired(reason) => {
+                        let i = match reason {
+                            ExpiryReason::Ttl => 0,
+                            ExpiryReason::Revoked => 1,
+                            ExpiryReason::PoolRemoved => 2,
+                        };
+                        h.expired[i].inc();
+                    }
                 }
             }
-            Event::Expired { pool, reason, .. } => {
-                let i = match reason {
-                    ExpiryReason::Ttl => 0,
-                    ExpiryReason::Revoked => 1,
-                    ExpiryReason::PoolRemoved => 2,
-                };
-                self.pool(pool).expired[i].inc();
-            }
-            Event::Rejected { error, .. } => self.rejection(error),
-            _ => {}
+            // Every 429 and operator pause counts, whether or not it moved the pause's end.
+            Fact::Paused { pool, .. } => self.pool(pool).pauses.inc(),
+            Fact::Rejected { error, .. } => self.rejection(error),
+            Fact::Resumed { .. }
+            | Fact::Effective { .. }
+            | Fact::PoolChanged { .. }
+            | Fact::LeaseRefused { .. } => {}
         }
-    }
-
-    /// Records leases that ended because their stream closed (no event tells of those).
-    pub fn stream_closed(&mut self, pool: &PoolId, n: u64) {
-        self.pool(pool).released[4].inc_by(n);
-    }
-
-    /// Records a 429 report on `pool` (a `ReportRateLimit` that was applied).
-    pub fn pause(&mut self, pool: &PoolId) {
-        self.pool(pool).pauses.inc();
     }
 
     fn rejection(&mut self, error: &Error) {

@@ -13,11 +13,11 @@ use slotd_proto::v1 as pb;
 use tokio::time::Instant;
 
 use crate::{
-    driver::{StreamOp, WatchEvent},
+    driver::{Published, StreamOp},
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, FencingToken, Lease, LeaseId, NewRequest, Outcome, Overflow, PoolId,
-        PoolPatch, PoolSnapshot, Priority, RequestId, ResumeRequest, Snapshot,
+        Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, NewRequest, Outcome,
+        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeRequest, Snapshot,
     },
 };
 
@@ -304,8 +304,8 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
     ))
 }
 
-/// A published change as a Watch message.
-pub fn watch_event(at: Instant, event: WatchEvent) -> pb::WatchEvent {
+/// A published fact as a Watch message (`None` for a fact Watch does not show).
+pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
     use pb::watch_event::Event as E;
     let lease = |l: &Lease, detail: String| pb::LeaseChange {
         pool: l.pool.to_string(),
@@ -313,44 +313,66 @@ pub fn watch_event(at: Instant, event: WatchEvent) -> pb::WatchEvent {
         holder: l.holder.to_string(),
         detail,
     };
-    let pool = |p: &PoolId, detail: String, status: Option<PoolSnapshot>| pb::PoolChange {
+    let status = p.status;
+    let pool = |p: &PoolId, detail: String| pb::PoolChange {
         pool: p.to_string(),
         detail,
-        status: status.map(pool_status),
+        status: status.clone().map(pool_status),
     };
-    let event = match event {
-        WatchEvent::Granted(l) => E::Granted(lease(&l, format!("fencing token {}", l.token.0))),
-        WatchEvent::Released(l, outcome) => E::Released(lease(
-            &l,
-            match outcome {
-                None => "stream closed".into(),
-                Some(Outcome::Ok) => "ok".into(),
-                Some(Outcome::Error) => "error".into(),
-                Some(Outcome::Cancelled) => "cancelled".into(),
-                Some(Outcome::RateLimited(_)) => "rate_limited".into(),
-            },
-        )),
-        WatchEvent::Expired(l, reason) => E::Expired(lease(
-            &l,
-            match reason {
-                ExpiryReason::Ttl => "ttl".into(),
-                ExpiryReason::Revoked => "revoked".into(),
-                ExpiryReason::PoolRemoved => "pool_removed".into(),
-            },
-        )),
-        WatchEvent::Paused { pool: p, until, reason, status } => {
-            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
-            E::Paused(pool(&p, format!("{reason} ({secs:.1}s left)"), status))
+    let event = match p.fact {
+        Fact::Granted { lease: l, .. } => E::Granted(lease(&l, format!("fencing token {}", l.token.0))),
+        Fact::Ended { lease: l, end } => {
+            let detail = lease_end_detail(end).to_owned();
+            match end {
+                LeaseEnd::Expired(_) => E::Expired(lease(&l, detail)),
+                LeaseEnd::Released(_) | LeaseEnd::StreamClosed => E::Released(lease(&l, detail)),
+            }
         }
-        WatchEvent::Resumed { pool: p, status } => E::Resumed(pool(&p, "pause ended".into(), status)),
-        WatchEvent::LimitChanged { pool: p, detail, status } => E::LimitChanged(pool(&p, detail, status)),
-        WatchEvent::Rejected { pool: p, error } => E::Rejected(pb::PoolChange {
-            pool: p.map(|p| p.to_string()).unwrap_or_default(),
+        Fact::Paused { pool: id, until, reason, .. } => {
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+            E::Paused(pool(&id, format!("{reason} ({secs:.1}s left)")))
+        }
+        Fact::Resumed { pool: id } => E::Resumed(pool(&id, "pause ended".into())),
+        Fact::Effective { pool: id, limit } => {
+            E::LimitChanged(pool(&id, format!("effective limit now {limit} (adaptive headroom)")))
+        }
+        Fact::PoolChanged { pool: id, change, reload } => {
+            E::LimitChanged(pool(&id, pool_change_detail(change, reload).into()))
+        }
+        Fact::Rejected { error, .. } => E::Rejected(pb::PoolChange {
+            pool: error.pool().map(|p| p.to_string()).unwrap_or_default(),
             detail: error.to_string(),
             status: None,
         }),
+        Fact::LeaseRefused { .. } => return None,
     };
-    pb::WatchEvent { at: Some(timestamp(at)), event: Some(event) }
+    Some(pb::WatchEvent { at: Some(timestamp(p.at)), event: Some(event) })
+}
+
+/// The Watch detail of a lease's end: the outcome its holder reported, or why it expired.
+fn lease_end_detail(end: LeaseEnd) -> &'static str {
+    match end {
+        LeaseEnd::StreamClosed => "stream closed",
+        LeaseEnd::Released(Outcome::Ok) => "ok",
+        LeaseEnd::Released(Outcome::Error) => "error",
+        LeaseEnd::Released(Outcome::Cancelled) => "cancelled",
+        LeaseEnd::Released(Outcome::RateLimited(_)) => "rate_limited",
+        LeaseEnd::Expired(ExpiryReason::Ttl) => "ttl",
+        LeaseEnd::Expired(ExpiryReason::Revoked) => "revoked",
+        LeaseEnd::Expired(ExpiryReason::PoolRemoved) => "pool_removed",
+    }
+}
+
+/// The Watch detail of a pool change.
+fn pool_change_detail(change: PoolChange, reload: bool) -> &'static str {
+    match (change, reload) {
+        (PoolChange::Created, false) => "created",
+        (PoolChange::Changed, false) => "changed",
+        (PoolChange::Removed, false) => "removed",
+        (PoolChange::Created, true) => "created by a configuration reload",
+        (PoolChange::Changed, true) => "changed by a configuration reload",
+        (PoolChange::Removed, true) => "removed by a configuration reload",
+    }
 }
 
 /// A snapshot as a Watch message.

@@ -108,4 +108,19 @@ impl Error {
             _ => None,
         }
     }
+
+    /// The pool it names, if any (for an unknown pool: the name as the client sent it).
+    pub fn pool(&self) -> Option<&PoolId> {
+        match self {
+            Error::UnknownPool(p)
+            | Error::Shed(p)
+            | Error::ResumeOverLimit(p)
+            | Error::PoolRemoved(p)
+            | Error::QueueFull { pool: p, .. }
+            | Error::WaitTimeout { pool: p, .. }
+            | Error::InvalidTtl { pool: p, .. }
+            | Error::PoolHasChildren { pool: p, .. } => Some(p),
+            _ => None,
+        }
+    }
 }

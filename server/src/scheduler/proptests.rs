@@ -66,7 +66,6 @@ enum Op {
     ResumePool { pool: usize },
     Revoke { which: usize },
     Drain(bool),
-    Observe(bool),
 }
 
 fn overflow() -> impl Strategy<Value = Overflow> {
@@ -112,7 +111,6 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize).prop_map(|pool| Op::ResumePool { pool }),
         1 => (0..8usize).prop_map(|which| Op::Revoke { which }),
         1 => any::<bool>().prop_map(Op::Drain),
-        1 => any::<bool>().prop_map(Op::Observe),
     ]
 }
 
@@ -691,10 +689,6 @@ fn run(case: Case) {
                 }
             }
             Op::Drain(on) => (s.set_draining(now, on), false),
-            Op::Observe(on) => {
-                s.set_observing(on);
-                continue;
-            }
         };
 
         // Skipped operations moved `now` without telling the scheduler; opening a stream reads no

@@ -109,18 +109,15 @@ impl Queue {
         self.by_arrival.first().copied()
     }
 
-    /// Moves blocked waiters into the queue while it has room; returns the ones moved.
-    pub(crate) fn admit_blocked(&mut self, max_depth: usize) -> Vec<WaiterId> {
-        let mut moved = Vec::new();
+    /// Moves blocked waiters into the queue while it has room.
+    pub(crate) fn admit_blocked(&mut self, max_depth: usize) {
         while self.ready.len() < max_depth {
             let Some((id, key)) = self.blocked.pop_first() else {
                 break;
             };
             self.ready.insert((key, id));
             self.by_arrival.insert(id);
-            moved.push(id);
         }
-        moved
     }
 
     /// Every waiter, admitted first (in service order), then blocked ones.
@@ -171,7 +168,9 @@ mod tests {
         assert_eq!(q.depth(), 1);
         assert_eq!(q.len(), 3);
         assert!(q.remove(10, WaiterId(1)));
-        assert_eq!(q.admit_blocked(1), vec![WaiterId(2)]);
+        q.admit_blocked(1);
+        // Only waiter 2 moved: waiter 3 still waits outside the full queue.
+        assert_eq!(q.depth(), 1);
         assert_eq!(q.head(), Some((1, WaiterId(2))));
         assert!(q.remove(0, WaiterId(3)));
         assert!(!q.remove(0, WaiterId(3)));

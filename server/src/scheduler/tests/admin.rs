@@ -1,5 +1,5 @@
 //! Operator operations: manual pause and resume, revoke, drain, upsert and delete of single pools,
-//! and the observer facts the driver's Watch is built from.
+//! and the facts that metrics, Watch and logs read.
 
 use super::*;
 
@@ -228,37 +228,94 @@ fn delete_rejects_waiters_expires_leases_and_refuses_parents() {
 }
 
 #[test]
-fn observers_see_grants_ends_pauses_and_limit_moves_only_when_on() {
+fn facts_tell_grants_ends_pauses_and_limit_moves_once() {
     let t0 = Instant::now();
     let mut s = sched(&[("p", limit(2))], t0);
     let x = s.open_session();
     let d = s.request(t0, x, req("a", "p"));
-    assert!(d.observed.is_empty(), "nothing is built while nobody watches");
     let a = granted(&d, x, "a");
+    assert!(matches!(&d.facts[..], [Fact::Granted { lease, waited }] if lease.id == a && waited.is_zero()));
 
-    s.set_observing(true);
     let d = s.request(t0, x, req("b", "p"));
     let b = granted(&d, x, "b");
-    assert!(matches!(&d.observed[..], [Observed::Granted(l)] if l.id == b && l.pool == pid("p")));
+    assert!(matches!(&d.facts[..], [Fact::Granted { lease, .. }] if lease.id == b && lease.pool == pid("p")));
     let d = s.release(t0, x, a, Outcome::RateLimited(Some(secs(1))));
-    assert!(matches!(&d.observed[0], Observed::Ended(l, Ended::Released) if l.id == a));
-    assert!(matches!(&d.observed[1], Observed::Effective { pool, limit: 1 } if *pool == pid("p")));
+    assert!(matches!(
+        &d.facts[0],
+        Fact::Ended { lease, end: LeaseEnd::Released(Outcome::RateLimited(_)) } if lease.id == a
+    ));
+    assert!(matches!(&d.facts[1], Fact::Effective { pool, limit: 1 } if *pool == pid("p")));
     assert!(
-        matches!(&d.observed[2], Observed::Paused { pool, until, .. } if *pool == pid("p") && *until == t0 + secs(1))
+        matches!(&d.facts[2], Fact::Paused { pool, until, extended: true, .. } if *pool == pid("p") && *until == t0 + secs(1))
     );
-    // The pause of a pool nobody else cares about is still observed.
+    // The pause of a pool nobody else cares about is still a fact.
     let d = s.tick(t0 + secs(1));
-    assert!(
-        matches!(&d.observed[..], [Observed::Resumed { pool }] if *pool == pid("p")),
-        "{:#?}",
-        d.observed
-    );
+    assert!(matches!(&d.facts[..], [Fact::Resumed { pool }] if *pool == pid("p")), "{:#?}", d.facts);
     let (_, d) = s.revoke(t0 + secs(1), b).unwrap();
-    assert!(matches!(&d.observed[..], [Observed::Ended(l, Ended::Revoked)] if l.id == b));
+    assert!(
+        matches!(&d.facts[..], [Fact::Ended { lease, end: LeaseEnd::Expired(ExpiryReason::Revoked) }] if lease.id == b)
+    );
     let d = s.tick(t0 + secs(1) + PoolConfig::DEFAULT_HEADROOM_RECOVERY);
     assert!(
-        matches!(&d.observed[..], [Observed::Effective { pool, limit: 2 }] if *pool == pid("p")),
+        matches!(&d.facts[..], [Fact::Effective { pool, limit: 2 }] if *pool == pid("p")),
         "{:#?}",
-        d.observed
+        d.facts
+    );
+}
+
+#[test]
+fn a_pause_of_an_idle_pool_and_a_closed_stream_are_facts() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2)), ("q", limit(1))], t0);
+    // Nobody waits on or holds q: no session is told, but the pause is a fact.
+    let (applied, d) = s.report_rate_limit(t0, &pid("q"), Some(secs(5)), "").unwrap();
+    assert!(d.events.is_empty(), "{:#?}", d.events);
+    assert!(
+        matches!(&d.facts[..], [Fact::Paused { pool, until, extended: true, .. }] if *pool == pid("q") && *until == applied.until)
+    );
+    // A shorter report does not move the pause, and is a fact all the same.
+    let (_, d) = s.report_rate_limit(t0, &pid("q"), Some(secs(1)), "").unwrap();
+    assert!(
+        matches!(&d.facts[..], [Fact::Paused { extended: false, until, .. }] if *until == t0 + secs(5)),
+        "{:#?}",
+        d.facts
+    );
+
+    let x = s.open_session();
+    let l = granted(&s.request(t0, x, req("a", "p")), x, "a");
+    let d = s.close_session(t0, x, Duration::ZERO);
+    assert!(d.events.is_empty());
+    assert!(matches!(&d.facts[..], [Fact::Ended { lease, end: LeaseEnd::StreamClosed }] if lease.id == l));
+}
+
+#[test]
+fn pool_changes_are_facts() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2))], t0);
+    let (_, d) = s.upsert_pool(t0, pid("n"), &PoolPatch::default(), 10).unwrap();
+    assert!(matches!(
+        &d.facts[..],
+        [Fact::PoolChanged { pool, change: PoolChange::Created, reload: false }] if *pool == pid("n")
+    ));
+    let mut all = s.pool_configs();
+    all.remove(&pid("n"));
+    all.insert(pid("p"), limit(3));
+    all.insert(pid("z"), limit(1));
+    let d = s.set_pools(t0, all).unwrap();
+    let changes: Vec<(String, PoolChange)> = d
+        .facts
+        .iter()
+        .filter_map(|f| match f {
+            Fact::PoolChanged { pool, change, reload: true } => Some((pool.to_string(), *change)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("n".into(), PoolChange::Removed),
+            ("p".into(), PoolChange::Changed),
+            ("z".into(), PoolChange::Created)
+        ]
     );
 }

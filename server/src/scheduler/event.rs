@@ -1,0 +1,278 @@
+//! What the scheduler emits: the messages each session is told ([`Event`]) and the one stream of
+//! facts ([`Fact`]) that metrics, Watch and logs read, both gathered per operation in [`Decisions`].
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+
+use super::{Error, FencingToken, Lease, LeaseId, PoolId, RequestId, SessionId, lease::Ended};
+
+/// How the call covered by a lease ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Success.
+    Ok,
+    /// A non-rate-limit failure.
+    Error,
+    /// The caller gave up.
+    Cancelled,
+    /// A 429: pause the pool for `retry_after` (or the pool's default).
+    RateLimited(Option<Duration>),
+}
+
+/// Why a lease ended without a release.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ExpiryReason {
+    /// No heartbeat within the TTL.
+    Ttl,
+    /// Revoked by an operator.
+    Revoked,
+    /// Its pool was removed.
+    PoolRemoved,
+}
+
+/// Something the scheduler decided, for one session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A request waits.
+    Queued {
+        /// The request.
+        request_id: RequestId,
+        /// 0-based place in the pool's queue.
+        position: u32,
+        /// Waiting outside a full queue (`on_overflow = "block"`).
+        blocked: bool,
+    },
+    /// A request got its lease.
+    Granted {
+        /// The request.
+        request_id: RequestId,
+        /// The lease.
+        lease_id: LeaseId,
+        /// The lease's pool.
+        pool: PoolId,
+        /// Its fencing token.
+        token: FencingToken,
+        /// Its TTL.
+        ttl: Duration,
+        /// When it expires unless renewed.
+        expires_at: Instant,
+        /// How long the request waited for it (zero when granted at once); for metrics.
+        waited: Duration,
+    },
+    /// A request was refused or gave up; it is gone.
+    Rejected {
+        /// The request (as sent).
+        request_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A pool this session waits on or holds (or an ancestor of it) is paused.
+    Paused {
+        /// The paused pool.
+        pool: PoolId,
+        /// Until when.
+        until: Instant,
+        /// Why.
+        reason: Arc<str>,
+    },
+    /// A pause ended.
+    Resumed {
+        /// The pool.
+        pool: PoolId,
+    },
+    /// A lease ended without a release.
+    Expired {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Its pool.
+        pool: PoolId,
+        /// Why.
+        reason: ExpiryReason,
+    },
+    /// A release was applied.
+    Released {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Its pool.
+        pool: PoolId,
+        /// The outcome the holder reported.
+        outcome: Outcome,
+    },
+    /// A lease-addressed message could not be applied; nothing changed.
+    LeaseError {
+        /// The lease as named by the client.
+        lease_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A resume was accepted.
+    LeaseResumed {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Its token.
+        token: FencingToken,
+        /// When it expires unless renewed.
+        expires_at: Instant,
+    },
+    /// A cancel was applied.
+    Cancelled {
+        /// The request.
+        request_id: RequestId,
+    },
+    /// A heartbeat was applied.
+    HeartbeatAck {
+        /// Leases renewed.
+        renewed: u32,
+    },
+}
+
+/// Everything one operation decided, in order.
+#[derive(Debug, Default)]
+pub struct Decisions {
+    /// What each session is told, in order: the messages of its stream.
+    pub events: Vec<(SessionId, Event)>,
+    /// What happened, each fact once, whoever is told: the one stream that metrics, Watch and logs
+    /// read. Session events cannot serve for this: a pause of a pool nobody waits on, or the leases of
+    /// a stream that just closed, have nobody to address.
+    pub facts: Vec<Fact>,
+}
+
+/// One thing that happened, with everything an observer needs (see [`Decisions::facts`]).
+#[derive(Clone, Debug)]
+pub enum Fact {
+    /// A lease was granted.
+    Granted {
+        /// The lease.
+        lease: Lease,
+        /// How long its request waited (zero when granted at once).
+        waited: Duration,
+    },
+    /// A lease ended.
+    Ended {
+        /// The lease as it was.
+        lease: Lease,
+        /// How.
+        end: LeaseEnd,
+    },
+    /// A pool was asked to pause (a 429 or an operator): every such request, whether or not it moved
+    /// the pause's end.
+    Paused {
+        /// The pool.
+        pool: PoolId,
+        /// When its pause ends now (`now` itself when it is not paused: a zero `retry_after`).
+        until: Instant,
+        /// Why the pool is paused.
+        reason: Arc<str>,
+        /// The pause started or now ends later; `false` when an existing pause already lasted longer.
+        extended: bool,
+    },
+    /// A pool's pause ended.
+    Resumed {
+        /// The pool.
+        pool: PoolId,
+    },
+    /// A pool's effective limit moved (adaptive headroom).
+    Effective {
+        /// The pool.
+        pool: PoolId,
+        /// The new effective limit.
+        limit: u32,
+    },
+    /// A pool was created, changed or removed.
+    PoolChanged {
+        /// The pool.
+        pool: PoolId,
+        /// What happened.
+        change: PoolChange,
+        /// Through a configuration reload ([`Scheduler::set_pools`](super::Scheduler::set_pools)),
+        /// rather than an operator's upsert or delete.
+        reload: bool,
+    },
+    /// A request was refused or gave up.
+    Rejected {
+        /// The session it came from.
+        session: SessionId,
+        /// The request (as sent).
+        request_id: String,
+        /// Why.
+        error: Error,
+    },
+    /// A lease-addressed message was refused; nothing changed.
+    LeaseRefused {
+        /// The session it came from.
+        session: SessionId,
+        /// The lease as named by the client.
+        lease_id: String,
+        /// Why.
+        error: Error,
+    },
+}
+
+impl Fact {
+    /// The pool it concerns, when there is one.
+    pub fn pool(&self) -> Option<&PoolId> {
+        match self {
+            Fact::Granted { lease, .. } | Fact::Ended { lease, .. } => Some(&lease.pool),
+            Fact::Paused { pool, .. }
+            | Fact::Resumed { pool }
+            | Fact::Effective { pool, .. }
+            | Fact::PoolChanged { pool, .. } => Some(pool),
+            Fact::Rejected { error, .. } | Fact::LeaseRefused { error, .. } => error.pool(),
+        }
+    }
+}
+
+/// How a lease ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Its holder released it, reporting this outcome.
+    Released(Outcome),
+    /// Its stream closed without a resume grace.
+    StreamClosed,
+    /// It ended without a release.
+    Expired(ExpiryReason),
+}
+
+impl LeaseEnd {
+    /// What the lease table remembers of it.
+    pub(super) fn tombstone(self) -> Ended {
+        match self {
+            LeaseEnd::Released(_) => Ended::Released,
+            LeaseEnd::StreamClosed => Ended::StreamClosed,
+            LeaseEnd::Expired(ExpiryReason::Ttl) => Ended::Expired,
+            LeaseEnd::Expired(ExpiryReason::Revoked | ExpiryReason::PoolRemoved) => Ended::Revoked,
+        }
+    }
+}
+
+/// What happened to a pool's settings.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PoolChange {
+    /// It was created.
+    Created,
+    /// Its settings were replaced.
+    Changed,
+    /// It was removed.
+    Removed,
+}
+
+impl Decisions {
+    /// Tells `session` of `event`. A refusal is a fact as well, so observers see it.
+    pub fn push(&mut self, session: SessionId, event: Event) {
+        match &event {
+            Event::Rejected { request_id, error } => self.facts.push(Fact::Rejected {
+                session,
+                request_id: request_id.clone(),
+                error: error.clone(),
+            }),
+            Event::LeaseError { lease_id, error } => self.facts.push(Fact::LeaseRefused {
+                session,
+                lease_id: lease_id.clone(),
+                error: error.clone(),
+            }),
+            _ => {}
+        }
+        self.events.push((session, event));
+    }
+}
