@@ -25,6 +25,8 @@
 pub mod error;
 pub mod ids;
 pub mod lease;
+#[cfg(any(test, feature = "testing"))]
+pub mod model;
 pub mod pool;
 #[cfg(test)]
 mod proptests;
