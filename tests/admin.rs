@@ -1,12 +1,10 @@
 //! End-to-end: the slotd.v1.Admin service against the real daemon — every operation, the Watch
 //! stream, persistence across a restart, and bad input.
 
-mod common;
-
 use std::{panic::Location, path::PathBuf, time::Duration};
 
-use common::*;
 use slotd_proto::v1::{self as pb, admin_client::AdminClient, server_message::Msg, watch_event::Event as W};
+use slotd_test_support::*;
 use tonic::{Code, Streaming, transport::Channel};
 
 const ONE_POOL: &str = "[pools.p]\nmax_concurrent = 1\n";

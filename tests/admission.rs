@@ -1,15 +1,13 @@
 //! Admission over loopback: each overflow policy, max_wait deadlines, max_wait 0, release cooldown,
 //! and no leak afterwards.
 
-mod common;
-
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use common::{Daemon, ms, pool_in};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Daemon, ms, pool_in};
 use tonic::Code;
 
 const POOLS: &str = r#"
@@ -217,7 +215,7 @@ async fn a_burst_through_every_policy_leaks_nothing() {
     let mut total = 0;
     let mut agents = Vec::new();
     for t in tasks {
-        let (a, g) = common::bounded(std::panic::Location::caller(), "an agent", t).await.expect("agent");
+        let (a, g) = slotd_test_support::within("an agent", t).await.expect("agent");
         total += g;
         agents.push(a);
     }

@@ -2,53 +2,20 @@
 //! service included) PERMISSION_DENIED, and a refused call changes nothing. Health and reflection stay
 //! open. Without tokens the daemon will not listen beyond loopback unless told to.
 
-mod common;
-
-use std::net::SocketAddr;
-
-use common::TIMEOUT;
 use slotd::{ServeError, config::Config, grpc::auth::Token};
 use slotd_proto::v1::{self as pb, admin_client::AdminClient, slotd_client::SlotdClient};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use slotd_test_support::{Daemon, TIMEOUT};
+use tokio::net::TcpListener;
 use tonic::{Code, Request, transport::Channel};
 
 const AGENT: &str = "agent-s3cret";
 const ADMIN: &str = "admin-s3cret";
 
-struct Secured {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), ServeError>>,
-}
-
-impl Secured {
-    /// Serves `cfg` with both tokens set.
-    async fn start(bind: &str, mut cfg: Config) -> Self {
-        cfg.agent_token.get_or_insert_with(|| Token::new(AGENT).unwrap());
-        cfg.admin_token.get_or_insert_with(|| Token::new(ADMIN).unwrap());
-        Self::start_as_is(bind, cfg).await
-    }
-
-    /// Serves `cfg` with whatever tokens it has.
-    async fn start_as_is(bind: &str, cfg: Config) -> Self {
-        let listener = TcpListener::bind(bind).await.expect("bind");
-        let port = listener.local_addr().unwrap().port();
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(slotd::serve(cfg, listener, async move {
-            let _ = rx.await;
-        }));
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], port)), stop: Some(tx), task }
-    }
-
-    async fn channel(&self) -> Channel {
-        let ep = Channel::from_shared(format!("http://{}", self.addr)).unwrap();
-        tokio::time::timeout(TIMEOUT, ep.connect()).await.expect("connect in time").expect("connect")
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().map(|tx| tx.send(()));
-        tokio::time::timeout(TIMEOUT, self.task).await.expect("stops in time").unwrap().unwrap();
-    }
+/// Serves `cfg` on `bind` with both tokens set (unless it has its own).
+async fn secured(bind: &str, mut cfg: Config) -> Daemon {
+    cfg.agent_token.get_or_insert_with(|| Token::new(AGENT).unwrap());
+    cfg.admin_token.get_or_insert_with(|| Token::new(ADMIN).unwrap());
+    Daemon::serve(cfg, bind).await
 }
 
 fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
@@ -71,11 +38,11 @@ async fn status(c: &mut SlotdClient<Channel>) -> pb::PoolStatus {
 
 #[tokio::test]
 async fn agent_service_refuses_missing_and_wrong_tokens_and_changes_nothing() {
-    let d = Secured::start("127.0.0.1:0", config()).await;
+    let d = secured("127.0.0.1:0", config()).await;
     let mut c = SlotdClient::new(d.channel().await);
     let report = || pb::ReportRateLimitRequest {
         pool: "p".into(),
-        retry_after: Some(common::ms(60_000)),
+        retry_after: Some(slotd_test_support::ms(60_000)),
         reason: "x".into(),
     };
 
@@ -110,7 +77,7 @@ async fn agent_service_refuses_missing_and_wrong_tokens_and_changes_nothing() {
 
 #[tokio::test]
 async fn the_client_crate_sends_its_bearer_token() {
-    let d = Secured::start("127.0.0.1:0", config()).await;
+    let d = secured("127.0.0.1:0", config()).await;
     let url = format!("http://{}", d.addr);
     let client = slotd_client::Client::builder().bearer_token(AGENT).connect(&url).await.expect("connect");
     let lease = tokio::time::timeout(TIMEOUT, client.acquire("p")).await.expect("in time").expect("grant");
@@ -125,13 +92,13 @@ async fn the_client_crate_sends_its_bearer_token() {
 
 #[tokio::test]
 async fn admin_service_wants_the_admin_token() {
-    let d = Secured::start("127.0.0.1:0", config()).await;
+    let d = secured("127.0.0.1:0", config()).await;
     let ch = d.channel().await;
     let mut admin = AdminClient::new(ch.clone());
     let mut agent = SlotdClient::new(ch);
     let pause = || pb::PausePoolRequest {
         pool: "p".into(),
-        duration: Some(common::ms(60_000)),
+        duration: Some(slotd_test_support::ms(60_000)),
         reason: "maintenance".into(),
     };
 
@@ -157,7 +124,7 @@ async fn admin_service_wants_the_admin_token() {
 
 #[tokio::test]
 async fn health_and_reflection_stay_open() {
-    let d = Secured::start("127.0.0.1:0", config()).await;
+    let d = secured("127.0.0.1:0", config()).await;
     let ch = d.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let r = health
@@ -208,16 +175,16 @@ async fn no_tokens_means_loopback_only_unless_allowed() {
     // Told otherwise, or with both tokens, it serves.
     let mut allowed = open();
     allowed.allow_insecure_remote = true;
-    let d = Secured::start_as_is("0.0.0.0:0", allowed).await;
+    let d = Daemon::serve(allowed, "0.0.0.0:0").await;
     let mut c = SlotdClient::new(d.channel().await);
     let s = c.status(pb::StatusRequest::default()).await.expect("open service, no token needed");
     assert_eq!(s.into_inner().pools.len(), 1);
     d.stop().await;
-    let d = Secured::start("0.0.0.0:0", open()).await;
+    let d = secured("0.0.0.0:0", open()).await;
     d.stop().await;
 
     // Loopback without tokens is fine.
-    let d = Secured::start_as_is("127.0.0.1:0", open()).await;
+    let d = Daemon::serve(open(), "127.0.0.1:0").await;
     d.stop().await;
     let cfg = Config::from_toml_str("allow_insecure_remote = true\n[pools.p]\nmax_concurrent = 1").unwrap();
     assert!(cfg.allow_insecure_remote);

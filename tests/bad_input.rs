@@ -1,12 +1,10 @@
 //! Bad input through a real gRPC client: each class gets the right code, nothing changes, no slot
 //! leaks, and the daemon keeps serving.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Daemon, ms, pool_in};
 use slotd_proto::v1::{self as pb, client_message::Msg as Up, server_message::Msg as Down};
+use slotd_test_support::{Daemon, ms, pool_in};
 use tonic::Code;
 
 const POOLS: &str = r#"

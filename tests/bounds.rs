@@ -1,10 +1,8 @@
 //! Bounded resources, each over-limit case with a clear RESOURCE_EXHAUSTED error: message size,
 //! Acquire streams per connection and in all, requests plus leases per stream, and pools.
 
-mod common;
-
-use common::{Daemon, bounded};
 use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
+use slotd_test_support::{Daemon, bounded};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Streaming};

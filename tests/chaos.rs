@@ -22,8 +22,6 @@
 //!
 //! `SLOTD_SOAK_SECS=N` makes the kill -9 run last N seconds instead of a few (see docs/TESTING.md).
 
-mod common;
-
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     io::{BufRead, BufReader, Write},
@@ -36,9 +34,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use common::Daemon;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use slotd_client::{Client, Outcome, proto as pb};
+use slotd_test_support::Daemon;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 /// Set in a child: `agent` or `daemon`.

@@ -1,8 +1,6 @@
 //! Lease lifecycle over loopback: competing clients, stream drop, TTL reclaim, late messages,
 //! heartbeats, fencing tokens and resume grace.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -11,8 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Daemon, ms, pool_in};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Daemon, ms, pool_in};
 use tonic::Code;
 
 const ONE_POOL: &str = r#"
@@ -74,7 +72,7 @@ async fn competing_clients_on_separate_connections_share_the_limit() {
     }
     let mut agents = Vec::new();
     for t in tasks {
-        agents.push(common::bounded(std::panic::Location::caller(), "agent", t).await.expect("agent task"));
+        agents.push(slotd_test_support::within("agent", t).await.expect("agent task"));
     }
     assert_eq!(served.load(Ordering::SeqCst), CLIENTS * CYCLES);
     assert!(waited.load(Ordering::SeqCst) > 0, "no request ever had to wait: the clients did not compete");

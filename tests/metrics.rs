@@ -2,12 +2,10 @@
 //! a scrape over loopback parses as Prometheus text (strictly, line by line) and every counter and
 //! gauge has the value those steps imply.
 
-mod common;
-
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use common::{Daemon, TIMEOUT, ms};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Daemon, TIMEOUT, ms};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -186,7 +184,7 @@ async fn a_scrape_parses_and_counts_what_happened() {
     let mut e = d.agent("e").await;
     e.acquire("e1", "q").await;
     drop(e);
-    d.wait_for("q to be idle", |s| common::pool_in(s, "q").in_flight == 0).await;
+    d.wait_for("q to be idle", |s| slotd_test_support::pool_in(s, "q").in_flight == 0).await;
     // One lease held on q at scrape time.
     let held = c.acquire("c3", "q").await;
     let mut client = d.client();

@@ -1,12 +1,10 @@
 //! 429 pauses over loopback: pushed to waiters and holders on other connections, nothing granted
 //! while paused, Resumed at the end; ReportRateLimit; a pause never shortens; adaptive headroom.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Daemon, diff_ms, ms, pool_in, system_time};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Daemon, diff_ms, ms, pool_in, system_time};
 use tonic::Code;
 
 const THREE: &str = r#"

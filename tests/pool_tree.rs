@@ -2,8 +2,6 @@
 //! many clients hammer both; runtime limit changes grant at once when raised and revoke nothing when
 //! lowered.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -12,8 +10,8 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, pool_in};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Daemon, pool_in};
 
 const TREE: &str = r#"
 [pools.global]
@@ -134,12 +132,10 @@ async fn the_tree_is_never_exceeded_at_any_level() {
 
     let mut agents = Vec::new();
     for t in tasks {
-        agents
-            .push(common::bounded(std::panic::Location::caller(), "a client", t).await.expect("client task"));
+        agents.push(slotd_test_support::within("a client", t).await.expect("client task"));
     }
     done.store(true, Ordering::SeqCst);
-    let snapshots =
-        common::bounded(std::panic::Location::caller(), "the watcher", watcher).await.expect("watcher task");
+    let snapshots = slotd_test_support::within("the watcher", watcher).await.expect("watcher task");
     assert!(snapshots > 0);
     // The limits were actually contended (how often, and the peaks the clients saw, depend on timing).
     assert!(audit.waited.load(Ordering::SeqCst) > 0, "no request ever had to wait");

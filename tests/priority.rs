@@ -1,15 +1,13 @@
 //! Queue order observed over loopback: higher priority first, then the oldest turn (`started_at`),
 //! then arrival; and the aging rule that lets an old low-priority turn overtake.
 
-mod common;
-
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{Agent, Daemon, ago};
 use slotd_proto::v1 as pb;
+use slotd_test_support::{Agent, Daemon, ago};
 
 const SINGLE: &str = r#"
 [pools.p]
@@ -94,7 +92,7 @@ async fn grants_follow_the_same_order_across_separate_connections() {
     }
     holder.release_ok(&h.lease_id).await;
     for t in tasks {
-        common::bounded(std::panic::Location::caller(), "a waiter", t).await.expect("waiter task");
+        slotd_test_support::within("a waiter", t).await.expect("waiter task");
     }
     assert_eq!(*order.lock().unwrap(), EXPECTED);
     d.assert_idle().await;

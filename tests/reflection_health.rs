@@ -1,12 +1,10 @@
 //! Operations over loopback: gRPC health (overall and per service), reflection v1 and v1alpha, and
 //! graceful shutdown (health NOT_SERVING, waiters rejected UNAVAILABLE, streams ended, serve returns).
 
-mod common;
-
 use std::{panic::Location, time::Duration};
 
-use common::{Daemon, bounded};
 use prost::Message;
+use slotd_test_support::{Daemon, bounded};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};

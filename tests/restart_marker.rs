@@ -1,9 +1,7 @@
 //! Restart detection: a daemon that stops with leases held (or crashes) leaves its restart marker, and
 //! the next start runs a learning period of one lease TTL; a clean stop with nothing held does not.
 
-mod common;
-
-use common::*;
+use slotd_test_support::*;
 
 fn config(marker: &std::path::Path) -> String {
     format!(

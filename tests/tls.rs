@@ -1,14 +1,12 @@
 //! TLS: a self-signed certificate made at test time, the daemon serving with it on loopback, the
 //! client crate trusting it as a CA: acquire and release work; a plaintext client gets nowhere.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::TIMEOUT;
 use slotd::config::Config;
 use slotd_client::{Client, Outcome};
-use tokio::{net::TcpListener, sync::oneshot};
+use slotd_test_support::{Daemon, TIMEOUT};
+use tokio::net::TcpListener;
 
 /// A fresh directory holding `cert.pem` and `key.pem` for `localhost`; returns it and the cert PEM.
 fn self_signed(tag: &str) -> (PathBuf, String) {
@@ -27,12 +25,8 @@ async fn tls_serves_the_client_crate_and_refuses_plaintext() {
     let mut cfg = Config::from_toml_str("[pools.p]\nmax_concurrent = 1").unwrap();
     cfg.tls_cert = Some(dir.join("cert.pem"));
     cfg.tls_key = Some(dir.join("key.pem"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(slotd::serve(cfg, listener, async move {
-        let _ = stopped.await;
-    }));
+    let d = Daemon::serve(cfg, "127.0.0.1:0").await;
+    let port = d.addr.port();
 
     // The certificate names localhost; connect by IP and check that name.
     let client = Client::builder()
@@ -83,8 +77,7 @@ async fn tls_serves_the_client_crate_and_refuses_plaintext() {
     .expect("fails in time");
     assert!(untrusted.is_err(), "an untrusted certificate was accepted");
 
-    let _ = stop.send(());
-    tokio::time::timeout(TIMEOUT, task).await.expect("stops").unwrap().unwrap();
+    d.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
 

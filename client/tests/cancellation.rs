@@ -1,16 +1,18 @@
 //! Cancel safety: a dropped acquire leaves the daemon's queue, and a grant racing the cancel goes back.
 
-mod common;
-
 use std::{future::IntoFuture, time::Duration};
 
-use common::{Daemon, idle, one_pool, pool, wait_until, within};
+use slotd_test_support::{
+    Daemon,
+    client::{idle, one_pool, pool, wait_until},
+    within,
+};
 
 #[tokio::test]
 async fn a_timed_out_acquire_leaves_the_queue() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let holder = d.client().await;
-    let waiter = d.client().await;
+    let holder = d.connect().await;
+    let waiter = d.connect().await;
     let lease = within("acquire", holder.acquire("p")).await.unwrap();
 
     tokio::select! {
@@ -28,7 +30,7 @@ async fn a_timed_out_acquire_leaves_the_queue() {
 #[tokio::test]
 async fn a_queued_acquire_shows_in_status_until_dropped() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let _lease = within("acquire", c.acquire("p")).await.unwrap();
     let waiting = tokio::spawn({
         let c = c.clone();
@@ -42,8 +44,8 @@ async fn a_queued_acquire_shows_in_status_until_dropped() {
 #[tokio::test]
 async fn a_grant_racing_the_cancel_returns_the_slot() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let holder = d.client().await;
-    let waiter = d.client().await;
+    let holder = d.connect().await;
+    let waiter = d.connect().await;
     for round in 0..20 {
         let lease = within("acquire", holder.acquire("p")).await.unwrap();
         let mut acquire = Box::pin(waiter.acquire("p").into_future());
@@ -64,7 +66,7 @@ async fn a_grant_racing_the_cancel_returns_the_slot() {
 #[tokio::test]
 async fn dropping_an_unpolled_acquire_sends_nothing() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     drop(c.acquire("p").into_future());
     let st = c.status(None).await.unwrap();
     assert!(idle(&st, "p"));

@@ -1,17 +1,19 @@
 //! A lease's life: granted, renewed by heartbeats, released by drop, by `release`, by `run` (even on
 //! panic or error), and lost when the daemon reclaims it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Daemon, idle, one_pool, pool, wait_until, within};
 use slotd_client::{Client, Error, Lost, Outcome};
+use slotd_test_support::{
+    Daemon,
+    client::{idle, one_pool, pool, wait_until},
+    within,
+};
 
 #[tokio::test]
 async fn drop_releases() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let lease = within("acquire", c.acquire("p").holder("dropper")).await.unwrap();
     assert_eq!(lease.pool(), "p");
     assert_eq!(lease.lease_id().len(), 32);
@@ -26,7 +28,7 @@ async fn drop_releases() {
 #[tokio::test]
 async fn explicit_release_is_acknowledged() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let lease = within("acquire", c.acquire("p")).await.unwrap();
     within("release", lease.release(Outcome::Ok)).await.unwrap();
     // Acknowledged means applied: Status shows it at once.
@@ -39,7 +41,7 @@ async fn explicit_release_is_acknowledged() {
 #[tokio::test]
 async fn run_releases_on_ok_error_and_panic() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
 
     let token = within("run ok", c.run("p", |lease| async move { Ok::<_, Error>(lease.fencing_token()) }))
         .await
@@ -76,7 +78,7 @@ async fn run_releases_on_ok_error_and_panic() {
 #[tokio::test]
 async fn heartbeats_keep_a_short_lease_alive() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     // 250 ms leaves heartbeats (every ~83 ms) room on a loaded 2-core CI machine; a 90 ms TTL flaked.
     let lease = within("acquire", c.acquire("p").ttl(Duration::from_millis(250))).await.unwrap();
     let first_expiry = lease.expires_at();
@@ -106,7 +108,7 @@ async fn lost_fires_when_the_daemon_expires_the_lease() {
 #[tokio::test]
 async fn rejections_carry_the_grpc_code() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let err = within("unknown pool", c.acquire("nope")).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
     let _held = within("acquire", c.acquire("p")).await.unwrap();

@@ -1,17 +1,19 @@
 //! The tower layer: a lease per HTTP request, held until the body ends, and provider 429s / 529s
 //! reported so that every client of the pool pauses.
 
-mod common;
-
 use std::{
     convert::Infallible,
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Daemon, idle, one_pool, pool, wait_until, within};
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use slotd_client::LeaseLayer;
+use slotd_test_support::{
+    Daemon,
+    client::{idle, one_pool, pool, wait_until},
+    within,
+};
 use tower::{Layer, ServiceExt, service_fn};
 
 fn request() -> Request<String> {
@@ -22,8 +24,8 @@ fn request() -> Request<String> {
 async fn a_429_through_the_layer_pauses_other_clients() {
     // Not adaptive: the 429 pauses the pool but keeps its limit, so the free slot is granted after.
     let d = Daemon::start(&one_pool("llm", 2, "adaptive = false")).await;
-    let agent = d.client().await;
-    let other = d.client().await;
+    let agent = d.connect().await;
+    let other = d.connect().await;
     // The other client holds a slot on the pool, so the daemon pushes the pause to it.
     let held = within("acquire", other.acquire("llm")).await.unwrap();
     let mut pauses = other.pauses();
@@ -69,7 +71,7 @@ async fn a_429_through_the_layer_pauses_other_clients() {
 #[tokio::test]
 async fn a_529_overload_pauses_by_its_retry_after_date() {
     let d = Daemon::start(&one_pool("llm", 2, "")).await;
-    let agent = d.client().await;
+    let agent = d.connect().await;
     let provider = service_fn(|_req: Request<String>| async {
         let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
         Ok::<_, Infallible>(
@@ -94,7 +96,7 @@ async fn a_529_overload_pauses_by_its_retry_after_date() {
 #[tokio::test]
 async fn a_server_error_does_not_pause() {
     let d = Daemon::start(&one_pool("llm", 1, "")).await;
-    let agent = d.client().await;
+    let agent = d.connect().await;
     let provider = service_fn(|_req: Request<String>| async {
         Ok::<_, Infallible>(Response::builder().status(502).body(String::new()).unwrap())
     });
@@ -108,7 +110,7 @@ async fn a_server_error_does_not_pause() {
 #[tokio::test]
 async fn the_lease_is_held_until_the_body_ends() {
     let d = Daemon::start(&one_pool("llm", 1, "")).await;
-    let agent = d.client().await;
+    let agent = d.connect().await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let body = StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
     // The layer clones its inner service, so the one body sits behind a shared slot.

@@ -3,16 +3,18 @@
 //!
 //! A small TCP proxy sits between the client and the daemon so the test can cut every connection.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use common::{Daemon, one_pool, pool, wait_until, within};
 use slotd_client::Client;
+use slotd_test_support::{
+    Daemon,
+    client::{idle, one_pool, pool, wait_until},
+    within,
+};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpStream},
@@ -71,7 +73,7 @@ async fn client_via(proxy: &Proxy) -> Client {
 #[tokio::test]
 async fn a_lost_connection_resumes_held_leases_and_resends_queued_requests() {
     let daemon = Daemon::start(&one_pool("p", 1, "adaptive = false\ndefault_ttl = \"5s\"")).await;
-    let observer = daemon.client().await;
+    let observer = daemon.connect().await;
     let proxy = Proxy::start(daemon.addr).await;
     let agent = client_via(&proxy).await;
     let other = client_via(&proxy).await;
@@ -103,13 +105,13 @@ async fn a_lost_connection_resumes_held_leases_and_resends_queued_requests() {
     let next = within("the re-sent request is granted", waiting).await.expect("task").expect("granted");
     assert!(next.fencing_token() > token);
     drop(next);
-    wait_until(&observer, "everything is released", |st| common::idle(st, "p")).await;
+    wait_until(&observer, "everything is released", |st| idle(st, "p")).await;
 }
 
 #[tokio::test]
 async fn without_a_grace_a_lost_connection_loses_the_lease_and_says_so() {
     let daemon = Daemon::start(&one_pool("p", 1, "adaptive = false")).await;
-    let observer = daemon.client().await;
+    let observer = daemon.connect().await;
     let proxy = Proxy::start(daemon.addr).await;
     let agent = Client::builder()
         .resume_grace(None)
@@ -125,5 +127,5 @@ async fn without_a_grace_a_lost_connection_loses_the_lease_and_says_so() {
     let again = within("a new grant after the reconnect", agent.acquire("p")).await.expect("granted");
     drop(again);
     drop(lease);
-    wait_until(&observer, "everything is released", |st| common::idle(st, "p")).await;
+    wait_until(&observer, "everything is released", |st| idle(st, "p")).await;
 }

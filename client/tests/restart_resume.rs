@@ -1,8 +1,6 @@
 //! Reconnect and resume: a daemon restart with held leases gets them resumed during the learning
 //! period, queued requests are re-sent, and an auditor checks the limit is never exceeded.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -11,8 +9,12 @@ use std::{
     time::Duration,
 };
 
-use common::{Daemon, idle, pool, wait_until, within};
 use slotd_client::{Client, Lost};
+use slotd_test_support::{
+    Daemon,
+    client::{idle, pool, wait_until},
+    within,
+};
 
 const LIMIT: usize = 2;
 
@@ -72,10 +74,10 @@ async fn a_restart_resumes_held_leases_within_the_limit() {
     let auditor = Auditor::default();
     let stop = Arc::new(AtomicBool::new(false));
 
-    let holder = d1.client().await;
-    let waiter = d1.client().await;
-    let churner = d1.client().await;
-    let observer = d1.client().await;
+    let holder = d1.connect().await;
+    let waiter = d1.connect().await;
+    let churner = d1.connect().await;
+    let observer = d1.connect().await;
     let audit = status_auditor(observer.clone(), stop.clone());
 
     let a = within("first", holder.acquire("p")).await.unwrap();
@@ -167,7 +169,7 @@ async fn a_lease_not_resumed_in_time_is_lost() {
     let toml = config("0s");
     let d1 = Daemon::start(&toml).await;
     let addr = d1.addr;
-    let c = d1.client().await;
+    let c = d1.connect().await;
     let lease = within("acquire", c.acquire("p")).await.unwrap();
     d1.stop().await;
     let _d2 = Daemon::start_on(&toml, addr).await;

@@ -1,15 +1,17 @@
 //! `Lease::hold`: a streamed answer keeps its slot until the stream ends or is dropped.
 
-mod common;
-
-use common::{Daemon, idle, one_pool, pool, wait_until, within};
 use futures::StreamExt;
+use slotd_test_support::{
+    Daemon,
+    client::{idle, one_pool, pool, wait_until},
+    within,
+};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 #[tokio::test]
 async fn the_lease_is_held_until_the_stream_ends() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<&str>();
     let lease = within("acquire", c.acquire("p")).await.unwrap();
     let mut tokens = lease.hold(UnboundedReceiverStream::new(rx));
@@ -33,7 +35,7 @@ async fn the_lease_is_held_until_the_stream_ends() {
 #[tokio::test]
 async fn dropping_the_stream_early_releases() {
     let d = Daemon::start(&one_pool("p", 1, "")).await;
-    let c = d.client().await;
+    let c = d.connect().await;
     let lease = within("acquire", c.acquire("p")).await.unwrap();
     let mut tokens = lease.hold(futures::stream::iter(["a", "b", "c"]));
     assert_eq!(tokens.next().await, Some("a"));

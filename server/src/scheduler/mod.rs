@@ -28,6 +28,8 @@ pub mod error;
 mod event;
 pub mod ids;
 pub mod lease;
+#[cfg(any(test, feature = "testing"))]
+pub mod model;
 pub mod pool;
 #[cfg(test)]
 mod proptests;

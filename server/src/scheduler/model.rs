@@ -1,0 +1,857 @@
+//! The one model of scheduler operations, shared by the property tests (`proptests.rs`) and the fuzz
+//! targets (`fuzz/`, through the `testing` feature): an operation list ([`Case`], [`Op`]), a model that
+//! follows the events, and [`Invariants`], the checks derived from the public API alone.
+//!
+//! [`run`] applies a case to a [`Scheduler`] and checks, after every step:
+//! - the limit at every level (a grant never takes a level past its effective limit; a level is
+//!   over its limit only after the limit was lowered below its holders, never by a grant);
+//! - no slot lost or invented (the model's leases are exactly the scheduler's);
+//! - queue order: each grant goes to the head of its pool's queue by the documented key
+//!   (`started_at - priority × aging_step`, then arrival), blocked waiters enter in arrival order,
+//!   `shed_oldest` sheds the oldest arrival, and `Queued` positions match;
+//! - timers: no lease outlives its expiry, no waiter its deadline, and neither goes early;
+//! - fencing tokens strictly increase per pool, across resumes and removal of the pool;
+//! - fixpoint: a pool with waiters cannot grant (learning, draining, shutting down, paused, or full on
+//!   some level);
+//! - a refused operation changes nothing;
+//! - after every stream closes (and grace ends), nothing is left.
+//!
+//! Under `cfg(test)` it also runs the core's own `check_invariants`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tokio::time::Instant;
+
+use super::*;
+
+/// The pool tree: `g` over `a` and `b`, `a1` under `a`.
+pub const POOLS: [&str; 4] = ["g", "a", "b", "a1"];
+/// Each pool's parent, by index in [`POOLS`].
+pub const PARENTS: [Option<&str>; 4] = [None, Some("g"), Some("g"), Some("a")];
+const ORPHANS: SessionId = SessionId(0);
+const AGING_STEP: Duration = Duration::from_millis(100);
+/// Every pool's default TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_millis(1000);
+/// Every pool's longest TTL.
+pub const MAX_TTL: Duration = Duration::from_millis(3000);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn pid(i: usize) -> PoolId {
+    PoolId::new(POOLS[i % POOLS.len()])
+}
+
+/// A pool tree (settings by index in [`POOLS`]) and the operations to run on it.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Each pool's `max_concurrent` (at least 1).
+    pub limits: [u32; 4],
+    /// Each pool's `max_queue_depth` (at least 1).
+    pub depth: [u32; 4],
+    /// Each pool's overflow policy.
+    pub overflow: [Overflow; 4],
+    /// Each pool's cooldown: 50 ms when set.
+    pub cooldown: [bool; 4],
+    /// Adaptive limits on every pool.
+    pub adaptive: bool,
+    /// Start in a 300 ms learning period.
+    pub learning: bool,
+    /// Milliseconds to advance, then the operation.
+    pub ops: Vec<(u64, Op)>,
+}
+
+/// One operation. Small numbers pick streams, pools and leases by index (modulo what exists); a few
+/// values pick a made-up target instead (see [`run`]).
+#[derive(Clone, Debug)]
+#[allow(missing_docs, reason = "the fields are the operation's arguments, named as in the Scheduler API")]
+pub enum Op {
+    Open,
+    Close { s: usize, grace: bool },
+    Request { s: usize, pool: usize, priority: u8, ttl: u8, max_wait: Option<u64>, back: u8, dup: bool },
+    Cancel { s: usize, which: usize },
+    Heartbeat { s: usize, which: Option<usize> },
+    Release { s: usize, which: usize, outcome: u8, retry: Option<u64> },
+    Move { s: usize, which: usize, good_token: bool },
+    Recreate { s: usize, pool: usize, id: u128, token: u64 },
+    RateLimit { pool: usize, retry: Option<u64> },
+    SetPools { limits: [u32; 4], depth: [u32; 4], remove_b: bool },
+    Tick,
+    PausePool { pool: usize, dur: u64 },
+    ResumePool { pool: usize },
+    Revoke { which: usize },
+    Drain(bool),
+    Shutdown,
+}
+
+fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> BTreeMap<PoolId, PoolConfig> {
+    (0..4)
+        .filter(|&i| !(without_b && POOLS[i] == "b"))
+        .map(|i| {
+            let cfg = PoolConfig {
+                max_concurrent: limits[i],
+                parent: PARENTS[i].map(PoolId::new),
+                max_queue_depth: depth[i],
+                on_overflow: case.overflow[i],
+                cooldown: if case.cooldown[i] { ms(50) } else { Duration::ZERO },
+                default_ttl: DEFAULT_TTL,
+                max_ttl: MAX_TTL,
+                max_wait: None,
+                default_retry_after: ms(200),
+                adaptive: case.adaptive,
+                headroom_recovery: ms(300),
+            };
+            (pid(i), cfg)
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+struct MLease {
+    session: SessionId,
+    pool: PoolId,
+    token: u64,
+    ttl: Duration,
+    expires_at: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct MWaiter {
+    pool: PoolId,
+    key: i128,
+    arrival: u64,
+    blocked: bool,
+    deadline: Option<Instant>,
+}
+
+impl MWaiter {
+    fn order(&self) -> (i128, u64) {
+        (self.key, self.arrival)
+    }
+}
+
+/// What the request being processed looks like to the model.
+struct Pending {
+    session: SessionId,
+    id: String,
+    waiter: MWaiter,
+    ttl: Duration,
+}
+
+struct Model {
+    t0: Instant,
+    pools: BTreeMap<PoolId, PoolConfig>,
+    leases: BTreeMap<LeaseId, MLease>,
+    waiters: BTreeMap<(SessionId, String), MWaiter>,
+    last_token: HashMap<PoolId, u64>,
+    sessions: Vec<SessionId>,
+    next_request: u64,
+    /// The lease an operator is revoking in the current step.
+    revoking: Option<LeaseId>,
+}
+
+impl Model {
+    fn chain(&self, pool: &PoolId) -> Vec<PoolId> {
+        let mut out = vec![pool.clone()];
+        let mut cur = self.pools[pool].parent.clone();
+        while let Some(p) = cur {
+            cur = self.pools[&p].parent.clone();
+            out.push(p);
+        }
+        out
+    }
+
+    fn ready(&self, pool: &PoolId) -> impl Iterator<Item = (&(SessionId, String), &MWaiter)> {
+        self.waiters.iter().filter(move |(_, w)| &w.pool == pool && !w.blocked)
+    }
+
+    /// Blocked waiters enter the queue in arrival order while it has room.
+    fn admit(&mut self, pool: &PoolId) {
+        let Some(cfg) = self.pools.get(pool) else { return };
+        let depth = cfg.max_queue_depth as usize;
+        while self.ready(pool).count() < depth {
+            let next = self
+                .waiters
+                .iter_mut()
+                .filter(|(_, w)| &w.pool == pool && w.blocked)
+                .min_by_key(|(_, w)| w.arrival);
+            match next {
+                Some((_, w)) => w.blocked = false,
+                None => break,
+            }
+        }
+    }
+
+    fn drop_waiter(&mut self, key: &(SessionId, String)) -> Option<MWaiter> {
+        let w = self.waiters.remove(key)?;
+        self.admit(&w.pool.clone());
+        Some(w)
+    }
+
+    fn key_of(&self, now: Instant, started_at: Instant, priority: u8) -> i128 {
+        let started = started_at.min(now).max(now - SchedulerConfig::MAX_TURN_AGE);
+        let offset = if started >= self.t0 {
+            (started - self.t0).as_nanos() as i128
+        } else {
+            -((self.t0 - started).as_nanos() as i128)
+        };
+        offset - AGING_STEP.as_nanos() as i128 * i128::from(priority)
+    }
+
+    /// Applies one operation's events, checking each against the model.
+    fn apply(
+        &mut self,
+        now: Instant,
+        d: &Decisions,
+        pending: Option<&Pending>,
+        recreate_pool: Option<&PoolId>,
+    ) {
+        let mut shed = false;
+        for (s, e) in &d.events {
+            match e {
+                Event::Queued { request_id, position, blocked } => {
+                    let p = pending.expect("only a request queues");
+                    assert_eq!((p.session, p.id.as_str()), (*s, request_id.as_str()));
+                    let want = if *blocked {
+                        self.waiters.values().filter(|w| w.pool == p.waiter.pool).count()
+                    } else {
+                        self.ready(&p.waiter.pool).filter(|(_, w)| w.order() < p.waiter.order()).count()
+                    };
+                    assert_eq!(*position as usize, want, "position of {request_id}");
+                    // A shed makes room for one, even in a queue left deeper than a lowered limit.
+                    if !*blocked && !shed {
+                        assert!(
+                            self.ready(&p.waiter.pool).count()
+                                < self.pools[&p.waiter.pool].max_queue_depth as usize,
+                            "queued past the depth"
+                        );
+                    }
+                    let mut w = p.waiter.clone();
+                    w.blocked = *blocked;
+                    self.waiters.insert((*s, p.id.clone()), w);
+                }
+                Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
+                    let key = (*s, request_id.to_string());
+                    if let Some(w) = self.waiters.get(&key) {
+                        assert_eq!(&w.pool, pool);
+                        assert!(!w.blocked, "granted {request_id} while blocked outside the queue");
+                        let best = self.ready(pool).map(|(k, w)| (w.order(), k.clone())).min().unwrap();
+                        assert_eq!(best.1, key, "grant out of key order in {pool}");
+                        self.drop_waiter(&key);
+                    } else {
+                        let p = pending.expect("a grant without a waiter is a new request");
+                        assert_eq!((p.session, p.id.as_str()), (*s, request_id.as_str()));
+                        assert!(
+                            !self.waiters.values().any(|w| &w.pool == pool),
+                            "newcomer {request_id} granted past waiters of {pool}"
+                        );
+                        assert_eq!(*ttl, p.ttl);
+                    }
+                    let last = self.last_token.entry(pool.clone()).or_insert(0);
+                    assert!(token.0 > *last, "token {} after {} on {pool}", token.0, last);
+                    *last = token.0;
+                    assert_eq!(*expires_at, now + *ttl);
+                    let l = MLease {
+                        session: *s,
+                        pool: pool.clone(),
+                        token: token.0,
+                        ttl: *ttl,
+                        expires_at: *expires_at,
+                    };
+                    assert!(self.leases.insert(*lease_id, l).is_none(), "lease id reused");
+                }
+                Event::Rejected { request_id, error } => {
+                    if matches!(error, Error::DuplicateRequest(_)) {
+                        assert!(self.waiters.contains_key(&(*s, request_id.clone())));
+                        continue;
+                    }
+                    let key = (*s, request_id.clone());
+                    if matches!(error, Error::UnknownRequest(_)) {
+                        assert!(!self.waiters.contains_key(&key), "cancel of {request_id} refused");
+                        continue;
+                    }
+                    if let Some(w) = self.waiters.get(&key) {
+                        match error {
+                            Error::WaitTimeout { .. } => {
+                                assert!(w.deadline.is_some_and(|d| d <= now), "timed out early")
+                            }
+                            Error::Shed(_) => {
+                                shed = true;
+                                let oldest = self.ready(&w.pool).map(|(_, w)| w.arrival).min();
+                                assert_eq!(oldest, Some(w.arrival), "shed a waiter that is not the oldest");
+                                assert!(!w.blocked);
+                            }
+                            Error::PoolRemoved(p) => assert_eq!(p, &w.pool),
+                            Error::ShuttingDown => {}
+                            other => panic!("queued request rejected with {other:?}"),
+                        }
+                        self.drop_waiter(&key);
+                    } else {
+                        let p = pending.expect("rejection of an unknown request");
+                        assert_eq!((p.session, p.id.as_str()), (*s, request_id.as_str()));
+                    }
+                }
+                Event::Cancelled { request_id } => {
+                    self.drop_waiter(&(*s, request_id.to_string())).expect("cancelled a waiter");
+                }
+                Event::Expired { lease_id, reason, .. } => {
+                    let l = self.leases.remove(lease_id).expect("expired a lease");
+                    assert_eq!(l.session, *s, "Expired went to the holder");
+                    match reason {
+                        ExpiryReason::Ttl => assert!(l.expires_at <= now, "expired early"),
+                        ExpiryReason::PoolRemoved => assert!(!self.pools.contains_key(&l.pool)),
+                        ExpiryReason::Revoked => {
+                            assert_eq!(self.revoking, Some(*lease_id), "revoked by nobody")
+                        }
+                    }
+                }
+                Event::Released { lease_id, .. } => {
+                    let l = self.leases.remove(lease_id).expect("released a lease");
+                    assert_eq!(l.session, *s);
+                }
+                Event::LeaseResumed { lease_id, token, expires_at } => {
+                    match self.leases.get_mut(lease_id) {
+                        Some(l) => {
+                            assert_eq!(l.token, token.0);
+                            l.session = *s;
+                            l.ttl = DEFAULT_TTL;
+                        }
+                        None => {
+                            let pool = recreate_pool.expect("re-created by a resume").clone();
+                            let last = self.last_token.entry(pool.clone()).or_insert(0);
+                            *last = (*last).max(token.0);
+                            let l = MLease {
+                                session: *s,
+                                pool,
+                                token: token.0,
+                                ttl: DEFAULT_TTL,
+                                expires_at: now,
+                            };
+                            self.leases.insert(*lease_id, l);
+                        }
+                    }
+                    let l = self.leases.get_mut(lease_id).unwrap();
+                    assert_eq!(*expires_at, now + l.ttl);
+                    l.expires_at = *expires_at;
+                }
+                Event::Paused { .. } | Event::Resumed { .. } | Event::LeaseError { .. } => {}
+                Event::HeartbeatAck { .. } => {}
+            }
+        }
+    }
+
+    /// Checks the model against the scheduler.
+    fn check(&self, s: &Scheduler, now: Instant) {
+        #[cfg(test)]
+        s.check_invariants(now);
+        let snap = s.snapshot(None).unwrap();
+        let theirs: BTreeMap<LeaseId, (SessionId, PoolId, u64, Instant)> = snap
+            .leases
+            .iter()
+            .map(|l| (l.id, (l.session, l.pool.clone(), l.token.0, l.expires_at)))
+            .collect();
+        let ours: BTreeMap<LeaseId, (SessionId, PoolId, u64, Instant)> = self
+            .leases
+            .iter()
+            .map(|(id, l)| (*id, (l.session, l.pool.clone(), l.token, l.expires_at)))
+            .collect();
+        assert_eq!(theirs, ours, "leases");
+        assert!(self.leases.values().all(|l| l.expires_at > now), "a lease outlived its expiry");
+        assert_eq!(s.waiter_count(), self.waiters.len(), "waiters");
+        assert!(
+            self.waiters.values().all(|w| w.deadline.is_none_or(|d| d > now)),
+            "a waiter outlived its deadline"
+        );
+        for p in &snap.pools {
+            let queued = self.waiters.values().filter(|w| w.pool == p.id).count();
+            assert_eq!(p.queued as usize, queued, "queued on {}", p.id);
+            let held = self.leases.values().filter(|l| self.chain(&l.pool).contains(&p.id)).count();
+            assert_eq!(p.in_flight as usize, held, "in_flight of {}", p.id);
+            assert!(p.effective_limit >= 1 && p.effective_limit <= p.config.max_concurrent);
+        }
+        assert_eq!(s.session_count(), self.sessions.len());
+    }
+}
+
+fn levels(s: &Scheduler) -> HashMap<PoolId, PoolSnapshot> {
+    s.snapshot(None).unwrap().pools.into_iter().map(|p| (p.id.clone(), p)).collect()
+}
+
+/// Runs `case` on a fresh scheduler, checking the model and the [`Invariants`] after every step.
+///
+/// # Panics
+///
+/// When the scheduler breaks an invariant or disagrees with the model.
+pub fn run(case: &Case) {
+    // Far enough from the clock's origin that turn starts two hours back exist.
+    let t0 = Instant::now() + Duration::from_secs(3 * 3600);
+    let cfg = SchedulerConfig {
+        aging_step: AGING_STEP,
+        learning_period: if case.learning { ms(300) } else { Duration::ZERO },
+        seed: Some(7),
+        ..Default::default()
+    };
+    let all = pool_set(case, case.limits, case.depth, false);
+    let mut s = Scheduler::new(cfg, all.clone(), t0).unwrap();
+    let mut m = Model {
+        t0,
+        pools: all,
+        leases: BTreeMap::new(),
+        waiters: BTreeMap::new(),
+        last_token: HashMap::new(),
+        sessions: Vec::new(),
+        next_request: 0,
+        revoking: None,
+    };
+    for _ in 0..3 {
+        m.sessions.push(s.open_session());
+    }
+    let mut inv = Invariants::default();
+    let mut now = t0;
+    // The last instant the scheduler was called with.
+    let mut seen = t0;
+
+    for (dt, op) in case.ops.clone() {
+        now += ms(dt);
+        let before = levels(&s);
+        let print_before = fingerprint(&s);
+        let mut pending = None;
+        let mut recreate_pool = None;
+        let mut resumed = false;
+        let mut lowered = false;
+        let pick = |m: &Model, i: usize| (!m.sessions.is_empty()).then(|| m.sessions[i % m.sessions.len()]);
+        let (d, may_refuse) = match op {
+            Op::Open => {
+                m.sessions.push(s.open_session());
+                (Decisions::default(), false)
+            }
+            Op::Close { s: i, grace } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                m.sessions.retain(|x| *x != sess);
+                let grace = if grace { ms(300) } else { Duration::ZERO };
+                // What the caller knows: its waiters and leases go (timers due first).
+                let mine: Vec<_> = m.waiters.keys().filter(|(x, _)| *x == sess).cloned().collect();
+                for k in mine {
+                    m.drop_waiter(&k);
+                }
+                m.leases.retain(|_, l| l.session != sess || (l.expires_at > now && !grace.is_zero()));
+                for l in m.leases.values_mut().filter(|l| l.session == sess) {
+                    l.session = ORPHANS;
+                    l.expires_at = l.expires_at.min(now + grace);
+                }
+                let d = s.close_session(now, sess, grace);
+                assert!(d.events.iter().all(|(x, _)| *x != sess));
+                (d, false)
+            }
+            Op::Request { s: i, pool, priority, ttl, max_wait, back, dup } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                let id = match m.waiters.keys().find(|(x, _)| *x == sess).filter(|_| dup) {
+                    Some((_, id)) => id.clone(),
+                    None => {
+                        m.next_request += 1;
+                        format!("r{}", m.next_request)
+                    }
+                };
+                m.next_request += 1;
+                let pool = pid(pool);
+                let ttl = match ttl {
+                    0 => None,
+                    1 => Some(Duration::ZERO),
+                    2 => Some(MAX_TTL + ms(1)),
+                    3 => Some(MAX_TTL),
+                    n => Some(ms(100 * u64::from(n))),
+                };
+                let started_at = match back {
+                    0 => now,
+                    1 => now - ms(250),
+                    2 => now - Duration::from_secs(2 * 3600),
+                    _ => now + ms(100),
+                };
+                let req = NewRequest {
+                    request_id: RequestId::parse(&id).unwrap(),
+                    pool: pool.clone(),
+                    priority: Priority::try_from(u32::from(priority)).unwrap(),
+                    started_at: Some(started_at),
+                    ttl,
+                    max_wait: max_wait.map(ms),
+                    holder: "agent".into(),
+                };
+                pending = Some(Pending {
+                    session: sess,
+                    id,
+                    ttl: ttl.unwrap_or(DEFAULT_TTL),
+                    waiter: MWaiter {
+                        key: if m.pools.contains_key(&pool) {
+                            m.key_of(now, started_at, priority)
+                        } else {
+                            0
+                        },
+                        pool,
+                        arrival: m.next_request,
+                        blocked: false,
+                        deadline: max_wait.map(|w| now + ms(w)),
+                    },
+                });
+                (s.request(now, sess, req), true)
+            }
+            Op::Cancel { s: i, which } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                let mine: Vec<_> =
+                    m.waiters.keys().filter(|(x, _)| *x == sess).map(|(_, id)| id.clone()).collect();
+                let id = if mine.is_empty() || which == 7 {
+                    "nope".to_owned()
+                } else {
+                    mine[which % mine.len()].clone()
+                };
+                (s.cancel(now, sess, &id), true)
+            }
+            Op::Heartbeat { s: i, which } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                let ids: Vec<LeaseId> = match which {
+                    None => vec![],
+                    Some(w) => m.leases.keys().nth(w).copied().into_iter().collect(),
+                };
+                // Leases renewed: the caller's own, still alive after the timers due now.
+                let alive = |l: &MLease| l.session == sess && l.expires_at > now;
+                let renew: Vec<LeaseId> = if ids.is_empty() {
+                    m.leases.iter().filter(|(_, l)| alive(l)).map(|(id, _)| *id).collect()
+                } else {
+                    ids.iter().filter(|id| m.leases.get(id).is_some_and(alive)).copied().collect()
+                };
+                let d = s.heartbeat(now, sess, &ids);
+                let acks: Vec<u32> = d
+                    .events
+                    .iter()
+                    .filter_map(|(_, e)| match e {
+                        Event::HeartbeatAck { renewed } => Some(*renewed),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(acks, vec![renew.len() as u32]);
+                for id in renew {
+                    let l = m.leases.get_mut(&id).unwrap();
+                    l.expires_at = now + l.ttl;
+                }
+                (d, true)
+            }
+            Op::Release { s: i, which, outcome, retry } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                // Mostly the caller's own leases; sometimes anyone's, or a made-up one.
+                let mine: Vec<LeaseId> =
+                    m.leases.iter().filter(|(_, l)| l.session == sess).map(|(id, _)| *id).collect();
+                let id = match which {
+                    7 => LeaseId(12345),
+                    6 => m.leases.keys().next().copied().unwrap_or(LeaseId(1)),
+                    w if !mine.is_empty() => mine[w % mine.len()],
+                    _ => LeaseId(99),
+                };
+                let outcome = match outcome {
+                    0 | 1 => Outcome::Ok,
+                    2 => Outcome::Error,
+                    3 => Outcome::Cancelled,
+                    _ => Outcome::RateLimited(retry.map(ms)),
+                };
+                lowered = matches!(outcome, Outcome::RateLimited(_));
+                (s.release(now, sess, id, outcome), true)
+            }
+            Op::Move { s: i, which, good_token } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                let Some((id, l)) = m.leases.iter().nth(which % m.leases.len().max(1)) else { continue };
+                let r = ResumeRequest {
+                    lease_id: *id,
+                    token: FencingToken(if good_token { l.token } else { l.token.wrapping_add(1) }),
+                    pool: l.pool.clone(),
+                    priority: Priority::DEFAULT,
+                    ttl: None,
+                    holder: "agent".into(),
+                };
+                (s.resume(now, sess, r), true)
+            }
+            Op::Recreate { s: i, pool, id, token } => {
+                let Some(sess) = pick(&m, i) else { continue };
+                let pool = pid(pool);
+                recreate_pool = Some(pool.clone());
+                resumed = true;
+                let r = ResumeRequest {
+                    lease_id: LeaseId(id),
+                    token: FencingToken(token),
+                    pool,
+                    priority: Priority::DEFAULT,
+                    ttl: None,
+                    holder: "agent".into(),
+                };
+                (s.resume(now, sess, r), true)
+            }
+            Op::RateLimit { pool, retry } => {
+                lowered = true;
+                match s.report_rate_limit(now, &pid(pool), retry.map(ms), "proptest") {
+                    Ok((applied, d)) => {
+                        assert!(applied.until >= now);
+                        (d, false)
+                    }
+                    Err(e) => {
+                        assert_eq!(e, Error::UnknownPool(pid(pool)));
+                        assert!(!m.pools.contains_key(&pid(pool)));
+                        assert_eq!(fingerprint(&s), print_before);
+                        continue;
+                    }
+                }
+            }
+            Op::SetPools { limits, depth, remove_b } => {
+                lowered = true;
+                let new = pool_set(case, limits, depth, remove_b);
+                m.pools = new.clone();
+                let names: Vec<PoolId> = m.pools.keys().cloned().collect();
+                for p in &names {
+                    m.admit(p);
+                }
+                (s.set_pools(now, new).unwrap(), false)
+            }
+            Op::Tick => (s.tick(now), false),
+            Op::PausePool { pool, dur } => match s.pause_pool(now, &pid(pool), ms(dur), "proptest") {
+                Ok((until, d)) => {
+                    assert!(until >= now + ms(dur));
+                    (d, false)
+                }
+                Err(e) => {
+                    assert!(dur == 0 || !m.pools.contains_key(&pid(pool)), "{e}");
+                    assert_eq!(fingerprint(&s), print_before);
+                    continue;
+                }
+            },
+            Op::ResumePool { pool } => match s.resume_pool(now, &pid(pool)) {
+                Ok((_, d)) => (d, false),
+                Err(e) => {
+                    assert_eq!(e, Error::UnknownPool(pid(pool)));
+                    assert_eq!(fingerprint(&s), print_before);
+                    continue;
+                }
+            },
+            Op::Revoke { which } => {
+                let id = match m.leases.keys().nth(which) {
+                    Some(id) if which < 7 => *id,
+                    _ => LeaseId(4242),
+                };
+                match s.revoke(now, id) {
+                    Ok((l, d)) => {
+                        assert_eq!(l.id, id);
+                        m.revoking = Some(id);
+                        (d, false)
+                    }
+                    Err(_) => {
+                        assert!(!m.leases.contains_key(&id));
+                        assert_eq!(fingerprint(&s), print_before);
+                        continue;
+                    }
+                }
+            }
+            Op::Drain(on) => (s.set_draining(now, on), false),
+            Op::Shutdown => (s.shutdown(now), false),
+        };
+
+        // Skipped operations moved `now` without telling the scheduler; opening a stream reads no
+        // clock. Checks use the last instant the scheduler was given.
+        let timers_quiet = seen == now;
+        if !matches!(op, Op::Open) {
+            seen = now;
+        }
+        m.apply(seen, &d, pending.as_ref(), recreate_pool.as_ref());
+        m.revoking = None;
+        m.check(&s, seen);
+        inv.grants(&d);
+        inv.check(&s, seen);
+
+        // Limits, level by level.
+        let after = levels(&s);
+        let granted_on: HashSet<PoolId> = d
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Granted { pool, .. } => Some(m.chain(pool)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let recreated = resumed && d.events.iter().any(|(_, e)| matches!(e, Event::LeaseResumed { .. }));
+        for (id, p) in &after {
+            let b = before.get(id);
+            let in_before = b.map_or(0, |b| b.in_flight);
+            if granted_on.contains(id) {
+                assert!(
+                    p.in_flight + p.cooling <= p.effective_limit,
+                    "grant took {id} past its limit: {p:?}"
+                );
+            } else if recreated {
+                assert!(
+                    p.in_flight <= in_before.max(p.config.max_concurrent),
+                    "resume took {id} past its limit"
+                );
+            } else {
+                assert!(p.in_flight <= in_before, "{id} gained a slot without a grant");
+            }
+            if p.in_flight > p.effective_limit {
+                let was_over = b.is_some_and(|b| b.in_flight > b.effective_limit);
+                let limit_dropped = b.is_some_and(|b| p.effective_limit < b.effective_limit);
+                assert!(
+                    was_over || (lowered && limit_dropped) || recreated,
+                    "{id} over its limit without a lowered limit: {p:?}"
+                );
+            }
+        }
+
+        // A refused operation changes nothing (checked when no timer could have fired).
+        let refused = d.events.iter().all(|(_, e)| {
+            matches!(
+                e,
+                Event::Rejected { .. } | Event::LeaseError { .. } | Event::HeartbeatAck { renewed: 0 }
+            )
+        });
+        if may_refuse && timers_quiet && refused {
+            assert_eq!(fingerprint(&s), print_before, "a refused {op:?} changed the state");
+        }
+    }
+
+    // Everyone leaves; grace and learning run out.
+    for sess in std::mem::take(&mut m.sessions) {
+        let d = s.close_session(now, sess, Duration::ZERO);
+        m.waiters.retain(|(x, _), _| *x != sess);
+        m.leases.retain(|_, l| l.session != sess);
+        let granted = d.events.iter().any(|(_, e)| matches!(e, Event::Granted { .. }));
+        assert!(!granted || s.session_count() > 0);
+    }
+    now += Duration::from_secs(3600);
+    s.tick(now);
+    #[cfg(test)]
+    s.check_invariants(now);
+    inv.check(&s, now);
+    assert_eq!((s.lease_count(), s.waiter_count(), s.session_count()), (0, 0, 0));
+    for p in s.snapshot(None).unwrap().pools {
+        assert_eq!((p.in_flight, p.queued), (0, 0), "{}", p.id);
+        assert_eq!(p.effective_limit, p.config.max_concurrent, "{} recovered", p.id);
+    }
+    // Slots freed by that tick may still cool down; after that no timer is left.
+    now += Duration::from_secs(1);
+    assert!(s.tick(now).events.is_empty());
+    assert_eq!(s.next_deadline(), None);
+}
+
+fn fingerprint(s: &Scheduler) -> String {
+    format!(
+        "{:?} {} {} {} {:?}",
+        s.snapshot(None).unwrap(),
+        s.lease_count(),
+        s.waiter_count(),
+        s.session_count(),
+        s.next_deadline()
+    )
+}
+
+/// The invariants re-derived after every step from the public API only (`snapshot()` and the
+/// counters), so that the fuzz targets check them in builds without `cfg(test)`:
+/// - accounting: every pool's `in_flight` is the number of leases on it and its descendants;
+/// - limit: an operation never takes a pool above its limit (only a lowered limit leaves it above);
+/// - fixpoint: a pool with waiters is closed (learning, draining, shutting down, paused, or full on
+///   some level);
+/// - timers: no lease is still listed at or after its expiry;
+/// - fencing: a grant's token is above every token its pool has seen, and no two granted leases of a
+///   pool share a token.
+#[derive(Debug, Default)]
+pub struct Invariants {
+    /// Each pool's `in_flight` after the previous check.
+    in_flight: HashMap<PoolId, u32>,
+    /// The highest fencing token each pool has handed out or re-created.
+    tokens: HashMap<PoolId, u64>,
+}
+
+impl Invariants {
+    /// Checks the grants among `d`'s events against every token seen so far (call before
+    /// [`Invariants::check`]).
+    pub fn grants(&mut self, d: &Decisions) {
+        for (_, e) in &d.events {
+            if let Event::Granted { pool, token, .. } = e {
+                let floor = self.tokens.entry(pool.clone()).or_insert(0);
+                assert!(token.0 > *floor, "grant token {token} not above {floor} on {pool}");
+                *floor = token.0;
+            }
+        }
+    }
+
+    /// Checks `s` as of `now`, the last instant it was given.
+    pub fn check(&mut self, s: &Scheduler, now: Instant) {
+        let snap: Snapshot = s.snapshot(None).expect("snapshot of every pool");
+        let by_id: HashMap<&PoolId, _> = snap.pools.iter().map(|p| (&p.id, p)).collect();
+        let chain = |pool: &PoolId| {
+            let mut chain = vec![pool.clone()];
+            while let Some(parent) = by_id[chain.last().expect("non-empty")].config.parent.clone() {
+                chain.push(parent);
+            }
+            chain
+        };
+        let mut counted: HashMap<PoolId, u32> = HashMap::new();
+        for l in &snap.leases {
+            assert!(
+                l.expires_at > now,
+                "lease {} still listed {:?} after its expiry",
+                l.id,
+                now - l.expires_at
+            );
+            for p in chain(&l.pool) {
+                *counted.entry(p).or_default() += 1;
+            }
+            let seen = self.tokens.entry(l.pool.clone()).or_insert(0);
+            *seen = (*seen).max(l.token.0);
+        }
+        // Granted leases never share a token with any other lease of their pool. (Leases re-created by
+        // resumes carry whatever token the client claims: the daemon cannot check a token from before
+        // its restart, so two bogus resumes may claim the same one.)
+        for l in snap.leases.iter().filter(|l| l.request_id.is_some()) {
+            let same = snap.leases.iter().filter(|o| o.pool == l.pool && o.token == l.token).count();
+            assert_eq!(same, 1, "token {} of granted lease {} is held twice on {}", l.token, l.id, l.pool);
+        }
+        let mut queued = 0;
+        for p in &snap.pools {
+            let held = counted.get(&p.id).copied().unwrap_or(0);
+            assert_eq!(p.in_flight, held, "in_flight of {} is not its leases' count", p.id);
+            let before = self.in_flight.get(&p.id).copied().unwrap_or(0);
+            assert!(
+                p.in_flight <= p.config.max_concurrent.max(before),
+                "pool {} went from {before} to {} in flight, limit {}",
+                p.id,
+                p.in_flight,
+                p.config.max_concurrent
+            );
+            assert!(p.effective_limit <= p.config.max_concurrent && p.effective_limit >= 1);
+            if p.queued > 0 && !snap.learning && !snap.shutting_down && !snap.draining {
+                let closed = chain(&p.id).iter().any(|level| {
+                    let l = by_id[level];
+                    l.paused_until.is_some_and(|u| u > now) || l.in_flight + l.cooling >= l.effective_limit
+                });
+                assert!(closed, "pool {} could grant but has {} waiters", p.id, p.queued);
+            }
+            queued += p.queued as usize;
+        }
+        assert_eq!(queued, s.waiter_count(), "queued waiters vs waiter_count");
+        assert_eq!(snap.leases.len(), s.lease_count(), "listed leases vs lease_count");
+        self.in_flight = snap.pools.iter().map(|p| (p.id.clone(), p.in_flight)).collect();
+    }
+
+    /// Closes every stream in `sessions` (no grace), runs time far past every timer, and checks that
+    /// nothing is left.
+    pub fn close_all(&mut self, s: &mut Scheduler, sessions: &[SessionId], mut now: Instant) {
+        for &id in sessions {
+            let d = s.close_session(now, id, Duration::ZERO);
+            self.grants(&d);
+            self.check(s, now);
+        }
+        now += Duration::from_secs(3 * 24 * 3600);
+        s.tick(now);
+        self.check(s, now);
+        assert_eq!(s.lease_count(), 0, "leases left after every stream closed");
+        assert_eq!(s.waiter_count(), 0, "waiters left after every stream closed");
+        assert_eq!(s.session_count(), 0);
+        for p in &s.snapshot(None).expect("snapshot").pools {
+            assert_eq!((p.in_flight, p.queued), (0, 0), "pool {} not empty at the end", p.id);
+        }
+    }
+}
