@@ -34,7 +34,12 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     driver::Driver,
-    grpc::{admin::AdminService, auth::RequireToken, limits::StreamLimits, service::SlotdService},
+    grpc::{
+        admin::AdminService,
+        auth::RequireToken,
+        limits::{OversizeAsExhausted, StreamLimits},
+        service::SlotdService,
+    },
     metrics::Metrics,
     pool_store::PoolStore,
     scheduler::{Scheduler, SchedulerConfig},
@@ -149,6 +154,7 @@ pub async fn serve_with_metrics(
         }
         None => cfg.pools.clone(),
     };
+    grpc::convert::init_clock_anchor();
     let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
@@ -199,11 +205,18 @@ pub async fn serve_with_metrics(
             .with_stream_limits(stream_limits),
     )
     .max_decoding_message_size(max_msg);
-    // Each service checks its own token before any handler runs; health and reflection stay open.
-    let slotd = InterceptedService::new(slotd, RequireToken::agent(cfg.agent_token.clone()));
+    // Each service checks its own token before any handler runs; health and reflection stay open. An
+    // oversized message is RESOURCE_EXHAUSTED (tonic says OUT_OF_RANGE), as for every bound.
+    let slotd = OversizeAsExhausted::new(InterceptedService::new(
+        slotd,
+        RequireToken::agent(cfg.agent_token.clone()),
+    ));
     let admin = AdminServer::new(AdminService::new(handle.clone(), state_file, cfg.limits.max_pools))
         .max_decoding_message_size(max_msg);
-    let admin = InterceptedService::new(admin, RequireToken::admin(cfg.admin_token.clone()));
+    let admin = OversizeAsExhausted::new(InterceptedService::new(
+        admin,
+        RequireToken::admin(cfg.admin_token.clone()),
+    ));
 
     let marker = cfg.restart_marker.clone();
     let drain = cfg.limits.drain_timeout;

@@ -38,6 +38,7 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
         default_retry_after: wire_opt(args.default_retry_after)?,
         adaptive: args.adaptive,
         headroom_recovery: wire_opt(args.headroom_recovery)?,
+        max_agent_retry_after: wire_opt(args.max_agent_retry_after)?,
     })
 }
 

@@ -190,6 +190,9 @@ pub struct PoolSetArgs {
     /// Quiet period per headroom recovery step.
     #[arg(long, value_parser = parse_duration)]
     pub headroom_recovery: Option<Duration>,
+    /// Longest pause an agent's 429 report can cause (operators' pauses are not capped).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_agent_retry_after: Option<Duration>,
 }
 
 /// `slotctl run`.

@@ -1,10 +1,15 @@
 //! Conversions between wire messages (`slotd_proto::v1`) and scheduler types, including clocks.
 //!
-//! The scheduler counts in monotonic [`Instant`]s; the wire speaks wall-clock timestamps. Each
-//! conversion pairs a fresh `Instant::now()` with `SystemTime::now()`, so no stale anchor drifts.
+//! The scheduler counts in monotonic [`Instant`]s; the wire speaks wall-clock timestamps. Outgoing
+//! timestamps are computed from one anchor pair (`Instant`, `SystemTime`) taken once, at the first
+//! conversion (the daemon's start): so equal instants always give equal timestamps and a later
+//! instant never gives an earlier one, as the proto promises for `paused_until`. (A fresh pair per
+//! conversion moved with every wall-clock read: two answers for one pause differed by nanoseconds, in
+//! either direction.) The price is that a wall-clock step after startup is not followed; the
+//! timestamps keep the daemon's own monotonic time.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
@@ -40,11 +45,29 @@ pub fn pb_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
 }
 
-/// An `Instant` as a wall-clock timestamp.
+/// The one (`Instant`, `SystemTime`) pair every outgoing timestamp is computed from.
+static CLOCK_ANCHOR: OnceLock<(Instant, SystemTime)> = OnceLock::new();
+
+/// Takes the clock anchor now, if no conversion took it yet. The daemon calls it when it starts, so
+/// that timestamps follow the wall clock as it was then.
+pub fn init_clock_anchor() {
+    clock_anchor();
+}
+
+fn clock_anchor() -> (Instant, SystemTime) {
+    *CLOCK_ANCHOR.get_or_init(|| (Instant::now(), SystemTime::now()))
+}
+
+/// An `Instant` as a wall-clock timestamp: monotone in `at` (see the module docs). Never panics.
 pub fn timestamp(at: Instant) -> Timestamp {
-    let (now_i, now_s) = (Instant::now(), SystemTime::now());
-    let wall = if at >= now_i { now_s + (at - now_i) } else { now_s - (now_i - at) };
-    Timestamp::from(wall)
+    let (anchor_i, anchor_s) = clock_anchor();
+    let wall = if at >= anchor_i {
+        anchor_s.checked_add(at - anchor_i)
+    } else {
+        anchor_s.checked_sub(anchor_i - at)
+    };
+    // Only an instant centuries away could miss; there is no such instant in a running daemon.
+    Timestamp::from(wall.unwrap_or(anchor_s))
 }
 
 /// A wall-clock timestamp as an `Instant` (clamped to now for future ones).
@@ -77,6 +100,10 @@ fn truncated(s: &str) -> String {
 
 /// Converts one client message into a stream operation. Invalid input becomes
 /// [`StreamOp::Invalid`] carrying the event that answers it.
+///
+/// Ids are echoed exactly as sent, never cut: a client can only match an answer to its message by
+/// the id, and an id is bounded by the message size (`limits.max_message_bytes`) already. An over-long
+/// request id is refused with INVALID_ARGUMENT, in a `Rejected` that carries it whole.
 pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
     use pb::client_message::Msg;
     match msg.msg {
@@ -87,13 +114,16 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
             ),
         }),
         Some(Msg::Request(r)) => {
-            let rid = truncated(&r.request_id);
+            let rid = r.request_id.clone();
             request(r).map_or_else(
                 |error| StreamOp::Invalid(Event::Rejected { request_id: rid, error }),
                 StreamOp::Request,
             )
         }
-        Some(Msg::Cancel(c)) => StreamOp::Cancel(truncated(&c.request_id)),
+        Some(Msg::Cancel(c)) => match RequestId::parse(&c.request_id) {
+            Ok(_) => StreamOp::Cancel(c.request_id),
+            Err(error) => StreamOp::Invalid(Event::Rejected { request_id: c.request_id, error }),
+        },
         Some(Msg::Heartbeat(h)) => {
             if h.lease_ids.len() > MAX_HEARTBEAT_IDS {
                 return StreamOp::Invalid(Event::LeaseError {
@@ -109,14 +139,14 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
             }
         }
         Some(Msg::Release(r)) => {
-            let lid = truncated(&r.lease_id);
+            let lid = r.lease_id.clone();
             release(r).map_or_else(
                 |error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }),
                 |(id, o)| StreamOp::Release(id, o),
             )
         }
         Some(Msg::Resume(r)) => {
-            let lid = truncated(&r.lease_id);
+            let lid = r.lease_id.clone();
             resume(r).map_or_else(
                 |error| StreamOp::Invalid(Event::LeaseError { lease_id: lid, error }),
                 StreamOp::Resume,
@@ -261,6 +291,7 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
         pause_reason: p.pause_reason.to_string(),
         cooling: p.cooling,
         next_fencing_token: p.next_token,
+        max_agent_retry_after: Some(pb_duration(p.config.max_agent_retry_after)),
     }
 }
 
@@ -300,6 +331,7 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
             default_retry_after: duration("default_retry_after", spec.default_retry_after)?,
             adaptive: spec.adaptive,
             headroom_recovery: duration("headroom_recovery", spec.headroom_recovery)?,
+            max_agent_retry_after: duration("max_agent_retry_after", spec.max_agent_retry_after)?,
         },
     ))
 }

@@ -14,7 +14,7 @@ use futures::Stream;
 use slotd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::{
     driver::{DriverHandle, OpSink, Outbound, StreamOp},
@@ -92,8 +92,15 @@ impl SessionStream {
                 Poll::Ready(Some(Ok(msg))) => self.pending = Some(convert::stream_op(msg)),
                 Poll::Ready(None) => return self.end_inbound(None),
                 Poll::Ready(Some(Err(status))) => {
-                    debug!(session = self.session.0, %status, "inbound stream error");
-                    return self.end_inbound(inbound_error(&status));
+                    let error = inbound_error(&status);
+                    if matches!(error, Some(Error::InvalidArgument(_))) {
+                        // The client is there but sent what no protocol version means: say why,
+                        // once per stream (the stream ends here).
+                        warn!(session = self.session.0, %status, "undecodable message on an Acquire stream; ending it with INVALID_ARGUMENT");
+                    } else {
+                        debug!(session = self.session.0, %status, "inbound stream error");
+                    }
+                    return self.end_inbound(error);
                 }
             }
         }
@@ -112,8 +119,17 @@ impl SessionStream {
 
 /// What a failed read of the request side tells the client, if anything (a vanished client is told
 /// nothing).
+///
+/// tonic reports a message it cannot decode (bad protobuf, a bad compression flag, a frame cut short)
+/// as INTERNAL with no source, and a transport failure (an HTTP/2 reset, a dropped connection) as
+/// INTERNAL, UNKNOWN or CANCELLED carrying the transport error as its source. The first is the
+/// client's bad input: INVALID_ARGUMENT, saying why. (Ending such a stream with OK, as before, told
+/// the client nothing while its leases were released.)
 fn inbound_error(status: &Status) -> Option<Error> {
     match status.code() {
+        Code::Internal if std::error::Error::source(status).is_none() => {
+            Some(Error::InvalidArgument(format!("undecodable message: {}", status.message())))
+        }
         Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal => None,
         Code::ResourceExhausted | Code::OutOfRange => Some(Error::LimitExceeded(status.message().into())),
         _ => Some(Error::InvalidArgument(status.message().into())),

@@ -40,6 +40,8 @@ pub struct PoolPatch {
     pub adaptive: Option<bool>,
     /// See [`PoolConfig::headroom_recovery`].
     pub headroom_recovery: Option<Duration>,
+    /// See [`PoolConfig::max_agent_retry_after`].
+    pub max_agent_retry_after: Option<Duration>,
 }
 
 impl PoolPatch {
@@ -61,6 +63,7 @@ impl PoolPatch {
         set(&mut base.default_retry_after, &self.default_retry_after);
         set(&mut base.adaptive, &self.adaptive);
         set(&mut base.headroom_recovery, &self.headroom_recovery);
+        set(&mut base.max_agent_retry_after, &self.max_agent_retry_after);
         base
     }
 }
@@ -88,7 +91,8 @@ impl Scheduler {
     // Pool-wide operations
     // ----------------------------------------------------------------------------------------
 
-    /// A provider answered 429 for this pool: pause it until `max(current end, now + retry_after)`.
+    /// A provider answered 429 for this pool: pause it until `max(current end, now + retry_after)`,
+    /// with `retry_after` capped by the pool's `max_agent_retry_after` (an agent's report).
     pub fn report_rate_limit(
         &mut self,
         now: Instant,
@@ -118,7 +122,9 @@ impl Scheduler {
     // ----------------------------------------------------------------------------------------
 
     /// Pauses a pool by hand until `max(current end, now + duration)`, with the same fan-out as a 429
-    /// pause but no adaptive decrease. Returns when the pause ends.
+    /// pause but no adaptive decrease and no `max_agent_retry_after` cap (an operator may pause a pool
+    /// for as long as [`SchedulerConfig::MAX_PAUSE`](super::SchedulerConfig::MAX_PAUSE)). Returns when
+    /// the pause ends.
     pub fn pause_pool(
         &mut self,
         now: Instant,

@@ -156,9 +156,10 @@ impl Scheduler {
     }
 
     /// Pauses a pool until `max(current end, now + wait)` and tells everyone interested; the fact is
-    /// recorded even when the pause did not move (so every 429 and operator pause is seen). A 429
-    /// (`adaptive_step`) also starts an episode of adaptive headroom; a manual pause does not, since
-    /// it says nothing about the provider's capacity.
+    /// recorded even when the pause did not move (so every 429 and operator pause is seen). An agent's
+    /// 429 (`adaptive_step`) also starts an episode of adaptive headroom, and its wait is capped by the
+    /// pool's `max_agent_retry_after`; a manual pause does neither, since it says nothing about the
+    /// provider's capacity and comes from an operator.
     pub(super) fn pause(
         &mut self,
         now: Instant,
@@ -172,6 +173,9 @@ impl Scheduler {
             return;
         };
         let wait = retry_after.unwrap_or(pool.cfg.default_retry_after).min(SchedulerConfig::MAX_PAUSE);
+        // Every agent holds the same token: one report must not stop a pool for longer than the
+        // operator allows. An operator's pause is not capped.
+        let wait = if adaptive_step { wait.min(pool.cfg.max_agent_retry_after) } else { wait };
         let until = now + wait;
         let new_episode = pool.paused_until.is_none_or(|u| u <= now);
         if adaptive_step && new_episode && pool.cfg.adaptive && pool.effective > 1 {

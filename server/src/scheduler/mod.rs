@@ -382,13 +382,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Withdraws a queued request.
+    /// Withdraws a queued request. A request already granted, whose lease this session still holds,
+    /// is left alone and nothing is said: the cancel crossed the `Granted` on the wire, and the
+    /// client releases the lease once it reads it. Any other unknown request is NOT_FOUND.
     pub fn cancel(&mut self, now: Instant, session: SessionId, request_id: &str) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         let wid = self.sessions.get(&session).and_then(|s| s.requests.get(request_id)).copied();
         match wid.and_then(|w| self.drop_waiter(w)) {
             Some(w) => out.push(session, Event::Cancelled { request_id: w.request_id }),
+            None if self.holds_grant_of(session, request_id) => {}
             None => out.push(
                 session,
                 Event::Rejected {
@@ -399,6 +402,17 @@ impl Scheduler {
         }
         self.settle(now, &mut out);
         out
+    }
+
+    /// Whether `session` holds a lease granted for its request `request_id`.
+    fn holds_grant_of(&self, session: SessionId, request_id: &str) -> bool {
+        self.sessions.get(&session).is_some_and(|s| {
+            s.leases.iter().any(|id| {
+                self.leases
+                    .get(id)
+                    .is_some_and(|l| l.request_id.as_ref().is_some_and(|r| r.as_str() == request_id))
+            })
+        })
     }
 
     /// Renews the listed leases of this session (all of them when `lease_ids` is empty).

@@ -34,6 +34,9 @@ const AGING_STEP: Duration = Duration::from_millis(100);
 pub const DEFAULT_TTL: Duration = Duration::from_millis(1000);
 /// Every pool's longest TTL.
 pub const MAX_TTL: Duration = Duration::from_millis(3000);
+/// Every pool's cap on an agent's 429 pause: below the longest `retry_after` the operations use, so
+/// the cap is exercised.
+pub const MAX_AGENT_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -101,6 +104,7 @@ fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> 
                 default_retry_after: ms(200),
                 adaptive: case.adaptive,
                 headroom_recovery: ms(300),
+                max_agent_retry_after: MAX_AGENT_RETRY_AFTER,
             };
             (pid(i), cfg)
         })
@@ -110,6 +114,8 @@ fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> 
 #[derive(Clone, Debug)]
 struct MLease {
     session: SessionId,
+    /// The request it was granted for (`None` for one re-created by a resume).
+    request_id: Option<String>,
     pool: PoolId,
     token: u64,
     ttl: Duration,
@@ -254,6 +260,7 @@ impl Model {
                     assert_eq!(*expires_at, now + *ttl);
                     let l = MLease {
                         session: *s,
+                        request_id: Some(request_id.to_string()),
                         pool: pool.clone(),
                         token: token.0,
                         ttl: *ttl,
@@ -269,6 +276,15 @@ impl Model {
                     let key = (*s, request_id.clone());
                     if matches!(error, Error::UnknownRequest(_)) {
                         assert!(!self.waiters.contains_key(&key), "cancel of {request_id} refused");
+                        // Cancelling a request whose lease this stream holds does nothing, silently.
+                        assert!(
+                            !self
+                                .leases
+                                .values()
+                                .any(|l| l.session == *s
+                                    && l.request_id.as_deref() == Some(request_id.as_str())),
+                            "cancel of granted {request_id} answered"
+                        );
                         continue;
                     }
                     if let Some(w) = self.waiters.get(&key) {
@@ -323,6 +339,7 @@ impl Model {
                             *last = (*last).max(token.0);
                             let l = MLease {
                                 session: *s,
+                                request_id: None,
                                 pool,
                                 token: token.0,
                                 ttl: DEFAULT_TTL,
@@ -499,12 +516,33 @@ pub fn run(case: &Case) {
                 let Some(sess) = pick(&m, i) else { continue };
                 let mine: Vec<_> =
                     m.waiters.keys().filter(|(x, _)| *x == sess).map(|(_, id)| id.clone()).collect();
-                let id = if mine.is_empty() || which == 7 {
-                    "nope".to_owned()
-                } else {
-                    mine[which % mine.len()].clone()
+                // Sometimes a request already granted whose lease this stream still holds (the
+                // cancel crossed the Granted): answered by nothing at all.
+                let granted: Vec<String> = m
+                    .leases
+                    .values()
+                    .filter(|l| l.session == sess && l.expires_at > now)
+                    .filter_map(|l| l.request_id.clone())
+                    .collect();
+                let id = match which {
+                    7 => "nope".to_owned(),
+                    6 if !granted.is_empty() => granted[0].clone(),
+                    _ if mine.is_empty() => "nope".to_owned(),
+                    w => mine[w % mine.len()].clone(),
                 };
-                (s.cancel(now, sess, &id), true)
+                let d = s.cancel(now, sess, &id);
+                if granted.contains(&id) && !mine.contains(&id) {
+                    let answered = d.events.iter().any(|(x, e)| {
+                        *x == sess
+                            && match e {
+                                Event::Rejected { request_id, .. } => *request_id == id,
+                                Event::Cancelled { request_id } => request_id.as_str() == id,
+                                _ => false,
+                            }
+                    });
+                    assert!(!answered, "cancel of granted {id} answered: {:?}", d.events);
+                }
+                (d, true)
             }
             Op::Heartbeat { s: i, which } => {
                 let Some(sess) = pick(&m, i) else { continue };
@@ -588,6 +626,10 @@ pub fn run(case: &Case) {
                 match s.report_rate_limit(now, &pid(pool), retry.map(ms), "proptest") {
                     Ok((applied, d)) => {
                         assert!(applied.until >= now);
+                        // The pause lasts the report's wait, cut to the pool's cap (or longer, when an
+                        // earlier pause already did).
+                        let wait = retry.map_or(ms(200), ms).min(MAX_AGENT_RETRY_AFTER);
+                        assert!(applied.until >= now + wait, "report paused {pool} for less than {wait:?}");
                         (d, false)
                     }
                     Err(e) => {
@@ -696,6 +738,19 @@ pub fn run(case: &Case) {
                 assert!(
                     was_over || (lowered && limit_dropped) || recreated,
                     "{id} over its limit without a lowered limit: {p:?}"
+                );
+            }
+        }
+
+        // Only an operator's pause outlasts an agent's cap: no 429 report or rate-limited release
+        // pauses a pool beyond `now + max_agent_retry_after` (an earlier, longer pause stays).
+        if !matches!(op, Op::PausePool { .. }) {
+            for (id, p) in &after {
+                let prev = before.get(id).and_then(|b| b.paused_until);
+                let cap = seen + MAX_AGENT_RETRY_AFTER;
+                assert!(
+                    p.paused_until.is_none_or(|u| u <= cap || Some(u) <= prev),
+                    "{op:?} paused {id} beyond the agents' cap: {p:?}"
                 );
             }
         }

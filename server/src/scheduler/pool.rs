@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::{
+    SchedulerConfig,
     ids::{PoolId, SessionId},
     queue::Queue,
 };
@@ -59,6 +60,12 @@ pub struct PoolConfig {
     /// Quiet period (no 429) after which the effective limit recovers by one step.
     #[serde(with = "humantime_serde")]
     pub headroom_recovery: Duration,
+    /// Longest pause an agent's 429 report (`ReportRateLimit`, or a release with
+    /// `OUTCOME_RATE_LIMITED`) can cause, whatever Retry-After it names; a longer one is cut to this.
+    /// An operator's pause (Admin `PausePool`) is not capped. Zero lets agents' reports lower the
+    /// effective limit (adaptive headroom) without pausing anything.
+    #[serde(with = "humantime_serde")]
+    pub max_agent_retry_after: Duration,
 }
 
 impl PoolConfig {
@@ -72,6 +79,9 @@ impl PoolConfig {
     pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
     /// Default `headroom_recovery`.
     pub const DEFAULT_HEADROOM_RECOVERY: Duration = Duration::from_secs(30);
+    /// Default `max_agent_retry_after`: long enough for any provider's real Retry-After, short enough
+    /// that one agent (every agent holds the same token) cannot stop a pool for long.
+    pub const DEFAULT_MAX_AGENT_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
     /// Largest accepted `max_ttl`.
     pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(24 * 3600);
     /// Largest accepted `max_concurrent`.
@@ -106,6 +116,12 @@ impl PoolConfig {
         if self.default_ttl > self.max_ttl {
             return Err(format!("pool {name}: default_ttl is above max_ttl"));
         }
+        if self.max_agent_retry_after > SchedulerConfig::MAX_PAUSE {
+            return Err(format!(
+                "pool {name}: max_agent_retry_after is above {}",
+                humantime::format_duration(SchedulerConfig::MAX_PAUSE)
+            ));
+        }
         if self.parent.as_ref() == Some(name) {
             return Err(format!("pool {name}: a pool cannot be its own parent"));
         }
@@ -127,6 +143,7 @@ impl Default for PoolConfig {
             default_retry_after: Self::DEFAULT_RETRY_AFTER,
             adaptive: true,
             headroom_recovery: Self::DEFAULT_HEADROOM_RECOVERY,
+            max_agent_retry_after: Self::DEFAULT_MAX_AGENT_RETRY_AFTER,
         }
     }
 }

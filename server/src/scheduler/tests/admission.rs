@@ -199,3 +199,23 @@ fn cancel_withdraws_a_queued_request() {
     assert_only(&s.request(t0, x, req("b", "p")), x, queued("b", 0));
     s.check_invariants(t0);
 }
+
+/// A cancel that crossed its request's `Granted` on the wire does nothing and says nothing (the proto's
+/// promise); the client releases the lease once it reads the grant. Another stream's grant, or a
+/// grant already released, is an unknown request.
+#[test]
+fn cancel_of_a_granted_request_does_nothing_and_says_nothing() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2))], t0);
+    let x = s.open_session();
+    let y = s.open_session();
+    let l = granted(&s.request(t0, x, req("g", "p")), x, "g");
+    let before = fingerprint(&s);
+    let d = s.cancel(t0, x, "g");
+    assert!(d.events.is_empty() && d.facts.is_empty(), "{d:#?}");
+    assert_eq!(fingerprint(&s), before);
+    assert_only(&s.cancel(t0, y, "g"), y, rejected("g", Error::UnknownRequest("g".into())));
+    s.release(t0, x, l, Outcome::Ok);
+    assert_only(&s.cancel(t0, x, "g"), x, rejected("g", Error::UnknownRequest("g".into())));
+    s.check_invariants(t0);
+}

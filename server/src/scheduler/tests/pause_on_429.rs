@@ -223,3 +223,68 @@ fn a_zero_retry_after_lowers_headroom_but_pauses_nothing() {
     assert!(d.events.is_empty(), "{:#?}", d.events);
     s.check_invariants(t0);
 }
+
+/// Every agent holds the same token, so one report naming a day must not stop a pool for a day: an
+/// agent's 429 (report or rate-limited release) pauses for at most the pool's `max_agent_retry_after`.
+#[test]
+fn an_agents_429_pauses_for_at_most_max_agent_retry_after() {
+    let t0 = Instant::now();
+    let capped = PoolConfig { max_agent_retry_after: secs(60), ..limit(2) };
+    let mut s = sched(&[("p", capped.clone()), ("q", PoolConfig::with_limit(2))], t0);
+    let (a, _) = s.report_rate_limit(t0, &pid("p"), Some(secs(24 * 3600)), "").unwrap();
+    assert_eq!(a.until, t0 + secs(60));
+    // A release with a huge Retry-After is capped alike; it extends the pause to its own capped end.
+    let x = s.open_session();
+    let t1 = t0 + secs(100);
+    let l = granted(&s.request(t1, x, req("a", "p")), x, "a");
+    s.release(t1, x, l, Outcome::RateLimited(Some(secs(3600))));
+    assert_eq!(pool_snap(&s, "p").paused_until, Some(t1 + secs(60)));
+    // A shorter Retry-After than the cap is taken as it is.
+    let (a, _) = s.report_rate_limit(t1 + secs(100), &pid("p"), Some(secs(5)), "").unwrap();
+    assert_eq!(a.until, t1 + secs(105));
+    // The default cap applies where none is set.
+    let (a, _) = s.report_rate_limit(t0, &pid("q"), Some(secs(24 * 3600)), "").unwrap();
+    assert_eq!(a.until, t0 + PoolConfig::DEFAULT_MAX_AGENT_RETRY_AFTER);
+    s.check_invariants(t1 + secs(100));
+}
+
+/// An operator's pause is not capped by `max_agent_retry_after`, and an agent's shorter report never
+/// shortens it.
+#[test]
+fn an_operators_pause_is_not_capped() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", PoolConfig { max_agent_retry_after: secs(60), ..limit(2) })], t0);
+    let (until, _) = s.pause_pool(t0, &pid("p"), secs(3600), "maintenance").unwrap();
+    assert_eq!(until, t0 + secs(3600));
+    let (a, _) = s.report_rate_limit(t0 + secs(1), &pid("p"), Some(secs(7200)), "").unwrap();
+    assert_eq!(a.until, t0 + secs(3600), "an agent's report neither extends past its cap nor shortens");
+}
+
+/// A zero cap: agents' reports still lower the effective limit, but pause nothing.
+#[test]
+fn a_zero_cap_lets_reports_lower_headroom_without_pausing() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", PoolConfig { max_agent_retry_after: Duration::ZERO, ..limit(3) })], t0);
+    let (a, d) = s.report_rate_limit(t0, &pid("p"), Some(secs(30)), "").unwrap();
+    assert_eq!((a.until, a.effective_limit), (t0, 2));
+    assert!(d.events.is_empty(), "{:#?}", d.events);
+    assert_eq!(pool_snap(&s, "p").paused_until, None);
+    s.check_invariants(t0);
+}
+
+/// The cap is validated with the other settings: above the longest pause it is refused.
+#[test]
+fn max_agent_retry_after_above_the_longest_pause_is_refused() {
+    let t0 = Instant::now();
+    let too_long = PoolConfig { max_agent_retry_after: SchedulerConfig::MAX_PAUSE + secs(1), ..limit(1) };
+    let e = Scheduler::new(cfg(), pools(&[("p", too_long)]), t0).unwrap_err();
+    assert!(e.to_string().contains("max_agent_retry_after"), "{e}");
+    let mut s = sched(&[("p", limit(1))], t0);
+    let patch =
+        PoolPatch { max_agent_retry_after: Some(SchedulerConfig::MAX_PAUSE + secs(1)), ..Default::default() };
+    assert!(s.upsert_pool(t0, pid("p"), &patch, 10).is_err());
+    let patch = PoolPatch { max_agent_retry_after: Some(secs(1)), ..Default::default() };
+    s.upsert_pool(t0, pid("p"), &patch, 10).unwrap();
+    let (a, _) = s.report_rate_limit(t0, &pid("p"), Some(secs(30)), "").unwrap();
+    assert_eq!(a.until, t0 + secs(1));
+}
