@@ -9,6 +9,7 @@
 //! [`Observer`]s (metrics), and published to Watch subscribers (see [`watch`]).
 
 mod handle;
+mod log_budget;
 #[cfg(test)]
 mod tests;
 pub mod watch;
@@ -21,9 +22,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use self::handle::{Close, Command};
 pub use self::handle::{
     DrainCounts, DriverHandle, OpSink, Outbound, PoolUpserted, Pools, Published, StreamOp,
+};
+use self::{
+    handle::{Close, Command},
+    log_budget::{LogBudget, Refusals},
 };
 use crate::scheduler::{Decisions, Error, Fact, LeaseEnd, PoolId, PoolSnapshot, Scheduler, SessionId};
 
@@ -36,6 +40,8 @@ pub trait Observer: Send {
 struct SessionOut {
     events: mpsc::Sender<Outbound>,
     grace: Duration,
+    /// The stream's budget of refusal log lines.
+    log: LogBudget,
 }
 
 /// The driver task's state.
@@ -137,7 +143,7 @@ impl Driver {
         match cmd {
             Command::Open { events, grace, reply } => {
                 let session = self.sched.open_session();
-                self.sessions.insert(session, SessionOut { events, grace });
+                self.sessions.insert(session, SessionOut { events, grace, log: LogBudget::new(now) });
                 if reply.send(session).is_err() {
                     self.handle_close(Close { session, error: None });
                 }
@@ -270,7 +276,13 @@ impl Driver {
             let _ = out.events.try_send(Box::new(Err(error)));
         }
         let d = self.sched.close_session(Instant::now(), close.session, out.grace);
-        debug!(session = close.session.0, "stream closed");
+        match out.log.suppressed() {
+            0 => debug!(session = close.session.0, "stream closed"),
+            suppressed => info!(
+                session = close.session.0,
+                suppressed, "stream closed; log lines about its refusals were held back"
+            ),
+        }
         self.route(d);
     }
 
@@ -278,8 +290,11 @@ impl Driver {
     fn route(&mut self, d: Decisions) {
         let now = Instant::now();
         let watching = self.watch.receiver_count() > 0;
+        let mut refusals = Refusals::default();
         for fact in d.facts {
-            log_fact(&fact, now);
+            if !refusals.note(&fact) {
+                log_fact(&fact, now);
+            }
             for o in &mut self.observers {
                 o.fact(&fact);
             }
@@ -291,6 +306,7 @@ impl Driver {
                 let _ = self.watch.send(Published { at: now, fact, status });
             }
         }
+        refusals.log(|s| self.sessions.get_mut(&s).map_or(Some(0), |o| o.log.allow(now)));
         for (session, event) in d.events {
             let Some(out) = self.sessions.get(&session) else {
                 continue;
@@ -312,7 +328,8 @@ fn watched(fact: &Fact) -> bool {
     }
 }
 
-/// Structured logs, one line per fact, with the reason on every rejection, reclaim and pause.
+/// Structured logs, one line per fact, with the reason on every reclaim and pause. Refusals are
+/// summed up per stream and rate-limited instead (see [`log_budget`]).
 fn log_fact(fact: &Fact, now: Instant) {
     match fact {
         Fact::Granted { lease: l, .. } => {
@@ -336,11 +353,7 @@ fn log_fact(fact: &Fact, now: Instant) {
         Fact::Resumed { pool } => info!(%pool, "pool pause ended"),
         Fact::Effective { pool, limit } => info!(%pool, limit, "effective limit moved (adaptive headroom)"),
         Fact::PoolChanged { pool, change, reload } => info!(%pool, ?change, reload, "pool changed"),
-        Fact::Rejected { session, request_id, error } => {
-            info!(session = session.0, %request_id, reason = %error, "request rejected");
-        }
-        Fact::LeaseRefused { session, lease_id, error } => {
-            info!(session = session.0, %lease_id, reason = %error, "lease message refused");
-        }
+        // Logged through `Refusals` (route).
+        Fact::Rejected { .. } | Fact::LeaseRefused { .. } => {}
     }
 }
