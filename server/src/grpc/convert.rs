@@ -261,6 +261,11 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
         pause_reason: p.pause_reason.to_string(),
         cooling: p.cooling,
         next_fencing_token: p.next_token,
+        blocked_by: p.blocked_by.map(|b| pb::PauseInherited {
+            pool: b.pool.to_string(),
+            until: Some(timestamp(b.until)),
+            reason: b.reason.to_string(),
+        }),
     }
 }
 
