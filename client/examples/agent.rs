@@ -2,7 +2,8 @@
 //!
 //! Starts a fake LLM HTTP server (which sometimes answers 429 with `Retry-After`), starts slotd in
 //! this process (or uses `--endpoint URL`), and runs agents whose HTTP calls go through
-//! [`LeaseLayer`]. One more agent streams an answer under `lease.hold`. Exits when all are done.
+//! [`LeaseLayer`]. One more agent streams an answer under `lease.hold`. When all are done it closes
+//! the client (flushing the last releases) and prints the settled pool.
 //!
 //! ```text
 //! cargo run -p slotd-client --example agent
@@ -147,16 +148,10 @@ async fn main() -> Result<(), BoxError> {
     }
     streamer.await??;
 
-    // Dropped leases are released through the client's background task; give the last release a moment
-    // to reach the daemon so the summary shows the settled state.
-    let mut st = client.status(Some(&args.pool)).await?;
-    for _ in 0..50 {
-        if st.pools.iter().all(|p| p.in_flight == 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        st = client.status(Some(&args.pool)).await?;
-    }
+    // Dropped leases are released by the client's background task, which dies with the runtime when
+    // `main` returns: close the client first, so every release reaches the daemon and is acknowledged.
+    client.close().await?;
+    let st = client.status(Some(&args.pool)).await?;
     for p in &st.pools {
         println!(
             "done in {:.1?}: pool {} in_flight {} queued {} (limit {}, effective {})",

@@ -41,6 +41,7 @@ struct Inner {
     pauses: watch::Receiver<Pauses>,
     holder: String,
     default_ttl: Option<Duration>,
+    close_timeout: Duration,
     next_request: AtomicU64,
 }
 
@@ -58,6 +59,7 @@ pub struct ClientBuilder {
     heartbeat_interval: Option<Duration>,
     backoff: Backoff,
     resume_grace: Option<Duration>,
+    close_timeout: Duration,
     bearer_token: Option<String>,
     /// Endpoint parsing, TLS and timeouts.
     connector: Connector,
@@ -71,6 +73,7 @@ impl fmt::Debug for ClientBuilder {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("backoff", &self.backoff)
             .field("resume_grace", &self.resume_grace)
+            .field("close_timeout", &self.close_timeout)
             .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
             .field("connector", &self.connector)
             .finish()
@@ -85,6 +88,7 @@ impl Default for ClientBuilder {
             heartbeat_interval: None,
             backoff: Backoff { initial: Self::DEFAULT_BACKOFF_INITIAL, max: Self::DEFAULT_BACKOFF_MAX },
             resume_grace: Some(Self::DEFAULT_RESUME_GRACE),
+            close_timeout: Self::DEFAULT_CLOSE_TIMEOUT,
             bearer_token: None,
             connector: Connector::new(),
         }
@@ -98,6 +102,10 @@ impl ClientBuilder {
     pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(50);
     /// The longest reconnect delay (before jitter).
     pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+    /// How long [`Client::close`] (and the background flush after the last handle is dropped) waits
+    /// for the daemon to acknowledge outstanding releases. As long as the default resume grace: a
+    /// daemon that does not answer within it has dropped a broken stream's leases anyway.
+    pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// Default settings.
     pub fn new() -> Self {
@@ -134,6 +142,13 @@ impl ClientBuilder {
     /// closing the stream releases everything at once.
     pub fn resume_grace(mut self, grace: Option<Duration>) -> Self {
         self.resume_grace = grace;
+        self
+    }
+
+    /// How long [`Client::close`] waits for the daemon to acknowledge outstanding releases (default
+    /// [`DEFAULT_CLOSE_TIMEOUT`](Self::DEFAULT_CLOSE_TIMEOUT)).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
         self
     }
 
@@ -190,6 +205,7 @@ impl ClientBuilder {
                 resume_grace: self.resume_grace,
                 heartbeat_interval: self.heartbeat_interval,
                 backoff: self.backoff,
+                close_timeout: self.close_timeout,
             },
             cmd_rx,
             cmd_tx.downgrade(),
@@ -203,6 +219,7 @@ impl ClientBuilder {
                 pauses: pauses_rx,
                 holder: self.holder.unwrap_or_else(default_holder),
                 default_ttl: self.default_ttl,
+                close_timeout: self.close_timeout,
                 next_request: AtomicU64::new(1),
             }),
         })
@@ -312,6 +329,39 @@ impl Client {
         };
         let resp = self.inner.grpc.clone().report_rate_limit(req).await?;
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
+    }
+
+    /// Closes the client: withdraws queued acquires, releases every lease still held (as
+    /// [`Outcome::Cancelled`]; their guards report [`Lost::SessionClosed`](crate::Lost::SessionClosed)),
+    /// sends every release that is still on its way (leases dropped a moment ago included), and waits
+    /// until the daemon has acknowledged them all, at most the close timeout
+    /// ([`ClientBuilder::close_timeout`], default [`ClientBuilder::DEFAULT_CLOSE_TIMEOUT`]).
+    ///
+    /// Call it before a short-lived program exits: a dropped [`Lease`] is released by the client's
+    /// background task, which dies with the runtime when `main` returns, so without `close` the last
+    /// release may never leave the process (the daemon then holds the slot for the resume grace and
+    /// counts it as a TTL expiry).
+    ///
+    /// Every clone shares the session, so this closes them all: later acquires fail with
+    /// [`Error::SessionClosed`]. [`status`](Self::status) and
+    /// [`report_rate_limit`](Self::report_rate_limit) keep working. Closing again, or after the
+    /// session ended, returns `Ok(())` at once.
+    ///
+    /// Returns [`Error::Unacknowledged`] when the timeout ran out first (the daemon was unreachable
+    /// or slow): those slots come back when their resume grace or TTL runs out.
+    ///
+    /// # Cancel safety
+    /// The close starts on the first poll; dropping the future afterwards only stops waiting for it:
+    /// the session still flushes and ends in the background, within the same timeout.
+    pub async fn close(&self) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + self.inner.close_timeout;
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Command::Close { deadline, reply: tx }).is_err() {
+            // The session already ended: nothing is left to flush.
+            return Ok(());
+        }
+        // The session answers every close it received; no answer means the runtime dropped it.
+        rx.await.unwrap_or(Err(Error::SessionClosed))
     }
 
     fn next_request_id(&self) -> String {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
+use tokio::{sync::oneshot, time::Instant};
 
 use crate::Error;
 
@@ -48,4 +48,7 @@ pub(crate) enum Command<L> {
     Cancel { request_id: String },
     /// Give a lease back.
     Release { lease_id: String, outcome: Outcome, reply: Option<oneshot::Sender<Result<(), Error>>> },
+    /// Close the session: flush every release, answer once the daemon acknowledged them all or at
+    /// `deadline`, whichever comes first.
+    Close { deadline: Instant, reply: oneshot::Sender<Result<(), Error>> },
 }

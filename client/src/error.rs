@@ -47,9 +47,17 @@ pub enum Error {
     /// A client setting was unusable (for example an auth token that is not valid metadata).
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The background session task is gone (the runtime is shutting down).
+    /// The background session task is gone: the client was closed, or the runtime is shutting down.
     #[error("client session closed")]
     SessionClosed,
+    /// [`Client::close`](crate::Client::close) gave up before the daemon acknowledged every release
+    /// (the daemon was unreachable, or slower than the close timeout). Those slots come back when
+    /// their resume grace or TTL runs out.
+    #[error("client closed with {releases} release(s) not acknowledged by the daemon")]
+    Unacknowledged {
+        /// How many releases were never acknowledged.
+        releases: usize,
+    },
 }
 
 /// Why a lease ended without being released by its holder. Whoever holds it must stop using the slot.

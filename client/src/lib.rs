@@ -53,7 +53,10 @@
 //!     while let Some(token) = tokens.next().await {
 //!         print!("{token}");
 //!     }
-//!     Ok(())
+//!     drop(tokens);
+//!
+//!     // Before exiting: flush the last releases (dropped leases are released in the background).
+//!     client.close().await
 //! }
 //! ```
 //!
@@ -63,6 +66,11 @@
 //! [`Connector`] parses an endpoint (`host:port` or a URL) and sets up TLS, timeouts and keepalives;
 //! [`BearerAuth`] adds the token to every call of a channel. [`ClientBuilder`] uses both, and so can
 //! anything else that talks to the daemon (an operator tool calling the Admin service, for example).
+//!
+//! # Short-lived programs
+//! A dropped lease is released by the client's background task, which dies with the runtime when
+//! `main` returns. Call [`Client::close`] before exiting: it sends every release still on its way
+//! and waits (bounded) until the daemon acknowledged them.
 //!
 //! # Cancel safety
 //! Every async fn documents what dropping its future does. In short: dropping an acquire cancels the

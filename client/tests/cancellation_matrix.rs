@@ -39,6 +39,8 @@ use tonic::{Request, Response, Status, Streaming};
 const GUARD: Duration = Duration::from_secs(5);
 /// How long a future must stay pending to count as "still waiting".
 const PENDING: Duration = Duration::from_millis(60);
+/// The clients' close timeout: how long a closing client keeps trying to flush its releases.
+const CLOSE: Duration = Duration::from_millis(100);
 /// A slow daemon's delay before each answer.
 const SLOW: Duration = Duration::from_millis(30);
 
@@ -205,6 +207,7 @@ impl Fake {
         let opened = self.attempts();
         let connect = Client::builder()
             .reconnect_backoff(Duration::from_millis(5), Duration::from_millis(20))
+            .close_timeout(CLOSE)
             .connect(format!("http://{}", self.addr));
         let client = within("connect", connect).await.expect("connect to the fake daemon");
         self.saw("the client's stream", |log| attempts(log) > opened).await;
@@ -499,7 +502,7 @@ async fn close_slow_daemon_flushes_the_release_then_ends_the_stream() {
 }
 
 #[tokio::test]
-async fn close_failing_daemon_stops_reconnecting() {
+async fn close_failing_daemon_stops_reconnecting_at_its_timeout() {
     let d = Fake::start(Mode::Normal).await;
     let c = d.client().await;
     let lease = within("grant", c.acquire("p")).await.expect("granted");
@@ -509,8 +512,9 @@ async fn close_failing_daemon_stops_reconnecting() {
     d.saw("reconnect attempts", |log| attempts(log) > before).await;
     drop(lease);
     drop(c);
-    // Give the task time to notice; from then on it makes no more attempts.
-    tokio::time::sleep(PENDING).await;
+    // It keeps trying to deliver the release until its close timeout; from then on it makes no more
+    // attempts.
+    tokio::time::sleep(CLOSE + PENDING).await;
     let settled = d.attempts();
     tokio::time::sleep(PENDING).await;
     assert_eq!(d.attempts(), settled, "a closed client must stop reconnecting");
@@ -528,4 +532,40 @@ async fn close_silent_daemon_sends_the_release_and_returns_at_once() {
     drop(lease);
     drop(c);
     d.saw("the release", |log| releases(log).contains(&(id.as_str(), pb::Outcome::Ok as i32))).await;
+}
+
+#[tokio::test]
+async fn explicit_close_slow_daemon_waits_for_the_release() {
+    let d = Fake::start(Mode::Slow(SLOW)).await;
+    let c = d.client().await;
+    let lease = within("grant", c.acquire("p")).await.expect("granted");
+    drop(lease);
+    within("close", c.close()).await.expect("the slow answer came within the close timeout");
+}
+
+#[tokio::test]
+async fn explicit_close_failing_daemon_reports_the_lost_release() {
+    let d = Fake::start(Mode::Normal).await;
+    let c = d.client().await;
+    let lease = within("grant", c.acquire("p")).await.expect("granted");
+    d.set(Mode::Failing);
+    d.cut();
+    drop(lease);
+    let closed = within("close", c.close()).await;
+    assert!(matches!(closed, Err(slotd_client::Error::Unacknowledged { releases: 1 })), "{closed:?}");
+}
+
+#[tokio::test]
+async fn explicit_close_silent_daemon_gives_up_at_its_timeout() {
+    let d = Fake::start(Mode::Normal).await;
+    let c = d.client().await;
+    let lease = within("grant", c.acquire("p")).await.expect("granted");
+    let id = lease.lease_id().to_owned();
+    d.set(Mode::Silent);
+    drop(lease);
+    let closed = within("close", c.close()).await;
+    assert!(matches!(closed, Err(slotd_client::Error::Unacknowledged { releases: 1 })), "{closed:?}");
+    d.saw("the release", |log| releases(log).contains(&(id.as_str(), pb::Outcome::Ok as i32))).await;
+    // Dropping a close future stops only the waiting; closing again answers at once.
+    within("close again", c.close()).await.expect("nothing is left to flush");
 }

@@ -67,6 +67,7 @@ pub struct Metrics {
     effective_limit: IntGaugeVec,
     limit: IntGaugeVec,
     paused: IntGaugeVec,
+    blocked_by_ancestor: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -135,6 +136,11 @@ impl Metrics {
             ),
             limit: gauge(&registry, "slotd_limit", "The pool's configured max_concurrent."),
             paused: gauge(&registry, "slotd_paused", "1 while the pool is paused."),
+            blocked_by_ancestor: gauge(
+                &registry,
+                "slotd_pool_blocked_by_ancestor",
+                "1 while a paused ancestor blocks the pool (slotd_paused covers the pool's own pause).",
+            ),
             registry,
         }
     }
@@ -151,7 +157,14 @@ impl Metrics {
     pub async fn render(&self, driver: &DriverHandle) -> Result<Vec<u8>, Error> {
         let snap = driver.status(None).await?;
         // Pools removed since the last scrape must not linger as gauges.
-        for g in [&self.in_flight, &self.queued, &self.effective_limit, &self.limit, &self.paused] {
+        for g in [
+            &self.in_flight,
+            &self.queued,
+            &self.effective_limit,
+            &self.limit,
+            &self.paused,
+            &self.blocked_by_ancestor,
+        ] {
             g.reset();
         }
         for p in &snap.pools {
@@ -161,6 +174,7 @@ impl Metrics {
             self.effective_limit.with_label_values(&l).set(i64::from(p.effective_limit));
             self.limit.with_label_values(&l).set(i64::from(p.config.max_concurrent));
             self.paused.with_label_values(&l).set(i64::from(p.paused_until.is_some()));
+            self.blocked_by_ancestor.with_label_values(&l).set(i64::from(p.blocked_by.is_some()));
         }
         let mut buf = Vec::with_capacity(8192);
         TextEncoder::new()

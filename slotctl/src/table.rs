@@ -45,12 +45,31 @@ pub fn usage(p: &pb::PoolStatus) -> String {
     format!("{}/{}/{}", p.in_flight, p.effective_limit, p.limit)
 }
 
-/// The pause column: `12s (reason)` while paused, `-` otherwise.
+/// The pause column: `12s (reason)` while paused; `by global 30s (reason)` while a paused ancestor
+/// blocks the pool; both, comma-separated, when both hold; `-` otherwise.
 pub fn pause_text(p: &pb::PoolStatus, now: SystemTime) -> String {
-    match remaining(p.paused_until.as_ref(), now) {
-        None => "-".to_owned(),
-        Some(left) if p.pause_reason.is_empty() => fmt_duration(left),
-        Some(left) => format!("{} ({})", fmt_duration(left), ellipsize(&p.pause_reason, MAX_REASON)),
+    let own = remaining(p.paused_until.as_ref(), now).map(|left| with_reason(left, &p.pause_reason));
+    let inherited =
+        inherited_pause(p, now).map(|(b, left)| format!("by {} {}", b.pool, with_reason(left, &b.reason)));
+    match (own, inherited) {
+        (None, None) => "-".to_owned(),
+        (Some(one), None) | (None, Some(one)) => one,
+        (Some(own), Some(inherited)) => format!("{own}, {inherited}"),
+    }
+}
+
+/// The ancestor pause blocking `p` and how long it has left, while it lasts.
+pub fn inherited_pause(p: &pb::PoolStatus, now: SystemTime) -> Option<(&pb::PauseInherited, Duration)> {
+    let b = p.blocked_by.as_ref()?;
+    Some((b, remaining(b.until.as_ref(), now)?))
+}
+
+/// `12s` or `12s (reason)`.
+fn with_reason(left: Duration, reason: &str) -> String {
+    if reason.is_empty() {
+        fmt_duration(left)
+    } else {
+        format!("{} ({})", fmt_duration(left), ellipsize(reason, MAX_REASON))
     }
 }
 
@@ -157,6 +176,11 @@ pub fn status_json(s: &pb::StatusResponse, now: SystemTime) -> String {
                 "queued": p.queued,
                 "paused_for_ms": remaining(p.paused_until.as_ref(), now).map(ms),
                 "pause_reason": if p.pause_reason.is_empty() { None } else { Some(&p.pause_reason) },
+                "blocked_by": inherited_pause(p, now).map(|(b, left)| json!({
+                    "pool": b.pool,
+                    "for_ms": ms(left),
+                    "reason": b.reason,
+                })),
                 "cooling": p.cooling,
                 "next_fencing_token": p.next_fencing_token,
             })
@@ -231,5 +255,47 @@ mod tests {
         assert!(text.contains("01234567  anthropic  agent"), "{text}");
         let v: serde_json::Value = serde_json::from_str(&status_json(&s, now)).expect("valid json");
         assert_eq!(v["pools"][0]["in_flight"], 2);
+    }
+
+    #[test]
+    fn a_pause_inherited_from_an_ancestor_shows_which_one_and_for_how_long() {
+        let now = SystemTime::now();
+        let blocked_by = |secs| {
+            Some(pb::PauseInherited {
+                pool: "global".into(),
+                until: Some((now + Duration::from_secs(secs)).into()),
+                reason: "paused by an operator: incident".into(),
+            })
+        };
+        let child = pb::PoolStatus {
+            name: "anthropic".into(),
+            parent: "global".into(),
+            limit: 4,
+            effective_limit: 4,
+            blocked_by: blocked_by(90),
+            ..Default::default()
+        };
+        let both = pb::PoolStatus {
+            name: "opus".into(),
+            parent: "anthropic".into(),
+            limit: 2,
+            effective_limit: 2,
+            paused_until: Some((now + Duration::from_millis(12_300)).into()),
+            pause_reason: "429".into(),
+            blocked_by: blocked_by(90),
+            ..Default::default()
+        };
+        let over = pb::PoolStatus { name: "past".into(), blocked_by: blocked_by(0), ..Default::default() };
+        let s = pb::StatusResponse { pools: vec![child, both, over], ..Default::default() };
+        let text = render_status(&s, now);
+        let row = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{text}"));
+        assert!(row("anthropic").contains("  by global 1m30s (paused by an operator: incident)  "), "{text}");
+        assert!(row("opus").contains("  12s (429), by global 1m30s (paused"), "{text}");
+        assert!(row("past").contains(" -  "), "an ended pause shows as none: {text}");
+
+        let v: serde_json::Value = serde_json::from_str(&status_json(&s, now)).expect("valid json");
+        assert_eq!(v["pools"][0]["blocked_by"]["pool"], "global");
+        assert_eq!(v["pools"][0]["blocked_by"]["for_ms"].as_u64().map(|ms| ms.div_ceil(1000)), Some(90));
+        assert!(v["pools"][2]["blocked_by"].is_null());
     }
 }

@@ -28,7 +28,7 @@ use super::{
     CtlError,
     conn::Conn,
     error::code_name,
-    table::{fmt_duration, remaining, short_id},
+    table::{ellipsize, fmt_duration, inherited_pause, remaining, short_id},
 };
 
 /// How often Status is polled for the bars (and for events when Watch is unavailable).
@@ -344,12 +344,12 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
             Constraint::Length(name_width),
             Constraint::Min(10),
             Constraint::Length(11),
-            Constraint::Length(16),
+            Constraint::Length(PAUSE_WIDTH),
         ])
         .areas(line);
         frame.render_widget(Paragraph::new(name.as_str()), name_area);
 
-        let paused = remaining(p.paused_until.as_ref(), app.now);
+        let paused = pause_label(p, app.now);
         let ratio =
             if p.limit == 0 { 0.0 } else { (f64::from(p.in_flight) / f64::from(p.limit)).clamp(0.0, 1.0) };
         let colour = if paused.is_some() {
@@ -371,13 +371,30 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
         frame.render_widget(gauge, bar_area);
         frame.render_widget(Paragraph::new(format!(" queued {}", p.queued)), queue_area);
         let pause = match paused {
-            Some(left) => {
-                Span::styled(format!(" paused {}", fmt_duration(left)), Style::default().fg(Color::Red))
-            }
+            Some(text) => Span::styled(text, Style::default().fg(Color::Red)),
             None if p.cooling > 0 => Span::raw(format!(" cooling {}", p.cooling)),
             None => Span::raw(""),
         };
         frame.render_widget(Paragraph::new(Line::from(pause)), pause_area);
+    }
+}
+
+/// The width of a pool row's pause cell: room for " paused by <pool> 5m03s".
+const PAUSE_WIDTH: u16 = 28;
+
+/// A pool row's pause cell while it is blocked: ` paused 12s` for its own pause, ` paused by global
+/// 30s` when a paused ancestor blocks it for longer.
+fn pause_label(p: &pb::PoolStatus, now: SystemTime) -> Option<String> {
+    let own = remaining(p.paused_until.as_ref(), now);
+    match (own, inherited_pause(p, now)) {
+        (Some(own), Some((_, left))) if own >= left => Some(format!(" paused {}", fmt_duration(own))),
+        (_, Some((b, left))) => {
+            // The name gets what is left of the cell after " paused by " and the countdown.
+            let name = ellipsize(&b.pool, usize::from(PAUSE_WIDTH) - 18);
+            Some(format!(" paused by {name} {}", fmt_duration(left)))
+        }
+        (Some(own), None) => Some(format!(" paused {}", fmt_duration(own))),
+        (None, None) => None,
     }
 }
 
@@ -411,7 +428,7 @@ fn draw_events(frame: &mut Frame<'_>, area: Rect, app: &App) {
 enum Msg {
     Status(Result<pb::StatusResponse, CtlError>),
     WatchUp,
-    Watch(pb::WatchEvent),
+    Watch(Box<pb::WatchEvent>),
     WatchDown { why: String },
     Quit,
 }
@@ -470,7 +487,7 @@ pub async fn run(conn: Conn, pool: Option<String>) -> Result<(), CtlError> {
                         app.source = EventSource::Watch;
                         app.push_event(now, EventKind::Info, "watching events (Admin.Watch)");
                     }
-                    Some(Msg::Watch(ev)) => app.apply_watch(ev, now),
+                    Some(Msg::Watch(ev)) => app.apply_watch(*ev, now),
                     Some(Msg::WatchDown { why }) => {
                         if app.source != (EventSource::Polling { why: why.clone() }) {
                             app.push_event(now, EventKind::Info, format!("events from Status polling: {why}"));
@@ -510,7 +527,7 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
                 loop {
                     match stream.message().await {
                         Ok(Some(ev)) => {
-                            if tx.send(Msg::Watch(ev)).is_err() {
+                            if tx.send(Msg::Watch(Box::new(ev))).is_err() {
                                 return;
                             }
                         }
@@ -551,5 +568,59 @@ fn read_keys(tx: &mpsc::UnboundedSender<Msg>) {
             let _ = tx.send(Msg::Quit);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+
+    #[test]
+    fn a_pool_blocked_by_its_parents_pause_shows_as_paused_by_it() {
+        let now = SystemTime::now();
+        let pool = |name: &str, parent: &str| pb::PoolStatus {
+            name: name.into(),
+            parent: parent.into(),
+            limit: 2,
+            effective_limit: 2,
+            ..Default::default()
+        };
+        let global = pb::PoolStatus {
+            paused_until: Some((now + Duration::from_secs(45)).into()),
+            pause_reason: "paused by an operator".into(),
+            ..pool("global", "")
+        };
+        let blocked_by = Some(pb::PauseInherited {
+            pool: "global".into(),
+            until: Some((now + Duration::from_secs(45)).into()),
+            reason: "paused by an operator".into(),
+        });
+        let anthropic = pb::PoolStatus { blocked_by: blocked_by.clone(), ..pool("anthropic", "global") };
+        // Its own pause ends later than the inherited one: that is the one shown.
+        let opus = pb::PoolStatus {
+            paused_until: Some((now + Duration::from_secs(90)).into()),
+            blocked_by,
+            ..pool("opus", "anthropic")
+        };
+        let mut app = App::new("http://127.0.0.1:50051", now);
+        let status = pb::StatusResponse { pools: vec![global, anthropic, opus], ..Default::default() };
+        app.apply_status(status, now);
+
+        let mut terminal = Terminal::new(TestBackend::new(100, 12)).expect("terminal");
+        terminal.draw(|f| draw(f, &app)).expect("draw");
+        let buf = terminal.backend().buffer();
+        let rows: Vec<String> = (0..buf.area.height)
+            .map(|y| (0..buf.area.width).map(|x| buf[(x, y)].symbol().to_owned()).collect())
+            .collect();
+        let screen = rows.join("\n");
+        let row = |name: &str| rows.iter().find(|r| r.contains(name)).unwrap_or_else(|| panic!("{screen}"));
+        assert!(row("global ").contains("paused 45s"), "{screen}");
+        assert!(row("  anthropic").contains("paused by global 45s"), "{screen}");
+        assert!(row("    opus").contains("paused 1m30s"), "{screen}");
+        assert!(!row("    opus").contains("by global"), "{screen}");
     }
 }

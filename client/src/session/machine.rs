@@ -13,6 +13,9 @@
 //!    unless the session ends first.
 //! 4. Every lease that leaves the table is announced with [`Notify::LeaseEnded`] (after
 //!    [`Notify::LeaseLost`] when it was lost), so the task can drop what it keeps for it.
+//! 5. After [`Input::Close`] nothing new starts: queued requests are withdrawn, every lease still held
+//!    is released, and [`Machine::is_finished`] turns true once the daemon has answered each of those
+//!    releases and cancels.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -131,7 +134,8 @@ pub(crate) enum Input {
     Disconnected,
     /// The heartbeat timer fired.
     HeartbeatDue,
-    /// Every handle is gone.
+    /// The client is closing ([`Client::close`](crate::Client::close), or every handle is gone):
+    /// withdraw queued requests, release every lease still held, and start nothing new.
     Close,
 }
 
@@ -205,7 +209,7 @@ pub(crate) struct Machine {
     next_heartbeat: Option<Instant>,
     /// Send times of heartbeats not yet acknowledged (to move `expires_at` on each ack).
     heartbeats_sent: VecDeque<SystemTime>,
-    /// Every handle is gone.
+    /// The client is closing (see [`Input::Close`]).
     closed: bool,
     step: Step,
 }
@@ -236,7 +240,7 @@ impl Machine {
             Input::Connected => self.on_connected(now),
             Input::Disconnected => self.on_disconnected(),
             Input::HeartbeatDue => self.heartbeat(now),
-            Input::Close => self.closed = true,
+            Input::Close => self.close(),
         }
         std::mem::take(&mut self.step)
     }
@@ -246,25 +250,26 @@ impl Machine {
         self.next_heartbeat
     }
 
-    /// Every handle is gone.
+    /// The client is closing: no new request or lease will start.
+    #[cfg(test)]
     pub(crate) fn is_closed(&self) -> bool {
         self.closed
     }
 
-    /// Every handle is gone and no release waits for the daemon's answer: nothing is left to do.
+    /// The client is closing and the daemon has answered every release and cancel: nothing is left
+    /// to do.
     pub(crate) fn is_finished(&self) -> bool {
-        self.closed && !self.releasing()
+        self.closed && self.leases.is_empty() && self.cancelling.is_empty()
+    }
+
+    /// Releases the daemon has not acknowledged yet (after a close, every lease left in the table).
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.leases.len()
     }
 
     /// How many leases and queued requests the session has (for logs).
     pub(crate) fn counts(&self) -> (usize, usize) {
         (self.leases.len(), self.pending.len())
-    }
-
-    fn releasing(&self) -> bool {
-        self.leases
-            .values()
-            .any(|h| matches!(h.state, State::Releasing { .. } | State::ResumingThenReleasing { .. }))
     }
 
     fn send(&mut self, msg: ToDaemon) {
@@ -284,6 +289,10 @@ impl Machine {
     }
 
     fn acquire(&mut self, now: Now, request_id: String, spec: RequestSpec) {
+        if self.closed {
+            self.notify(Notify::Refused { request_id, error: Error::SessionClosed });
+            return;
+        }
         self.send(ToDaemon::Request {
             request_id: request_id.clone(),
             spec: spec.clone(),
@@ -338,6 +347,33 @@ impl Machine {
         };
         if send_now {
             self.send(ToDaemon::Release { lease_id, outcome });
+        }
+    }
+
+    /// Withdraws every queued request and releases every lease still held (as cancelled: its holder
+    /// never said how the call went). Closing twice changes nothing more.
+    fn close(&mut self) {
+        self.closed = true;
+        let mut pending: Vec<String> = self.pending.drain().map(|(id, _)| id).collect();
+        pending.sort();
+        for request_id in pending {
+            if self.connected {
+                self.send(ToDaemon::Cancel { request_id: request_id.clone() });
+                self.cancelling.insert(request_id.clone());
+            }
+            self.notify(Notify::Refused { request_id, error: Error::SessionClosed });
+        }
+        let mut held: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, h)| matches!(h.state, State::Held | State::Resuming))
+            .map(|(id, _)| id.clone())
+            .collect();
+        held.sort();
+        for lease_id in held {
+            // Its guard, if someone still has it, must stop using the slot.
+            self.lose(&lease_id, Lost::SessionClosed);
+            self.release(lease_id, Outcome::Cancelled, None);
         }
     }
 

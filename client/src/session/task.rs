@@ -24,11 +24,10 @@ use super::{
     machine::{Input, Machine, Notify, Now, Pauses, Ticket},
     wire,
 };
-use crate::{AuthChannel, Error, Lease, Outcome, command::Command, lease::Shared};
+use crate::{AuthChannel, Error, Lease, Lost, Outcome, command::Command, lease::Shared};
+
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// After the last handle is gone, how long to wait for outstanding releases to be acknowledged.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Reconnect delays: exponential from `initial` to `max`, each with full jitter.
 #[derive(Debug, Clone, Copy)]
@@ -45,12 +44,14 @@ pub(crate) struct SessionConfig {
     pub(crate) resume_grace: Option<Duration>,
     pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) backoff: Backoff,
+    /// After the last handle is gone, how long to wait for outstanding releases to be acknowledged.
+    pub(crate) close_timeout: Duration,
 }
 
 enum Exit {
     /// The stream broke: reconnect.
     Disconnected,
-    /// Every handle is gone and nothing is left to flush.
+    /// The session is closing and nothing is left to flush (or its deadline passed).
     Done,
 }
 
@@ -59,6 +60,8 @@ pub(crate) struct Session {
     cmd_rx: mpsc::UnboundedReceiver<Command<Lease>>,
     /// Weak, so that the task alone does not keep the command channel open.
     cmd_tx: mpsc::WeakUnboundedSender<Command<Lease>>,
+    /// Every sender is gone: nothing more can arrive on `cmd_rx`.
+    handles_gone: bool,
     machine: Machine,
     /// Acquires waiting for their answer, by request id.
     acquirers: HashMap<String, oneshot::Sender<Result<Lease, Error>>>,
@@ -70,6 +73,10 @@ pub(crate) struct Session {
     pauses: watch::Sender<Pauses>,
     /// The current stream's sender; `None` while disconnected.
     out: Option<mpsc::UnboundedSender<ClientMessage>>,
+    /// Once closing: when to stop waiting for the daemon's answers.
+    close_deadline: Option<Instant>,
+    /// `close()` calls waiting for the flush to end.
+    closers: Vec<oneshot::Sender<Result<(), Error>>>,
 }
 
 impl Session {
@@ -84,96 +91,149 @@ impl Session {
             cfg,
             cmd_rx,
             cmd_tx,
+            handles_gone: false,
             acquirers: HashMap::new(),
             releases: HashMap::new(),
             next_ticket: 0,
             shared: HashMap::new(),
             pauses,
             out: None,
+            close_deadline: None,
+            closers: Vec::new(),
         }
     }
 
-    /// Runs until every handle is gone: connect, serve the stream, and reconnect when it breaks.
+    /// Runs until the session closes (an explicit close, or every handle gone) and its releases are
+    /// flushed: connect, serve the stream, and reconnect when it breaks.
     ///
     /// # Cancel safety
-    /// Meant to be spawned and run to the end. Dropping it drops every waiting acquire and release
-    /// (they answer [`Error::SessionClosed`]); the daemon reclaims what the stream held.
+    /// Meant to be spawned and run to the end. Dropping it drops every waiting acquire, release and
+    /// close (they answer [`Error::SessionClosed`]); the daemon reclaims what the stream held.
     pub(crate) async fn run(mut self) {
         let mut backoff = self.cfg.backoff.initial;
-        loop {
-            match tokio::time::timeout(OPEN_TIMEOUT, self.open()).await {
-                Ok(Ok(inbound)) => {
-                    backoff = self.cfg.backoff.initial;
-                    let (leases, pending) = self.machine.counts();
-                    tracing::debug!(leases, pending, "slotd stream open");
-                    self.feed(Input::Connected);
-                    match self.serve(inbound).await {
-                        Exit::Done => return,
-                        Exit::Disconnected => {
-                            self.out = None;
-                            self.feed(Input::Disconnected);
-                        }
-                    }
+        let mut wake = None;
+        while let Some(inbound) = self.connect(&mut wake, &mut backoff).await {
+            backoff = self.cfg.backoff.initial;
+            let (leases, pending) = self.machine.counts();
+            tracing::debug!(leases, pending, "slotd stream open");
+            self.feed(Input::Connected);
+            match self.serve(inbound).await {
+                Exit::Done => break,
+                Exit::Disconnected => {
+                    self.out = None;
+                    self.feed(Input::Disconnected);
+                    // The first attempt after a working stream goes at once.
+                    wake = None;
                 }
-                Ok(Err(e)) => tracing::debug!(error = %e, "slotd stream failed to open"),
-                Err(_) => tracing::debug!("slotd stream open timed out"),
-            }
-            if self.machine.is_closed() {
-                // Nobody is left to use a reconnect; the daemon reclaims what the old stream held.
-                return;
-            }
-            // Full jitter: spread reconnecting clients over the whole window.
-            let delay = rand::rng().random_range(Duration::ZERO..=backoff);
-            backoff = (backoff * 2).min(self.cfg.backoff.max);
-            tracing::debug!(?delay, "slotd reconnecting");
-            let wake = Instant::now() + delay;
-            while !self.machine.is_closed() {
-                tokio::select! {
-                    cmd = self.cmd_rx.recv() => self.on_command_or_close(cmd),
-                    _ = sleep_until(wake) => break,
-                }
-            }
-            if self.machine.is_closed() {
-                return;
             }
         }
+        self.finish();
     }
 
-    /// Opens a stream; on success, its sender becomes the current one.
+    /// True when a closing session has nothing left to do, or no time left to do it in.
+    fn done(&self) -> bool {
+        self.machine.is_finished() || self.close_deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Opens a stream, after waiting until `wake` and retrying with backoff, while serving commands
+    /// (they only change the machine's tables while disconnected). `None` when the session is done.
     ///
     /// # Cancel safety
     /// Cancel safe: the stream only becomes current once this returns.
-    async fn open(&mut self) -> Result<Streaming<ServerMessage>, Error> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
-        if let Some(grace) = self.cfg.resume_grace {
-            let v = humantime::format_duration(grace).to_string();
-            if let Ok(v) = AsciiMetadataValue::try_from(v) {
-                req.metadata_mut().insert(RESUME_GRACE_HEADER, v);
+    async fn connect(
+        &mut self,
+        wake: &mut Option<Instant>,
+        backoff: &mut Duration,
+    ) -> Option<Streaming<ServerMessage>> {
+        loop {
+            if self.done() {
+                return None;
             }
+            // Owns what it needs, so commands can be served while it runs.
+            let attempt = {
+                let (grpc, grace, wake) = (self.cfg.grpc.clone(), self.cfg.resume_grace, *wake);
+                async move {
+                    if let Some(wake) = wake {
+                        sleep_until(wake).await;
+                    }
+                    tokio::time::timeout(OPEN_TIMEOUT, open(grpc, grace)).await
+                }
+            };
+            tokio::pin!(attempt);
+            let failed = loop {
+                let deadline = self.close_deadline;
+                let reading = !self.handles_gone;
+                tokio::select! {
+                    opened = &mut attempt => match opened {
+                        Ok(Ok((tx, inbound))) => {
+                            self.out = Some(tx);
+                            return Some(inbound);
+                        }
+                        Ok(Err(e)) => break format!("slotd stream failed to open: {e}"),
+                        Err(_) => break "slotd stream open timed out".to_owned(),
+                    },
+                    cmd = self.cmd_rx.recv(), if reading => {
+                        self.on_command(cmd);
+                        if self.done() {
+                            return None;
+                        }
+                    }
+                    _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return None,
+                }
+            };
+            tracing::debug!("{failed}");
+            // Full jitter: spread reconnecting clients over the whole window.
+            let delay = rand::rng().random_range(Duration::ZERO..=*backoff);
+            *backoff = (*backoff * 2).min(self.cfg.backoff.max);
+            tracing::debug!(?delay, "slotd reconnecting");
+            *wake = Some(Instant::now() + delay);
         }
-        let inbound = self.cfg.grpc.clone().acquire(req).await?.into_inner();
-        self.out = Some(tx);
-        Ok(inbound)
     }
 
-    /// Serves one open stream until it breaks or every handle is gone.
+    /// The session is over: answer every `close()` with what was flushed, and tell every lease still
+    /// held that nobody renews it any more.
+    fn finish(&mut self) {
+        let unacknowledged = self.machine.unacknowledged();
+        if unacknowledged > 0 {
+            tracing::warn!(
+                unacknowledged,
+                "slotd client closed before the daemon acknowledged every release"
+            );
+        }
+        // Closes that arrived after the last read get the same answer; anything else left in the
+        // channel is dropped, and its sender sees the session closed.
+        self.cmd_rx.close();
+        while let Ok(cmd) = self.cmd_rx.try_recv() {
+            if let Command::Close { reply, .. } = cmd {
+                self.closers.push(reply);
+            }
+        }
+        for reply in self.closers.drain(..) {
+            let _ = reply.send(if unacknowledged == 0 {
+                Ok(())
+            } else {
+                Err(Error::Unacknowledged { releases: unacknowledged })
+            });
+        }
+        for shared in self.shared.values() {
+            shared.mark_lost(Lost::SessionClosed);
+        }
+    }
+
+    /// Serves one open stream until it breaks, or the session is closing and has flushed everything.
     ///
     /// # Cancel safety
     /// Not cancel safe: the caller must feed [`Input::Disconnected`] if it drops this.
     async fn serve(&mut self, mut inbound: Streaming<ServerMessage>) -> Exit {
-        let mut flush_deadline: Option<Instant> = None;
         loop {
-            if self.machine.is_closed() {
-                if self.machine.is_finished() {
-                    return Exit::Done;
-                }
-                flush_deadline.get_or_insert_with(|| Instant::now() + FLUSH_TIMEOUT);
+            if self.machine.is_finished() {
+                return Exit::Done;
             }
             let heartbeat = self.machine.next_heartbeat();
-            let closed = self.machine.is_closed();
+            let deadline = self.close_deadline;
+            let reading = !self.handles_gone;
             tokio::select! {
-                cmd = self.cmd_rx.recv(), if !closed => self.on_command_or_close(cmd),
+                cmd = self.cmd_rx.recv(), if reading => self.on_command(cmd),
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => {
                         if let Some(msg) = wire::decode(msg, Now::current().wall) {
@@ -192,14 +252,14 @@ impl Session {
                 _ = sleep_until(heartbeat.unwrap_or_else(Instant::now)), if heartbeat.is_some() => {
                     self.feed(Input::HeartbeatDue);
                 }
-                _ = sleep_until(flush_deadline.unwrap_or_else(Instant::now)), if flush_deadline.is_some() => {
+                _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return Exit::Done;
                 }
             }
         }
     }
 
-    fn on_command_or_close(&mut self, cmd: Option<Command<Lease>>) {
+    fn on_command(&mut self, cmd: Option<Command<Lease>>) {
         match cmd {
             Some(Command::Acquire { request_id, spec, reply }) => {
                 self.acquirers.insert(request_id.clone(), reply);
@@ -217,8 +277,21 @@ impl Session {
                 });
                 self.feed(Input::Release { lease_id, outcome, ticket });
             }
-            None => self.feed(Input::Close),
+            Some(Command::Close { deadline, reply }) => {
+                self.closers.push(reply);
+                self.close_by(deadline);
+            }
+            None => {
+                self.handles_gone = true;
+                self.close_by(Instant::now() + self.cfg.close_timeout);
+            }
         }
+    }
+
+    /// Starts (or joins) the close: the earliest deadline asked for wins.
+    fn close_by(&mut self, deadline: Instant) {
+        self.close_deadline = Some(self.close_deadline.map_or(deadline, |d| d.min(deadline)));
+        self.feed(Input::Close);
     }
 
     /// Runs one input through the machine and carries out what it decided.
@@ -280,4 +353,24 @@ impl Session {
             }
         }
     }
+}
+
+/// Opens an `Acquire` stream: its sender and the daemon's side.
+///
+/// # Cancel safety
+/// Cancel safe: dropping it drops the half-open stream, which the daemon treats as closed.
+async fn open(
+    mut grpc: SlotdClient<AuthChannel>,
+    resume_grace: Option<Duration>,
+) -> Result<(mpsc::UnboundedSender<ClientMessage>, Streaming<ServerMessage>), Error> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
+    if let Some(grace) = resume_grace {
+        let v = humantime::format_duration(grace).to_string();
+        if let Ok(v) = AsciiMetadataValue::try_from(v) {
+            req.metadata_mut().insert(RESUME_GRACE_HEADER, v);
+        }
+    }
+    let inbound = grpc.acquire(req).await?.into_inner();
+    Ok((tx, inbound))
 }

@@ -433,7 +433,87 @@ fn close_waits_for_pending_releases() {
 #[test]
 fn close_with_nothing_to_flush_is_finished_at_once() {
     let mut h = Harness::connected();
+    h.on(Input::Close);
+    assert!(h.m.is_finished());
+    assert_eq!(h.m.unacknowledged(), 0);
+}
+
+#[test]
+fn close_releases_what_is_still_held_and_waits_for_the_answer() {
+    let mut h = Harness::connected();
+    h.held("l1");
+    let step = h.on(Input::Close);
+    assert!(
+        matches!(&step.send[..], [ToDaemon::Release { lease_id, outcome: Outcome::Cancelled }] if lease_id == "l1"),
+        "{step:?}"
+    );
+    assert!(
+        matches!(&step.notify[..], [Notify::LeaseLost { lease_id, why: Lost::SessionClosed }] if lease_id == "l1"),
+        "{step:?}"
+    );
+    assert!(!h.m.is_finished());
+    assert_eq!(h.m.unacknowledged(), 1);
+    h.msg(FromDaemon::Released { lease_id: "l1".into() });
+    assert!(h.m.is_finished());
+    assert_eq!(h.m.unacknowledged(), 0);
+}
+
+#[test]
+fn close_withdraws_queued_requests_and_refuses_new_ones() {
+    let mut h = Harness::connected();
+    h.acquire("r1", None);
+    let step = h.on(Input::Close);
+    assert!(matches!(&step.send[..], [ToDaemon::Cancel { request_id }] if request_id == "r1"), "{step:?}");
+    assert!(
+        matches!(&step.notify[..], [Notify::Refused { request_id, error: Error::SessionClosed }] if request_id == "r1"),
+        "{step:?}"
+    );
+    assert!(!h.m.is_finished(), "the cancel is not answered yet");
+    // The grant raced with the cancel: the slot goes straight back, and close waits for that too.
+    let step = h.grant("r1", "l1");
+    assert!(
+        matches!(&step.send[..], [ToDaemon::Release { lease_id, outcome: Outcome::Cancelled }] if lease_id == "l1"),
+        "{step:?}"
+    );
+    assert!(!h.m.is_finished());
+    h.msg(FromDaemon::Released { lease_id: "l1".into() });
+    assert!(h.m.is_finished());
+
+    let step = h.acquire("r2", None);
+    assert!(step.send.is_empty(), "{step:?}");
+    assert!(
+        matches!(&step.notify[..], [Notify::Refused { request_id, error: Error::SessionClosed }] if request_id == "r2"),
+        "{step:?}"
+    );
+}
+
+#[test]
+fn close_while_disconnected_releases_after_the_resume() {
+    let mut h = Harness::connected();
+    h.held("l1");
+    h.on(Input::Disconnected);
+    let step = h.on(Input::Close);
+    assert!(step.send.is_empty(), "nothing is sent while disconnected: {step:?}");
+    let step = h.on(Input::Connected);
+    assert!(
+        matches!(
+            &step.send[..],
+            [ToDaemon::Resume { lease_id: a, .. }, ToDaemon::Release { lease_id: b, outcome: Outcome::Cancelled }]
+                if a == "l1" && b == "l1"
+        ),
+        "{step:?}"
+    );
+    h.msg(FromDaemon::LeaseResumed { lease_id: "l1".into(), expires_at: None });
+    assert!(!h.m.is_finished());
+    h.msg(FromDaemon::Released { lease_id: "l1".into() });
+    assert!(h.m.is_finished());
+}
+
+#[test]
+fn closing_twice_changes_nothing_more() {
+    let mut h = Harness::connected();
     h.held("l1");
     h.on(Input::Close);
-    assert!(h.m.is_finished(), "a held lease is the daemon's to reclaim, not ours to flush");
+    let step = h.on(Input::Close);
+    assert!(step.send.is_empty() && step.notify.is_empty(), "{step:?}");
 }

@@ -292,6 +292,11 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
         cooling: p.cooling,
         next_fencing_token: p.next_token,
         max_agent_retry_after: Some(pb_duration(p.config.max_agent_retry_after)),
+        blocked_by: p.blocked_by.map(|b| pb::PauseInherited {
+            pool: b.pool.to_string(),
+            until: Some(timestamp(b.until)),
+            reason: b.reason.to_string(),
+        }),
     }
 }
 

@@ -57,7 +57,7 @@ pub use self::{
     pool::{Closed, Overflow, PoolConfig},
     queue::{WaitKey, WaiterId},
     resume::ResumeRequest,
-    snapshot::{PoolSnapshot, Snapshot},
+    snapshot::{InheritedPause, PoolSnapshot, Snapshot},
 };
 use self::{dispatch::check_ttl, lease::LeaseTable, pool::Pool};
 

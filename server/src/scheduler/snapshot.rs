@@ -30,6 +30,19 @@ pub struct PoolSnapshot {
     pub cooling: u32,
     /// Next fencing token.
     pub next_token: u64,
+    /// The ancestor whose pause blocks this pool, while one does.
+    pub blocked_by: Option<InheritedPause>,
+}
+
+/// A pause a pool inherits from an ancestor: which one, until when, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InheritedPause {
+    /// The paused ancestor.
+    pub pool: PoolId,
+    /// When its pause ends.
+    pub until: Instant,
+    /// Why it is paused.
+    pub reason: Arc<str>,
 }
 
 /// The state at one instant, for `Status`.
@@ -67,6 +80,7 @@ impl Scheduler {
                 pause_reason: p.pause_reason.clone(),
                 cooling: p.cooling.len() as u32,
                 next_token: p.next_token,
+                blocked_by: self.inherited_pause(&p.id),
             })
             .collect();
         pools.sort_by(|a, b| {
@@ -82,6 +96,22 @@ impl Scheduler {
             shutting_down: self.shutting_down,
             draining: self.draining,
         })
+    }
+
+    /// The pause `pool` inherits: of its ancestors' pauses (itself excluded), the one ending last.
+    /// Pauses end when the clock passes them (`advance` clears them), so a set one is in force.
+    pub fn inherited_pause(&self, pool: &PoolId) -> Option<InheritedPause> {
+        let ancestors = self.pools.get(pool)?.chain.iter().filter(|p| *p != pool);
+        ancestors
+            .filter_map(|a| {
+                let a = &self.pools[a];
+                a.paused_until.map(|until| InheritedPause {
+                    pool: a.id.clone(),
+                    until,
+                    reason: a.pause_reason.clone(),
+                })
+            })
+            .max_by_key(|p| p.until)
     }
 
     /// The configured pools.

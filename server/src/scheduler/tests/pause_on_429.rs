@@ -288,3 +288,36 @@ fn max_agent_retry_after_above_the_longest_pause_is_refused() {
     let (a, _) = s.report_rate_limit(t0, &pid("p"), Some(secs(30)), "").unwrap();
     assert_eq!(a.until, t0 + secs(1));
 }
+
+#[test]
+fn a_pool_shows_the_ancestor_pause_that_blocks_it() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("g", limit(4)), ("p", child("g", 3)), ("c", child("p", 2)), ("o", limit(1))], t0);
+    assert_eq!(pool_snap(&s, "c").blocked_by, None);
+
+    s.pause_pool(t0, &pid("g"), secs(30), "incident").unwrap();
+    // Every descendant shows the root's pause; the root itself is paused, not blocked.
+    for pool in ["p", "c"] {
+        let b = pool_snap(&s, pool).blocked_by.expect("blocked by g");
+        assert_eq!((b.pool.as_str(), b.until), ("g", t0 + secs(30)), "{pool}");
+        assert!(b.reason.contains("incident"), "{}", b.reason);
+        assert_eq!(pool_snap(&s, pool).paused_until, None, "{pool} is not paused itself");
+    }
+    assert_eq!(pool_snap(&s, "g").blocked_by, None);
+    assert_eq!(pool_snap(&s, "o").blocked_by, None, "another tree is not blocked");
+
+    // With two paused ancestors, the one whose pause ends last; the pool's own pause is not one.
+    s.report_rate_limit(t0, &pid("p"), Some(secs(60)), "").unwrap();
+    s.report_rate_limit(t0, &pid("c"), Some(secs(90)), "").unwrap();
+    let b = pool_snap(&s, "c").blocked_by.expect("blocked");
+    assert_eq!((b.pool.as_str(), b.until), ("p", t0 + secs(60)));
+    assert_eq!(pool_snap(&s, "p").blocked_by.map(|b| b.pool), Some(pid("g")));
+
+    // Pauses end on the clock: then the next one shows, then none.
+    s.tick(t0 + secs(30));
+    assert_eq!(pool_snap(&s, "p").blocked_by, None);
+    assert_eq!(pool_snap(&s, "c").blocked_by.map(|b| b.pool), Some(pid("p")));
+    s.tick(t0 + secs(60));
+    assert_eq!(pool_snap(&s, "c").blocked_by, None);
+    assert_eq!(pool_snap(&s, "c").paused_until, Some(t0 + secs(90)));
+}
