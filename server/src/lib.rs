@@ -7,6 +7,7 @@ pub mod config;
 pub mod driver;
 pub mod grpc;
 pub mod metrics;
+pub mod net;
 pub mod pool_store;
 pub mod scheduler;
 pub mod state;
@@ -124,8 +125,15 @@ pub async fn serve_with_metrics(
         .local_addr()
         .map_err(|source| ServeError::Listen { what: "cannot read the listen address".into(), source })?;
     check_exposure(&cfg, local)?;
+    let conn_limits = net::ConnectionLimits {
+        max_connections: cfg.limits.max_connections,
+        handshake_timeout: cfg.limits.handshake_timeout,
+        goaway_on_refusal: cfg.tls_cert.is_none(),
+    };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        (Some(cert), Some(key)) => {
+            Some(tls_config(cert, key)?.timeout(net::tls_handshake_timeout(&conn_limits)))
+        }
         _ => None,
     };
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
@@ -152,6 +160,12 @@ pub async fn serve_with_metrics(
     let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
+    let conn_counts = Arc::new(net::ConnectionCounts::default());
+    if let Some((_, m)) = &metrics {
+        if let Err(e) = conn_counts.register(m.registry()) {
+            warn!(error = %e, "cannot register the connection metrics");
+        }
+    }
     let driver = match &metrics {
         Some((_, m)) => driver.with_observer(metrics::Recorder::new(m.clone())),
         None => driver,
@@ -247,20 +261,17 @@ pub async fn serve_with_metrics(
         .saturating_add(config::Limits::UNARY_STREAM_HEADROOM);
     let server = builder
         .max_concurrent_streams(h2_streams)
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Pings find peers that vanished without a FIN (a dead host, a dropped NAT mapping).
+        .http2_keepalive_interval(Some(net::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(net::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(slotd)
         .add_service(admin)
-        // `serve_with_incoming*` ignores the builder's `tcp_nodelay`: set it on each accepted socket, or
-        // Nagle holds back the second of two small writes (Released then Granted) for a delayed ACK.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            graceful,
-        );
+        // Our own accept loop: connection bound, handshake deadline, accept backoff, TCP_NODELAY
+        // (see `net`).
+        .serve_with_incoming_shutdown(net::incoming(listener, conn_limits, conn_counts), graceful);
     let res = tokio::select! {
         res = server => res.map_err(ServeError::from),
         () = drain_deadline => {
