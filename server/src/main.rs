@@ -52,8 +52,8 @@ async fn run(cli: Cli, cfg: Config) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(cfg.listen, |a| a);
-    let pools: Vec<String> = cfg.pools.iter().map(|(k, v)| format!("{k}={}", v.max_concurrent)).collect();
-    info!(%addr, pools = %pools.join(","), "slotd serving");
+    // Which pools are served (the config file's or the state file's) is logged by `serve`.
+    info!(%addr, "slotd serving");
 
     let (reload_tx, reload_rx) = mpsc::channel(4);
     tokio::spawn(reload_on_sighup(cli, reload_tx));
