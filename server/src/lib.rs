@@ -189,10 +189,10 @@ pub async fn serve_with_metrics(
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
     let conn_counts = Arc::new(net::ConnectionCounts::default());
-    if let Some((_, m)) = &metrics {
-        if let Err(e) = conn_counts.register(m.registry()) {
-            warn!(error = %e, "cannot register the connection metrics");
-        }
+    if let Some((_, m)) = &metrics
+        && let Err(e) = conn_counts.register(m.registry())
+    {
+        warn!(error = %e, "cannot register the connection metrics");
     }
     let driver = match &metrics {
         Some((_, m)) => driver.with_observer(metrics::Recorder::new(m.clone())),

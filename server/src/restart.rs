@@ -102,10 +102,10 @@ impl RestartMarker {
     pub fn remove(&self) {
         let mut w = self.written.lock().unwrap_or_else(|p| p.into_inner());
         w.removed = true;
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(path = %self.path.display(), error = %e, "cannot remove the restart marker; the next start will learn");
-            }
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %self.path.display(), error = %e, "cannot remove the restart marker; the next start will learn");
         }
     }
 
@@ -123,13 +123,15 @@ impl RestartMarker {
     /// An observer recording every granted TTL, and the task that writes the marker when the
     /// maximum grows (spawn it). The driver only compares and hands over the new maximum; the file
     /// is written on a blocking thread.
+    ///
+    /// # Cancel safety
+    /// Dropping the writer only stops recording; the file keeps the last maximum written.
     pub fn recorder(
         self: &Arc<Self>,
     ) -> (TtlObserver, impl std::future::Future<Output = ()> + Send + 'static) {
         let start = self.written.lock().unwrap_or_else(|p| p.into_inner()).max_ttl;
         let (tx, mut rx) = watch::channel(start);
         let marker = self.clone();
-        // # Cancel safety: dropping it only stops recording; the file keeps the last maximum written.
         let writer = async move {
             while rx.changed().await.is_ok() {
                 let ttl = *rx.borrow_and_update();
@@ -150,11 +152,11 @@ pub struct TtlObserver {
 
 impl Observer for TtlObserver {
     fn fact(&mut self, fact: &Fact) {
-        if let Fact::Granted { lease, .. } = fact {
-            if lease.ttl > self.seen {
-                self.seen = lease.ttl;
-                self.tx.send_replace(lease.ttl);
-            }
+        if let Fact::Granted { lease, .. } = fact
+            && lease.ttl > self.seen
+        {
+            self.seen = lease.ttl;
+            self.tx.send_replace(lease.ttl);
         }
     }
 }
