@@ -268,7 +268,8 @@ pub async fn serve_with_metrics(
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.
             Some(m) if held == 0 => m.remove(),
-            Some(_) => {
+            Some(m) => {
+                m.flush();
                 info!(leases = held, "stopping with leases held: the next start runs a learning period")
             }
             None => {}

@@ -10,12 +10,16 @@
 //!
 //! `max_granted_ttl_ms` is the longest TTL granted since the marker was created (carried over
 //! restarts until a clean stop removes the file). It is rewritten only when that maximum grows, off
-//! the driver task. A marker without it (written by an older slotd) falls back to the longest
-//! `default_ttl` among the pools served.
+//! the driver task, and once more at a stop with leases held. The learning period never falls below
+//! the longest `default_ttl` among the pools served (a marker from an older slotd has no record; a
+//! grant just before a crash may not be written yet).
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,6 +36,8 @@ const MAX_TTL_KEY: &str = "max_granted_ttl_ms";
 pub struct RestartMarker {
     path: PathBuf,
     written: Mutex<Written>,
+    /// The longest TTL granted so far, in milliseconds (the file may lag behind it briefly).
+    granted_ms: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -56,10 +62,10 @@ pub struct Startup {
 impl RestartMarker {
     /// Reads the marker left by the previous run (if any), decides this start's learning period, and
     /// rewrites the marker for this run. After a restart the period is the longer of `configured` and
-    /// the longest TTL that may still be live: the recorded maximum (or, without one, the longest
-    /// `default_ttl` of `pools`), never above the longest `max_ttl` of `pools`, since no lease can
-    /// outlive that. The value kept in the new marker is that bound, so a crash during learning
-    /// still learns long enough next time.
+    /// the longest TTL that may still be live: the recorded maximum or the longest `default_ttl` of
+    /// `pools`, whichever is longer (a grant in the last moments before a crash may not be recorded
+    /// yet), never above the longest `max_ttl` of `pools`, since no lease can outlive that. The new
+    /// marker starts from that value, so a crash during learning still learns long enough next time.
     pub fn open(path: PathBuf, configured: Duration, pools: &Pools) -> Startup {
         let previous = match std::fs::read_to_string(&path) {
             Ok(text) => Some(parse_max_ttl(&text)),
@@ -74,10 +80,13 @@ impl RestartMarker {
         let longest_default = pools.values().map(|p| p.default_ttl).max().unwrap_or_default();
         let (restarted, live) = match previous {
             None => (false, Duration::ZERO),
-            Some(recorded) => (true, recorded.unwrap_or(longest_default).min(longest_max)),
+            Some(recorded) => (true, recorded.unwrap_or_default().max(longest_default).min(longest_max)),
         };
-        let marker =
-            Arc::new(RestartMarker { path, written: Mutex::new(Written { max_ttl: live, removed: false }) });
+        let marker = Arc::new(RestartMarker {
+            path,
+            written: Mutex::new(Written { max_ttl: live, removed: false }),
+            granted_ms: AtomicU64::new(millis(live)),
+        });
         marker.write(live);
         Startup { marker, learning_period: configured.max(live), restarted }
     }
@@ -109,12 +118,14 @@ impl RestartMarker {
         }
     }
 
+    /// Writes the longest TTL granted so far now, if the writer task has not yet (at shutdown with
+    /// leases held, so the next start learns long enough).
+    pub fn flush(&self) {
+        self.record(Duration::from_millis(self.granted_ms.load(Ordering::Relaxed)));
+    }
+
     fn write(&self, max_ttl: Duration) {
-        let text = format!(
-            "pid = {}\n{MAX_TTL_KEY} = {}\n",
-            std::process::id(),
-            u64::try_from(max_ttl.as_millis()).unwrap_or(u64::MAX)
-        );
+        let text = format!("pid = {}\n{MAX_TTL_KEY} = {}\n", std::process::id(), millis(max_ttl));
         if let Err(e) = std::fs::write(&self.path, text) {
             warn!(path = %self.path.display(), error = %e, "cannot write the restart marker; restarts will not be detected");
         }
@@ -129,36 +140,39 @@ impl RestartMarker {
     pub fn recorder(
         self: &Arc<Self>,
     ) -> (TtlObserver, impl std::future::Future<Output = ()> + Send + 'static) {
-        let start = self.written.lock().unwrap_or_else(|p| p.into_inner()).max_ttl;
-        let (tx, mut rx) = watch::channel(start);
+        let (tx, mut rx) = watch::channel(());
         let marker = self.clone();
         let writer = async move {
             while rx.changed().await.is_ok() {
-                let ttl = *rx.borrow_and_update();
                 let m = marker.clone();
-                let _ = tokio::task::spawn_blocking(move || m.record(ttl)).await;
+                let _ = tokio::task::spawn_blocking(move || m.flush()).await;
             }
         };
-        (TtlObserver { seen: start, tx }, writer)
+        (TtlObserver { marker: self.clone(), tx }, writer)
     }
 }
 
 /// Hands the longest granted TTL seen so far to the marker's writer (see [`RestartMarker::recorder`]).
 #[derive(Debug)]
 pub struct TtlObserver {
-    seen: Duration,
-    tx: watch::Sender<Duration>,
+    marker: Arc<RestartMarker>,
+    tx: watch::Sender<()>,
 }
 
 impl Observer for TtlObserver {
     fn fact(&mut self, fact: &Fact) {
-        if let Fact::Granted { lease, .. } = fact
-            && lease.ttl > self.seen
-        {
-            self.seen = lease.ttl;
-            self.tx.send_replace(lease.ttl);
+        if let Fact::Granted { lease, .. } = fact {
+            let ms = millis(lease.ttl);
+            if self.marker.granted_ms.fetch_max(ms, Ordering::Relaxed) < ms {
+                self.tx.send_replace(());
+            }
         }
     }
+}
+
+/// Whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The recorded TTL, or `None` when the marker has none (older format, or unreadable).
@@ -215,6 +229,10 @@ mod tests {
         // Never beyond the pools' longest max_ttl; never below the configured period.
         assert_eq!(RestartMarker::open(path.clone(), S(2), &self::pools(S(1), S(5))).learning_period, S(5));
         assert_eq!(RestartMarker::open(path.clone(), S(9), &self::pools(S(1), S(5))).learning_period, S(9));
+        // A record below the longest default_ttl (a grant just before a crash, not yet written) is
+        // raised to it.
+        std::fs::write(&path, "pid = 1\nmax_granted_ttl_ms = 0\n").unwrap();
+        assert_eq!(RestartMarker::open(path.clone(), S(0), &pools).learning_period, S(1));
         // An older marker without a record: the served pools' longest default_ttl.
         std::fs::write(&path, "1234\n").unwrap();
         assert_eq!(RestartMarker::open(path.clone(), S(0), &pools).learning_period, S(1));
