@@ -182,6 +182,14 @@ pub struct Limits {
     pub max_streams: usize,
     /// Most open Acquire streams on one connection; the next is refused with RESOURCE_EXHAUSTED.
     pub max_streams_per_connection: usize,
+    /// Most open client connections; the next is closed at once (an HTTP/2 GOAWAY on plaintext)
+    /// with a rate-limited warning. Each one costs a file descriptor: keep the process's open-file
+    /// limit (systemd `LimitNOFILE`) above it.
+    pub max_connections: usize,
+    /// How long a new connection has to send the HTTP/2 preface (and, under TLS, to finish the TLS
+    /// handshake) before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Limits {
@@ -199,6 +207,15 @@ impl Limits {
     pub const DEFAULT_MAX_STREAMS: usize = 10_000;
     /// Default `max_streams_per_connection`.
     pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: usize = 256;
+    /// Default `max_connections`: one connection per agent process at `DEFAULT_MAX_STREAMS` agents
+    /// with one Acquire stream each, plus room for unary-only clients (slotctl, health probes).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = Self::DEFAULT_MAX_STREAMS + 1024;
+    /// Largest accepted `max_connections`.
+    pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
+    /// Default `handshake_timeout`.
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Longest accepted `handshake_timeout`.
+    pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
     /// HTTP/2 streams allowed per connection beyond `max_streams_per_connection`, for unary calls
     /// (Status, ReportRateLimit, health) next to a connection's Acquire streams.
     pub const UNARY_STREAM_HEADROOM: u32 = 64;
@@ -225,6 +242,8 @@ impl Default for Limits {
             drain_timeout: Self::DEFAULT_DRAIN_TIMEOUT,
             max_streams: Self::DEFAULT_MAX_STREAMS,
             max_streams_per_connection: Self::DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -371,6 +390,20 @@ impl Config {
                 "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
             ));
         }
+        if !(1..=Limits::MAX_MAX_CONNECTIONS).contains(&self.limits.max_connections) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_connections must be between 1 and {}",
+                Limits::MAX_MAX_CONNECTIONS
+            )));
+        }
+        if self.limits.handshake_timeout.is_zero()
+            || self.limits.handshake_timeout > Limits::MAX_HANDSHAKE_TIMEOUT
+        {
+            return Err(ConfigError::Invalid(format!(
+                "limits.handshake_timeout must be > 0 and at most {}",
+                humantime::format_duration(Limits::MAX_HANDSHAKE_TIMEOUT)
+            )));
+        }
         if self.scheduler.aging_step.is_zero() {
             return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
         }
@@ -462,6 +495,10 @@ mod tests {
             ("[limits]\nmax_streams = 0", "max_streams"),
             ("worker_threads = 100000", "worker_threads"),
             ("worker_threads = -1", "worker_threads"),
+            ("[limits]\nmax_connections = 0", "max_connections"),
+            ("[limits]\nmax_connections = 1000001", "max_connections"),
+            ("[limits]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
+            ("[limits]\nhandshake_timeout = \"301s\"", "handshake_timeout"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

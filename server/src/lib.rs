@@ -7,7 +7,9 @@ pub mod config;
 pub mod driver;
 pub mod grpc;
 pub mod metrics;
+pub mod net;
 pub mod pool_store;
+pub mod restart;
 pub mod scheduler;
 pub mod state;
 
@@ -15,7 +17,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
@@ -129,14 +131,58 @@ pub async fn serve_with_metrics(
         .local_addr()
         .map_err(|source| ServeError::Listen { what: "cannot read the listen address".into(), source })?;
     check_exposure(&cfg, local)?;
+    let conn_limits = net::ConnectionLimits {
+        max_connections: cfg.limits.max_connections,
+        handshake_timeout: cfg.limits.handshake_timeout,
+        goaway_on_refusal: cfg.tls_cert.is_none(),
+    };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        (Some(cert), Some(key)) => {
+            Some(tls_config(cert, key)?.timeout(net::tls_handshake_timeout(&conn_limits)))
+        }
         _ => None,
     };
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
     let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
-    let learning_period = restart_learning_period(&cfg);
+    // With a state file, the pools operators last set (through Admin) replace the config file's; the
+    // config stays the seed until the first change (see `state`).
+    let state_file = cfg.state_file.clone().map(|p| Arc::new(StateFile::new(p)));
+    if let Some(sf) = &state_file {
+        for stale in state::remove_stale_temp_files(sf.path()) {
+            info!(path = %stale.display(), "removed a state-file temp file left by an interrupted write");
+        }
+    }
+    let (pools, source) = match state_file.as_deref().map(|s| state::load(s.path())).transpose()?.flatten() {
+        Some(saved) => (saved, PoolSource::StateFile),
+        None => (cfg.pools.clone(), PoolSource::Config),
+    };
+    let listed: Vec<String> = pools.iter().map(|(k, v)| format!("{k}={}", v.max_concurrent)).collect();
+    match source {
+        PoolSource::StateFile => {
+            let path = cfg.state_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+            info!(source = "state_file", %path, pools = %listed.join(","), "serving the state file's pools (the config file's are only its seed)");
+        }
+        PoolSource::Config => {
+            info!(source = "config", pools = %listed.join(","), "serving the config file's pools")
+        }
+    }
+    // The learning period covers the longest TTL that may still be live, among the pools actually
+    // served (see `restart`).
+    let configured = cfg.scheduler.learning_period;
+    let startup = cfg.restart_marker.clone().map(|m| restart::RestartMarker::open(m, configured, &pools));
+    let learning_period = match &startup {
+        Some(s) if s.restarted => {
+            warn!(
+                path = %s.marker.path().display(),
+                learning_secs = s.learning_period.as_secs_f64(),
+                "previous run ended with leases possibly held: granting only resumes during the learning period"
+            );
+            s.learning_period
+        }
+        _ => configured,
+    };
+    let marker = startup.map(|s| s.marker);
     let sched_cfg = SchedulerConfig {
         aging_step: cfg.scheduler.aging_step,
         learning_period,
@@ -144,22 +190,26 @@ pub async fn serve_with_metrics(
         first_token,
         seed: None,
     };
-    // With a state file, the pools operators last set (through Admin) replace the config file's; the
-    // config stays the seed until the first change (see `state`).
-    let state_file = cfg.state_file.clone().map(|p| Arc::new(StateFile::new(p)));
-    let pools = match state_file.as_deref().map(|s| state::load(s.path())).transpose()?.flatten() {
-        Some(saved) => {
-            info!(path = ?cfg.state_file, pools = saved.len(), "pools loaded from the state file");
-            saved
-        }
-        None => cfg.pools.clone(),
-    };
     grpc::convert::init_clock_anchor();
     let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
+    let conn_counts = Arc::new(net::ConnectionCounts::default());
+    if let Some((_, m)) = &metrics
+        && let Err(e) = conn_counts.register(m.registry())
+    {
+        warn!(error = %e, "cannot register the connection metrics");
+    }
     let driver = match &metrics {
         Some((_, m)) => driver.with_observer(metrics::Recorder::new(m.clone())),
+        None => driver,
+    };
+    let driver = match &marker {
+        Some(m) => {
+            let (observer, writer) = m.recorder();
+            tokio::spawn(writer);
+            driver.with_observer(observer)
+        }
         None => driver,
     };
     tokio::spawn(driver.run());
@@ -218,11 +268,11 @@ pub async fn serve_with_metrics(
         RequireToken::admin(cfg.admin_token.clone()),
     ));
 
-    let marker = cfg.restart_marker.clone();
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
         shutdown.await;
+        notify_systemd(ServiceState::Stopping);
         info!("shutting down: health NOT_SERVING, grants stopped, streams told");
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
         health.set_not_serving::<AdminServer<AdminService>>().await;
@@ -230,10 +280,9 @@ pub async fn serve_with_metrics(
         let held = handle.shutdown().await;
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.
-            Some(m) if held == 0 => {
-                let _ = std::fs::remove_file(m);
-            }
-            Some(_) => {
+            Some(m) if held == 0 => m.remove(),
+            Some(m) => {
+                m.flush();
                 info!(leases = held, "stopping with leases held: the next start runs a learning period")
             }
             None => {}
@@ -260,20 +309,20 @@ pub async fn serve_with_metrics(
         .saturating_add(config::Limits::UNARY_STREAM_HEADROOM);
     let server = builder
         .max_concurrent_streams(h2_streams)
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Pings find peers that vanished without a FIN (a dead host, a dropped NAT mapping).
+        .http2_keepalive_interval(Some(net::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(net::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(slotd)
         .add_service(admin)
-        // `serve_with_incoming*` ignores the builder's `tcp_nodelay`: set it on each accepted socket, or
-        // Nagle holds back the second of two small writes (Released then Granted) for a delayed ACK.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            graceful,
-        );
+        // Our own accept loop: connection bound, handshake deadline, accept backoff, TCP_NODELAY
+        // (see `net`).
+        .serve_with_incoming_shutdown(net::incoming(listener, conn_limits, conn_counts), graceful);
+    // The listener is bound (connections queue in its backlog until the first poll below), the pools
+    // are loaded and the driver runs: ready.
+    notify_systemd(ServiceState::Ready);
     let res = tokio::select! {
         res = server => res.map_err(ServeError::from),
         () = drain_deadline => {
@@ -285,6 +334,41 @@ pub async fn serve_with_metrics(
         t.abort();
     }
     res
+}
+
+/// What the service manager is told.
+#[derive(Copy, Clone, Debug)]
+enum ServiceState {
+    /// Serving (systemd `READY=1`).
+    Ready,
+    /// Shutting down (systemd `STOPPING=1`).
+    Stopping,
+}
+
+/// Tells systemd (`Type=notify`) about a state change; does nothing when `$NOTIFY_SOCKET` is unset,
+/// that is, when not started by systemd as a notify service.
+fn notify_systemd(state: ServiceState) {
+    #[cfg(unix)]
+    {
+        let msg = match state {
+            ServiceState::Ready => sd_notify::NotifyState::Ready,
+            ServiceState::Stopping => sd_notify::NotifyState::Stopping,
+        };
+        if let Err(e) = sd_notify::notify(&[msg]) {
+            warn!(?state, error = %e, "cannot notify the service manager ($NOTIFY_SOCKET)");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
+}
+
+/// Where the pools served at startup came from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum PoolSource {
+    /// The state file (Admin changes, persisted).
+    StateFile,
+    /// The config file (or the embedded default).
+    Config,
 }
 
 /// Refuses to serve beyond loopback while a service has no token, unless `allow_insecure_remote`.
@@ -315,27 +399,4 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<ServerTls
     };
     let identity = Identity::from_pem(read("tls_cert", cert)?, read("tls_key", key)?);
     Ok(ServerTlsConfig::new().identity(identity))
-}
-
-/// The learning period for this start. With a restart marker, finding it means the previous run
-/// crashed or stopped with leases held: wait one lease TTL (the longest `default_ttl`) so those
-/// holders can resume before anything new is granted. The marker is then (re)written.
-fn restart_learning_period(cfg: &Config) -> Duration {
-    let configured = cfg.scheduler.learning_period;
-    let Some(marker) = &cfg.restart_marker else { return configured };
-    let restarted = marker.exists();
-    if let Err(e) = std::fs::write(marker, format!("{}\n", std::process::id())) {
-        warn!(path = %marker.display(), error = %e, "cannot write the restart marker; restarts will not be detected");
-    }
-    if !restarted {
-        return configured;
-    }
-    let ttl = cfg.pools.values().map(|p| p.default_ttl).max().unwrap_or_default();
-    let period = configured.max(ttl);
-    warn!(
-        path = %marker.display(),
-        learning_secs = period.as_secs_f64(),
-        "previous run ended with leases possibly held: granting only resumes during the learning period"
-    );
-    period
 }

@@ -44,6 +44,7 @@ fn main() -> ExitCode {
 
 /// Binds, serves and reloads until SIGTERM or ctrl-c.
 async fn run(cli: Cli, cfg: Config) -> ExitCode {
+    let shutdown = shutdown_signal();
     let listener = match TcpListener::bind(cfg.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -52,12 +53,12 @@ async fn run(cli: Cli, cfg: Config) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map_or(cfg.listen, |a| a);
-    let pools: Vec<String> = cfg.pools.iter().map(|(k, v)| format!("{k}={}", v.max_concurrent)).collect();
-    info!(%addr, pools = %pools.join(","), "slotd serving");
+    // Which pools are served (the config file's or the state file's) is logged by `serve`.
+    info!(%addr, "slotd serving");
 
     let (reload_tx, reload_rx) = mpsc::channel(4);
     tokio::spawn(reload_on_sighup(cli, reload_tx));
-    match slotd::serve_with_reload(cfg, listener, shutdown_signal(), Some(reload_rx)).await {
+    match slotd::serve_with_reload(cfg, listener, shutdown, Some(reload_rx)).await {
         Ok(()) => {
             info!("slotd stopped");
             ExitCode::SUCCESS
@@ -81,20 +82,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on ctrl-c or SIGTERM. The handlers are installed now, not when the future is first
+/// polled: a SIGTERM that arrives while the daemon is still starting must stop it gracefully too, not
+/// kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Re-reads the config file on SIGHUP and hands the pools to the daemon.

@@ -1,8 +1,11 @@
 //! The state file: the pool set as changed through the Admin service, persisted so it survives a restart.
 //!
-//! Format: the `[pools.NAME]` tables of the config file and nothing else. Every write replaces the
-//! whole file atomically (temp file in the same directory, fsync, rename, fsync of the directory), so
-//! a crash leaves either the old set or the new one, never a torn file.
+//! Format: `version = 1`, then the `[pools.NAME]` tables of the config file and nothing else. The
+//! version line makes the file self-describing: a file without it (empty, comments only, hand-made)
+//! is refused at startup rather than served as "no pools". Every write replaces the whole file
+//! atomically (temp file `.NAME.tmp.*` in the same directory, fsync, rename, fsync of the directory),
+//! so a crash leaves either the old set or the new one, never a torn file; temp files a killed writer
+//! left behind are removed at the next start ([`remove_stale_temp_files`]).
 //!
 //! Precedence: when the file exists at startup its pools replace the config file's (the config stays
 //! the seed until the first Admin change). A SIGHUP reload merges the config file's pools *under* the
@@ -24,9 +27,14 @@ use crate::scheduler::{PoolConfig, PoolId, validate_tree};
 /// Pools by name.
 pub type Pools = BTreeMap<PoolId, PoolConfig>;
 
+/// The `version` slotd writes and reads.
+pub const STATE_VERSION: u32 = 1;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateToml {
+    /// Always [`STATE_VERSION`] when slotd wrote the file; `None` when it did not.
+    version: Option<u32>,
     #[serde(default)]
     pools: Pools,
 }
@@ -61,6 +69,21 @@ pub fn load(path: &Path) -> Result<Option<Pools>, StateError> {
     };
     let invalid = |reason: String| StateError::Invalid { path: path.to_owned(), reason };
     let state: StateToml = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    match state.version {
+        Some(STATE_VERSION) => {}
+        None => {
+            return Err(invalid(format!(
+                "no `version = {STATE_VERSION}` line, so slotd did not write it (an empty or hand-made file \
+                 would start the daemon with no pools); delete it to start from the config file's pools, \
+                 or add `version = {STATE_VERSION}` if its pools are what you want served"
+            )));
+        }
+        Some(v) => {
+            return Err(invalid(format!(
+                "version {v} is not supported (this slotd reads version {STATE_VERSION})"
+            )));
+        }
+    }
     validate_tree(&state.pools).map_err(|e| invalid(e.to_string()))?;
     Ok(Some(state.pools))
 }
@@ -68,17 +91,13 @@ pub fn load(path: &Path) -> Result<Option<Pools>, StateError> {
 /// Writes the pool set to `path` atomically (see the module docs).
 pub fn write(path: &Path, pools: &Pools) -> Result<(), StateError> {
     let io = |source| StateError::Io { path: path.to_owned(), source };
-    let body = toml::to_string_pretty(&StateToml { pools: pools.clone() })
+    let body = toml::to_string_pretty(&StateToml { version: Some(STATE_VERSION), pools: pools.clone() })
         .map_err(|e| StateError::Invalid { path: path.to_owned(), reason: e.to_string() })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    let dir = parent_dir(path);
     // Same directory, so the rename cannot cross file systems. The temp file has a random name (two
     // daemons pointed at the same file, a mistake, never write through each other's) and is removed
     // if anything fails before the rename.
-    let prefix = format!(".{name}.tmp.");
+    let prefix = temp_prefix(path);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix);
     // Readable as far as the umask allows, as a plain `File::create` would be (tempfile's default
@@ -99,6 +118,35 @@ pub fn write(path: &Path, pools: &Pools) -> Result<(), StateError> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// How the names of `path`'s temp files begin: `.NAME.tmp.`.
+fn temp_prefix(path: &Path) -> String {
+    let name = path.file_name().map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    format!(".{name}.tmp.")
+}
+
+/// Removes the temp files of `path` that a writer killed mid-write (SIGKILL, power loss) left
+/// behind; returns their names. Call it at startup, before anything writes: a temp file present
+/// then belongs to no running write of this daemon.
+pub fn remove_stale_temp_files(path: &Path) -> Vec<PathBuf> {
+    let prefix = temp_prefix(path);
+    let Ok(entries) = std::fs::read_dir(parent_dir(path)) else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect()
 }
 
 /// The state file shared by the Admin service and the reload task. Callers hold [`StateFile::lock`]
@@ -182,9 +230,46 @@ mod tests {
     }
 
     #[test]
+    fn a_file_slotd_did_not_write_is_refused_not_served_as_no_pools() {
+        let path = temp_path("unversioned");
+        for text in ["", "# only a comment\n", "[pools.a]\nmax_concurrent = 1\n"] {
+            std::fs::write(&path, text).unwrap();
+            let err = load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("version = 1") && err.contains("slotd-state-unversioned"),
+                "{text:?}: {err}"
+            );
+        }
+        std::fs::write(&path, "version = 2\n").unwrap();
+        assert!(load(&path).unwrap_err().to_string().contains("version 2 is not supported"));
+        // What slotd writes for an empty set is still an empty set.
+        write(&path, &Pools::new()).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("version = 1"));
+        assert_eq!(load(&path).unwrap(), Some(Pools::new()));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn stale_temp_files_of_this_state_file_are_removed_and_nothing_else() {
+        let path = temp_path("stale");
+        let dir = path.parent().unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let stale = [dir.join(format!(".{name}.tmp.4242")), dir.join(format!(".{name}.tmp.Xy12ab"))];
+        let other = dir.join(format!(".{name}.other"));
+        for f in stale.iter().chain([&other]) {
+            std::fs::write(f, "half a write").unwrap();
+        }
+        let mut removed = remove_stale_temp_files(&path);
+        removed.sort();
+        assert_eq!(removed, stale.to_vec());
+        assert!(stale.iter().all(|f| !f.exists()) && other.exists());
+        std::fs::remove_file(other).unwrap();
+    }
+
+    #[test]
     fn an_invalid_state_file_is_refused_with_its_path() {
         let path = temp_path("invalid");
-        std::fs::write(&path, "[pools.a]\nmax_concurrent = 1\nparent = \"nope\"\n").unwrap();
+        std::fs::write(&path, "version = 1\n[pools.a]\nmax_concurrent = 1\nparent = \"nope\"\n").unwrap();
         let err = load(&path).unwrap_err().to_string();
         assert!(err.contains("does not exist") && err.contains("slotd-state-invalid"), "{err}");
         std::fs::remove_file(&path).unwrap();

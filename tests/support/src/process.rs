@@ -26,10 +26,17 @@ impl Slotd {
     /// `env!("CARGO_BIN_EXE_slotd")`) and waits for the address it logs.
     #[track_caller]
     pub fn start(exe: &str, args: &[&str]) -> Slotd {
+        Self::start_with(exe, args, |_| {})
+    }
+
+    /// [`Slotd::start`], letting `configure` adjust the command first (environment, limits).
+    #[track_caller]
+    pub fn start_with(exe: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Slotd {
         let at = Location::caller();
-        let mut child = Command::new(exe)
-            .args(["--listen", "127.0.0.1:0", "--restart-marker", "none", "--log-format", "json"])
-            .args(args)
+        let mut cmd = Command::new(exe);
+        cmd.args(["--listen", "127.0.0.1:0", "--restart-marker", "none", "--log-format", "json"]).args(args);
+        configure(&mut cmd);
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

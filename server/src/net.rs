@@ -1,0 +1,429 @@
+//! Accepting connections: a bound on open ones, a handshake deadline, and backoff on accept errors.
+//!
+//! tonic's own accept loop retries a failing `accept` at once and silently, so near the fd limit
+//! (EMFILE) it spins, and hyper waits forever for the HTTP/2 preface of a connection that never
+//! speaks. [`incoming`] replaces that loop: it is the stream of connections handed to
+//! `serve_with_incoming_shutdown`.
+//!
+//! - Every accepted connection holds a place among `limits.max_connections` for as long as it is
+//!   open; one more is closed at once (with an HTTP/2 GOAWAY on plaintext, so a client can say why)
+//!   and counted, with a rate-limited warning.
+//! - A connection must deliver the 24-byte HTTP/2 client preface within `limits.handshake_timeout`,
+//!   or its next read fails and hyper closes it. Under TLS the same deadline also bounds the TLS
+//!   handshake (see [`tls_handshake_timeout`]).
+//! - Accept errors are logged (rate-limited) and retried after a backoff that doubles from
+//!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`].
+//! - Accepted sockets get TCP_NODELAY: without it Nagle holds back the second of two small writes
+//!   (Released, then Granted) for a delayed ACK.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::Stream;
+use prometheus::core::Collector;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::{debug, warn};
+
+/// First wait after a failed `accept`.
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between `accept` retries.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one warning per this interval for each kind of trouble (refusals, accept errors); the
+/// ones in between are counted and reported with the next.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often an idle HTTP/2 connection is pinged, to find peers that vanished without a FIN.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The HTTP/2 client connection preface (RFC 9113 §3.4) a client sends first.
+pub const PREFACE_LEN: usize = 24;
+
+/// What [`incoming`] enforces.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// How long a new connection has to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Send a GOAWAY before closing a refused connection (plaintext only: under TLS the bytes would
+    /// mean nothing to the client).
+    pub goaway_on_refusal: bool,
+}
+
+/// Counters of what [`incoming`] did, shared with whoever reports them (metrics).
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    open: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicU64,
+    accept_errors: std::sync::atomic::AtomicU64,
+}
+
+impl ConnectionCounts {
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections refused over `limits.max_connections` so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed `accept` calls so far.
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Reports [`ConnectionCounts`] to Prometheus as `slotd_connections_open`,
+/// `slotd_connections_refused_total` and `slotd_accept_errors_total`, read at each scrape.
+struct CountsCollector {
+    counts: Arc<ConnectionCounts>,
+    open: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
+    accept_errors: prometheus::IntCounter,
+}
+
+impl Collector for CountsCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        [self.open.desc(), self.refused.desc(), self.accept_errors.desc()].concat()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.open.set(i64::try_from(self.counts.open()).unwrap_or(i64::MAX));
+        // Counters only go up: add what happened since the last scrape.
+        let catch_up = |c: &prometheus::IntCounter, now: u64| c.inc_by(now.saturating_sub(c.get()));
+        catch_up(&self.refused, self.counts.refused());
+        catch_up(&self.accept_errors, self.counts.accept_errors());
+        [self.open.collect(), self.refused.collect(), self.accept_errors.collect()].concat()
+    }
+}
+
+impl ConnectionCounts {
+    /// Registers these counts with a Prometheus registry (see [`crate::metrics::Metrics::registry`]).
+    pub fn register(self: &Arc<Self>, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let collector = CountsCollector {
+            counts: self.clone(),
+            open: prometheus::IntGauge::new("slotd_connections_open", "Client connections open now.")?,
+            refused: prometheus::IntCounter::new(
+                "slotd_connections_refused_total",
+                "Client connections closed at once because limits.max_connections were open.",
+            )?,
+            accept_errors: prometheus::IntCounter::new(
+                "slotd_accept_errors_total",
+                "Failed accepts on the gRPC listener (EMFILE and the like), each retried after a backoff.",
+            )?,
+        };
+        registry.register(Box::new(collector))
+    }
+}
+
+/// The TLS handshake timeout to give tonic: the same deadline as for the HTTP/2 preface, since the
+/// preface only follows the TLS handshake.
+pub fn tls_handshake_timeout(limits: &ConnectionLimits) -> Duration {
+    limits.handshake_timeout
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    counts: Arc<ConnectionCounts>,
+    backoff: Duration,
+    refusals: RateLimited,
+    errors: RateLimited,
+}
+
+/// The connections accepted on `listener`, each holding a place among `limits.max_connections`
+/// (see the module docs). Never yields an error: accept errors are logged and retried here. Dropping
+/// the stream closes the listener.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    counts: Arc<ConnectionCounts>,
+) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
+    let acceptor = Acceptor {
+        listener,
+        limits,
+        slots,
+        counts,
+        backoff: ACCEPT_BACKOFF_MIN,
+        refusals: RateLimited::default(),
+        errors: RateLimited::default(),
+    };
+    futures::stream::unfold(acceptor, |mut a| async move {
+        let conn = a.next().await;
+        Some((Ok(conn), a))
+    })
+}
+
+impl Acceptor {
+    /// Waits for the next connection that fits under the limit.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a connection is only taken from the listener in the same poll that returns it.
+    async fn next(&mut self) -> Conn {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => {
+                    self.backoff = ACCEPT_BACKOFF_MIN;
+                    accepted
+                }
+                Err(e) if per_connection(&e) => {
+                    // The peer gave up between SYN and accept: nothing is wrong with the listener.
+                    debug!(error = %e, "connection lost before it was accepted");
+                    continue;
+                }
+                Err(e) => {
+                    self.counts.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(suppressed) = self.errors.hit(Instant::now()) {
+                        warn!(
+                            error = %e,
+                            retry_in_ms = self.backoff.as_millis() as u64,
+                            suppressed,
+                            "cannot accept connections (at the open-file limit? see LimitNOFILE); retrying"
+                        );
+                    }
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = next_backoff(self.backoff);
+                    continue;
+                }
+            };
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                self.refuse(stream, peer);
+                continue;
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            return Conn::new(stream, permit, self.counts.clone(), self.limits.handshake_timeout);
+        }
+    }
+
+    fn refuse(&mut self, stream: TcpStream, peer: std::net::SocketAddr) {
+        self.counts.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.limits.goaway_on_refusal {
+            // Best effort and never waits: a full socket buffer just means a bare close.
+            let _ = stream.try_write(&goaway_frame());
+        }
+        drop(stream);
+        if let Some(suppressed) = self.refusals.hit(Instant::now()) {
+            warn!(
+                %peer,
+                max_connections = self.limits.max_connections,
+                suppressed,
+                "refusing a connection: limits.max_connections are open"
+            );
+        }
+    }
+}
+
+/// The wait after `current` when `accept` fails again: doubled, up to [`ACCEPT_BACKOFF_MAX`].
+fn next_backoff(current: Duration) -> Duration {
+    current.saturating_mul(2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX)
+}
+
+/// Errors that concern one connection, not the listener: retry at once.
+fn per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// The reason a refused client sees, in its GOAWAY's debug data.
+const REFUSAL_DEBUG_DATA: &[u8] = b"too many connections (limits.max_connections)";
+
+/// An empty server SETTINGS frame (the server's preface) and a GOAWAY with ENHANCE_YOUR_CALM.
+fn goaway_frame() -> Vec<u8> {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let mut out = Vec::with_capacity(9 + 9 + 8 + REFUSAL_DEBUG_DATA.len());
+    let header = |out: &mut Vec<u8>, len: usize, kind: u8| {
+        let len = u32::try_from(len).unwrap_or(0).to_be_bytes();
+        out.extend_from_slice(&len[1..]);
+        out.extend_from_slice(&[kind, 0, 0, 0, 0, 0]);
+    };
+    header(&mut out, 0, SETTINGS);
+    header(&mut out, 8 + REFUSAL_DEBUG_DATA.len(), GOAWAY);
+    out.extend_from_slice(&0u32.to_be_bytes()); // last stream id
+    out.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    out.extend_from_slice(REFUSAL_DEBUG_DATA);
+    out
+}
+
+/// One accepted connection: the socket, its place among `max_connections` (given back on drop), and
+/// the handshake deadline until the preface has arrived.
+pub struct Conn {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    counts: Arc<ConnectionCounts>,
+    /// Until the preface has arrived; `None` after.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Preface bytes still to come.
+    preface_left: usize,
+}
+
+impl Conn {
+    fn new(
+        io: TcpStream,
+        permit: OwnedSemaphorePermit,
+        counts: Arc<ConnectionCounts>,
+        handshake: Duration,
+    ) -> Self {
+        counts.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now().checked_add(handshake).map(|at| Box::pin(tokio::time::sleep_until(at)));
+        Self { io, _permit: permit, counts, deadline, preface_left: PREFACE_LEN }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.counts.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("peer", &self.io.peer_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        match (&polled, this.deadline.as_mut()) {
+            (_, None) => {}
+            (Poll::Ready(Ok(())), Some(_)) => {
+                let n = buf.filled().len() - before;
+                this.preface_left = this.preface_left.saturating_sub(n);
+                if this.preface_left == 0 {
+                    this.deadline = None;
+                }
+            }
+            (Poll::Ready(Err(_)), Some(_)) => {}
+            (Poll::Pending, Some(deadline)) => {
+                // Polled here so that the timer wakes the connection's task when it fires.
+                if deadline.as_mut().poll(cx).is_ready() {
+                    debug!(peer = ?this.io.peer_addr().ok(), "closing a connection that sent no HTTP/2 preface in time");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within limits.handshake_timeout",
+                    )));
+                }
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Lets one event through per [`WARN_EVERY`], counting the rest.
+#[derive(Debug, Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    /// `Some(events suppressed since the last one let through)` when this one may be logged.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < WARN_EVERY => {
+                self.suppressed = self.suppressed.saturating_add(1);
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_let_through_once_per_interval_with_the_count_in_between() {
+        let t0 = Instant::now();
+        let mut r = RateLimited::default();
+        assert_eq!(r.hit(t0), Some(0));
+        assert_eq!(r.hit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(r.hit(t0 + Duration::from_secs(2)), None);
+        assert_eq!(r.hit(t0 + WARN_EVERY), Some(2));
+        assert_eq!(r.hit(t0 + WARN_EVERY), None);
+    }
+
+    #[test]
+    fn the_refusal_is_a_settings_frame_then_a_goaway_with_its_reason() {
+        let f = goaway_frame();
+        assert_eq!(&f[..9], &[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let len = usize::from(f[9]) << 16 | usize::from(f[10]) << 8 | usize::from(f[11]);
+        assert_eq!(f[12], 7, "GOAWAY");
+        assert_eq!(len, f.len() - 18);
+        assert_eq!(&f[22..26], &[0, 0, 0, 0xb], "ENHANCE_YOUR_CALM");
+        assert!(f.ends_with(REFUSAL_DEBUG_DATA));
+    }
+
+    #[test]
+    fn accept_backoff_doubles_from_5ms_to_1s() {
+        let waits: Vec<Duration> =
+            std::iter::successors(Some(ACCEPT_BACKOFF_MIN), |b| Some(next_backoff(*b))).take(10).collect();
+        assert_eq!(waits[..3], [ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MIN * 2, ACCEPT_BACKOFF_MIN * 4]);
+        assert_eq!(waits[9], ACCEPT_BACKOFF_MAX, "{waits:?}");
+        assert_eq!(next_backoff(ACCEPT_BACKOFF_MAX), ACCEPT_BACKOFF_MAX);
+    }
+}
