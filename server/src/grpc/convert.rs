@@ -17,7 +17,8 @@ use crate::{
     grpc::status::code,
     scheduler::{
         Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, NewRequest, Outcome,
-        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeRequest, Snapshot,
+        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeCredential,
+        ResumeRequest, Snapshot,
     },
 };
 
@@ -159,6 +160,7 @@ fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
         priority: priority(r.priority)?,
         ttl: duration("ttl", r.ttl)?,
         holder: holder(r.holder)?,
+        credential: ResumeCredential::new(r.credential),
     })
 }
 
@@ -169,7 +171,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
         Event::Queued { request_id, position, blocked } => {
             Msg::Queued(pb::Queued { request_id: request_id.to_string(), position, blocked })
         }
-        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
                 lease_id: lease_id.to_string(),
@@ -177,6 +179,8 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 ttl: Some(pb_duration(ttl)),
                 expires_at: Some(timestamp(expires_at)),
                 pool: pool.to_string(),
+                // The one place a credential leaves the daemon: to its grantee.
+                resume_credential: credential.expose().to_owned(),
             })
         }
         Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
@@ -206,6 +210,11 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 message: message.into(),
             })
         }
+        Event::ResumedElsewhere { lease_id, .. } => Msg::Expired(pb::Expired {
+            lease_id: lease_id.to_string(),
+            reason: pb::ExpiryReason::ResumedElsewhere as i32,
+            message: "another stream resumed this lease with its credential; stop using the slot".into(),
+        }),
         Event::Released { lease_id, .. } => Msg::Released(pb::Released { lease_id: lease_id.to_string() }),
         Event::LeaseError { lease_id, error } => Msg::LeaseError(pb::LeaseError {
             lease_id,
