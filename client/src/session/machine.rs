@@ -15,7 +15,7 @@
 //!    [`Notify::LeaseLost`] when it was lost), so the task can drop what it keeps for it.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     time::{Duration, SystemTime},
 };
 
@@ -74,7 +74,18 @@ pub(crate) enum ToDaemon {
         priority: Option<u32>,
         ttl: Duration,
         holder: String,
+        credential: Credential,
     },
+}
+
+/// A lease's resume credential, from its grant: a secret, so `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(crate) struct Credential(pub(crate) String);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
 }
 
 /// A granted lease, as the daemon described it.
@@ -85,6 +96,8 @@ pub(crate) struct LeaseInfo {
     pub(crate) fencing_token: u64,
     pub(crate) ttl: Duration,
     pub(crate) expires_at: SystemTime,
+    /// Presented, with the holder name the lease was asked with, to resume it on a new stream.
+    pub(crate) credential: Credential,
 }
 
 /// Why the daemon ended a lease, as far as the client cares.
@@ -96,6 +109,8 @@ pub(crate) enum Expiry {
     Revoked,
     /// The daemon is shutting down; a restart may let the lease be resumed.
     Shutdown,
+    /// Another stream resumed it with its credential.
+    ResumedElsewhere,
 }
 
 /// A message from the daemon, after wire decoding.
@@ -197,9 +212,10 @@ pub(crate) struct Machine {
     heartbeat_interval: Option<Duration>,
     connected: bool,
     pending: HashMap<String, Pending>,
-    /// Requests cancelled on the current stream whose answer has not come yet: a grant for one of
-    /// them is released at once.
-    cancelling: HashSet<String>,
+    /// Requests cancelled on the current stream whose answer has not come yet, with their holder
+    /// name: a grant for one of them is released at once (resumed first if the stream breaks, which
+    /// takes the holder name the credential covers).
+    cancelling: HashMap<String, String>,
     leases: HashMap<String, Held>,
     pauses: Pauses,
     next_heartbeat: Option<Instant>,
@@ -216,7 +232,7 @@ impl Machine {
             heartbeat_interval,
             connected: false,
             pending: HashMap::new(),
-            cancelling: HashSet::new(),
+            cancelling: HashMap::new(),
             leases: HashMap::new(),
             pauses: Pauses::new(),
             next_heartbeat: None,
@@ -293,9 +309,11 @@ impl Machine {
     }
 
     fn cancel(&mut self, request_id: String) {
-        if self.pending.remove(&request_id).is_some() && self.connected {
+        if let Some(p) = self.pending.remove(&request_id)
+            && self.connected
+        {
             self.send(ToDaemon::Cancel { request_id: request_id.clone() });
-            self.cancelling.insert(request_id);
+            self.cancelling.insert(request_id, p.spec.holder);
         }
         // Not pending: it was granted already and its lease (dropped with the future's channel)
         // releases itself; or we are disconnected and the daemon forgot it.
@@ -430,14 +448,14 @@ impl Machine {
             }
             None => {
                 // Granted while (or after) its acquire was cancelled: the slot goes straight back.
-                self.cancelling.remove(&request_id);
+                let holder = self.cancelling.remove(&request_id).unwrap_or_default();
                 tracing::debug!(request_id, lease_id, "releasing a grant nobody waits for");
                 self.leases.insert(
                     lease_id.clone(),
                     Held {
                         lease,
                         priority: None,
-                        holder: String::new(),
+                        holder,
                         state: State::Releasing { outcome: Outcome::Cancelled, ticket: None },
                     },
                 );
@@ -454,7 +472,7 @@ impl Machine {
         message: String,
         retry_after: Option<Duration>,
     ) {
-        if self.cancelling.remove(&request_id) {
+        if self.cancelling.remove(&request_id).is_some() {
             return;
         }
         if code == tonic::Code::Unavailable && self.pending.contains_key(&request_id) {
@@ -477,6 +495,7 @@ impl Machine {
         };
         let lost = match reason {
             Expiry::Revoked => Lost::Revoked(message),
+            Expiry::ResumedElsewhere => Lost::ResumedElsewhere(message),
             Expiry::Ttl | Expiry::Shutdown => Lost::Expired(message),
         };
         self.lose(&lease_id, lost.clone());
@@ -577,6 +596,7 @@ impl Machine {
                 priority: held.priority,
                 ttl: held.lease.ttl,
                 holder: held.holder.clone(),
+                credential: held.lease.credential.clone(),
             };
             match held.state {
                 State::Resuming => msgs.push(resume),
