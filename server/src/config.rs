@@ -493,6 +493,33 @@ mod tests {
     }
 
     #[test]
+    fn the_key_and_the_restart_marker_live_in_the_state_dir_else_beside_each_other_in_tmp() {
+        let load = |args: &[&str]| {
+            let cli = Cli::parse_from([&["slotd", "--listen", "127.0.0.1:6000"], args].concat());
+            Config::load(&cli).unwrap()
+        };
+        let cfg = load(&["--state-dir", "/var/lib/slotd:/var/lib/other"]);
+        assert_eq!(cfg.state_dir, Some(PathBuf::from("/var/lib/slotd")));
+        assert_eq!(cfg.key_path(), Some(PathBuf::from("/var/lib/slotd/lease.key")));
+        assert_eq!(cfg.restart_marker, Some(PathBuf::from("/var/lib/slotd/slotd-6000.running")));
+        let cfg = load(&["--state-dir", "/s", "--key-file", "/k/key", "--restart-marker", "none"]);
+        assert_eq!((cfg.key_path(), cfg.restart_marker), (Some(PathBuf::from("/k/key")), None));
+        let env_set = ["STATE_DIRECTORY", "SLOTD_KEY_FILE", "SLOTD_RESTART_MARKER"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        if !env_set {
+            let cfg = load(&[]);
+            let tmp = std::env::temp_dir();
+            assert_eq!(cfg.key_path(), Some(tmp.join("slotd-6000.key")));
+            assert_eq!(cfg.restart_marker, Some(tmp.join("slotd-6000.running")));
+        }
+        // The library default (no CLI) keeps the key in memory.
+        assert_eq!(Config::embedded().key_path(), None);
+        let err = Config::from_toml_str("state_dir = \"\"").unwrap_err().to_string();
+        assert!(err.contains("state_dir is empty"), "{err}");
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_a_reason() {
         let cases = [
             ("[pools.a]\nmax_concurrent = 0", "max_concurrent"),
