@@ -117,7 +117,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > ResumeCredential::MAX_LEN {
+    if !s.len().is_multiple_of(2) || s.len() > ResumeCredential::MAX_LEN {
         return None;
     }
     let digit = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
