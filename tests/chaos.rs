@@ -727,8 +727,14 @@ fn daemon_sigkill_and_restart_resumes_leases_without_over_granting() {
 async fn daemon_restart() {
     const LIMIT: usize = 3;
     const CHURNERS: usize = 4;
-    let toml = "[scheduler]\nlearning_period = \"1s\"\n\
-                [pools.p]\nmax_concurrent = 3\nadaptive = false\ndefault_ttl = \"1s\"\n";
+    // Both daemons read one key file, so the clients' resume credentials outlive the restart.
+    let key_file = std::env::temp_dir().join(format!("slotd-chaos-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&key_file);
+    let toml = &format!(
+        "key_file = {:?}\n[scheduler]\nlearning_period = \"1s\"\n\
+         [pools.p]\nmax_concurrent = 3\nadaptive = false\ndefault_ttl = \"1s\"\n",
+        key_file.display().to_string()
+    );
     let (mut d1, addr) = start_daemon(toml, SocketAddr::from(([127, 0, 0, 1], 0)), 1).await;
     let connect = || async {
         tokio::time::timeout(
@@ -873,6 +879,7 @@ async fn daemon_restart() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     eprintln!("daemon restart: {cycles} churn cycles, {} grants, {samples} Status samples", grants.len());
+    let _ = std::fs::remove_file(&key_file);
 }
 
 // ---------------------------------------------------------------------------------------------

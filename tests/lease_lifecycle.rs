@@ -10,7 +10,7 @@ use std::{
 };
 
 use slotd_proto::v1 as pb;
-use slotd_test_support::{Daemon, ms, pool_in};
+use slotd_test_support::{Daemon, ms, pool_in, resume_of};
 use tonic::Code;
 
 const ONE_POOL: &str = r#"
@@ -244,16 +244,9 @@ async fn resume_grace_keeps_the_lease_for_a_new_stream() {
     assert_eq!(s.leases.len(), 1);
     assert_eq!(s.leases[0].lease_id, g.lease_id);
 
-    // It reconnects and resumes: same lease, same fencing token.
+    // It reconnects and resumes with the grant's credential: same lease, same fencing token.
     let mut a2 = d.agent("a-again").await;
-    a2.resume(pb::ResumeLease {
-        lease_id: g.lease_id.clone(),
-        fencing_token: g.fencing_token,
-        pool: "p".into(),
-        holder: "a-again".into(),
-        ..Default::default()
-    })
-    .await;
+    a2.resume(resume_of(&g, "a")).await;
     let r = a2.expect_lease_resumed(&g.lease_id).await;
     assert_eq!(r.fencing_token, g.fencing_token);
     // The lease belongs to the new stream now: it can heartbeat and release it.
@@ -275,13 +268,7 @@ async fn without_grace_a_dropped_stream_cannot_be_resumed() {
     drop(a);
     d.wait_for("the lease to be released", |s| s.leases.is_empty()).await;
     let mut a2 = d.agent("a-again").await;
-    a2.resume(pb::ResumeLease {
-        lease_id: g.lease_id.clone(),
-        fencing_token: g.fencing_token,
-        pool: "p".into(),
-        ..Default::default()
-    })
-    .await;
+    a2.resume(resume_of(&g, "a")).await;
     a2.expect_lease_error(&g.lease_id, Code::FailedPrecondition).await;
     d.assert_idle().await;
     d.stop().await;

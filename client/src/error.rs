@@ -74,6 +74,10 @@ pub enum Lost {
     /// or taking it back would have exceeded the limit).
     #[error("resume failed: {0}")]
     ResumeFailed(String),
+    /// Another stream resumed it with its resume credential (which only this client was given): the
+    /// lease lives on there.
+    #[error("resumed elsewhere: {0}")]
+    ResumedElsewhere(String),
     /// The client's session task ended, so nobody renews the lease any more.
     #[error("client session closed")]
     SessionClosed,

@@ -161,6 +161,7 @@ fn answer(state: &State, msg: Up) -> pb::ServerMessage {
                 ttl: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
                 expires_at: None,
                 pool: r.pool,
+                resume_credential: format!("credential-{n}"),
             })
         }
         Up::Cancel(c) => Down::Cancelled(pb::Cancelled { request_id: c.request_id }),

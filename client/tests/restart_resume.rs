@@ -18,11 +18,31 @@ use slotd_test_support::{
 
 const LIMIT: usize = 2;
 
-fn config(learning: &str) -> String {
+/// Both daemons of a test share `key_file`, so resume credentials outlive the restart.
+fn config(learning: &str, key_file: &std::path::Path) -> String {
     format!(
-        "[scheduler]\nlearning_period = \"{learning}\"\n[limits]\ndrain_timeout = \"300ms\"\n\
-         [pools.p]\nmax_concurrent = {LIMIT}\nadaptive = false\ndefault_ttl = \"2s\"\n"
+        "key_file = {:?}\n[scheduler]\nlearning_period = \"{learning}\"\n[limits]\ndrain_timeout = \"300ms\"\n\
+         [pools.p]\nmax_concurrent = {LIMIT}\nadaptive = false\ndefault_ttl = \"2s\"\n",
+        key_file.display().to_string()
     )
+}
+
+/// A key file path of its own for one test, removed on drop.
+struct KeyFile(std::path::PathBuf);
+
+impl KeyFile {
+    fn new(tag: &str) -> Self {
+        let name = format!("slotd-restart-resume-{}-{tag}.key", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_file(&path);
+        KeyFile(path)
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Counts the holders that believe they hold a slot, and remembers the most ever seen at once.
@@ -68,7 +88,8 @@ fn status_auditor(client: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHan
 
 #[tokio::test]
 async fn a_restart_resumes_held_leases_within_the_limit() {
-    let toml = config("400ms");
+    let key = KeyFile::new("resumes");
+    let toml = config("400ms", &key.0);
     let d1 = Daemon::start(&toml).await;
     let addr = d1.addr;
     let auditor = Auditor::default();
@@ -166,7 +187,8 @@ async fn a_restart_resumes_held_leases_within_the_limit() {
 #[tokio::test]
 async fn a_lease_not_resumed_in_time_is_lost() {
     // No learning period: the new daemon refuses to re-create leases it never granted.
-    let toml = config("0s");
+    let key = KeyFile::new("lost");
+    let toml = config("0s", &key.0);
     let d1 = Daemon::start(&toml).await;
     let addr = d1.addr;
     let c = d1.connect().await;

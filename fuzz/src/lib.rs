@@ -82,13 +82,14 @@ fn op(u: &mut Unstructured) -> Result<Op> {
         6 => Op::Cancel { s, which },
         7 => Op::Heartbeat { s, which: u.arbitrary::<bool>()?.then_some(which) },
         8 | 9 => Op::Release { s, which, outcome: u.int_in_range(0..=5)?, retry: retry(u)? },
-        10 => Op::Move { s, which, good_token: u.ratio(4u8, 5)? },
+        10 => Op::Move { s, which, good_token: u.ratio(4u8, 5)?, forged: u.ratio(1u8, 3)? },
         11 => Op::Recreate {
             s,
             pool,
             id: u.int_in_range(1..=3)?,
             // Small tokens, and ones near the top of the range (a counter that must not overflow).
             token: if u.arbitrary()? { u.int_in_range(1..=59)? } else { u64::MAX - u.int_in_range(0..=3)? },
+            forged: u.ratio(1u8, 3)?,
         },
         12 => Op::RateLimit { pool, retry: retry(u)? },
         13 => Op::SetPools {

@@ -40,9 +40,20 @@ pub struct Cli {
     pub check: bool,
     /// Restart marker: present while the daemon runs (and kept if it stops with leases held). Finding it
     /// at startup means a restart: grant nothing new for one lease TTL so earlier holders resume first.
-    /// Default: `$TMPDIR/slotd-<port>.running` for the binary; `none` disables it.
+    /// Default: `<state_dir>/slotd-<port>.running`, or `$TMPDIR/slotd-<port>.running` without a state
+    /// directory; `none` disables it.
     #[arg(long, value_name = "PATH|none", env = "SLOTD_RESTART_MARKER")]
     pub restart_marker: Option<String>,
+    /// Directory for state that must outlive a restart: the resume-credential key (`lease.key`) and the
+    /// default restart marker. systemd's `StateDirectory=` sets $STATE_DIRECTORY (the first entry of a
+    /// colon-separated list is used). Overrides `state_dir`.
+    #[arg(long, value_name = "DIR", env = "STATE_DIRECTORY")]
+    pub state_dir: Option<PathBuf>,
+    /// File holding the key of resume credentials (32 random bytes, mode 0600, created on first start);
+    /// overrides `key_file`. Default: `<state_dir>/lease.key`, or `$TMPDIR/slotd-<port>.key` without a
+    /// state directory.
+    #[arg(long, value_name = "FILE", env = "SLOTD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
     /// Persist pool changes made through the Admin service to this TOML file (written atomically);
     /// when it exists at startup, its pools replace the config file's. Overrides `state_file`.
     #[arg(long, value_name = "PATH", env = "SLOTD_STATE_FILE")]
@@ -101,6 +112,15 @@ pub struct Config {
     /// Restart detection (see `--restart-marker`); `None` (the library default) never detects one.
     #[serde(default)]
     pub restart_marker: Option<PathBuf>,
+    /// Directory for state that must outlive a restart (see `--state-dir`): the key file
+    /// [`Config::KEY_FILE_NAME`] unless `key_file` says otherwise, and, for the binary, the default
+    /// restart marker. Created (mode 0700) if missing.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// The key of resume credentials (see [`Config::key_path`]); `None` with no `state_dir` (the library
+    /// default) uses a random key held in memory, so credentials do not survive a restart.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Where Admin pool changes are persisted; `None` (the default) keeps them in memory only.
     /// When the file exists at startup its pools replace `pools` (which stay the seed otherwise).
     #[serde(default)]
@@ -270,6 +290,14 @@ pub enum ConfigError {
 impl Config {
     /// Most runtime threads `worker_threads` accepts.
     pub const MAX_WORKER_THREADS: usize = 256;
+    /// The key file's name inside `state_dir`.
+    pub const KEY_FILE_NAME: &str = "lease.key";
+
+    /// Where the key of resume credentials is kept: `key_file`, else `<state_dir>/lease.key`; `None`
+    /// means a random key in memory.
+    pub fn key_path(&self) -> Option<PathBuf> {
+        self.key_file.clone().or_else(|| self.state_dir.as_ref().map(|d| d.join(Self::KEY_FILE_NAME)))
+    }
 
     fn default_listen() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 50051))
@@ -306,14 +334,27 @@ impl Config {
         if let Some(f) = &cli.state_file {
             cfg.state_file = Some(f.clone());
         }
+        if let Some(dir) = &cli.state_dir {
+            // systemd lists several directories separated by colons when a unit asks for several.
+            let first = dir.to_str().and_then(|d| d.split(':').next()).map(PathBuf::from);
+            cfg.state_dir = Some(first.unwrap_or_else(|| dir.clone()));
+        }
+        if let Some(f) = &cli.key_file {
+            cfg.key_file = Some(f.clone());
+        }
+        // The binary's defaults: beside each other in the state directory, else in the temp directory.
+        let port = cfg.listen.port();
+        let default_dir = cfg.state_dir.clone().unwrap_or_else(std::env::temp_dir);
         match cli.restart_marker.as_deref() {
             Some("none") => cfg.restart_marker = None,
             Some(path) => cfg.restart_marker = Some(PathBuf::from(path)),
             None if cfg.restart_marker.is_none() => {
-                let name = format!("slotd-{}.running", cfg.listen.port());
-                cfg.restart_marker = Some(std::env::temp_dir().join(name));
+                cfg.restart_marker = Some(default_dir.join(format!("slotd-{port}.running")));
             }
             None => {}
+        }
+        if cfg.key_path().is_none() {
+            cfg.key_file = Some(default_dir.join(format!("slotd-{port}.key")));
         }
         if let Some(addr) = cli.metrics_listen {
             cfg.metrics_listen = Some(addr);
@@ -407,6 +448,11 @@ impl Config {
         if self.scheduler.aging_step.is_zero() {
             return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
         }
+        for (key, path) in [("state_dir", &self.state_dir), ("key_file", &self.key_file)] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(ConfigError::Invalid(format!("{key} is empty: name a path or leave it out")));
+            }
+        }
         Ok(())
     }
 }
@@ -477,6 +523,33 @@ mod tests {
         cfg.agent_token_file = Some(dir.join("missing"));
         assert!(cfg.resolve_tokens(|_| None).unwrap_err().to_string().contains("cannot read"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_key_and_the_restart_marker_live_in_the_state_dir_else_beside_each_other_in_tmp() {
+        let load = |args: &[&str]| {
+            let cli = Cli::parse_from([&["slotd", "--listen", "127.0.0.1:6000"], args].concat());
+            Config::load(&cli).unwrap()
+        };
+        let cfg = load(&["--state-dir", "/var/lib/slotd:/var/lib/other"]);
+        assert_eq!(cfg.state_dir, Some(PathBuf::from("/var/lib/slotd")));
+        assert_eq!(cfg.key_path(), Some(PathBuf::from("/var/lib/slotd/lease.key")));
+        assert_eq!(cfg.restart_marker, Some(PathBuf::from("/var/lib/slotd/slotd-6000.running")));
+        let cfg = load(&["--state-dir", "/s", "--key-file", "/k/key", "--restart-marker", "none"]);
+        assert_eq!((cfg.key_path(), cfg.restart_marker), (Some(PathBuf::from("/k/key")), None));
+        let env_set = ["STATE_DIRECTORY", "SLOTD_KEY_FILE", "SLOTD_RESTART_MARKER"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
+        if !env_set {
+            let cfg = load(&[]);
+            let tmp = std::env::temp_dir();
+            assert_eq!(cfg.key_path(), Some(tmp.join("slotd-6000.key")));
+            assert_eq!(cfg.restart_marker, Some(tmp.join("slotd-6000.running")));
+        }
+        // The library default (no CLI) keeps the key in memory.
+        assert_eq!(Config::embedded().key_path(), None);
+        let err = Config::from_toml_str("state_dir = \"\"").unwrap_err().to_string();
+        assert!(err.contains("state_dir is empty"), "{err}");
     }
 
     #[test]

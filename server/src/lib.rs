@@ -6,6 +6,7 @@
 pub mod config;
 pub mod driver;
 pub mod grpc;
+pub mod key_file;
 pub mod metrics;
 pub mod net;
 pub mod pool_store;
@@ -44,7 +45,7 @@ use crate::{
     },
     metrics::Metrics,
     pool_store::PoolStore,
-    scheduler::{Scheduler, SchedulerConfig},
+    scheduler::{LeaseKey, Scheduler, SchedulerConfig},
     state::StateFile,
 };
 
@@ -60,6 +61,9 @@ pub enum ServeError {
     /// The state file could not be read.
     #[error("{0}")]
     State(#[from] state::StateError),
+    /// The key of resume credentials could not be read or created.
+    #[error("{0}")]
+    Key(#[from] key_file::KeyFileError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -145,6 +149,14 @@ pub async fn serve_with_metrics(
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
     let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    if let Some(dir) = &cfg.state_dir {
+        key_file::ensure_state_dir(dir)?;
+    }
+    // Read before the restart marker is written: a daemon that cannot trust its key never starts.
+    let lease_key = match cfg.key_path() {
+        Some(path) => key_file::load_or_create(&path)?,
+        None => LeaseKey::random(),
+    };
     // With a state file, the pools operators last set (through Admin) replace the config file's; the
     // config stays the seed until the first change (see `state`).
     let state_file = cfg.state_file.clone().map(|p| Arc::new(StateFile::new(p)));
@@ -189,6 +201,7 @@ pub async fn serve_with_metrics(
         max_per_session: cfg.scheduler.max_per_stream,
         first_token,
         seed: None,
+        lease_key,
     };
     grpc::convert::init_clock_anchor();
     let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;

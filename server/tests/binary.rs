@@ -142,3 +142,42 @@ fn at_the_open_file_limit_accept_backs_off_and_recovers() {
     drop(rt);
     d.terminate();
 }
+
+/// `--state-dir` (what systemd's `StateDirectory=` sets through $STATE_DIRECTORY) holds the key of
+/// resume credentials: created 0600 on first start, the same key on the next; an exposed one is refused.
+#[test]
+fn the_state_dir_keeps_the_resume_credential_key_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let key = state.join("lease.key");
+    let args = ["--state-dir", state.to_str().unwrap()];
+    // One grant before SIGTERM: the signal handler is installed once serving has begun.
+    let serve_once = || {
+        let d = Slotd::start(env!("CARGO_BIN_EXE_slotd"), &args);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), acquire_once(&d.url)).await })
+            .expect("a grant within 10s");
+        drop(rt);
+        d.terminate();
+    };
+    serve_once();
+    let first = std::fs::read(&key).expect("the key file was created");
+    assert_eq!(first.len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        serve_once();
+        assert_eq!(std::fs::read(&key).unwrap(), first, "the key is kept");
+
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_slotd"))
+            .args(["--listen", "127.0.0.1:0", "--restart-marker", "none"])
+            .args(args)
+            .output()
+            .expect("slotd runs");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lease.key") && err.contains("chmod 600"), "{err}");
+    }
+}

@@ -18,7 +18,7 @@
 //!    releases and cancels.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     time::{Duration, SystemTime},
 };
 
@@ -77,7 +77,18 @@ pub(crate) enum ToDaemon {
         priority: Option<u32>,
         ttl: Duration,
         holder: String,
+        credential: Credential,
     },
+}
+
+/// A lease's resume credential, from its grant: a secret, so `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub(crate) struct Credential(pub(crate) String);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
 }
 
 /// A granted lease, as the daemon described it.
@@ -88,6 +99,8 @@ pub(crate) struct LeaseInfo {
     pub(crate) fencing_token: u64,
     pub(crate) ttl: Duration,
     pub(crate) expires_at: SystemTime,
+    /// Presented, with the holder name the lease was asked with, to resume it on a new stream.
+    pub(crate) credential: Credential,
 }
 
 /// Why the daemon ended a lease, as far as the client cares.
@@ -99,6 +112,8 @@ pub(crate) enum Expiry {
     Revoked,
     /// The daemon is shutting down; a restart may let the lease be resumed.
     Shutdown,
+    /// Another stream resumed it with its credential.
+    ResumedElsewhere,
 }
 
 /// A message from the daemon, after wire decoding.
@@ -201,9 +216,10 @@ pub(crate) struct Machine {
     heartbeat_interval: Option<Duration>,
     connected: bool,
     pending: HashMap<String, Pending>,
-    /// Requests cancelled on the current stream whose answer has not come yet: a grant for one of
-    /// them is released at once.
-    cancelling: HashSet<String>,
+    /// Requests cancelled on the current stream whose answer has not come yet, with their holder
+    /// name: a grant for one of them is released at once (resumed first if the stream breaks, which
+    /// takes the holder name the credential covers).
+    cancelling: HashMap<String, String>,
     leases: HashMap<String, Held>,
     pauses: Pauses,
     next_heartbeat: Option<Instant>,
@@ -220,7 +236,7 @@ impl Machine {
             heartbeat_interval,
             connected: false,
             pending: HashMap::new(),
-            cancelling: HashSet::new(),
+            cancelling: HashMap::new(),
             leases: HashMap::new(),
             pauses: Pauses::new(),
             next_heartbeat: None,
@@ -302,9 +318,11 @@ impl Machine {
     }
 
     fn cancel(&mut self, request_id: String) {
-        if self.pending.remove(&request_id).is_some() && self.connected {
+        if let Some(p) = self.pending.remove(&request_id)
+            && self.connected
+        {
             self.send(ToDaemon::Cancel { request_id: request_id.clone() });
-            self.cancelling.insert(request_id);
+            self.cancelling.insert(request_id, p.spec.holder);
         }
         // Not pending: it was granted already and its lease (dropped with the future's channel)
         // releases itself; or we are disconnected and the daemon forgot it.
@@ -354,12 +372,14 @@ impl Machine {
     /// never said how the call went). Closing twice changes nothing more.
     fn close(&mut self) {
         self.closed = true;
-        let mut pending: Vec<String> = self.pending.drain().map(|(id, _)| id).collect();
+        let mut pending: Vec<(String, String)> =
+            self.pending.drain().map(|(id, p)| (id, p.spec.holder)).collect();
         pending.sort();
-        for request_id in pending {
+        for (request_id, holder) in pending {
             if self.connected {
                 self.send(ToDaemon::Cancel { request_id: request_id.clone() });
-                self.cancelling.insert(request_id.clone());
+                // The holder names the lease if the cancel crossed its grant (see `granted`).
+                self.cancelling.insert(request_id.clone(), holder);
             }
             self.notify(Notify::Refused { request_id, error: Error::SessionClosed });
         }
@@ -466,14 +486,14 @@ impl Machine {
             }
             None => {
                 // Granted while (or after) its acquire was cancelled: the slot goes straight back.
-                self.cancelling.remove(&request_id);
+                let holder = self.cancelling.remove(&request_id).unwrap_or_default();
                 tracing::debug!(request_id, lease_id, "releasing a grant nobody waits for");
                 self.leases.insert(
                     lease_id.clone(),
                     Held {
                         lease,
                         priority: None,
-                        holder: String::new(),
+                        holder,
                         state: State::Releasing { outcome: Outcome::Cancelled, ticket: None },
                     },
                 );
@@ -490,7 +510,7 @@ impl Machine {
         message: String,
         retry_after: Option<Duration>,
     ) {
-        if self.cancelling.remove(&request_id) {
+        if self.cancelling.remove(&request_id).is_some() {
             return;
         }
         if code == tonic::Code::Unavailable && self.pending.contains_key(&request_id) {
@@ -513,6 +533,7 @@ impl Machine {
         };
         let lost = match reason {
             Expiry::Revoked => Lost::Revoked(message),
+            Expiry::ResumedElsewhere => Lost::ResumedElsewhere(message),
             Expiry::Ttl | Expiry::Shutdown => Lost::Expired(message),
         };
         self.lose(&lease_id, lost.clone());
@@ -613,6 +634,7 @@ impl Machine {
                 priority: held.priority,
                 ttl: held.lease.ttl,
                 holder: held.holder.clone(),
+                credential: held.lease.credential.clone(),
             };
             match held.state {
                 State::Resuming => msgs.push(resume),

@@ -4,7 +4,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::machine::{Expiry, FromDaemon, Input, LeaseInfo, Machine, Notify, Now, Step, ToDaemon};
+use super::machine::{
+    Credential, Expiry, FromDaemon, Input, LeaseInfo, Machine, Notify, Now, Step, ToDaemon,
+};
 use crate::{Error, Lost, Outcome, command::RequestSpec};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -85,7 +87,12 @@ fn lease(lease_id: &str, now: SystemTime) -> LeaseInfo {
         fencing_token: 42,
         ttl: TTL,
         expires_at: now + TTL,
+        credential: credential(lease_id),
     }
+}
+
+fn credential(lease_id: &str) -> Credential {
+    Credential(format!("secret-of-{lease_id}"))
 }
 
 fn release_msg(lease_id: &str, outcome: Outcome) -> ToDaemon {
@@ -233,6 +240,7 @@ fn a_reconnect_resumes_leases_first_then_resends_requests_with_what_is_left_of_m
                 priority: Some(7),
                 ttl: TTL,
                 holder: "agent".into(),
+                credential: credential("l1"),
             },
             ToDaemon::Request {
                 request_id: "r2".into(),
@@ -387,6 +395,42 @@ fn a_cancelled_acquire_is_withdrawn_and_a_racing_grant_goes_back() {
     assert!(step.notify.is_empty());
     h.msg(FromDaemon::Cancelled { request_id: "r2".into() });
     assert_eq!(h.m.counts(), (0, 0));
+}
+
+/// The release of a grant nobody waits for survives a reconnect: the resume before it carries the
+/// holder name the credential covers (the daemon refuses any other).
+#[test]
+fn a_racing_grant_released_across_a_reconnect_is_resumed_with_its_holder_and_credential() {
+    let mut h = Harness::connected();
+    h.acquire("r1", None);
+    h.on(Input::Cancel { request_id: "r1".into() });
+    h.grant("r1", "l1");
+    h.on(Input::Disconnected);
+    let step = h.on(Input::Connected);
+    assert!(
+        matches!(&step.send[..], [ToDaemon::Resume { holder, credential: c, .. }, ToDaemon::Release { .. }]
+            if holder == "agent" && *c == credential("l1")),
+        "{step:?}"
+    );
+}
+
+#[test]
+fn a_lease_resumed_elsewhere_is_lost() {
+    let mut h = Harness::connected();
+    h.held("l1");
+    let step = h.msg(FromDaemon::Expired {
+        lease_id: "l1".into(),
+        reason: Expiry::ResumedElsewhere,
+        message: "taken".into(),
+    });
+    assert!(
+        matches!(
+            &step.notify[..],
+            [Notify::LeaseLost { why: Lost::ResumedElsewhere(_), .. }, Notify::LeaseEnded { .. }]
+        ),
+        "{step:?}"
+    );
+    assert!(!format!("{:?}", credential("l1")).contains("secret"), "Debug shows the credential");
 }
 
 #[test]

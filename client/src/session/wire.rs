@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use slotd_proto::v1::{self as pb, client_message, server_message};
 
-use super::machine::{Expiry, FromDaemon, LeaseInfo, ToDaemon};
+use super::machine::{Credential, Expiry, FromDaemon, LeaseInfo, ToDaemon};
 use crate::Outcome;
 
 /// The TTL assumed when a grant names none (the daemon always sends one).
@@ -37,7 +37,7 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
                 retry_after: retry_after.and_then(duration),
             })
         }
-        ToDaemon::Resume { lease_id, fencing_token, pool, priority, ttl, holder } => {
+        ToDaemon::Resume { lease_id, fencing_token, pool, priority, ttl, holder, credential } => {
             client_message::Msg::Resume(pb::ResumeLease {
                 lease_id,
                 fencing_token,
@@ -45,6 +45,7 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
                 priority,
                 ttl: duration(ttl),
                 holder,
+                credential: credential.0,
             })
         }
     };
@@ -68,6 +69,7 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
                     fencing_token: g.fencing_token,
                     ttl,
                     expires_at,
+                    credential: Credential(g.resume_credential),
                 },
             }
         }
@@ -88,6 +90,7 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
             let reason = match pb::ExpiryReason::try_from(e.reason).unwrap_or_default() {
                 pb::ExpiryReason::Shutdown => Expiry::Shutdown,
                 pb::ExpiryReason::Revoked | pb::ExpiryReason::PoolRemoved => Expiry::Revoked,
+                pb::ExpiryReason::ResumedElsewhere => Expiry::ResumedElsewhere,
                 pb::ExpiryReason::Ttl | pb::ExpiryReason::Unspecified => Expiry::Ttl,
             };
             FromDaemon::Expired { lease_id: e.lease_id, reason, message: e.message }
@@ -167,6 +170,36 @@ mod tests {
             decode(msg, now),
             Some(FromDaemon::Paused { pool: "p".into(), until, reason: "429".into() })
         );
+    }
+
+    #[test]
+    fn the_credential_goes_from_the_grant_to_the_resume() {
+        let msg = pb::ServerMessage {
+            msg: Some(server_message::Msg::Granted(pb::Granted {
+                request_id: "r1".into(),
+                lease_id: "l1".into(),
+                fencing_token: 9,
+                pool: "p".into(),
+                resume_credential: "c0ffee".into(),
+                ..Default::default()
+            })),
+        };
+        let Some(FromDaemon::Granted { lease, .. }) = decode(msg, SystemTime::UNIX_EPOCH) else {
+            panic!("not a grant")
+        };
+        assert_eq!(lease.credential, Credential("c0ffee".into()));
+        assert!(!format!("{lease:?}").contains("c0ffee"), "Debug shows the credential");
+        let msg = encode(ToDaemon::Resume {
+            lease_id: lease.lease_id,
+            fencing_token: lease.fencing_token,
+            pool: lease.pool,
+            priority: None,
+            ttl: Duration::from_secs(1),
+            holder: "h".into(),
+            credential: lease.credential,
+        });
+        let Some(client_message::Msg::Resume(r)) = msg.msg else { panic!("not a resume: {msg:?}") };
+        assert_eq!((r.credential.as_str(), r.holder.as_str()), ("c0ffee", "h"));
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::{
     grpc::status::code,
     scheduler::{
         Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, NewRequest, Outcome,
-        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeRequest, Snapshot,
+        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeCredential,
+        ResumeRequest, Snapshot,
     },
 };
 
@@ -189,6 +190,7 @@ fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
         priority: priority(r.priority)?,
         ttl: duration("ttl", r.ttl)?,
         holder: holder(r.holder)?,
+        credential: ResumeCredential::new(r.credential),
     })
 }
 
@@ -199,7 +201,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
         Event::Queued { request_id, position, blocked } => {
             Msg::Queued(pb::Queued { request_id: request_id.to_string(), position, blocked })
         }
-        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
                 lease_id: lease_id.to_string(),
@@ -207,6 +209,8 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 ttl: Some(pb_duration(ttl)),
                 expires_at: Some(timestamp(expires_at)),
                 pool: pool.to_string(),
+                // The one place a credential leaves the daemon: to its grantee.
+                resume_credential: credential.expose().to_owned(),
             })
         }
         Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
@@ -236,6 +240,11 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 message: message.into(),
             })
         }
+        Event::ResumedElsewhere { lease_id, .. } => Msg::Expired(pb::Expired {
+            lease_id: lease_id.to_string(),
+            reason: pb::ExpiryReason::ResumedElsewhere as i32,
+            message: "another stream resumed this lease with its credential; stop using the slot".into(),
+        }),
         Event::Released { lease_id, .. } => Msg::Released(pb::Released { lease_id: lease_id.to_string() }),
         Event::LeaseError { lease_id, error } => Msg::LeaseError(pb::LeaseError {
             lease_id,

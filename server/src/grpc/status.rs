@@ -13,6 +13,7 @@ use crate::scheduler::Error;
 /// | queue full, shed, over a per-stream bound, resume over limit | RESOURCE_EXHAUSTED |
 /// | unknown pool, lease or request | NOT_FOUND |
 /// | lease of another stream, already ended, token/pool mismatch, pool with children | FAILED_PRECONDITION |
+/// | resume without the lease's valid resume credential | PERMISSION_DENIED |
 /// | shutting down | UNAVAILABLE |
 /// | waited past max_wait | DEADLINE_EXCEEDED |
 /// | pool removed while waiting | ABORTED |
@@ -30,6 +31,7 @@ pub fn code(e: &Error) -> Code {
         | Error::LeaseEnded { .. }
         | Error::LeaseMismatch(..)
         | Error::PoolHasChildren { .. } => Code::FailedPrecondition,
+        Error::BadCredential(_) => Code::PermissionDenied,
         Error::ShuttingDown => Code::Unavailable,
         Error::WaitTimeout { .. } => Code::DeadlineExceeded,
         Error::PoolRemoved(_) => Code::Aborted,

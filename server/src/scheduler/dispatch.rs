@@ -105,6 +105,7 @@ impl Scheduler {
             expires_at,
         };
         let waited = now.saturating_duration_since(w.enqueued_at);
+        let credential = self.cfg.lease_key.credential(id, token, &lease.pool, &lease.holder);
         out.facts.push(Fact::Granted { lease: lease.clone(), waited });
         self.leases.insert(lease);
         out.push(
@@ -117,6 +118,7 @@ impl Scheduler {
                 ttl: w.ttl,
                 expires_at,
                 waited,
+                credential,
             },
         );
     }

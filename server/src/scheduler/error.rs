@@ -54,6 +54,9 @@ pub enum Error {
     /// A lease held by another stream.
     #[error("lease {0} is held by another stream")]
     NotYourLease(LeaseId),
+    /// A resume without the lease's valid resume credential: only the grantee can resume a lease.
+    #[error("resume of lease {0} refused: missing or invalid resume credential")]
+    BadCredential(LeaseId),
     /// A resume whose fencing token or pool does not match the lease.
     #[error("lease {0} does not match: {1}")]
     LeaseMismatch(LeaseId, &'static str),

@@ -5,7 +5,9 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{Error, FencingToken, Lease, LeaseId, PoolId, RequestId, SessionId, lease::Ended};
+use super::{
+    Error, FencingToken, Lease, LeaseId, PoolId, RequestId, ResumeCredential, SessionId, lease::Ended,
+};
 
 /// How the call covered by a lease ended.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -59,6 +61,9 @@ pub enum Event {
         expires_at: Instant,
         /// How long the request waited for it (zero when granted at once); for metrics.
         waited: Duration,
+        /// The secret the grantee presents to resume it; goes to the grantee only (never in a
+        /// [`Fact`], so never in Watch, metrics or logs).
+        credential: ResumeCredential,
     },
     /// A request was refused or gave up; it is gone.
     Rejected {
@@ -105,6 +110,13 @@ pub enum Event {
         lease_id: String,
         /// Why.
         error: Error,
+    },
+    /// Another stream resumed (took over) a lease this session held: it no longer holds it.
+    ResumedElsewhere {
+        /// The lease.
+        lease_id: LeaseId,
+        /// Its pool.
+        pool: PoolId,
     },
     /// A resume was accepted.
     LeaseResumed {

@@ -21,8 +21,11 @@
 //! 6. **Fencing**: tokens strictly increase per pool, across resumes too.
 //! 7. **Bad input changes nothing**: a refused operation produces a `Rejected` or `LeaseError` event and
 //!    leaves the state as it was. No input makes a method panic.
+//! 8. **Grantee only**: a lease is resumed (moved, or re-created after a restart) only with the resume
+//!    credential its grant carried, so only tokens this daemon issued ever reach a pool's counter.
 
 mod admin;
+pub mod credential;
 mod dispatch;
 pub mod error;
 mod event;
@@ -50,6 +53,7 @@ use tokio::time::Instant;
 
 pub use self::{
     admin::{PauseApplied, PoolDeleted, PoolPatch, validate_tree},
+    credential::{LeaseKey, ResumeCredential},
     error::Error,
     event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
     ids::{FencingToken, LeaseId, PoolId, Priority, RequestId, SessionId},
@@ -78,6 +82,9 @@ pub struct SchedulerConfig {
     pub first_token: u64,
     /// Seed for lease ids; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// The key of resume credentials (see [`credential`]). The daemon keeps it in a file so that
+    /// credentials outlive a restart; the default is a random key.
+    pub lease_key: LeaseKey,
 }
 
 impl SchedulerConfig {
@@ -105,6 +112,7 @@ impl Default for SchedulerConfig {
             max_per_session: Self::DEFAULT_MAX_PER_SESSION,
             first_token: 1,
             seed: None,
+            lease_key: LeaseKey::random(),
         }
     }
 }

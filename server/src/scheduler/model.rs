@@ -14,6 +14,9 @@
 //! - fixpoint: a pool with waiters cannot grant (learning, draining, shutting down, paused, or full on
 //!   some level);
 //! - a refused operation changes nothing;
+//! - only the grantee resumes: every grant carries the lease's credential, and a resume with a forged
+//!   one (Status-level knowledge only) is refused with `BadCredential` and moves no lease or counter;
+//!   a takeover tells the stream it was taken from;
 //! - after every stream closes (and grace ends), nothing is left.
 //!
 //! Under `cfg(test)` it also runs the core's own `check_invariants`.
@@ -37,6 +40,10 @@ pub const MAX_TTL: Duration = Duration::from_millis(3000);
 /// Every pool's cap on an agent's 429 pause: below the longest `retry_after` the operations use, so
 /// the cap is exercised.
 pub const MAX_AGENT_RETRY_AFTER: Duration = Duration::from_millis(500);
+/// The key of resume credentials (fixed, so runs replay exactly).
+const KEY: [u8; LeaseKey::LEN] = [0x5e; LeaseKey::LEN];
+/// Every request's holder name.
+const HOLDER: &str = "agent";
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -76,8 +83,8 @@ pub enum Op {
     Cancel { s: usize, which: usize },
     Heartbeat { s: usize, which: Option<usize> },
     Release { s: usize, which: usize, outcome: u8, retry: Option<u64> },
-    Move { s: usize, which: usize, good_token: bool },
-    Recreate { s: usize, pool: usize, id: u128, token: u64 },
+    Move { s: usize, which: usize, good_token: bool, forged: bool },
+    Recreate { s: usize, pool: usize, id: u128, token: u64, forged: bool },
     RateLimit { pool: usize, retry: Option<u64> },
     SetPools { limits: [u32; 4], depth: [u32; 4], remove_b: bool },
     Tick,
@@ -155,6 +162,8 @@ struct Model {
     next_request: u64,
     /// The lease an operator is revoking in the current step.
     revoking: Option<LeaseId>,
+    /// The scheduler's key, to know the real credential of every lease.
+    key: LeaseKey,
 }
 
 impl Model {
@@ -237,7 +246,9 @@ impl Model {
                     w.blocked = *blocked;
                     self.waiters.insert((*s, p.id.clone()), w);
                 }
-                Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, .. } => {
+                Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
+                    let real = self.key.credential(*lease_id, *token, pool, HOLDER);
+                    assert!(*credential == real, "grant of {lease_id:?} carries a wrong credential");
                     let key = (*s, request_id.to_string());
                     if let Some(w) = self.waiters.get(&key) {
                         assert_eq!(&w.pool, pool);
@@ -326,6 +337,22 @@ impl Model {
                     let l = self.leases.remove(lease_id).expect("released a lease");
                     assert_eq!(l.session, *s);
                 }
+                Event::ResumedElsewhere { lease_id, pool } => {
+                    let l = self.leases.get(lease_id).expect("took over a live lease");
+                    assert_eq!((l.session, &l.pool), (*s, pool), "ResumedElsewhere went to the holder");
+                    assert!(*s != ORPHANS && self.sessions.contains(s), "told a stream that is gone");
+                    let next = d
+                        .events
+                        .iter()
+                        .skip_while(|(_, e)| {
+                            e != &(Event::ResumedElsewhere { lease_id: *lease_id, pool: pool.clone() })
+                        })
+                        .nth(1);
+                    assert!(
+                        matches!(next, Some((n, Event::LeaseResumed { lease_id: id, .. })) if id == lease_id && n != s),
+                        "ResumedElsewhere without the takeover: {next:?}"
+                    );
+                }
                 Event::LeaseResumed { lease_id, token, expires_at } => {
                     match self.leases.get_mut(lease_id) {
                         Some(l) => {
@@ -391,6 +418,46 @@ impl Model {
     }
 }
 
+impl Model {
+    /// The lease's real credential, or (`forged`) what someone without it could present: nothing, or
+    /// a MAC of the same fields under another key.
+    fn credential(&self, id: LeaseId, token: FencingToken, pool: &PoolId, forged: bool) -> ResumeCredential {
+        match (forged, id.0 % 2) {
+            (false, _) => self.key.credential(id, token, pool, HOLDER),
+            (true, 0) => ResumeCredential::default(),
+            (true, _) => LeaseKey::from_bytes(&[!KEY[0]; LeaseKey::LEN]).credential(id, token, pool, HOLDER),
+        }
+    }
+}
+
+/// A resume without the real credential: its stream is told `BadCredential` (or, once shutting down,
+/// `ShuttingDown`) and nothing else, and no lease moves or is re-created (timers due may still fire
+/// for others).
+#[track_caller]
+fn assert_forged_refused(d: &Decisions, sess: SessionId, id: LeaseId) {
+    let refusals: Vec<&Error> = d
+        .events
+        .iter()
+        .filter_map(|(s, e)| match e {
+            Event::LeaseError { lease_id, error } if *s == sess && *lease_id == id.to_string() => Some(error),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(refusals[..], [Error::BadCredential(l)] if *l == id)
+            || matches!(refusals[..], [Error::ShuttingDown]),
+        "forged resume of {id:?} not refused: {:?}",
+        d.events
+    );
+    assert!(
+        !d.events
+            .iter()
+            .any(|(_, e)| matches!(e, Event::LeaseResumed { .. } | Event::ResumedElsewhere { .. })),
+        "a forged resume moved a lease: {:?}",
+        d.events
+    );
+}
+
 fn levels(s: &Scheduler) -> HashMap<PoolId, PoolSnapshot> {
     s.snapshot(None).unwrap().pools.into_iter().map(|p| (p.id.clone(), p)).collect()
 }
@@ -407,6 +474,7 @@ pub fn run(case: &Case) {
         aging_step: AGING_STEP,
         learning_period: if case.learning { ms(300) } else { Duration::ZERO },
         seed: Some(7),
+        lease_key: LeaseKey::from_bytes(&KEY),
         ..Default::default()
     };
     let all = pool_set(case, case.limits, case.depth, false);
@@ -420,6 +488,7 @@ pub fn run(case: &Case) {
         sessions: Vec::new(),
         next_request: 0,
         revoking: None,
+        key: LeaseKey::from_bytes(&KEY),
     };
     for _ in 0..3 {
         m.sessions.push(s.open_session());
@@ -492,7 +561,7 @@ pub fn run(case: &Case) {
                     started_at: Some(started_at),
                     ttl,
                     max_wait: max_wait.map(ms),
-                    holder: "agent".into(),
+                    holder: HOLDER.into(),
                 };
                 pending = Some(Pending {
                     session: sess,
@@ -593,33 +662,47 @@ pub fn run(case: &Case) {
                 lowered = matches!(outcome, Outcome::RateLimited(_));
                 (s.release(now, sess, id, outcome), true)
             }
-            Op::Move { s: i, which, good_token } => {
+            Op::Move { s: i, which, good_token, forged } => {
                 let Some(sess) = pick(&m, i) else { continue };
                 let Some((id, l)) = m.leases.iter().nth(which % m.leases.len().max(1)) else { continue };
+                // The credential of the lease as granted: a wrong token no longer matches it.
+                let credential = m.credential(*id, FencingToken(l.token), &l.pool, forged);
                 let r = ResumeRequest {
                     lease_id: *id,
                     token: FencingToken(if good_token { l.token } else { l.token.wrapping_add(1) }),
                     pool: l.pool.clone(),
                     priority: Priority::DEFAULT,
                     ttl: None,
-                    holder: "agent".into(),
+                    holder: HOLDER.into(),
+                    credential,
                 };
-                (s.resume(now, sess, r), true)
+                let d = s.resume(now, sess, r);
+                if forged || !good_token {
+                    assert_forged_refused(&d, sess, *id);
+                }
+                (d, true)
             }
-            Op::Recreate { s: i, pool, id, token } => {
+            Op::Recreate { s: i, pool, id, token, forged } => {
                 let Some(sess) = pick(&m, i) else { continue };
                 let pool = pid(pool);
                 recreate_pool = Some(pool.clone());
                 resumed = true;
+                // Unforged: a credential the daemon issued before a restart (same key).
+                let credential = m.credential(LeaseId(id), FencingToken(token), &pool, forged);
                 let r = ResumeRequest {
                     lease_id: LeaseId(id),
                     token: FencingToken(token),
                     pool,
                     priority: Priority::DEFAULT,
                     ttl: None,
-                    holder: "agent".into(),
+                    holder: HOLDER.into(),
+                    credential,
                 };
-                (s.resume(now, sess, r), true)
+                let d = s.resume(now, sess, r);
+                if forged {
+                    assert_forged_refused(&d, sess, LeaseId(id));
+                }
+                (d, true)
             }
             Op::RateLimit { pool, retry } => {
                 lowered = true;
@@ -858,8 +941,8 @@ impl Invariants {
             *seen = (*seen).max(l.token.0);
         }
         // Granted leases never share a token with any other lease of their pool. (Leases re-created by
-        // resumes carry whatever token the client claims: the daemon cannot check a token from before
-        // its restart, so two bogus resumes may claim the same one.)
+        // resumes carry the token their credential names; the model makes up credentials "issued
+        // before the restart", so two of them may name the same token.)
         for l in snap.leases.iter().filter(|l| l.request_id.is_some()) {
             let same = snap.leases.iter().filter(|o| o.pool == l.pool && o.token == l.token).count();
             assert_eq!(same, 1, "token {} of granted lease {} is held twice on {}", l.token, l.id, l.pool);

@@ -50,10 +50,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (s.clone(), prop::option::of(0..8usize)).prop_map(|(s, which)| Op::Heartbeat { s, which }),
         5 => (s.clone(), 0..8usize, 0..6u8, prop::option::of(0..800u64))
             .prop_map(|(s, which, outcome, retry)| Op::Release { s, which, outcome, retry }),
-        1 => (s.clone(), 0..8usize, prop::bool::weighted(0.8))
-            .prop_map(|(s, which, good_token)| Op::Move { s, which, good_token }),
-        1 => (s.clone(), 0..4usize, 1..4u128, 1..60u64)
-            .prop_map(|(s, pool, id, token)| Op::Recreate { s, pool, id, token }),
+        1 => (s.clone(), 0..8usize, prop::bool::weighted(0.8), prop::bool::weighted(0.3))
+            .prop_map(|(s, which, good_token, forged)| Op::Move { s, which, good_token, forged }),
+        1 => (s.clone(), 0..4usize, 1..4u128, prop_oneof![1..60u64, Just(SchedulerConfig::MAX_RESUME_TOKEN), Just(u64::MAX)], prop::bool::weighted(0.4))
+            .prop_map(|(s, pool, id, token, forged)| Op::Recreate { s, pool, id, token, forged }),
         1 => (0..4usize, prop::option::of(0..800u64)).prop_map(|(pool, retry)| Op::RateLimit { pool, retry }),
         1 => ([1..5u32, 1..4u32, 1..4u32, 1..3u32], [1..4u32, 1..4u32, 1..4u32, 1..4u32], prop::bool::weighted(0.2))
             .prop_map(|(limits, depth, remove_b)| Op::SetPools { limits, depth, remove_b }),

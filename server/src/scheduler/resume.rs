@@ -1,12 +1,15 @@
 //! Resuming a lease on a new stream, or re-creating it during the learning period after a restart.
+//!
+//! Either takes the lease's resume credential (see [`credential`](super::credential)): a resume without
+//! it is refused with [`Error::BadCredential`] before anything else is looked at, and changes nothing.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
 use super::{
-    Decisions, Error, Event, FencingToken, Lease, LeaseId, PoolId, Priority, Scheduler, SchedulerConfig,
-    SessionId, check_ttl,
+    Decisions, Error, Event, FencingToken, Lease, LeaseId, ORPHANS, PoolId, Priority, ResumeCredential,
+    Scheduler, SchedulerConfig, SessionId, check_ttl,
 };
 
 /// A request to re-attach a lease granted on an earlier stream.
@@ -22,19 +25,28 @@ pub struct ResumeRequest {
     pub priority: Priority,
     /// New TTL; `None` means the pool's default.
     pub ttl: Option<Duration>,
-    /// Holder name.
+    /// Holder name, as in the original request (the credential covers it).
     pub holder: Arc<str>,
+    /// The resume credential from the grant.
+    pub credential: ResumeCredential,
 }
 
 impl Scheduler {
-    /// Re-attaches a lease to this session: moves a live lease here, or re-creates one during the
-    /// learning period after a restart (when every level still has room under its configured limit).
+    /// Re-attaches a lease to this session, given its resume credential: moves a live lease here, or
+    /// re-creates one during the learning period after a restart (when every level still has room
+    /// under its configured limit).
+    ///
+    /// A live lease held by another open stream is taken over: that stream is told
+    /// [`Event::ResumedElsewhere`] first, and no longer owns the lease.
     pub fn resume(&mut self, now: Instant, session: SessionId, req: ResumeRequest) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         let id = req.lease_id;
         match self.try_resume(now, session, req) {
-            Ok((token, expires_at)) => {
+            Ok(Resumed { token, expires_at, displaced }) => {
+                if let Some((old, pool)) = displaced {
+                    out.push(old, Event::ResumedElsewhere { lease_id: id, pool });
+                }
                 out.push(session, Event::LeaseResumed { lease_id: id, token, expires_at });
             }
             Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
@@ -43,16 +55,15 @@ impl Scheduler {
         out
     }
 
-    pub(super) fn try_resume(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        req: ResumeRequest,
-    ) -> Result<(FencingToken, Instant), Error> {
+    fn try_resume(&mut self, now: Instant, session: SessionId, req: ResumeRequest) -> Result<Resumed, Error> {
         if self.shutting_down {
             return Err(Error::ShuttingDown);
         }
         let id = req.lease_id;
+        // First, so that without the credential nothing (not even whether the lease exists) is told.
+        if !self.cfg.lease_key.verify(&req.credential, id, req.token, &req.pool, &req.holder) {
+            return Err(Error::BadCredential(id));
+        }
         let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
         let ttl = check_ttl(pool, req.ttl)?;
         if !self.sessions.contains_key(&session) {
@@ -66,7 +77,11 @@ impl Scheduler {
                 return Err(Error::LeaseMismatch(id, "wrong pool"));
             }
             let old = lease.session;
+            let mut displaced = None;
             if old != session {
+                if old != ORPHANS && self.sessions.contains_key(&old) {
+                    displaced = Some((old, req.pool.clone()));
+                }
                 if let Some(s) = self.sessions.get_mut(&old) {
                     s.leases.remove(&id);
                 }
@@ -79,7 +94,7 @@ impl Scheduler {
             // The resume's TTL applies from now on (the client heartbeats for it).
             self.leases.set_ttl(&id, ttl);
             let lease = self.leases.renew(&id, now).expect("exists");
-            return Ok((lease.token, lease.expires_at));
+            return Ok(Resumed { token: lease.token, expires_at: lease.expires_at, displaced });
         }
         if let Some(how) = self.leases.ended(&id) {
             return Err(Error::LeaseEnded { id, how: how.describe() });
@@ -122,6 +137,14 @@ impl Scheduler {
             ttl,
             expires_at,
         });
-        Ok((req.token, expires_at))
+        Ok(Resumed { token: req.token, expires_at, displaced: None })
     }
+}
+
+/// What an accepted resume did.
+struct Resumed {
+    token: FencingToken,
+    expires_at: Instant,
+    /// The open stream the lease was taken from, and the lease's pool.
+    displaced: Option<(SessionId, PoolId)>,
 }

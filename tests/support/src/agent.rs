@@ -11,6 +11,20 @@ use tonic::{Code, Request, Status, Streaming, transport::Channel};
 
 use crate::{bounded, daemon::status_at, dur};
 
+/// A resume of the lease `g` granted, as its grantee would send it: with the grant's resume credential,
+/// and `holder`, the name the lease was asked with (the credential covers it; [`Agent::req`] asks with
+/// the agent's name).
+pub fn resume_of(g: &pb::Granted, holder: &str) -> pb::ResumeLease {
+    pb::ResumeLease {
+        lease_id: g.lease_id.clone(),
+        fencing_token: g.fencing_token,
+        pool: g.pool.clone(),
+        holder: holder.into(),
+        credential: g.resume_credential.clone(),
+        ..Default::default()
+    }
+}
+
 /// One simulated agent process: a raw Acquire stream on its own connection.
 pub struct Agent {
     /// Shown in failures and sent as the holder name.
@@ -114,7 +128,8 @@ impl Agent {
         }))
     }
 
-    /// Resumes a lease granted on another stream.
+    /// Resumes a lease granted on another stream (see [`resume_of`] for a resume that presents the
+    /// grant's credential).
     #[track_caller]
     pub fn resume(&self, r: pb::ResumeLease) -> impl Future<Output = ()> + '_ {
         self.send(Up::Resume(r))

@@ -18,7 +18,7 @@ pub mod client;
 mod daemon;
 pub mod process;
 
-pub use agent::Agent;
+pub use agent::{Agent, resume_of};
 pub use daemon::{Daemon, pool_in};
 
 /// The longest any single step may take before the test fails.

@@ -1,17 +1,44 @@
 //! Resume: moving a live lease to another stream, and re-creating leases during the learning
-//! period after a restart.
+//! period after a restart; both only with the lease's resume credential.
 
 use super::*;
 
-fn resume(lease_id: LeaseId, token: u64, pool: &str) -> ResumeRequest {
+/// A resume with the credential this scheduler's key gives the lease (as its `Granted` carried, or
+/// as a grant before a restart with the same key did). Holder `""`, as [`req`] asks with.
+fn resume(s: &Scheduler, lease_id: LeaseId, token: u64, pool: &str) -> ResumeRequest {
+    let credential = s.cfg.lease_key.credential(lease_id, FencingToken(token), &pid(pool), "");
+    ResumeRequest { credential, ..forged(lease_id, token, pool) }
+}
+
+/// A resume with everything Status shows about a lease, but no valid credential.
+fn forged(lease_id: LeaseId, token: u64, pool: &str) -> ResumeRequest {
     ResumeRequest {
         lease_id,
         token: FencingToken(token),
         pool: pid(pool),
         priority: Priority::DEFAULT,
         ttl: None,
-        holder: "agent".into(),
+        holder: "".into(),
+        credential: ResumeCredential::default(),
     }
+}
+
+/// The credential of the grant of `request_id`.
+#[track_caller]
+fn credential_of(d: &Decisions, request_id: &str) -> ResumeCredential {
+    d.events
+        .iter()
+        .find_map(|(_, e)| match e {
+            Event::Granted { request_id: r, credential, .. } if r.as_str() == request_id => {
+                Some(credential.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no grant of {request_id:?} in {:#?}", d.events))
+}
+
+fn bad_credential(lease: LeaseId) -> Event {
+    lease_error(lease, Error::BadCredential(lease))
 }
 
 fn resumed(lease_id: LeaseId, token: u64, expires_at: Instant) -> Event {
@@ -30,18 +57,32 @@ fn a_live_lease_moves_to_the_resuming_stream() {
     let t1 = t0 + secs(5);
     let before = fingerprint(&s);
 
-    // Wrong token, wrong pool, unknown pool: refused, nothing changes.
-    for (r, err) in [
-        (resume(l, tok + 1, "p"), Error::LeaseMismatch(l, "wrong fencing token")),
-        (resume(l, tok, "q"), Error::LeaseMismatch(l, "wrong pool")),
-        (resume(l, tok, "zz"), Error::UnknownPool(pid("zz"))),
+    // The grant's credential is the one the key gives the lease.
+    assert_eq!(resume(&s, l, tok, "p").credential, credential_of(&d, "h"));
+    // Without the credential, or with one for another token, pool or holder: refused, nothing changes.
+    let other_holder =
+        ResumeRequest { holder: "x".into(), credential: credential_of(&d, "h"), ..forged(l, tok, "p") };
+    for r in [
+        forged(l, tok, "p"),
+        ResumeRequest { credential: credential_of(&d, "h"), ..forged(l, tok + 1, "p") },
+        ResumeRequest { credential: credential_of(&d, "h"), ..forged(l, tok, "q") },
+        ResumeRequest { credential: credential_of(&d, "h"), ..forged(l, tok, "zz") },
+        other_holder,
+        ResumeRequest { credential: ResumeCredential::new("zz"), ..forged(l, tok, "p") },
     ] {
-        assert_only(&s.resume(t0, new, r), new, lease_error(l, err));
+        assert_only(&s.resume(t0, new, r), new, bad_credential(l));
         assert_eq!(fingerprint(&s), before);
     }
 
-    let d = s.resume(t1, new, resume(l, tok, "p"));
-    assert_only(&d, new, resumed(l, tok, t1 + PoolConfig::DEFAULT_TTL));
+    // With it: the lease moves, and the stream it was taken from is told.
+    let d = s.resume(t1, new, resume(&s, l, tok, "p"));
+    assert_eq!(
+        d.events,
+        vec![
+            (old, Event::ResumedElsewhere { lease_id: l, pool: pid("p") }),
+            (new, resumed(l, tok, t1 + PoolConfig::DEFAULT_TTL)),
+        ]
+    );
     let lease = &s.snapshot(None).unwrap().leases[0];
     assert_eq!((lease.session, lease.token.0), (new, tok));
     assert_eq!(load(&s, "p"), (1, 0));
@@ -49,6 +90,11 @@ fn a_live_lease_moves_to_the_resuming_stream() {
 
     // The old stream no longer owns it; closing it leaves the lease alone.
     assert_only(&s.release(t1, old, l, Outcome::Ok), old, lease_error(l, Error::NotYourLease(l)));
+    let d = s.heartbeat(t1, old, &[l]);
+    assert_eq!(
+        d.events,
+        vec![(old, lease_error(l, Error::NotYourLease(l))), (old, Event::HeartbeatAck { renewed: 0 })]
+    );
     assert!(s.close_session(t1, old, Duration::ZERO).events.is_empty());
     assert_eq!(s.lease_count(), 1);
     s.check_invariants(t1);
@@ -65,7 +111,7 @@ fn a_live_lease_moves_to_the_resuming_stream() {
     );
     // An ended lease cannot be resumed.
     assert_only(
-        &s.resume(t1, new, resume(l, tok, "p")),
+        &s.resume(t1, new, resume(&s, l, tok, "p")),
         new,
         lease_error(l, Error::LeaseEnded { id: l, how: "released" }),
     );
@@ -94,20 +140,25 @@ fn after_a_restart_leases_are_re_created_while_learning_and_grants_wait() {
     let b = LeaseId(0xb);
     let c = LeaseId(0xc);
     let t1 = t0 + secs(1);
-    assert_only(&s.resume(t1, x, resume(a, 500, "p")), x, resumed(a, 500, t1 + PoolConfig::DEFAULT_TTL));
-    assert_only(&s.resume(t1, x, resume(b, 7, "p")), x, resumed(b, 7, t1 + PoolConfig::DEFAULT_TTL));
+    let r = resume(&s, a, 500, "p");
+    assert_only(&s.resume(t1, x, r), x, resumed(a, 500, t1 + PoolConfig::DEFAULT_TTL));
+    let r = resume(&s, b, 7, "p");
+    assert_only(&s.resume(t1, x, r), x, resumed(b, 7, t1 + PoolConfig::DEFAULT_TTL));
     assert_eq!((load(&s, "g"), load(&s, "p")), ((2, 0), (2, 0)));
     // `p` is at its configured limit: refused, nothing changes.
     let before = fingerprint(&s);
-    assert_only(&s.resume(t1, x, resume(c, 9, "p")), x, lease_error(c, Error::ResumeOverLimit(pid("p"))));
+    let r = resume(&s, c, 9, "p");
+    assert_only(&s.resume(t1, x, r), x, lease_error(c, Error::ResumeOverLimit(pid("p"))));
     assert_eq!(fingerprint(&s), before);
     // Tokens stay ahead of every re-created lease.
     assert_eq!(pool_snap(&s, "p").next_token, 501);
     // q has room, and so has g (2 of 3).
-    assert_only(&s.resume(t1, x, resume(c, 3, "q")), x, resumed(c, 3, t1 + PoolConfig::DEFAULT_TTL));
+    let r = resume(&s, c, 3, "q");
+    assert_only(&s.resume(t1, x, r), x, resumed(c, 3, t1 + PoolConfig::DEFAULT_TTL));
     // Now g is full.
     let e = LeaseId(0xe);
-    assert_only(&s.resume(t1, x, resume(e, 3, "q")), x, lease_error(e, Error::ResumeOverLimit(pid("q"))));
+    let r = resume(&s, e, 3, "q");
+    assert_only(&s.resume(t1, x, r), x, lease_error(e, Error::ResumeOverLimit(pid("q"))));
     assert_eq!(load(&s, "g"), (3, 0));
     let lease = s.snapshot(None).unwrap().leases;
     assert!(lease.iter().all(|l| l.request_id.is_none()));
@@ -130,7 +181,8 @@ fn after_a_restart_leases_are_re_created_while_learning_and_grants_wait() {
 
     // After learning, unknown leases cannot be re-created.
     let f = LeaseId(0xf);
-    assert_only(&s.resume(t2, x, resume(f, 1, "q")), x, lease_error(f, Error::UnknownLease(f)));
+    let r = resume(&s, f, 1, "q");
+    assert_only(&s.resume(t2, x, r), x, lease_error(f, Error::UnknownLease(f)));
     s.check_invariants(t2);
 }
 
@@ -141,7 +193,8 @@ fn without_a_learning_period_unknown_leases_are_not_re_created() {
     let x = s.open_session();
     let id = LeaseId(42);
     let before = fingerprint(&s);
-    assert_only(&s.resume(t0, x, resume(id, 1, "p")), x, lease_error(id, Error::UnknownLease(id)));
+    let r = resume(&s, id, 1, "p");
+    assert_only(&s.resume(t0, x, r), x, lease_error(id, Error::UnknownLease(id)));
     assert_eq!(fingerprint(&s), before);
     assert!(!s.snapshot(None).unwrap().learning);
 }
@@ -167,7 +220,9 @@ fn a_stream_closed_with_grace_keeps_its_leases_for_a_resume() {
     // A new stream takes it over and renews it with the full TTL.
     let new = s.open_session();
     let t1 = t0 + secs(4);
-    assert_only(&s.resume(t1, new, resume(a, ta, "p")), new, resumed(a, ta, t1 + PoolConfig::DEFAULT_TTL));
+    // Its old stream is gone: nobody is told of the takeover.
+    let r = resume(&s, a, ta, "p");
+    assert_only(&s.resume(t1, new, r), new, resumed(a, ta, t1 + PoolConfig::DEFAULT_TTL));
     s.check_invariants(t1);
     assert!(s.tick(t0 + secs(5)).events.is_empty());
     assert_eq!(s.lease_count(), 1);
@@ -179,8 +234,9 @@ fn a_stream_closed_with_grace_keeps_its_leases_for_a_resume() {
     let d = s.tick(t1 + secs(2));
     assert_eq!(grants(&d), vec![(other, "w".to_owned())]);
     assert_eq!(s.lease_count(), 1);
+    let r = resume(&s, a, ta, "p");
     assert_only(
-        &s.resume(t1 + secs(2), other, resume(a, ta, "p")),
+        &s.resume(t1 + secs(2), other, r),
         other,
         lease_error(
             a,
@@ -203,8 +259,9 @@ fn a_resume_sets_the_ttl_of_a_live_lease() {
     let tok = token_of(&d, "h");
 
     let t1 = t0 + secs(1);
-    let r = ResumeRequest { ttl: Some(secs(60)), ..resume(l, tok, "p") };
-    assert_only(&s.resume(t1, new, r), new, resumed(l, tok, t1 + secs(60)));
+    let r = ResumeRequest { ttl: Some(secs(60)), ..resume(&s, l, tok, "p") };
+    let d = s.resume(t1, new, r);
+    assert_eq!(d.events.last(), Some(&(new, resumed(l, tok, t1 + secs(60)))));
     let lease = s.snapshot(None).unwrap().leases[0].clone();
     assert_eq!((lease.ttl, lease.expires_at), (secs(60), t1 + secs(60)));
     // Heartbeats renew with the new TTL.
@@ -212,9 +269,76 @@ fn a_resume_sets_the_ttl_of_a_live_lease() {
     assert_eq!(s.snapshot(None).unwrap().leases[0].expires_at, t1 + secs(90));
     // An invalid TTL is refused and changes nothing.
     let before = fingerprint(&s);
-    let r = ResumeRequest { ttl: Some(Duration::ZERO), ..resume(l, tok, "p") };
+    let r = ResumeRequest { ttl: Some(Duration::ZERO), ..resume(&s, l, tok, "p") };
     let d = s.resume(t1 + secs(30), old, r);
     assert!(matches!(d.events[..], [(_, Event::LeaseError { error: Error::InvalidTtl { .. }, .. })]));
     assert_eq!(fingerprint(&s), before);
     s.check_invariants(t1 + secs(30));
+}
+
+/// Lease theft: a stream that knows everything Status shows (id, token, pool, holder) can neither take
+/// over a live lease nor re-create one during learning; the counters do not move.
+#[test]
+fn forged_resumes_change_nothing() {
+    let t0 = Instant::now();
+    let mut s = sched_with(
+        SchedulerConfig { learning_period: secs(10), ..cfg() },
+        &[("g", limit(2)), ("p", child("g", 2))],
+        t0,
+    );
+    let x = s.open_session();
+    let thief = s.open_session();
+    let a = LeaseId(0xa);
+    let r = resume(&s, a, 40, "p");
+    assert_eq!(events_of(&s.resume(t0, x, r), x), [resumed(a, 40, t0 + PoolConfig::DEFAULT_TTL)]);
+    let before = fingerprint(&s);
+    let next = pool_snap(&s, "p").next_token;
+    let max = SchedulerConfig::MAX_RESUME_TOKEN;
+    for (id, token) in [(a, 40), (LeaseId(0xb), 41), (LeaseId(0xc), max), (LeaseId(0xd), u64::MAX)] {
+        // Status-level knowledge, a credential of another lease, another key's credential.
+        let other_key = LeaseKey::from_bytes(&[9; 32]).credential(id, FencingToken(token), &pid("p"), "");
+        let another_lease = resume(&s, LeaseId(0xff), 40, "p").credential;
+        for credential in [ResumeCredential::default(), another_lease, other_key] {
+            let r = ResumeRequest { credential, ..forged(id, token, "p") };
+            assert_only(&s.resume(t0 + secs(1), thief, r), thief, bad_credential(id));
+            assert_eq!(fingerprint(&s), before);
+        }
+    }
+    assert_eq!(pool_snap(&s, "p").next_token, next);
+    // The highest token a credential can name is still refused (the counter keeps room to grow).
+    let r = resume(&s, LeaseId(0xe), max + 1, "p");
+    assert!(matches!(
+        s.resume(t0, x, r).events[..],
+        [(_, Event::LeaseError { error: Error::InvalidArgument(_), .. })]
+    ));
+    assert_eq!(fingerprint(&s), before);
+    s.check_invariants(t0 + secs(1));
+}
+
+/// Credentials outlive a restart that keeps the key, and only then.
+#[test]
+fn a_credential_from_before_a_restart_re_creates_the_lease_only_under_the_same_key() {
+    let t0 = Instant::now();
+    let key = LeaseKey::from_bytes(&[3; 32]);
+    let mut before = sched_with(SchedulerConfig { lease_key: key.clone(), ..cfg() }, &[("p", limit(1))], t0);
+    let x = before.open_session();
+    let d = before.request(t0, x, req("h", "p"));
+    let (l, tok, cred) = (granted(&d, x, "h"), token_of(&d, "h"), credential_of(&d, "h"));
+
+    let learning = |key: LeaseKey| {
+        let cfg =
+            SchedulerConfig { lease_key: key, learning_period: secs(10), first_token: tok + 1, ..cfg() };
+        sched_with(cfg, &[("p", limit(1))], t0)
+    };
+    let r = ResumeRequest { credential: cred, ..forged(l, tok, "p") };
+    let mut other = learning(LeaseKey::from_bytes(&[4; 32]));
+    let y = other.open_session();
+    assert_only(&other.resume(t0, y, r.clone()), y, bad_credential(l));
+    assert_eq!(load(&other, "p"), (0, 0));
+
+    let mut same = learning(key);
+    let y = same.open_session();
+    assert_only(&same.resume(t0, y, r), y, resumed(l, tok, t0 + PoolConfig::DEFAULT_TTL));
+    assert_eq!(load(&same, "p"), (1, 0));
+    same.check_invariants(t0);
 }
