@@ -145,11 +145,6 @@ impl Metrics {
         }
     }
 
-    /// The registry, to register more collectors or gather by hand.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Refreshes the gauges from the driver's snapshot, then encodes everything as Prometheus text.
     ///
     /// # Cancel safety
