@@ -5,7 +5,6 @@
 use slotd::{ServeError, config::Config, grpc::auth::Token};
 use slotd_proto::v1::{self as pb, admin_client::AdminClient, slotd_client::SlotdClient};
 use slotd_test_support::{Daemon, TIMEOUT};
-use tokio::net::TcpListener;
 use tonic::{Code, Request, transport::Channel};
 
 const AGENT: &str = "agent-s3cret";
@@ -156,11 +155,7 @@ async fn health_and_reflection_stay_open() {
 async fn no_tokens_means_loopback_only_unless_allowed() {
     let open = || Config::from_toml_str("[pools.p]\nmax_concurrent = 1").unwrap();
 
-    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let err = tokio::time::timeout(TIMEOUT, slotd::serve(open(), listener, std::future::pending()))
-        .await
-        .expect("refused at once")
-        .unwrap_err();
+    let err = Daemon::serve(open(), "0.0.0.0:0").await.join().await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ServeError::Insecure(_)), "{err:?}");
     assert!(msg.contains("allow_insecure_remote") && msg.contains("agent or admin"), "{msg}");
@@ -168,8 +163,7 @@ async fn no_tokens_means_loopback_only_unless_allowed() {
     // One token is not enough: the other service would still be open to anyone.
     let mut half = open();
     half.agent_token = Some(Token::new(AGENT).unwrap());
-    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let err = slotd::serve(half, listener, std::future::pending()).await.unwrap_err();
+    let err = Daemon::serve(half, "0.0.0.0:0").await.join().await.unwrap_err();
     assert!(err.to_string().contains("no admin token"), "{err}");
 
     // Told otherwise, or with both tokens, it serves.

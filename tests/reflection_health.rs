@@ -76,6 +76,14 @@ macro_rules! reflection_checks {
             for want in [SERVICE, "grpc.health.v1.Health"] {
                 assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
             }
+            // Either version lists every service, both reflection versions included.
+            for want in [
+                "slotd.v1.Admin",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ] {
+                assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+            }
 
             // `grpcurl describe slotd.v1.Slotd`
             let MessageResponse::FileDescriptorResponse(files) =

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use slotd::config::Config;
 use slotd_client::{Client, Outcome};
 use slotd_test_support::{Daemon, TIMEOUT};
-use tokio::net::TcpListener;
 
 /// A fresh directory holding `cert.pem` and `key.pem` for `localhost`; returns it and the cert PEM.
 fn self_signed(tag: &str) -> (PathBuf, String) {
@@ -86,8 +85,7 @@ async fn a_missing_key_file_is_a_clear_startup_error() {
     let mut cfg = Config::from_toml_str("[pools.p]\nmax_concurrent = 1").unwrap();
     cfg.tls_cert = Some("/nonexistent/cert.pem".into());
     cfg.tls_key = Some("/nonexistent/key.pem".into());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = slotd::serve(cfg, listener, std::future::pending()).await.unwrap_err();
+    let err = Daemon::serve(cfg, "127.0.0.1:0").await.join().await.unwrap_err();
     assert!(err.to_string().contains("cannot read tls_cert /nonexistent/cert.pem"), "{err}");
 
     let e = Config::from_toml_str("tls_cert = \"c.pem\"").unwrap_err().to_string();

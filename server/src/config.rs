@@ -239,17 +239,6 @@ impl Limits {
     /// HTTP/2 streams allowed per connection beyond `max_streams_per_connection`, for unary calls
     /// (Status, ReportRateLimit, health) next to a connection's Acquire streams.
     pub const UNARY_STREAM_HEADROOM: u32 = 64;
-
-    /// Checks that one more pool fits under `max_pools` (for paths that add pools one by one).
-    pub fn check_pool_count(&self, after_adding: usize) -> Result<(), crate::scheduler::Error> {
-        if after_adding > self.max_pools {
-            return Err(crate::scheduler::Error::LimitExceeded(format!(
-                "{after_adding} pools would exist, more than limits.max_pools = {}",
-                self.max_pools
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl Default for Limits {

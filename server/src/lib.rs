@@ -253,10 +253,15 @@ pub async fn serve_with_metrics(
     health.set_serving::<AdminServer<AdminService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
+    // Both reflection versions list both reflection services: by default each lists only its own, so
+    // `grpcurl list` (which asks v1alpha) did not show v1.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
             .register_encoded_file_descriptor_set(slotd_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;

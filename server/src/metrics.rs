@@ -1,18 +1,24 @@
 //! Prometheus metrics: counters recorded by the driver from the decisions it routes, gauges refreshed
-//! from a scheduler snapshot at scrape time, and a tiny HTTP/1 endpoint serving `GET /metrics`.
+//! from a scheduler snapshot at scrape time, and a one-route HTTP/1 endpoint serving `GET /metrics`.
 //!
 //! The scheduler core stays free of metrics: the driver hands every [`Fact`] to the [`Recorder`] (an
 //! [`Observer`]; the driver does not know metrics exist), which bumps pre-resolved per-pool handles, so the grant path costs a hash lookup and two atomic adds, and allocates nothing once a
 //! pool has been seen. Label values only ever come from pools that exist (an unknown pool named by
 //! a client is counted under `pool=""`), so a client cannot blow up the series count.
 
-use std::{
-    collections::HashMap, convert::Infallible, io::Cursor, net::SocketAddr, sync::Arc, time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -145,7 +151,7 @@ impl Metrics {
         }
     }
 
-    /// The registry, to register more collectors or gather by hand.
+    /// The registry, to register more collectors (the accept loop's connection counters).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -319,9 +325,25 @@ fn rejection_reason(e: &Error) -> (usize, Option<&PoolId>) {
 pub const MAX_METRICS_CONNECTIONS: usize = 64;
 /// How long a metrics client gets to send its request headers.
 pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait after a failed accept (out of file descriptors and the like) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The Content-Type of Prometheus text format 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What a scrape needs.
+struct Scrape {
+    metrics: Metrics,
+    driver: DriverHandle,
+    /// Gauges are reset and refilled per scrape; two scrapes at once must not interleave that.
+    one_at_a_time: Mutex<()>,
+}
 
 /// Serves `GET /metrics` (Prometheus text format 0.0.4) on `listener` until `shutdown` resolves.
 /// Anything else gets 404 (other paths) or 405 (other methods).
+///
+/// The routing is a one-route axum `Router`; the accept loop stays here because `axum::serve` has
+/// neither a connection cap ([`MAX_METRICS_CONNECTIONS`]) nor a header read timeout
+/// ([`METRICS_HEADER_TIMEOUT`]), and without them idle clients could hold file descriptors forever.
 ///
 /// # Cancel safety
 /// Dropping the future stops accepting; connections already accepted finish their request.
@@ -331,36 +353,30 @@ pub async fn serve_metrics(
     driver: DriverHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let state = Arc::new((metrics, driver, Mutex::new(())));
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found; try /metrics\n") })
+        .with_state(Arc::new(Scrape { metrics, driver, one_at_a_time: Mutex::new(()) }));
     let permits = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => return,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+            a = async { (permits.clone().acquire_owned().await, listener.accept().await) } => a,
         };
-        let (stream, peer): (_, SocketAddr) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (permit, (stream, peer)) = match accepted {
+            (Ok(permit), Ok(conn)) => (permit, conn),
+            // The semaphore is never closed.
+            (Err(_), _) => return,
+            (_, Err(e)) => {
+                warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
-        let state = state.clone();
+        let svc = TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(req, &state).await) }
-            });
             let res = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(METRICS_HEADER_TIMEOUT)
@@ -373,26 +389,10 @@ pub async fn serve_metrics(
     }
 }
 
-type Body = Full<Cursor<Vec<u8>>>;
-
-async fn respond(req: Request<Incoming>, state: &(Metrics, DriverHandle, Mutex<()>)) -> Response<Body> {
-    let reply = |code: StatusCode, ctype: &'static str, body: Vec<u8>| {
-        let mut r = Response::new(Full::new(Cursor::new(body)));
-        *r.status_mut() = code;
-        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
-        r
-    };
-    if req.uri().path() != "/metrics" {
-        return reply(StatusCode::NOT_FOUND, "text/plain", b"not found; try /metrics\n".to_vec());
-    }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"GET only\n".to_vec());
-    }
-    let (metrics, driver, lock) = state;
-    // Gauges are reset and refilled per scrape; two scrapes at once must not interleave that.
-    let _one_at_a_time = lock.lock().await;
-    match metrics.render(driver).await {
-        Ok(body) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body),
-        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n").into_bytes()),
+async fn scrape(State(s): State<Arc<Scrape>>) -> Response {
+    let _one_at_a_time = s.one_at_a_time.lock().await;
+    match s.metrics.render(&s.driver).await {
+        Ok(body) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }

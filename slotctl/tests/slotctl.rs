@@ -1,6 +1,7 @@
-//! `slotctl` end to end: the real binary against the real daemon on 127.0.0.1:0 (status, run and its
-//! exit-code contract, the 75 -> pause path, usage errors, completions), plus a `top` frame rendered
-//! with ratatui's `TestBackend` from a constructed `App`.
+//! `slotctl` end to end: the real binary against the real daemon on 127.0.0.1:0 (slotd-test-support's
+//! [`Daemon`]): status, run and its exit-code contract, the 75 -> pause path, usage errors,
+//! completions, TLS and tokens; plus a `top` frame rendered with ratatui's `TestBackend` from a
+//! constructed `App`.
 
 use std::{
     path::Path,
@@ -10,13 +11,11 @@ use std::{
 
 use ratatui::{Terminal, backend::TestBackend};
 use slotctl::top::{self, App, EventKind, EventSource};
-use slotd::config::Config;
-use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
-use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
-
-/// The longest any one step may take.
-const TIMEOUT: Duration = Duration::from_secs(10);
+use slotd_proto::v1 as pb;
+use slotd_test_support::{
+    Config, Daemon, TIMEOUT, Token,
+    process::{PROCESS_TIMEOUT, assert_exit_code, output_within, text},
+};
 
 const POOLS: &str = r#"
 [pools.anthropic]
@@ -30,74 +29,6 @@ parent = "anthropic"
 max_concurrent = 1
 "#;
 
-/// The daemon, in-process on an ephemeral port.
-struct Daemon {
-    url: String,
-    client: SlotdClient<Channel>,
-    shutdown: Option<oneshot::Sender<()>>,
-    _task: JoinHandle<Result<(), slotd::ServeError>>,
-}
-
-impl Daemon {
-    async fn start(toml: &str) -> Daemon {
-        let cfg = Config::from_toml_str(toml).expect("valid config");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(slotd::serve(cfg, listener, async move {
-            let _ = rx.await;
-        }));
-        let url = format!("http://{addr}");
-        let client = tokio::time::timeout(TIMEOUT, SlotdClient::connect(url.clone()))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        Daemon { url, client, shutdown: Some(tx), _task: task }
-    }
-
-    async fn status(&self) -> pb::StatusResponse {
-        let mut c = self.client.clone();
-        tokio::time::timeout(TIMEOUT, c.status(pb::StatusRequest::default()))
-            .await
-            .expect("status in time")
-            .expect("status")
-            .into_inner()
-    }
-
-    async fn pool(&self, name: &str) -> pb::PoolStatus {
-        let s = self.status().await;
-        s.pools.into_iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pool {name}"))
-    }
-
-    #[track_caller]
-    fn wait_for<'a>(
-        &'a self,
-        what: &'a str,
-        pred: impl Fn(&pb::StatusResponse) -> bool + 'a,
-    ) -> impl Future<Output = pb::StatusResponse> + 'a {
-        let at = std::panic::Location::caller();
-        async move {
-            let deadline = tokio::time::Instant::now() + TIMEOUT;
-            loop {
-                let s = self.status().await;
-                if pred(&s) {
-                    return s;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "{at}: timed out waiting for {what}: {s:#?}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
 fn slotctl() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_slotctl"));
     cmd.env_remove("SLOTD_ENDPOINT")
@@ -109,48 +40,26 @@ fn slotctl() -> tokio::process::Command {
 }
 
 /// Runs slotctl with `args` against `url` and waits for it.
-#[track_caller]
 fn run_ctl<'a>(url: &'a str, args: &'a [&'a str]) -> impl Future<Output = Output> + 'a {
-    let at = std::panic::Location::caller();
-    async move {
-        let mut cmd = slotctl();
-        cmd.arg("--endpoint").arg(url).args(args);
-        tokio::time::timeout(TIMEOUT, cmd.output())
-            .await
-            .unwrap_or_else(|_| panic!("{at}: slotctl {args:?} took longer than {TIMEOUT:?}"))
-            .expect("slotctl runs")
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-#[track_caller]
-fn assert_code(out: &Output, code: i32) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "exit status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let mut cmd = slotctl();
+    cmd.arg("--endpoint").arg(url).args(args);
+    // The timeout's message names the command and its arguments.
+    async move { output_within(&mut cmd).await }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_lists_pools_and_leases() {
     let d = Daemon::start(POOLS).await;
-    let out = run_ctl(&d.url, &["status"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["status"]).await;
+    assert_exit_code(&out, 0);
     let stdout = text(&out.stdout);
     for want in ["POOL", "IN_FLIGHT/EFF/LIMIT", "anthropic", "opus", "solo", "0/2/2", "no leases"] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
     }
     assert!(stdout.lines().any(|l| l.starts_with("opus") && l.contains("anthropic")), "{stdout}");
 
-    let out = run_ctl(&d.url, &["status", "--output", "json", "--pool", "solo"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["status", "--output", "json", "--pool", "solo"]).await;
+    assert_exit_code(&out, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["pools"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["pools"][0]["name"], "solo");
@@ -160,19 +69,19 @@ async fn status_lists_pools_and_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_one_line_with_the_grpc_code() {
     let d = Daemon::start(POOLS).await;
-    let out = run_ctl(&d.url, &["status", "--pool", "nope"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["status", "--pool", "nope"]).await;
+    assert_exit_code(&out, 1);
     let stderr = text(&out.stderr);
     assert!(stderr.starts_with("slotctl: ") && stderr.trim_end().ends_with("(NOT_FOUND)"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 
     // Nothing listens on port 1.
     let out = run_ctl("http://127.0.0.1:1", &["status"]).await;
-    assert_code(&out, 1);
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).contains("(UNAVAILABLE)"), "{}", text(&out.stderr));
 
-    let out = run_ctl(&d.url, &["run", "--pool", "nope", "--", "true"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["run", "--pool", "nope", "--", "true"]).await;
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).contains("(NOT_FOUND)"), "{}", text(&out.stderr));
 }
 
@@ -180,9 +89,9 @@ async fn errors_are_one_line_with_the_grpc_code() {
 async fn run_passes_the_exit_code_through_and_releases_the_lease() {
     let d = Daemon::start(POOLS).await;
     let out =
-        run_ctl(&d.url, &["run", "--pool", "anthropic", "--", "sh", "-c", "echo $SLOTD_LEASE_ID; exit 3"])
+        run_ctl(&d.url(), &["run", "--pool", "anthropic", "--", "sh", "-c", "echo $SLOTD_LEASE_ID; exit 3"])
             .await;
-    assert_code(&out, 3);
+    assert_exit_code(&out, 3);
     let id = text(&out.stdout).trim().to_owned();
     assert_eq!(id.len(), 32, "a lease id on stdout: {id:?}");
     assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
@@ -190,15 +99,15 @@ async fn run_passes_the_exit_code_through_and_releases_the_lease() {
     assert!(s.leases.is_empty(), "released afterwards: {s:#?}");
     assert!(s.pools.iter().all(|p| p.in_flight == 0 && p.paused_until.is_none()), "{s:#?}");
 
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "true"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--", "true"]).await;
+    assert_exit_code(&out, 0);
 
     // A signal N comes back as 128 + N.
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "sh", "-c", "kill -TERM $$"]).await;
-    assert_code(&out, 128 + 15);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--", "sh", "-c", "kill -TERM $$"]).await;
+    assert_exit_code(&out, 128 + 15);
 
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "/nonexistent/command"]).await;
-    assert_code(&out, 127);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--", "/nonexistent/command"]).await;
+    assert_exit_code(&out, 127);
     assert!(text(&out.stderr).contains("cannot run"), "{}", text(&out.stderr));
     d.wait_for("every lease released", |s| s.leases.is_empty()).await;
 }
@@ -207,9 +116,9 @@ async fn run_passes_the_exit_code_through_and_releases_the_lease() {
 async fn exit_75_releases_as_rate_limited_and_pauses_the_pool() {
     let d = Daemon::start(POOLS).await;
     let out =
-        run_ctl(&d.url, &["run", "--pool", "solo", "--retry-after", "30s", "--", "sh", "-c", "exit 75"])
+        run_ctl(&d.url(), &["run", "--pool", "solo", "--retry-after", "30s", "--", "sh", "-c", "exit 75"])
             .await;
-    assert_code(&out, 75);
+    assert_exit_code(&out, 75);
     let p = d.pool("solo").await;
     let until = SystemTime::try_from(p.paused_until.expect("solo is paused")).expect("valid time");
     let left = until.duration_since(SystemTime::now()).expect("pause in the future");
@@ -221,10 +130,10 @@ async fn exit_75_releases_as_rate_limited_and_pauses_the_pool() {
     // The rate-limit code can be configured; 75 then counts as an ordinary failure.
     let mut cmd = slotctl();
     cmd.env("SLOTCTL_RATE_LIMIT_EXIT_CODE", "42")
-        .args(["--endpoint", &d.url, "run", "--pool", "anthropic", "--retry-after", "20s", "--"])
+        .args(["--endpoint", &d.url(), "run", "--pool", "anthropic", "--retry-after", "20s", "--"])
         .args(["sh", "-c", "exit 42"]);
-    let out = tokio::time::timeout(TIMEOUT, cmd.output()).await.expect("in time").expect("runs");
-    assert_code(&out, 42);
+    let out = output_within(&mut cmd).await;
+    assert_exit_code(&out, 42);
     assert!(d.pool("anthropic").await.paused_until.is_some(), "42 paused anthropic");
 }
 
@@ -240,7 +149,7 @@ async fn run_holds_the_only_slot_while_the_command_runs() {
     let mut cmd = slotctl();
     cmd.env("GO", &go).env("ENV_FILE", &env_file).args([
         "--endpoint",
-        &d.url,
+        &d.url(),
         "run",
         "--pool",
         "solo",
@@ -262,13 +171,13 @@ async fn run_holds_the_only_slot_while_the_command_runs() {
     assert_eq!(lease.holder, "test-holder");
     assert_eq!(lease.priority, 7);
 
-    let out = run_ctl(&d.url, &["status"]).await;
+    let out = run_ctl(&d.url(), &["status"]).await;
     let stdout = text(&out.stdout);
     assert!(stdout.contains("test-holder") && stdout.contains(&lease.lease_id[..8]), "{stdout}");
 
     // Nobody else gets the slot meanwhile: a second run gives up after --max-wait with 75.
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
-    assert_code(&out, 75);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
+    assert_exit_code(&out, 75);
     assert!(text(&out.stderr).contains("gave up waiting"), "{}", text(&out.stderr));
 
     // The environment the command saw names this lease.
@@ -277,8 +186,11 @@ async fn run_holds_the_only_slot_while_the_command_runs() {
     assert_eq!(fields, [lease.lease_id.as_str(), &lease.fencing_token.to_string(), "solo"]);
 
     std::fs::write(&go, b"").expect("write go");
-    let out = tokio::time::timeout(TIMEOUT, child.wait_with_output()).await.expect("in time").expect("wait");
-    assert_code(&out, 0);
+    let out = tokio::time::timeout(PROCESS_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("wait");
+    assert_exit_code(&out, 0);
     let s = d.status().await;
     assert!(s.leases.is_empty(), "{s:#?}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -300,7 +212,7 @@ async fn wait_for_file(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_waits_through_a_pause() {
     let d = Daemon::start(POOLS).await;
-    let mut c = d.client.clone();
+    let mut c = d.client();
     c.report_rate_limit(pb::ReportRateLimitRequest {
         pool: "solo".into(),
         retry_after: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
@@ -309,8 +221,8 @@ async fn run_waits_through_a_pause() {
     .await
     .expect("report");
     let started = tokio::time::Instant::now();
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--", "true"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--", "true"]).await;
+    assert_exit_code(&out, 0);
     assert!(started.elapsed() >= Duration::from_millis(300), "granted only after the pause");
     assert!(text(&out.stderr).contains("paused"), "told about the pause: {}", text(&out.stderr));
 }
@@ -325,7 +237,7 @@ async fn usage_errors_exit_2() {
         &["frobnicate"],
     ] {
         let out = run_ctl("http://127.0.0.1:1", args).await;
-        assert_code(&out, 2);
+        assert_exit_code(&out, 2);
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
 }
@@ -334,7 +246,7 @@ async fn usage_errors_exit_2() {
 async fn completions_are_printed() {
     for shell in ["bash", "zsh", "fish"] {
         let out = run_ctl("http://127.0.0.1:1", &["completions", shell]).await;
-        assert_code(&out, 0);
+        assert_exit_code(&out, 0);
         let script = text(&out.stdout);
         assert!(script.len() > 200 && script.contains("slotctl"), "{shell}: {script}");
         assert!(script.contains("drain"), "{shell} completes subcommands");
@@ -474,7 +386,7 @@ impl Held {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut c = slotctl();
         c.env("GO", dir.join("go"))
-            .args(["--endpoint", &d.url, "run", "--pool", pool, "--holder", holder])
+            .args(["--endpoint", &d.url(), "run", "--pool", pool, "--holder", holder])
             .args(extra)
             .arg("--")
             .args(cmd)
@@ -492,7 +404,7 @@ impl Held {
     /// Lets the command finish and returns slotctl's output.
     async fn finish(self) -> Output {
         std::fs::write(self.dir.join("go"), b"").expect("write go");
-        let out = tokio::time::timeout(TIMEOUT, self.child.wait_with_output())
+        let out = tokio::time::timeout(PROCESS_TIMEOUT, self.child.wait_with_output())
             .await
             .expect("in time")
             .expect("wait");
@@ -505,7 +417,7 @@ impl Held {
 async fn pool_set_rm_pause_resume_end_to_end() {
     let d = Daemon::start(POOLS).await;
     let out = run_ctl(
-        &d.url,
+        &d.url(),
         &[
             "pool",
             "set",
@@ -521,50 +433,51 @@ async fn pool_set_rm_pause_resume_end_to_end() {
         ],
     )
     .await;
-    assert_code(&out, 0);
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("created pool gpt"), "{}", text(&out.stdout));
     assert_eq!(d.pool("gpt").await.limit, 3);
 
-    let out = run_ctl(&d.url, &["pool", "set", "gpt", "--max-concurrent", "5"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["pool", "set", "gpt", "--max-concurrent", "5"]).await;
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("updated pool gpt"), "{}", text(&out.stdout));
     assert_eq!(d.pool("gpt").await.limit, 5);
 
-    let out = run_ctl(&d.url, &["pool", "set", "gpt-mini", "--max-concurrent", "1", "--parent", "gpt"]).await;
-    assert_code(&out, 0);
+    let out =
+        run_ctl(&d.url(), &["pool", "set", "gpt-mini", "--max-concurrent", "1", "--parent", "gpt"]).await;
+    assert_exit_code(&out, 0);
     assert_eq!(d.pool("gpt-mini").await.parent, "gpt");
 
     let out =
-        run_ctl(&d.url, &["--output", "json", "pool", "set", "gpt-mini", "--max-concurrent", "2"]).await;
-    assert_code(&out, 0);
+        run_ctl(&d.url(), &["--output", "json", "pool", "set", "gpt-mini", "--max-concurrent", "2"]).await;
+    assert_exit_code(&out, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!((v["created"].as_bool(), v["limit"].as_u64()), (Some(false), Some(2)), "{v}");
 
-    let out = run_ctl(&d.url, &["pool", "set", "bad", "--max-concurrent", "0"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["pool", "set", "bad", "--max-concurrent", "0"]).await;
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).trim_end().ends_with("(INVALID_ARGUMENT)"), "{}", text(&out.stderr));
 
-    let out = run_ctl(&d.url, &["pause", "gpt", "--for", "30s", "--reason", "maintenance"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["pause", "gpt", "--for", "30s", "--reason", "maintenance"]).await;
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("paused gpt for"), "{}", text(&out.stdout));
     let p = d.pool("gpt").await;
     assert!(p.paused_until.is_some() && p.pause_reason.contains("maintenance"), "{p:?}");
-    let out = run_ctl(&d.url, &["status"]).await;
+    let out = run_ctl(&d.url(), &["status"]).await;
     assert!(text(&out.stdout).contains("maintenance"), "{}", text(&out.stdout));
 
-    let out = run_ctl(&d.url, &["resume", "gpt"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["resume", "gpt"]).await;
+    assert_exit_code(&out, 0);
     assert_eq!(text(&out.stdout).trim(), "resumed gpt");
     assert!(d.pool("gpt").await.paused_until.is_none());
-    let out = run_ctl(&d.url, &["resume", "gpt"]).await;
+    let out = run_ctl(&d.url(), &["resume", "gpt"]).await;
     assert_eq!(text(&out.stdout).trim(), "gpt was not paused");
 
-    let out = run_ctl(&d.url, &["pool", "rm", "gpt-mini"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["pool", "rm", "gpt-mini"]).await;
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).starts_with("removed pool gpt-mini"), "{}", text(&out.stdout));
     assert!(!d.status().await.pools.iter().any(|p| p.name == "gpt-mini"));
-    let out = run_ctl(&d.url, &["pool", "rm", "gpt-mini"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["pool", "rm", "gpt-mini"]).await;
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).trim_end().ends_with("(NOT_FOUND)"), "{}", text(&out.stderr));
 }
 
@@ -573,32 +486,34 @@ async fn revoke_warns_the_running_command_and_kill_on_lost_stops_it() {
     let d = Daemon::start(POOLS).await;
     let held = Held::start(&d, "solo", "revoked-holder", &[], Held::WAIT).await;
     let id = held.lease.lease_id.clone();
-    let out = run_ctl(&d.url, &["revoke", &id]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["revoke", &id]).await;
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("pool solo, holder revoked-holder"), "{}", text(&out.stdout));
     d.wait_for("the lease gone", |s| s.leases.is_empty()).await;
     // The command keeps running and its exit code still comes through; slotctl warned.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let out = held.finish().await;
-    assert_code(&out, 0);
+    assert_exit_code(&out, 0);
     let stderr = text(&out.stderr);
     assert!(stderr.contains("warning: lease") && stderr.contains("lost"), "{stderr}");
 
-    let out = run_ctl(&d.url, &["revoke", &id]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["revoke", &id]).await;
+    assert_exit_code(&out, 1);
 
-    let out = run_ctl(&d.url, &["revoke", "zz"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["revoke", "zz"]).await;
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).trim_end().ends_with("(NOT_FOUND)"), "{}", text(&out.stderr));
 
     let held = Held::start(&d, "solo", "killed-holder", &["--kill-on-lost"], &["sleep", "30"]).await;
     let started = tokio::time::Instant::now();
     // The short id that `slotctl status` shows is enough.
     let short = held.lease.lease_id[..8].to_owned();
-    assert_code(&run_ctl(&d.url, &["revoke", &short]).await, 0);
-    let out =
-        tokio::time::timeout(TIMEOUT, held.child.wait_with_output()).await.expect("in time").expect("wait");
-    assert_code(&out, 128 + 15);
+    assert_exit_code(&run_ctl(&d.url(), &["revoke", &short]).await, 0);
+    let out = tokio::time::timeout(PROCESS_TIMEOUT, held.child.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("wait");
+    assert_exit_code(&out, 128 + 15);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -607,47 +522,52 @@ async fn drain_reports_until_done_and_undrain_grants_again() {
     let d = Daemon::start(POOLS).await;
     let held = Held::start(&d, "anthropic", "drained-holder", &[], Held::WAIT).await;
 
-    let out = run_ctl(&d.url, &["drain", "--timeout", "300ms"]).await;
-    assert_code(&out, 1);
+    let out = run_ctl(&d.url(), &["drain", "--timeout", "300ms"]).await;
+    assert_exit_code(&out, 1);
     assert!(text(&out.stdout).contains("draining: 1 leases remaining"), "{}", text(&out.stdout));
     assert!(text(&out.stderr).contains("slotctl undrain"), "{}", text(&out.stderr));
 
     // Granting is stopped: a new run gives up.
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
-    assert_code(&out, 75);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--max-wait", "300ms", "--", "true"]).await;
+    assert_exit_code(&out, 75);
 
     let mut drain = slotctl();
-    drain.args(["--endpoint", &d.url, "drain"]).stdout(std::process::Stdio::piped());
+    drain.args(["--endpoint", &d.url(), "drain"]).stdout(std::process::Stdio::piped());
     let drain = drain.spawn().expect("spawn drain");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_code(&held.finish().await, 0);
-    let out = tokio::time::timeout(TIMEOUT, drain.wait_with_output()).await.expect("in time").expect("wait");
-    assert_code(&out, 0);
+    assert_exit_code(&held.finish().await, 0);
+    let out = tokio::time::timeout(PROCESS_TIMEOUT, drain.wait_with_output())
+        .await
+        .expect("in time")
+        .expect("wait");
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("drained: no lease is held"), "{}", text(&out.stdout));
 
-    let out = run_ctl(&d.url, &["undrain"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["undrain"]).await;
+    assert_exit_code(&out, 0);
     assert_eq!(text(&out.stdout).trim(), "granting again");
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--max-wait", "2s", "--", "true"]).await;
-    assert_code(&out, 0);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--max-wait", "2s", "--", "true"]).await;
+    assert_exit_code(&out, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_app_follows_real_watch_events() {
     let d = Daemon::start(POOLS).await;
-    let channel = Channel::from_shared(d.url.clone()).expect("url").connect().await.expect("connect");
-    let mut admin = pb::admin_client::AdminClient::new(channel);
+    let mut admin = d.admin().await;
     let mut watch = admin
         .watch(pb::WatchRequest { pool: String::new(), snapshot_interval: None })
         .await
         .expect("Admin.Watch")
         .into_inner();
-    let mut app = App::new(d.url.clone(), SystemTime::now());
+    let mut app = App::new(d.url(), SystemTime::now());
     app.source = EventSource::Watch;
 
-    let out = run_ctl(&d.url, &["run", "--pool", "solo", "--holder", "watched", "--", "true"]).await;
-    assert_code(&out, 0);
-    assert_code(&run_ctl(&d.url, &["pause", "solo", "--for", "20s", "--reason", "watched pause"]).await, 0);
+    let out = run_ctl(&d.url(), &["run", "--pool", "solo", "--holder", "watched", "--", "true"]).await;
+    assert_exit_code(&out, 0);
+    assert_exit_code(
+        &run_ctl(&d.url(), &["pause", "solo", "--for", "20s", "--reason", "watched pause"]).await,
+        0,
+    );
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while !app.events.iter().any(|e| e.kind == EventKind::Paused) {
         let ev = tokio::time::timeout_at(deadline, watch.message())
@@ -699,7 +619,7 @@ fn top_draws_on_tiny_terminals_and_odd_states_without_panicking() {
 #[tokio::test]
 async fn top_refuses_to_run_without_a_terminal() {
     let out = run_ctl("http://127.0.0.1:1", &["top"]).await;
-    assert_code(&out, 1);
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).contains("needs a terminal"), "{}", text(&out.stderr));
 }
 
@@ -714,46 +634,36 @@ async fn status_and_run_over_tls_with_a_ca_file() {
     let mut cfg = Config::from_toml_str(POOLS).expect("config");
     cfg.tls_cert = Some(cert.clone());
     cfg.tls_key = Some(key);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(slotd::serve(cfg, listener, async move {
-        let _ = stopped.await;
-    }));
-    let url = format!("https://127.0.0.1:{port}");
+    let d = Daemon::serve(cfg, "127.0.0.1:0").await;
+    let url = format!("https://{}", d.addr);
     let ca = cert.to_string_lossy().into_owned();
     let tls = ["--ca-cert", ca.as_str(), "--tls-domain", "localhost"];
 
     let args: Vec<&str> = tls.iter().copied().chain(["status"]).collect();
     let out = run_ctl(&url, &args).await;
-    assert_code(&out, 0);
+    assert_exit_code(&out, 0);
     assert!(text(&out.stdout).contains("anthropic"), "{}", text(&out.stdout));
 
     let args: Vec<&str> =
         tls.iter().copied().chain(["run", "--pool", "solo", "--", "sh", "-c", "exit 4"]).collect();
-    assert_code(&run_ctl(&url, &args).await, 4);
+    assert_exit_code(&run_ctl(&url, &args).await, 4);
 
     // Without the CA the daemon's certificate is not trusted.
     let out = run_ctl(&url, &["status"]).await;
-    assert_code(&out, 1);
+    assert_exit_code(&out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_go_to_the_right_service() {
-    use slotd::grpc::auth::Token;
     let mut cfg = Config::from_toml_str(POOLS).expect("config");
     cfg.agent_token = Some(Token::new("agent-secret").expect("token"));
     cfg.admin_token = Some(Token::new("admin-secret").expect("token"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(slotd::serve(cfg, listener, async move {
-        let _ = stopped.await;
-    }));
+    let d = Daemon::serve(cfg, "127.0.0.1:0").await;
+    let url = d.url();
 
     let out = run_ctl(&url, &["status"]).await;
-    assert_code(&out, 1);
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).trim_end().ends_with("(UNAUTHENTICATED)"), "{}", text(&out.stderr));
 
     let agent = ["--token", "agent-secret"];
@@ -761,16 +671,16 @@ async fn tokens_go_to_the_right_service() {
     let with = |pre: &[&'static str], rest: &[&'static str]| -> Vec<&'static str> {
         pre.iter().chain(rest).copied().collect()
     };
-    assert_code(&run_ctl(&url, &with(&agent, &["status"])).await, 0);
-    assert_code(&run_ctl(&url, &with(&agent, &["run", "--pool", "solo", "--", "true"])).await, 0);
+    assert_exit_code(&run_ctl(&url, &with(&agent, &["status"])).await, 0);
+    assert_exit_code(&run_ctl(&url, &with(&agent, &["run", "--pool", "solo", "--", "true"])).await, 0);
     let out = run_ctl(&url, &with(&agent, &["pause", "solo", "--for", "5s"])).await;
-    assert_code(&out, 1);
+    assert_exit_code(&out, 1);
     assert!(text(&out.stderr).trim_end().ends_with("(PERMISSION_DENIED)"), "{}", text(&out.stderr));
-    assert_code(&run_ctl(&url, &with(&both, &["pause", "solo", "--for", "5s"])).await, 0);
-    assert_code(&run_ctl(&url, &with(&both, &["resume", "solo"])).await, 0);
+    assert_exit_code(&run_ctl(&url, &with(&both, &["pause", "solo", "--for", "5s"])).await, 0);
+    assert_exit_code(&run_ctl(&url, &with(&both, &["resume", "solo"])).await, 0);
     // One token for both, from the environment.
     let mut cmd = slotctl();
     cmd.env("SLOTD_TOKEN", "admin-secret").args(["--endpoint", &url, "resume", "solo"]);
-    let out = tokio::time::timeout(TIMEOUT, cmd.output()).await.expect("in time").expect("runs");
-    assert_code(&out, 0);
+    let out = output_within(&mut cmd).await;
+    assert_exit_code(&out, 0);
 }

@@ -204,7 +204,8 @@ impl Scheduler {
     }
 
     /// Whether an operator's drain is on.
-    pub fn is_draining(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining
     }
 

@@ -130,6 +130,7 @@ impl Scheduler {
     }
 
     /// How many sessions are open.
+    #[cfg(any(test, feature = "testing"))]
     pub fn session_count(&self) -> usize {
         self.sessions.len() - 1
     }

@@ -20,6 +20,9 @@ pub mod process;
 
 pub use agent::{Agent, resume_of};
 pub use daemon::{Daemon, pool_in};
+/// The daemon's configuration and token types, for a [`Config`] built by hand (TLS files, tokens) and
+/// served with [`Daemon::serve`], so that a test suite needs no direct dependency on `slotd`.
+pub use slotd::{config::Config, grpc::auth::Token};
 
 /// The longest any single step may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
