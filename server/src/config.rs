@@ -151,6 +151,40 @@ pub struct SchedulerSection {
     pub max_per_stream: usize,
 }
 
+impl SchedulerSection {
+    /// Largest accepted `aging_step` (24 h): one priority level worth more than a day of waiting
+    /// is no aging at all.
+    pub const MAX_AGING_STEP: Duration = Duration::from_secs(24 * 3600);
+    /// Largest accepted `learning_period` (24 h, the longest lease TTL there can be,
+    /// `PoolConfig::MAX_TTL_LIMIT`).
+    pub const MAX_LEARNING_PERIOD: Duration = PoolConfig::MAX_TTL_LIMIT;
+
+    /// Checks the bounds of `[scheduler]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.aging_step.is_zero() {
+            return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
+        }
+        check_max("scheduler.aging_step", self.aging_step, Self::MAX_AGING_STEP)?;
+        check_max("scheduler.learning_period", self.learning_period, Self::MAX_LEARNING_PERIOD)?;
+        if self.max_per_stream == 0 {
+            return Err(ConfigError::Invalid("scheduler.max_per_stream must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a duration above its documented maximum, naming the key.
+fn check_max(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::Invalid(format!(
+            "{key} = {} is above the maximum {}",
+            humantime::format_duration(value),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(())
+}
+
 impl Default for SchedulerSection {
     fn default() -> Self {
         Self {
@@ -202,6 +236,30 @@ impl Limits {
     /// HTTP/2 streams allowed per connection beyond `max_streams_per_connection`, for unary calls
     /// (Status, ReportRateLimit, health) next to a connection's Acquire streams.
     pub const UNARY_STREAM_HEADROOM: u32 = 64;
+
+    /// Largest accepted `max_resume_grace` (24 h, the longest lease TTL there can be: a lease kept
+    /// for its grace still expires at its TTL).
+    pub const MAX_RESUME_GRACE: Duration = PoolConfig::MAX_TTL_LIMIT;
+    /// Largest accepted `drain_timeout` (1 h).
+    pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// Checks the bounds of `[limits]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid("limits.max_message_bytes must be >= 1024".into()));
+        }
+        if self.stream_buffer == 0 {
+            return Err(ConfigError::Invalid("limits.stream_buffer must be >= 1".into()));
+        }
+        if self.max_streams == 0 || self.max_streams_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
+            ));
+        }
+        check_max("limits.max_resume_grace", self.max_resume_grace, Self::MAX_RESUME_GRACE)?;
+        check_max("limits.drain_timeout", self.drain_timeout, Self::MAX_DRAIN_TIMEOUT)?;
+        Ok(())
+    }
 
     /// Checks that one more pool fits under `max_pools` (for paths that add pools one by one).
     pub fn check_pool_count(&self, after_adding: usize) -> Result<(), crate::scheduler::Error> {
@@ -338,7 +396,8 @@ impl Config {
         Ok(())
     }
 
-    /// Checks cross-field rules.
+    /// Checks every bound and cross-field rule: each pool ([`PoolConfig::validate`], through
+    /// `validate_tree`), `[limits]` ([`Limits::validate`]) and `[scheduler]` ([`SchedulerSection::validate`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_tree(&self.pools).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.worker_threads > Self::MAX_WORKER_THREADS {
@@ -355,24 +414,10 @@ impl Config {
                 self.limits.max_pools
             )));
         }
-        if self.limits.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid("limits.max_message_bytes must be >= 1024".into()));
-        }
-        if self.limits.stream_buffer == 0 || self.scheduler.max_per_stream == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.stream_buffer and scheduler.max_per_stream must be >= 1".into(),
-            ));
-        }
+        self.limits.validate()?;
+        self.scheduler.validate()?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both or neither".into()));
-        }
-        if self.limits.max_streams == 0 || self.limits.max_streams_per_connection == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
-            ));
-        }
-        if self.scheduler.aging_step.is_zero() {
-            return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
         }
         Ok(())
     }

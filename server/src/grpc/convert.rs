@@ -26,18 +26,43 @@ pub const MAX_HOLDER_LEN: usize = 256;
 /// The most lease ids one heartbeat may list.
 pub const MAX_HEARTBEAT_IDS: usize = 4096;
 
-/// A wire duration as a `Duration`; negative or out-of-range ones are refused.
+/// Largest `seconds` of a well-formed `google.protobuf.Duration` (about 10,000 years, as the type's
+/// documentation says). Each field has a much smaller maximum of its own, checked where it is used.
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+/// Earliest `seconds` of a well-formed `google.protobuf.Timestamp` (0001-01-01T00:00:00Z).
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// Latest `seconds` of a well-formed `google.protobuf.Timestamp` (9999-12-31T23:59:59Z).
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+const NANOS_PER_SECOND: i32 = 1_000_000_000;
+
+/// A wire duration as a `Duration`. Only well-formed, non-negative ones are accepted: `nanos` in
+/// `0..1e9` (no normalizing of `nanos = 2e9` into seconds), `seconds` in `0..=MAX_DURATION_SECONDS`.
 pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
     d.map(|d| {
-        Duration::try_from(d)
-            .map_err(|_| Error::InvalidArgument(format!("{field}: negative or invalid duration")))
+        let refuse = |why: &str| {
+            Error::InvalidArgument(format!("{field}: {why} (seconds = {}, nanos = {})", d.seconds, d.nanos))
+        };
+        if d.nanos <= -NANOS_PER_SECOND || d.nanos >= NANOS_PER_SECOND {
+            return Err(refuse("not a normalized duration: nanos must be within ±999,999,999"));
+        }
+        if d.seconds < 0 || d.nanos < 0 {
+            return Err(refuse("negative duration"));
+        }
+        if d.seconds > MAX_DURATION_SECONDS {
+            return Err(refuse("duration out of range"));
+        }
+        // Both are non-negative and in range (checked above).
+        Ok(Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()))
     })
     .transpose()
 }
 
-/// A `Duration` on the wire.
+/// A `Duration` on the wire (saturating at [`MAX_DURATION_SECONDS`]).
 pub fn pb_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
+    prost_types::Duration::try_from(d)
+        .ok()
+        .filter(|p| p.seconds <= MAX_DURATION_SECONDS)
+        .unwrap_or(prost_types::Duration { seconds: MAX_DURATION_SECONDS, nanos: 0 })
 }
 
 /// An `Instant` as a wall-clock timestamp.
@@ -47,10 +72,19 @@ pub fn timestamp(at: Instant) -> Timestamp {
     Timestamp::from(wall)
 }
 
-/// A wall-clock timestamp as an `Instant` (clamped to now for future ones).
+/// A wall-clock timestamp as an `Instant` (clamped to now for future ones). Only well-formed ones are
+/// accepted: `nanos` in `0..1e9`, `seconds` from year 1 to year 9999.
 pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
-    let wall = SystemTime::try_from(ts)
-        .map_err(|_| Error::InvalidArgument(format!("{field}: invalid timestamp")))?;
+    let refuse = |why: &str| {
+        Error::InvalidArgument(format!("{field}: {why} (seconds = {}, nanos = {})", ts.seconds, ts.nanos))
+    };
+    if !(0..NANOS_PER_SECOND).contains(&ts.nanos) {
+        return Err(refuse("not a normalized timestamp: nanos must be in 0..1,000,000,000"));
+    }
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&ts.seconds) {
+        return Err(refuse("timestamp out of range (years 1 to 9999)"));
+    }
+    let wall = SystemTime::try_from(ts).map_err(|_| refuse("timestamp out of range"))?;
     let (now_i, now_s) = (Instant::now(), SystemTime::now());
     let ago = now_s.duration_since(wall).unwrap_or(Duration::ZERO);
     // Anything older than the clamp the scheduler applies is equivalent; avoid Instant underflow.
