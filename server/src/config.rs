@@ -471,6 +471,28 @@ mod tests {
     }
 
     #[test]
+    fn every_duration_at_its_maximum_is_accepted() {
+        let toml = format!(
+            "[scheduler]\naging_step = \"{}\"\nlearning_period = \"{}\"\n\
+             [limits]\nmax_resume_grace = \"{}\"\ndrain_timeout = \"{}\"\n\
+             [pools.a]\nmax_concurrent = 1\ncooldown = \"{}\"\nheadroom_recovery = \"{}\"\n\
+             default_retry_after = \"{}\"\nmax_wait = \"{}\"\nmax_ttl = \"{}\"\ndefault_ttl = \"{}\"\n",
+            humantime::format_duration(SchedulerSection::MAX_AGING_STEP),
+            humantime::format_duration(SchedulerSection::MAX_LEARNING_PERIOD),
+            humantime::format_duration(Limits::MAX_RESUME_GRACE),
+            humantime::format_duration(Limits::MAX_DRAIN_TIMEOUT),
+            humantime::format_duration(PoolConfig::MAX_COOLDOWN),
+            humantime::format_duration(PoolConfig::MAX_HEADROOM_RECOVERY),
+            humantime::format_duration(PoolConfig::MAX_RETRY_AFTER),
+            humantime::format_duration(PoolConfig::MAX_WAIT_LIMIT),
+            humantime::format_duration(PoolConfig::MAX_TTL_LIMIT),
+            humantime::format_duration(PoolConfig::MAX_TTL_LIMIT),
+        );
+        let cfg = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(cfg.pools[&PoolId::new("a")].cooldown, PoolConfig::MAX_COOLDOWN);
+    }
+
+    #[test]
     fn tokens_come_from_a_file_or_the_env_not_both() {
         let dir = std::env::temp_dir().join(format!("slotd-config-tokens-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -507,6 +529,23 @@ mod tests {
             ("[limits]\nmax_streams = 0", "max_streams"),
             ("worker_threads = 100000", "worker_threads"),
             ("worker_threads = -1", "worker_threads"),
+            // Every duration has a documented maximum (the issue's value among them).
+            ("[pools.a]\nmax_concurrent = 1\ncooldown = \"9223372036854775807s\"", "cooldown"),
+            ("[pools.a]\nmax_concurrent = 1\ncooldown = \"61m\"", "cooldown"),
+            (
+                "[pools.a]\nmax_concurrent = 1\nheadroom_recovery = \"9223372036854775807s\"",
+                "headroom_recovery",
+            ),
+            ("[pools.a]\nmax_concurrent = 1\ndefault_retry_after = \"25h\"", "default_retry_after"),
+            ("[pools.a]\nmax_concurrent = 1\nmax_wait = \"31days\"", "max_wait"),
+            ("[pools.a]\nmax_concurrent = 1\nmax_ttl = \"25h\"", "max_ttl"),
+            ("[pools.a]\nmax_concurrent = 1\ndefault_ttl = \"25h\"", "default_ttl"),
+            ("[scheduler]\naging_step = \"25h\"", "scheduler.aging_step"),
+            ("[scheduler]\naging_step = \"0s\"", "scheduler.aging_step"),
+            ("[scheduler]\nlearning_period = \"25h\"", "scheduler.learning_period"),
+            ("[limits]\nmax_resume_grace = \"25h\"", "limits.max_resume_grace"),
+            ("[limits]\ndrain_timeout = \"2h\"", "limits.drain_timeout"),
+            ("[limits]\ndrain_timeout = \"99999999999999999999999s\"", "drain_timeout"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

@@ -416,3 +416,77 @@ pub fn watch_snapshot(s: Snapshot) -> pb::WatchEvent {
         event: Some(pb::watch_event::Event::Snapshot(status_response(s))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds, nanos })
+    }
+
+    #[test]
+    fn well_formed_durations_convert_exactly() {
+        assert_eq!(duration("d", None).unwrap(), None);
+        assert_eq!(duration("d", pb(0, 0)).unwrap(), Some(Duration::ZERO));
+        assert_eq!(duration("d", pb(0, 1)).unwrap(), Some(Duration::from_nanos(1)));
+        assert_eq!(duration("d", pb(1, 999_999_999)).unwrap(), Some(Duration::new(1, 999_999_999)));
+        let max = Duration::new(MAX_DURATION_SECONDS as u64, 999_999_999);
+        assert_eq!(duration("d", pb(MAX_DURATION_SECONDS, 999_999_999)).unwrap(), Some(max));
+    }
+
+    /// Negative, non-normalized and out-of-range durations are refused, never normalized or wrapped.
+    #[test]
+    fn malformed_durations_are_refused_naming_the_field() {
+        let cases = [
+            (pb(-1, 0), "negative"),
+            (pb(0, -1), "negative"),
+            (pb(-1, -999_999_999), "negative"),
+            (pb(i64::MIN, 0), "negative"),
+            (pb(0, 1_000_000_000), "normalized"),
+            (pb(0, 2_000_000_000), "normalized"),
+            (pb(1, i32::MAX), "normalized"),
+            (pb(0, i32::MIN), "normalized"),
+            (pb(MAX_DURATION_SECONDS + 1, 0), "out of range"),
+            (pb(i64::MAX, 0), "out of range"),
+            (pb(i64::MAX, 999_999_999), "out of range"),
+        ];
+        for (d, want) in cases {
+            let err = duration("cooldown", d).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{d:?}: {msg}");
+            assert!(msg.starts_with("cooldown: ") && msg.contains(want), "{d:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn wire_durations_saturate_on_the_way_out() {
+        assert_eq!(pb_duration(Duration::MAX).seconds, MAX_DURATION_SECONDS);
+        assert_eq!(
+            pb_duration(Duration::from_millis(1500)),
+            prost_types::Duration { seconds: 1, nanos: 500_000_000 }
+        );
+    }
+
+    #[test]
+    fn timestamps_are_checked_and_clamped() {
+        let ts = |seconds, nanos| Timestamp { seconds, nanos };
+        for (bad, want) in [
+            (ts(0, -1), "normalized"),
+            (ts(0, 1_000_000_000), "normalized"),
+            (ts(1_700_000_000, i32::MAX), "normalized"),
+            (ts(i64::MAX, 0), "out of range"),
+            (ts(i64::MIN, 0), "out of range"),
+            (ts(MAX_TIMESTAMP_SECONDS + 1, 0), "out of range"),
+            (ts(MIN_TIMESTAMP_SECONDS - 1, 0), "out of range"),
+        ] {
+            let msg = instant("started_at", bad).unwrap_err().to_string();
+            assert!(msg.starts_with("started_at: ") && msg.contains(want), "{bad:?}: {msg}");
+        }
+        // The extremes of the valid range clamp to [now - 2h, now] without overflowing.
+        for ok in [ts(MIN_TIMESTAMP_SECONDS, 0), ts(0, 0), ts(MAX_TIMESTAMP_SECONDS, 999_999_999)] {
+            let at = instant("started_at", ok).unwrap();
+            assert!(at <= Instant::now(), "{ok:?}");
+        }
+    }
+}
