@@ -186,8 +186,7 @@ impl Scheduler {
             pool.pause_reason = Arc::from(reason);
         }
         if adaptive_step && pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
-            pool.recover_at =
-                Some(time::after(pool.paused_until.unwrap_or(until), pool.cfg.headroom_recovery));
+            pool.recover_at = Some(time::after(pool.paused_until.unwrap_or(until), pool.cfg.recovery_step()));
         }
         let reason = pool.pause_reason.clone();
         let current = pool.paused_until.filter(|u| *u > now).unwrap_or(now);
@@ -232,7 +231,7 @@ impl Scheduler {
             while let Some(at) = pool.recover_at.filter(|t| *t <= now) {
                 pool.effective = (pool.effective + 1).min(pool.cfg.max_concurrent);
                 pool.recover_at = (pool.effective < pool.cfg.max_concurrent)
-                    .then(|| time::after(at, pool.cfg.headroom_recovery.max(Duration::from_millis(1))));
+                    .then(|| time::after(at, pool.cfg.recovery_step()));
             }
             if pool.effective != before {
                 out.facts.push(Fact::Effective { pool: pool.id.clone(), limit: pool.effective });

@@ -87,6 +87,16 @@ impl PoolConfig {
     /// Largest accepted `headroom_recovery`: 24 h per step.
     pub const MAX_HEADROOM_RECOVERY: Duration = Duration::from_secs(24 * 3600);
 
+    /// Shortest step of adaptive recovery: a zero `headroom_recovery` recovers one step per
+    /// millisecond, so a recovery is never due at the instant the 429 that caused it was handled.
+    pub const MIN_RECOVERY_STEP: Duration = Duration::from_millis(1);
+
+    /// The quiet period per step of adaptive recovery: `headroom_recovery`, at least
+    /// [`PoolConfig::MIN_RECOVERY_STEP`].
+    pub(crate) fn recovery_step(&self) -> Duration {
+        self.headroom_recovery.max(Self::MIN_RECOVERY_STEP)
+    }
+
     /// A pool with this limit and every other setting at its default.
     pub fn with_limit(max_concurrent: u32) -> Self {
         Self { max_concurrent, ..Self::default() }
