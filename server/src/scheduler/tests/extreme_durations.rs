@@ -4,8 +4,11 @@
 
 use super::*;
 
+/// Sets one duration of a pool's settings.
+type Setter = fn(&mut PoolConfig, Duration);
+
 /// Every bounded pool duration, with a setter and its documented maximum.
-fn bounded_fields() -> Vec<(&'static str, fn(&mut PoolConfig, Duration), Duration)> {
+fn bounded_fields() -> Vec<(&'static str, Setter, Duration)> {
     vec![
         ("max_ttl", |c, d| c.max_ttl = d, PoolConfig::MAX_TTL_LIMIT),
         ("cooldown", |c, d| c.cooldown = d, PoolConfig::MAX_COOLDOWN),
