@@ -10,7 +10,9 @@
 //!   `slotd.v1.ClientMessage` with prost, converted with [`stream_op`] like the daemon does, and the
 //!   valid ones applied to a [`Scheduler`]; the [`Invariants`] are checked after every message.
 //!
-//! Neither may panic.
+//! Both reach extreme durations (0, 1 ns, beyond every bound, `Duration::MAX`; on the wire also
+//! negative, non-normalized and out-of-range ones, and malformed timestamps) through [`Op::Extreme`]
+//! and the random messages. Neither may panic.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -63,7 +65,7 @@ fn op(u: &mut Unstructured) -> Result<Op> {
     let retry = |u: &mut Unstructured| -> Result<Option<u64>> {
         Ok(if u.arbitrary()? { Some(u.int_in_range(0..=799)?) } else { None })
     };
-    Ok(match u.int_in_range(0..=17u8)? {
+    Ok(match u.int_in_range(0..=19u8)? {
         0 => Op::Open,
         1 => Op::Close { s, grace: u.arbitrary()? },
         2..=5 => Op::Request {
@@ -114,6 +116,12 @@ fn op(u: &mut Unstructured) -> Result<Op> {
             _ => Op::Shutdown,
         },
         15 => Op::Drain(u.arbitrary()?),
+        16 | 17 => Op::Extreme {
+            s,
+            pool,
+            target: u.int_in_range(0..=8)?,
+            value: u.int_in_range(0..=model::EXTREMES.len() - 1)?,
+        },
         _ => Op::Tick,
     })
 }
@@ -231,6 +239,7 @@ mod tests {
                 priority: rng.random_bool(0.5).then(|| rng.random_range(0..12)),
                 ttl: rng.random_bool(0.5).then(|| prost_types_duration(rng)),
                 max_wait: rng.random_bool(0.3).then(|| prost_types_duration(rng)),
+                started_at: rng.random_bool(0.3).then(|| timestamp(rng)),
                 ..Default::default()
             })),
             2 => Some(Msg::Cancel(pb::CancelRequest { request_id: format!("r{}", rng.random_range(0..4)) })),
@@ -244,13 +253,33 @@ mod tests {
                 lease_id: lease_id(rng),
                 fencing_token: [0, 1, u64::MAX - 1, u64::MAX][rng.random_range(0..4)],
                 pool: ["p", "c"][rng.random_range(0..2)].into(),
+                ttl: rng.random_bool(0.5).then(|| prost_types_duration(rng)),
                 ..Default::default()
             })),
         };
         pb::ClientMessage { msg }
     }
 
+    /// Mostly small durations, sometimes an extreme one: negative, non-normalized or huge.
     fn prost_types_duration(rng: &mut StdRng) -> prost_types::Duration {
-        prost_types::Duration { seconds: rng.random_range(-2..5), nanos: rng.random_range(-5..1_000_000_000) }
+        let (seconds, nanos) = match rng.random_range(0..4) {
+            0 => (
+                [0, 1, -1, i64::MAX, i64::MIN, 315_576_000_000, 315_576_000_001][rng.random_range(0..7)],
+                [0, 1, -1, 999_999_999, 1_000_000_000, 2_000_000_000, i32::MAX, i32::MIN]
+                    [rng.random_range(0..8)],
+            ),
+            _ => (rng.random_range(-2..5), rng.random_range(-5..1_000_000_000)),
+        };
+        prost_types::Duration { seconds, nanos }
+    }
+
+    /// A turn start: recent, or an extreme one (malformed, or at either end of the valid range).
+    fn timestamp(rng: &mut StdRng) -> prost_types::Timestamp {
+        let recent =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let seconds = [recent, recent - 7200, 0, -62_135_596_800, 253_402_300_799, i64::MAX, i64::MIN]
+            [rng.random_range(0..7)];
+        let nanos = [0, 999_999_999, -1, 1_000_000_000, i32::MAX][rng.random_range(0..5)];
+        prost_types::Timestamp { seconds, nanos }
     }
 }

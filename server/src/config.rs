@@ -171,6 +171,40 @@ pub struct SchedulerSection {
     pub max_per_stream: usize,
 }
 
+impl SchedulerSection {
+    /// Largest accepted `aging_step` (24 h): one priority level worth more than a day of waiting
+    /// is no aging at all.
+    pub const MAX_AGING_STEP: Duration = Duration::from_secs(24 * 3600);
+    /// Largest accepted `learning_period` (24 h, the longest lease TTL there can be,
+    /// `PoolConfig::MAX_TTL_LIMIT`).
+    pub const MAX_LEARNING_PERIOD: Duration = PoolConfig::MAX_TTL_LIMIT;
+
+    /// Checks the bounds of `[scheduler]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.aging_step.is_zero() {
+            return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
+        }
+        check_max("scheduler.aging_step", self.aging_step, Self::MAX_AGING_STEP)?;
+        check_max("scheduler.learning_period", self.learning_period, Self::MAX_LEARNING_PERIOD)?;
+        if self.max_per_stream == 0 {
+            return Err(ConfigError::Invalid("scheduler.max_per_stream must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a duration above its documented maximum, naming the key.
+fn check_max(key: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::Invalid(format!(
+            "{key} = {} is above the maximum {}",
+            humantime::format_duration(value),
+            humantime::format_duration(max)
+        )));
+    }
+    Ok(())
+}
+
 impl Default for SchedulerSection {
     fn default() -> Self {
         Self {
@@ -239,6 +273,30 @@ impl Limits {
     /// HTTP/2 streams allowed per connection beyond `max_streams_per_connection`, for unary calls
     /// (Status, ReportRateLimit, health) next to a connection's Acquire streams.
     pub const UNARY_STREAM_HEADROOM: u32 = 64;
+
+    /// Largest accepted `max_resume_grace` (24 h, the longest lease TTL there can be: a lease kept
+    /// for its grace still expires at its TTL).
+    pub const MAX_RESUME_GRACE: Duration = PoolConfig::MAX_TTL_LIMIT;
+    /// Largest accepted `drain_timeout` (1 h).
+    pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+
+    /// Checks the bounds of `[limits]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid("limits.max_message_bytes must be >= 1024".into()));
+        }
+        if self.stream_buffer == 0 {
+            return Err(ConfigError::Invalid("limits.stream_buffer must be >= 1".into()));
+        }
+        if self.max_streams == 0 || self.max_streams_per_connection == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
+            ));
+        }
+        check_max("limits.max_resume_grace", self.max_resume_grace, Self::MAX_RESUME_GRACE)?;
+        check_max("limits.drain_timeout", self.drain_timeout, Self::MAX_DRAIN_TIMEOUT)?;
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -387,7 +445,8 @@ impl Config {
         Ok(())
     }
 
-    /// Checks cross-field rules.
+    /// Checks every bound and cross-field rule: each pool ([`PoolConfig::validate`], through
+    /// `validate_tree`), `[limits]` ([`Limits::validate`]) and `[scheduler]` ([`SchedulerSection::validate`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_tree(&self.pools).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.worker_threads > Self::MAX_WORKER_THREADS {
@@ -404,21 +463,10 @@ impl Config {
                 self.limits.max_pools
             )));
         }
-        if self.limits.max_message_bytes < 1024 {
-            return Err(ConfigError::Invalid("limits.max_message_bytes must be >= 1024".into()));
-        }
-        if self.limits.stream_buffer == 0 || self.scheduler.max_per_stream == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.stream_buffer and scheduler.max_per_stream must be >= 1".into(),
-            ));
-        }
+        self.limits.validate()?;
+        self.scheduler.validate()?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid("tls_cert and tls_key go together: set both or neither".into()));
-        }
-        if self.limits.max_streams == 0 || self.limits.max_streams_per_connection == 0 {
-            return Err(ConfigError::Invalid(
-                "limits.max_streams and limits.max_streams_per_connection must be >= 1".into(),
-            ));
         }
         if !(1..=Limits::MAX_MAX_CONNECTIONS).contains(&self.limits.max_connections) {
             return Err(ConfigError::Invalid(format!(
@@ -494,6 +542,28 @@ mod tests {
     }
 
     #[test]
+    fn every_duration_at_its_maximum_is_accepted() {
+        let toml = format!(
+            "[scheduler]\naging_step = \"{}\"\nlearning_period = \"{}\"\n\
+             [limits]\nmax_resume_grace = \"{}\"\ndrain_timeout = \"{}\"\n\
+             [pools.a]\nmax_concurrent = 1\ncooldown = \"{}\"\nheadroom_recovery = \"{}\"\n\
+             default_retry_after = \"{}\"\nmax_wait = \"{}\"\nmax_ttl = \"{}\"\ndefault_ttl = \"{}\"\n",
+            humantime::format_duration(SchedulerSection::MAX_AGING_STEP),
+            humantime::format_duration(SchedulerSection::MAX_LEARNING_PERIOD),
+            humantime::format_duration(Limits::MAX_RESUME_GRACE),
+            humantime::format_duration(Limits::MAX_DRAIN_TIMEOUT),
+            humantime::format_duration(PoolConfig::MAX_COOLDOWN),
+            humantime::format_duration(PoolConfig::MAX_HEADROOM_RECOVERY),
+            humantime::format_duration(PoolConfig::MAX_RETRY_AFTER),
+            humantime::format_duration(PoolConfig::MAX_WAIT_LIMIT),
+            humantime::format_duration(PoolConfig::MAX_TTL_LIMIT),
+            humantime::format_duration(PoolConfig::MAX_TTL_LIMIT),
+        );
+        let cfg = Config::from_toml_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!(cfg.pools[&PoolId::new("a")].cooldown, PoolConfig::MAX_COOLDOWN);
+    }
+
+    #[test]
     fn tokens_come_from_a_file_or_the_env_not_both() {
         let dir = std::env::temp_dir().join(format!("slotd-config-tokens-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -561,6 +631,23 @@ mod tests {
             ("[limits]\nmax_connections = 1000001", "max_connections"),
             ("[limits]\nhandshake_timeout = \"0s\"", "handshake_timeout"),
             ("[limits]\nhandshake_timeout = \"301s\"", "handshake_timeout"),
+            // Every duration has a documented maximum (the issue's value among them).
+            ("[pools.a]\nmax_concurrent = 1\ncooldown = \"9223372036854775807s\"", "cooldown"),
+            ("[pools.a]\nmax_concurrent = 1\ncooldown = \"61m\"", "cooldown"),
+            (
+                "[pools.a]\nmax_concurrent = 1\nheadroom_recovery = \"9223372036854775807s\"",
+                "headroom_recovery",
+            ),
+            ("[pools.a]\nmax_concurrent = 1\ndefault_retry_after = \"25h\"", "default_retry_after"),
+            ("[pools.a]\nmax_concurrent = 1\nmax_wait = \"31days\"", "max_wait"),
+            ("[pools.a]\nmax_concurrent = 1\nmax_ttl = \"25h\"", "max_ttl"),
+            ("[pools.a]\nmax_concurrent = 1\ndefault_ttl = \"25h\"", "default_ttl"),
+            ("[scheduler]\naging_step = \"25h\"", "scheduler.aging_step"),
+            ("[scheduler]\naging_step = \"0s\"", "scheduler.aging_step"),
+            ("[scheduler]\nlearning_period = \"25h\"", "scheduler.learning_period"),
+            ("[limits]\nmax_resume_grace = \"25h\"", "limits.max_resume_grace"),
+            ("[limits]\ndrain_timeout = \"2h\"", "limits.drain_timeout"),
+            ("[limits]\ndrain_timeout = \"99999999999999999999999s\"", "drain_timeout"),
         ];
         for (toml, want) in cases {
             let err = Config::from_toml_str(toml).unwrap_err().to_string();

@@ -31,8 +31,8 @@ use tonic::{
     service::interceptor::InterceptedService,
     transport::{Identity, ServerTlsConfig},
 };
-use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
@@ -73,6 +73,11 @@ pub enum ServeError {
     /// The TLS certificate or key could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// The task that owns the scheduler ended (a panic, or a return) while the daemon was serving.
+    /// Nothing can be granted any more: health was turned NOT_SERVING and serving stopped, so that a
+    /// supervisor restarts the process.
+    #[error("the scheduler task stopped unexpectedly: {0}")]
+    DriverStopped(String),
     /// A listener could not be bound or inspected.
     #[error("{what}: {source}")]
     Listen {
@@ -225,7 +230,7 @@ pub async fn serve_with_metrics(
         }
         None => driver,
     };
-    tokio::spawn(driver.run());
+    let driver_task = tokio::spawn(driver.run());
     // Aborted when serving ends (below): a scrape during shutdown has nothing useful to say.
     let metrics_task = metrics.map(|(l, m)| {
         if let Ok(addr) = l.local_addr() {
@@ -249,6 +254,7 @@ pub async fn serve_with_metrics(
     }
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let driver_died = driver_stopped(driver_task, health.clone());
     health.set_serving::<SlotdServer<SlotdService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -347,6 +353,9 @@ pub async fn serve_with_metrics(
             warn!(?drain, "connections still open after limits.drain_timeout; stopping anyway");
             Ok(())
         }
+        // Without the driver every call would fail with "shutting down" while health said SERVING:
+        // stop instead, so the process exits non-zero and its supervisor restarts it.
+        e = driver_died => Err(e),
     };
     if let Some(t) = metrics_task {
         t.abort();
@@ -389,6 +398,33 @@ enum PoolSource {
     Config,
 }
 
+/// Waits for the driver task to end, which only happens unexpectedly while serving (every gRPC service
+/// holds a handle to it): logs why, turns health NOT_SERVING and returns the error `serve` reports.
+///
+/// # Cancel safety
+/// Cancel safe: dropping it stops watching; the driver task is not affected.
+async fn driver_stopped(task: tokio::task::JoinHandle<()>, health: HealthReporter) -> ServeError {
+    let why = match task.await {
+        Ok(()) => "it returned".to_owned(),
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                format!("it panicked: {msg}")
+            }
+            Err(e) => format!("it was cancelled: {e}"),
+        },
+    };
+    error!(reason = %why, "the scheduler task stopped; health NOT_SERVING, exiting so a supervisor restarts slotd");
+    health.set_not_serving::<SlotdServer<SlotdService>>().await;
+    health.set_not_serving::<AdminServer<AdminService>>().await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+    ServeError::DriverStopped(why)
+}
+
 /// Refuses to serve beyond loopback while a service has no token, unless `allow_insecure_remote`.
 fn check_exposure(cfg: &Config, addr: SocketAddr) -> Result<(), ServeError> {
     if addr.ip().is_loopback() || cfg.allow_insecure_remote {
@@ -417,4 +453,48 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<ServerTls
     };
     let identity = Identity::from_pem(read("tls_cert", cert)?, read("tls_key", key)?);
     Ok(ServerTlsConfig::new().identity(identity))
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_health::{
+        pb::{HealthCheckRequest, health_check_response::ServingStatus as Wire, health_server::Health},
+        server::HealthService,
+    };
+
+    use super::*;
+
+    async fn status(health: &HealthReporter, service: &str) -> i32 {
+        let svc = HealthService::from_health_reporter(health.clone());
+        let req = tonic::Request::new(HealthCheckRequest { service: service.into() });
+        svc.check(req).await.expect("a known service").into_inner().status
+    }
+
+    /// A panicking (or returning) driver task turns health NOT_SERVING and becomes `serve`'s error,
+    /// which `main` turns into a non-zero exit.
+    #[tokio::test]
+    async fn a_driver_that_stops_turns_health_not_serving_and_fails_serve() {
+        for panics in [true, false] {
+            let health = HealthReporter::new();
+            health.set_serving::<SlotdServer<SlotdService>>().await;
+            health.set_service_status("", ServingStatus::Serving).await;
+            assert_eq!(status(&health, "").await, Wire::Serving as i32);
+            let task = tokio::spawn(async move {
+                if panics {
+                    panic!("injected driver fault");
+                }
+            });
+            let err = driver_stopped(task, health.clone()).await;
+            let msg = err.to_string();
+            assert!(matches!(err, ServeError::DriverStopped(_)), "{msg}");
+            if panics {
+                assert!(msg.contains("panicked: injected driver fault"), "{msg}");
+            } else {
+                assert!(msg.contains("returned"), "{msg}");
+            }
+            for service in ["", "slotd.v1.Slotd", "slotd.v1.Admin"] {
+                assert_eq!(status(&health, service).await, Wire::NotServing as i32, "{service:?}");
+            }
+        }
+    }
 }

@@ -229,6 +229,23 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
     }
 
+    /// A value that would overflow the clock (persisted by an older daemon, or written by hand) is
+    /// refused at load, with the same bounds as the config file and Admin.
+    #[test]
+    fn a_state_file_with_a_duration_above_its_maximum_is_refused() {
+        let path = temp_path("poisoned");
+        for field in ["cooldown", "headroom_recovery"] {
+            std::fs::write(
+                &path,
+                format!("version = 1\n[pools.a]\nmax_concurrent = 1\n{field} = \"9223372036854775807s\"\n"),
+            )
+            .unwrap();
+            let err = load(&path).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("above the maximum"), "{err}");
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn a_file_slotd_did_not_write_is_refused_not_served_as_no_pools() {
         let path = temp_path("unversioned");

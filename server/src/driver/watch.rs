@@ -10,7 +10,7 @@ use tokio::{
 };
 
 use super::{DrainCounts, DriverHandle, Published};
-use crate::scheduler::{Error, PoolId, Snapshot};
+use crate::scheduler::{Error, PoolId, Snapshot, time};
 
 /// One message of a Watch.
 #[derive(Debug)]
@@ -38,7 +38,9 @@ pub async fn watch(
         if tx.send(Ok(WatchItem::Snapshot(snapshot))).await.is_err() {
             return;
         }
-        let mut ticker = interval.map(|d| tokio::time::interval_at(Instant::now() + d, d));
+        // `interval` is bounded by the Admin service; the checked start keeps an unbounded caller
+        // from panicking this task all the same.
+        let mut ticker = interval.map(|d| tokio::time::interval_at(time::after(Instant::now(), d), d));
         loop {
             let periodic = async {
                 match ticker.as_mut() {
@@ -101,7 +103,7 @@ pub async fn drain(
     let mut updates = driver.counts();
     let first = driver.set_draining(true).await?;
     updates.mark_unchanged();
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| time::after(Instant::now(), t));
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut counts = first;

@@ -32,6 +32,11 @@ impl AdminService {
     pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(5);
     /// Shortest snapshot interval honoured (a tiny one would turn Watch into a Status busy loop).
     pub const MIN_SNAPSHOT_INTERVAL: Duration = Duration::from_millis(100);
+    /// Longest snapshot interval accepted (1 h); a longer one is refused with INVALID_ARGUMENT
+    /// (zero asks for the first snapshot only).
+    pub const MAX_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(3600);
+    /// Longest Drain `timeout` accepted (24 h); leave it unset to wait until the leases are gone.
+    pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
     /// A service that talks to this driver, persists pool changes to `state` (when set), and lets
     /// the pool count grow to `max_pools`.
@@ -50,6 +55,14 @@ fn change_status(e: ChangeError) -> Status {
 
 fn pool_name(field: &str, name: &str) -> Result<PoolId, Error> {
     PoolId::parse(name).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
+}
+
+fn out_of_range(field: &str, got: Duration, max: Duration) -> Error {
+    Error::InvalidArgument(format!(
+        "{field} = {} is above the maximum {}",
+        humantime::format_duration(got),
+        humantime::format_duration(max)
+    ))
 }
 
 fn progress(c: DrainCounts) -> pb::DrainProgress {
@@ -129,6 +142,9 @@ impl Admin for AdminService {
 
     async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<DrainStream>, Status> {
         let timeout = convert::duration("timeout", req.into_inner().timeout)?;
+        if let Some(t) = timeout.filter(|t| *t > Self::MAX_DRAIN_TIMEOUT) {
+            return Err(out_of_range("timeout", t, Self::MAX_DRAIN_TIMEOUT).into());
+        }
         let rx = watch::drain(self.driver.clone(), timeout).await?;
         let stream = ReceiverStream::new(rx).map(|item| match item {
             Ok(counts) => Ok(progress(counts)),
@@ -149,6 +165,9 @@ impl Admin for AdminService {
         let interval = match convert::duration("snapshot_interval", r.snapshot_interval)? {
             None => Some(Self::DEFAULT_SNAPSHOT_INTERVAL),
             Some(d) if d.is_zero() => None,
+            Some(d) if d > Self::MAX_SNAPSHOT_INTERVAL => {
+                return Err(out_of_range("snapshot_interval", d, Self::MAX_SNAPSHOT_INTERVAL).into());
+            }
             Some(d) => Some(d.max(Self::MIN_SNAPSHOT_INTERVAL)),
         };
         let rx = watch::watch(self.driver.clone(), pool, interval).await?;

@@ -32,18 +32,43 @@ pub const MAX_HOLDER_LEN: usize = 256;
 /// The most lease ids one heartbeat may list.
 pub const MAX_HEARTBEAT_IDS: usize = 4096;
 
-/// A wire duration as a `Duration`; negative or out-of-range ones are refused.
+/// Largest `seconds` of a well-formed `google.protobuf.Duration` (about 10,000 years, as the type's
+/// documentation says). Each field has a much smaller maximum of its own, checked where it is used.
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+/// Earliest `seconds` of a well-formed `google.protobuf.Timestamp` (0001-01-01T00:00:00Z).
+pub const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+/// Latest `seconds` of a well-formed `google.protobuf.Timestamp` (9999-12-31T23:59:59Z).
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+const NANOS_PER_SECOND: i32 = 1_000_000_000;
+
+/// A wire duration as a `Duration`. Only well-formed, non-negative ones are accepted: `nanos` in
+/// `0..1e9` (no normalizing of `nanos = 2e9` into seconds), `seconds` in `0..=MAX_DURATION_SECONDS`.
 pub fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Error> {
     d.map(|d| {
-        Duration::try_from(d)
-            .map_err(|_| Error::InvalidArgument(format!("{field}: negative or invalid duration")))
+        let refuse = |why: &str| {
+            Error::InvalidArgument(format!("{field}: {why} (seconds = {}, nanos = {})", d.seconds, d.nanos))
+        };
+        if d.nanos <= -NANOS_PER_SECOND || d.nanos >= NANOS_PER_SECOND {
+            return Err(refuse("not a normalized duration: nanos must be within ±999,999,999"));
+        }
+        if d.seconds < 0 || d.nanos < 0 {
+            return Err(refuse("negative duration"));
+        }
+        if d.seconds > MAX_DURATION_SECONDS {
+            return Err(refuse("duration out of range"));
+        }
+        // Both are non-negative and in range (checked above).
+        Ok(Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs()))
     })
     .transpose()
 }
 
-/// A `Duration` on the wire.
+/// A `Duration` on the wire (saturating at [`MAX_DURATION_SECONDS`]).
 pub fn pb_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration { seconds: i64::MAX, nanos: 0 })
+    prost_types::Duration::try_from(d)
+        .ok()
+        .filter(|p| p.seconds <= MAX_DURATION_SECONDS)
+        .unwrap_or(prost_types::Duration { seconds: MAX_DURATION_SECONDS, nanos: 0 })
 }
 
 /// The one (`Instant`, `SystemTime`) pair every outgoing timestamp is computed from.
@@ -71,10 +96,19 @@ pub fn timestamp(at: Instant) -> Timestamp {
     Timestamp::from(wall.unwrap_or(anchor_s))
 }
 
-/// A wall-clock timestamp as an `Instant` (clamped to now for future ones).
+/// A wall-clock timestamp as an `Instant` (clamped to now for future ones). Only well-formed ones are
+/// accepted: `nanos` in `0..1e9`, `seconds` from year 1 to year 9999.
 pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
-    let wall = SystemTime::try_from(ts)
-        .map_err(|_| Error::InvalidArgument(format!("{field}: invalid timestamp")))?;
+    let refuse = |why: &str| {
+        Error::InvalidArgument(format!("{field}: {why} (seconds = {}, nanos = {})", ts.seconds, ts.nanos))
+    };
+    if !(0..NANOS_PER_SECOND).contains(&ts.nanos) {
+        return Err(refuse("not a normalized timestamp: nanos must be in 0..1,000,000,000"));
+    }
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&ts.seconds) {
+        return Err(refuse("timestamp out of range (years 1 to 9999)"));
+    }
+    let wall = SystemTime::try_from(ts).map_err(|_| refuse("timestamp out of range"))?;
     let (now_i, now_s) = (Instant::now(), SystemTime::now());
     let ago = now_s.duration_since(wall).unwrap_or(Duration::ZERO);
     // Anything older than the clamp the scheduler applies is equivalent; avoid Instant underflow.
@@ -426,5 +460,79 @@ pub fn watch_snapshot(s: Snapshot) -> pb::WatchEvent {
     pb::WatchEvent {
         at: Some(timestamp(Instant::now())),
         event: Some(pb::watch_event::Event::Snapshot(status_response(s))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pb(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
+        Some(prost_types::Duration { seconds, nanos })
+    }
+
+    #[test]
+    fn well_formed_durations_convert_exactly() {
+        assert_eq!(duration("d", None).unwrap(), None);
+        assert_eq!(duration("d", pb(0, 0)).unwrap(), Some(Duration::ZERO));
+        assert_eq!(duration("d", pb(0, 1)).unwrap(), Some(Duration::from_nanos(1)));
+        assert_eq!(duration("d", pb(1, 999_999_999)).unwrap(), Some(Duration::new(1, 999_999_999)));
+        let max = Duration::new(MAX_DURATION_SECONDS as u64, 999_999_999);
+        assert_eq!(duration("d", pb(MAX_DURATION_SECONDS, 999_999_999)).unwrap(), Some(max));
+    }
+
+    /// Negative, non-normalized and out-of-range durations are refused, never normalized or wrapped.
+    #[test]
+    fn malformed_durations_are_refused_naming_the_field() {
+        let cases = [
+            (pb(-1, 0), "negative"),
+            (pb(0, -1), "negative"),
+            (pb(-1, -999_999_999), "negative"),
+            (pb(i64::MIN, 0), "negative"),
+            (pb(0, 1_000_000_000), "normalized"),
+            (pb(0, 2_000_000_000), "normalized"),
+            (pb(1, i32::MAX), "normalized"),
+            (pb(0, i32::MIN), "normalized"),
+            (pb(MAX_DURATION_SECONDS + 1, 0), "out of range"),
+            (pb(i64::MAX, 0), "out of range"),
+            (pb(i64::MAX, 999_999_999), "out of range"),
+        ];
+        for (d, want) in cases {
+            let err = duration("cooldown", d).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{d:?}: {msg}");
+            assert!(msg.starts_with("cooldown: ") && msg.contains(want), "{d:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn wire_durations_saturate_on_the_way_out() {
+        assert_eq!(pb_duration(Duration::MAX).seconds, MAX_DURATION_SECONDS);
+        assert_eq!(
+            pb_duration(Duration::from_millis(1500)),
+            prost_types::Duration { seconds: 1, nanos: 500_000_000 }
+        );
+    }
+
+    #[test]
+    fn timestamps_are_checked_and_clamped() {
+        let ts = |seconds, nanos| Timestamp { seconds, nanos };
+        for (bad, want) in [
+            (ts(0, -1), "normalized"),
+            (ts(0, 1_000_000_000), "normalized"),
+            (ts(1_700_000_000, i32::MAX), "normalized"),
+            (ts(i64::MAX, 0), "out of range"),
+            (ts(i64::MIN, 0), "out of range"),
+            (ts(MAX_TIMESTAMP_SECONDS + 1, 0), "out of range"),
+            (ts(MIN_TIMESTAMP_SECONDS - 1, 0), "out of range"),
+        ] {
+            let msg = instant("started_at", bad).unwrap_err().to_string();
+            assert!(msg.starts_with("started_at: ") && msg.contains(want), "{bad:?}: {msg}");
+        }
+        // The extremes of the valid range clamp to [now - 2h, now] without overflowing.
+        for ok in [ts(MIN_TIMESTAMP_SECONDS, 0), ts(0, 0), ts(MAX_TIMESTAMP_SECONDS, 999_999_999)] {
+            let at = instant("started_at", ok).unwrap();
+            assert!(at <= Instant::now(), "{ok:?}");
+        }
     }
 }

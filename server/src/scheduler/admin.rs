@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{
     Decisions, Error, Event, ExpiryReason, Fact, Lease, LeaseEnd, LeaseId, PoolChange, PoolConfig, PoolId,
-    Scheduler, SessionId, WaiterId, ids,
+    Scheduler, SchedulerConfig, SessionId, WaiterId, ids,
     pool::{Overflow, Pool},
 };
 
@@ -124,7 +124,7 @@ impl Scheduler {
     /// Pauses a pool by hand until `max(current end, now + duration)`, with the same fan-out as a 429
     /// pause but no adaptive decrease and no `max_agent_retry_after` cap (an operator may pause a pool
     /// for as long as [`SchedulerConfig::MAX_PAUSE`](super::SchedulerConfig::MAX_PAUSE)). Returns when
-    /// the pause ends.
+    /// the pause ends. `duration` must be in `(0, SchedulerConfig::MAX_PAUSE]`.
     pub fn pause_pool(
         &mut self,
         now: Instant,
@@ -135,8 +135,12 @@ impl Scheduler {
         if !self.pools.contains_key(pool) {
             return Err(Error::UnknownPool(pool.clone()));
         }
-        if duration.is_zero() {
-            return Err(Error::InvalidArgument("pause duration must be > 0".into()));
+        if duration.is_zero() || duration > SchedulerConfig::MAX_PAUSE {
+            return Err(Error::InvalidArgument(format!(
+                "pause duration {} out of range: want > 0 and <= {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(SchedulerConfig::MAX_PAUSE)
+            )));
         }
         let mut out = Decisions::default();
         self.advance(now, &mut out);

@@ -14,15 +14,15 @@ use super::{
     Decisions, Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, PoolId, Priority,
     Scheduler, SchedulerConfig, SessionId, WaitKey, Waiter, WaiterId,
     pool::{Closed, Pool},
+    time,
 };
 
 impl Scheduler {
     pub(super) fn key_of(&self, started: Instant, priority: Priority) -> WaitKey {
-        let offset = if started >= self.epoch {
-            (started - self.epoch).as_nanos() as i64
-        } else {
-            -((self.epoch - started).as_nanos() as i64)
-        };
+        // Saturating: an offset beyond ±292 years cannot occur (instants are bounded), but must not wrap.
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let offset =
+            if started >= self.epoch { nanos(started - self.epoch) } else { -nanos(self.epoch - started) };
         let step = self.cfg.aging_step.as_nanos().min(i64::MAX as u128 / 16) as i64;
         offset.saturating_sub(step.saturating_mul(i64::from(priority.get())))
     }
@@ -90,7 +90,7 @@ impl Scheduler {
         for p in pool.chain.clone() {
             self.pools.get_mut(&p).expect("chain pools exist").in_flight += 1;
         }
-        let expires_at = now + w.ttl;
+        let expires_at = time::after(now, w.ttl);
         self.sessions.get_mut(&w.session).expect("waiter sessions exist").leases.insert(id);
         let lease = Lease {
             id,
@@ -178,7 +178,7 @@ impl Scheduler {
         // Every agent holds the same token: one report must not stop a pool for longer than the
         // operator allows. An operator's pause is not capped.
         let wait = if adaptive_step { wait.min(pool.cfg.max_agent_retry_after) } else { wait };
-        let until = now + wait;
+        let until = time::after(now, wait);
         let new_episode = pool.paused_until.is_none_or(|u| u <= now);
         if adaptive_step && new_episode && pool.cfg.adaptive && pool.effective > 1 {
             pool.effective -= 1;
@@ -192,7 +192,7 @@ impl Scheduler {
             pool.pause_reason = Arc::from(reason);
         }
         if adaptive_step && pool.cfg.adaptive && pool.effective < pool.cfg.max_concurrent {
-            pool.recover_at = Some(pool.paused_until.unwrap_or(until) + pool.cfg.headroom_recovery);
+            pool.recover_at = Some(time::after(pool.paused_until.unwrap_or(until), pool.cfg.recovery_step()));
         }
         let reason = pool.pause_reason.clone();
         let current = pool.paused_until.filter(|u| *u > now).unwrap_or(now);
@@ -237,7 +237,7 @@ impl Scheduler {
             while let Some(at) = pool.recover_at.filter(|t| *t <= now) {
                 pool.effective = (pool.effective + 1).min(pool.cfg.max_concurrent);
                 pool.recover_at = (pool.effective < pool.cfg.max_concurrent)
-                    .then(|| at + pool.cfg.headroom_recovery.max(Duration::from_millis(1)));
+                    .then(|| time::after(at, pool.cfg.recovery_step()));
             }
             if pool.effective != before {
                 out.facts.push(Fact::Effective { pool: pool.id.clone(), limit: pool.effective });
@@ -284,7 +284,7 @@ impl Scheduler {
             self.deadlines.remove(&(at, wid));
             if let Some(w) = self.drop_waiter(wid) {
                 let error = Error::WaitTimeout {
-                    waited: now - w.enqueued_at,
+                    waited: now.saturating_duration_since(w.enqueued_at),
                     retry_after: self.pause_remaining(&w.pool, now),
                     pool: w.pool,
                 };

@@ -122,7 +122,7 @@ impl LeaseTable {
     pub(crate) fn renew(&mut self, id: &LeaseId, now: Instant) -> Option<&Lease> {
         let lease = self.by_id.get_mut(id)?;
         self.expiry.remove(&(lease.expires_at, lease.id));
-        lease.expires_at = now + lease.ttl;
+        lease.expires_at = super::time::after(now, lease.ttl);
         self.expiry.insert((lease.expires_at, lease.id));
         Some(lease)
     }

@@ -41,6 +41,7 @@ mod resume;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+pub mod time;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -204,7 +205,7 @@ impl Scheduler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        let learning_until = (!cfg.learning_period.is_zero()).then(|| now + cfg.learning_period);
+        let learning_until = (!cfg.learning_period.is_zero()).then(|| time::after(now, cfg.learning_period));
         let mut s = Self {
             epoch: now,
             pools: HashMap::new(),
@@ -262,7 +263,7 @@ impl Scheduler {
                 }
                 let lease = self.leases.get(&l).expect("session leases exist");
                 let pool = lease.pool.clone();
-                let until = lease.expires_at.min(now + grace);
+                let until = lease.expires_at.min(time::after(now, grace));
                 self.leases.set_session(&l, ORPHANS);
                 self.leases.set_expiry(&l, until);
                 self.sessions.get_mut(&ORPHANS).expect("always there").leases.insert(l);
@@ -322,7 +323,7 @@ impl Scheduler {
         let started = req.started_at.unwrap_or(now).min(now);
         let started = started.max(now.checked_sub(SchedulerConfig::MAX_TURN_AGE).unwrap_or(started));
         let key = self.key_of(started, req.priority);
-        let deadline = max_wait.map(|w| now + w.min(SchedulerConfig::MAX_WAIT));
+        let deadline = max_wait.map(|w| time::after(now, w.min(SchedulerConfig::MAX_WAIT)));
         let gate = self.chain_gate(pool, now);
         let queue_empty = pool.queue.is_empty();
 

@@ -78,22 +78,88 @@ pub struct Case {
 #[allow(missing_docs, reason = "the fields are the operation's arguments, named as in the Scheduler API")]
 pub enum Op {
     Open,
-    Close { s: usize, grace: bool },
-    Request { s: usize, pool: usize, priority: u8, ttl: u8, max_wait: Option<u64>, back: u8, dup: bool },
-    Cancel { s: usize, which: usize },
-    Heartbeat { s: usize, which: Option<usize> },
-    Release { s: usize, which: usize, outcome: u8, retry: Option<u64> },
-    Move { s: usize, which: usize, good_token: bool, forged: bool },
-    Recreate { s: usize, pool: usize, id: u128, token: u64, forged: bool },
-    RateLimit { pool: usize, retry: Option<u64> },
-    SetPools { limits: [u32; 4], depth: [u32; 4], remove_b: bool },
+    Close {
+        s: usize,
+        grace: bool,
+    },
+    Request {
+        s: usize,
+        pool: usize,
+        priority: u8,
+        ttl: u8,
+        max_wait: Option<u64>,
+        back: u8,
+        dup: bool,
+    },
+    Cancel {
+        s: usize,
+        which: usize,
+    },
+    Heartbeat {
+        s: usize,
+        which: Option<usize>,
+    },
+    Release {
+        s: usize,
+        which: usize,
+        outcome: u8,
+        retry: Option<u64>,
+    },
+    Move {
+        s: usize,
+        which: usize,
+        good_token: bool,
+        forged: bool,
+    },
+    Recreate {
+        s: usize,
+        pool: usize,
+        id: u128,
+        token: u64,
+        forged: bool,
+    },
+    RateLimit {
+        pool: usize,
+        retry: Option<u64>,
+    },
+    SetPools {
+        limits: [u32; 4],
+        depth: [u32; 4],
+        remove_b: bool,
+    },
     Tick,
-    PausePool { pool: usize, dur: u64 },
-    ResumePool { pool: usize },
-    Revoke { which: usize },
+    PausePool {
+        pool: usize,
+        dur: u64,
+    },
+    ResumePool {
+        pool: usize,
+    },
+    Revoke {
+        which: usize,
+    },
     Drain(bool),
     Shutdown,
+    /// One of [`EXTREMES`] (by `value`, modulo) in one duration field, by `target`: 0 a request's
+    /// ttl, 1 a request's max_wait, 2 a rate-limited release's retry_after, 3 a ReportRateLimit's
+    /// retry_after, 4 an operator pause, 5 a closing stream's grace, 6 every pool's cooldown, 7 every
+    /// pool's headroom_recovery, 8 every pool's default_retry_after.
+    Extreme {
+        s: usize,
+        pool: usize,
+        target: u8,
+        value: usize,
+    },
 }
+
+/// The durations [`Op::Extreme`] tries: zero, one nanosecond, and values far beyond every bound.
+pub const EXTREMES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_nanos(1),
+    Duration::from_secs(i64::MAX as u64),
+    Duration::from_secs(u64::MAX),
+    Duration::MAX,
+];
 
 fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> BTreeMap<PoolId, PoolConfig> {
     (0..4)
@@ -212,6 +278,24 @@ impl Model {
             -((self.t0 - started).as_nanos() as i128)
         };
         offset - AGING_STEP.as_nanos() as i128 * i128::from(priority)
+    }
+
+    /// Closes a stream with this grace, following what the caller knows: its waiters and leases go
+    /// (timers due first), or its live leases are kept, detached, until `min(expiry, now + grace)`.
+    fn close(&mut self, s: &mut Scheduler, now: Instant, sess: SessionId, grace: Duration) -> Decisions {
+        self.sessions.retain(|x| *x != sess);
+        let mine: Vec<_> = self.waiters.keys().filter(|(x, _)| *x == sess).cloned().collect();
+        for k in mine {
+            self.drop_waiter(&k);
+        }
+        self.leases.retain(|_, l| l.session != sess || (l.expires_at > now && !grace.is_zero()));
+        for l in self.leases.values_mut().filter(|l| l.session == sess) {
+            l.session = ORPHANS;
+            l.expires_at = l.expires_at.min(time::after(now, grace));
+        }
+        let d = s.close_session(now, sess, grace);
+        assert!(d.events.iter().all(|(x, _)| *x != sess));
+        d
     }
 
     /// Applies one operation's events, checking each against the model.
@@ -500,6 +584,20 @@ pub fn run(case: &Case) {
 
     for (dt, op) in case.ops.clone() {
         now += ms(dt);
+        // An extreme ttl or max_wait is a request like any other, with that one field overridden.
+        let (mut ttl_override, mut wait_override) = (None, None);
+        let op = match op {
+            Op::Extreme { s, pool, target: target @ (0 | 1), value } => {
+                let v = EXTREMES[value % EXTREMES.len()];
+                if target == 0 {
+                    ttl_override = Some(v);
+                } else {
+                    wait_override = Some(v);
+                }
+                Op::Request { s, pool, priority: 5, ttl: 0, max_wait: None, back: 0, dup: false }
+            }
+            op => op,
+        };
         let before = levels(&s);
         let print_before = fingerprint(&s);
         let mut pending = None;
@@ -514,21 +612,8 @@ pub fn run(case: &Case) {
             }
             Op::Close { s: i, grace } => {
                 let Some(sess) = pick(&m, i) else { continue };
-                m.sessions.retain(|x| *x != sess);
                 let grace = if grace { ms(300) } else { Duration::ZERO };
-                // What the caller knows: its waiters and leases go (timers due first).
-                let mine: Vec<_> = m.waiters.keys().filter(|(x, _)| *x == sess).cloned().collect();
-                for k in mine {
-                    m.drop_waiter(&k);
-                }
-                m.leases.retain(|_, l| l.session != sess || (l.expires_at > now && !grace.is_zero()));
-                for l in m.leases.values_mut().filter(|l| l.session == sess) {
-                    l.session = ORPHANS;
-                    l.expires_at = l.expires_at.min(now + grace);
-                }
-                let d = s.close_session(now, sess, grace);
-                assert!(d.events.iter().all(|(x, _)| *x != sess));
-                (d, false)
+                (m.close(&mut s, now, sess, grace), false)
             }
             Op::Request { s: i, pool, priority, ttl, max_wait, back, dup } => {
                 let Some(sess) = pick(&m, i) else { continue };
@@ -541,13 +626,14 @@ pub fn run(case: &Case) {
                 };
                 m.next_request += 1;
                 let pool = pid(pool);
-                let ttl = match ttl {
+                let ttl = ttl_override.or(match ttl {
                     0 => None,
                     1 => Some(Duration::ZERO),
                     2 => Some(MAX_TTL + ms(1)),
                     3 => Some(MAX_TTL),
                     n => Some(ms(100 * u64::from(n))),
-                };
+                });
+                let max_wait = wait_override.or(max_wait.map(ms));
                 let started_at = match back {
                     0 => now,
                     1 => now - ms(250),
@@ -560,7 +646,7 @@ pub fn run(case: &Case) {
                     priority: Priority::try_from(u32::from(priority)).unwrap(),
                     started_at: Some(started_at),
                     ttl,
-                    max_wait: max_wait.map(ms),
+                    max_wait,
                     holder: HOLDER.into(),
                 };
                 pending = Some(Pending {
@@ -576,7 +662,7 @@ pub fn run(case: &Case) {
                         pool,
                         arrival: m.next_request,
                         blocked: false,
-                        deadline: max_wait.map(|w| now + ms(w)),
+                        deadline: max_wait.map(|w| time::after(now, w.min(SchedulerConfig::MAX_WAIT))),
                     },
                 });
                 (s.request(now, sess, req), true)
@@ -711,7 +797,9 @@ pub fn run(case: &Case) {
                         assert!(applied.until >= now);
                         // The pause lasts the report's wait, cut to the pool's cap (or longer, when an
                         // earlier pause already did).
-                        let wait = retry.map_or(ms(200), ms).min(MAX_AGENT_RETRY_AFTER);
+                        // Without a retry_after, the pool's default (which `Op::Extreme` may have changed).
+                        let default = m.pools.get(&pid(pool)).map_or(ms(200), |pc| pc.default_retry_after);
+                        let wait = retry.map_or(default, ms).min(MAX_AGENT_RETRY_AFTER);
                         assert!(applied.until >= now + wait, "report paused {pool} for less than {wait:?}");
                         (d, false)
                     }
@@ -773,6 +861,74 @@ pub fn run(case: &Case) {
             }
             Op::Drain(on) => (s.set_draining(now, on), false),
             Op::Shutdown => (s.shutdown(now), false),
+            Op::Extreme { s: i, pool, target, value } => {
+                let v = EXTREMES[value % EXTREMES.len()];
+                match target {
+                    2 => {
+                        let Some(sess) = pick(&m, i) else { continue };
+                        let mine = m.leases.iter().find(|(_, l)| l.session == sess).map(|(id, _)| *id);
+                        let Some(id) = mine else { continue };
+                        lowered = true;
+                        (s.release(now, sess, id, Outcome::RateLimited(Some(v))), true)
+                    }
+                    3 => {
+                        lowered = true;
+                        match s.report_rate_limit(now, &pid(pool), Some(v), "extreme") {
+                            Ok((applied, d)) => {
+                                let longest = time::after(now, SchedulerConfig::MAX_PAUSE);
+                                assert!(applied.until >= now && applied.until <= longest, "{applied:?}");
+                                (d, false)
+                            }
+                            Err(e) => {
+                                assert_eq!(e, Error::UnknownPool(pid(pool)));
+                                assert_eq!(fingerprint(&s), print_before);
+                                continue;
+                            }
+                        }
+                    }
+                    4 => match s.pause_pool(now, &pid(pool), v, "extreme") {
+                        Ok((until, d)) => {
+                            assert!(!v.is_zero() && v <= SchedulerConfig::MAX_PAUSE, "paused for {v:?}");
+                            assert!(until >= time::after(now, v));
+                            (d, false)
+                        }
+                        Err(e) => {
+                            let in_range = !v.is_zero() && v <= SchedulerConfig::MAX_PAUSE;
+                            assert!(!in_range || !m.pools.contains_key(&pid(pool)), "{e}");
+                            assert_eq!(fingerprint(&s), print_before);
+                            continue;
+                        }
+                    },
+                    5 => {
+                        let Some(sess) = pick(&m, i) else { continue };
+                        (m.close(&mut s, now, sess, v), false)
+                    }
+                    _ => {
+                        let mut new = m.pools.clone();
+                        let (valid, field) = match target {
+                            6 => (v <= PoolConfig::MAX_COOLDOWN, "cooldown"),
+                            7 => (v <= PoolConfig::MAX_HEADROOM_RECOVERY, "headroom_recovery"),
+                            _ => (v <= PoolConfig::MAX_RETRY_AFTER, "default_retry_after"),
+                        };
+                        for pc in new.values_mut() {
+                            match target {
+                                6 => pc.cooldown = v,
+                                7 => pc.headroom_recovery = v,
+                                _ => pc.default_retry_after = v,
+                            }
+                        }
+                        if !valid {
+                            let e = s.set_pools(now, new).expect_err(field);
+                            assert!(e.to_string().contains(field), "{e}");
+                            assert_eq!(fingerprint(&s), print_before);
+                            continue;
+                        }
+                        lowered = true;
+                        m.pools = new.clone();
+                        (s.set_pools(now, new).unwrap(), false)
+                    }
+                }
+            }
         };
 
         // Skipped operations moved `now` without telling the scheduler; opening a stream reads no
@@ -858,7 +1014,8 @@ pub fn run(case: &Case) {
         let granted = d.events.iter().any(|(_, e)| matches!(e, Event::Granted { .. }));
         assert!(!granted || s.session_count() > 0);
     }
-    now += Duration::from_secs(3600);
+    // Past the longest pause there is, and the adaptive recovery after it.
+    now += SchedulerConfig::MAX_PAUSE + Duration::from_secs(3600);
     s.tick(now);
     #[cfg(test)]
     s.check_invariants(now);

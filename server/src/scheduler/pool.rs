@@ -28,7 +28,9 @@ pub enum Overflow {
     Block,
 }
 
-/// A pool's settings. Durations are written like `"200ms"` or `"30s"` in TOML.
+/// A pool's settings. Durations are written like `"200ms"` or `"30s"` in TOML; each has a documented
+/// maximum (`PoolConfig::MAX_*`), checked by [`PoolConfig::validate`] for the config file, Admin's
+/// `UpsertPool` and the state file alike.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
@@ -82,10 +84,28 @@ impl PoolConfig {
     /// Default `max_agent_retry_after`: long enough for any provider's real Retry-After, short enough
     /// that one agent (every agent holds the same token) cannot stop a pool for long.
     pub const DEFAULT_MAX_AGENT_RETRY_AFTER: Duration = Duration::from_secs(5 * 60);
-    /// Largest accepted `max_ttl`.
+    /// Largest accepted `max_ttl` (and so `default_ttl`): 24 h.
     pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(24 * 3600);
     /// Largest accepted `max_concurrent`.
     pub const MAX_CONCURRENT_LIMIT: u32 = 10_000;
+    /// Largest accepted `cooldown`: 1 h (a provider's accounting lags by seconds, not hours).
+    pub const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+    /// Largest accepted `max_wait`: 30 days, the longest wait the scheduler honours.
+    pub const MAX_WAIT_LIMIT: Duration = super::SchedulerConfig::MAX_WAIT;
+    /// Largest accepted `default_retry_after`: 24 h, the longest pause a single 429 can cause.
+    pub const MAX_RETRY_AFTER: Duration = super::SchedulerConfig::MAX_PAUSE;
+    /// Largest accepted `headroom_recovery`: 24 h per step.
+    pub const MAX_HEADROOM_RECOVERY: Duration = Duration::from_secs(24 * 3600);
+
+    /// Shortest step of adaptive recovery: a zero `headroom_recovery` recovers one step per
+    /// millisecond, so a recovery is never due at the instant the 429 that caused it was handled.
+    pub const MIN_RECOVERY_STEP: Duration = Duration::from_millis(1);
+
+    /// The quiet period per step of adaptive recovery: `headroom_recovery`, at least
+    /// [`PoolConfig::MIN_RECOVERY_STEP`].
+    pub(crate) fn recovery_step(&self) -> Duration {
+        self.headroom_recovery.max(Self::MIN_RECOVERY_STEP)
+    }
 
     /// A pool with this limit and every other setting at its default.
     pub fn with_limit(max_concurrent: u32) -> Self {
@@ -107,11 +127,21 @@ impl PoolConfig {
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
             return Err(format!("pool {name}: default_ttl and max_ttl must be > 0"));
         }
-        if self.max_ttl > Self::MAX_TTL_LIMIT {
-            return Err(format!(
-                "pool {name}: max_ttl is above {}",
-                humantime::format_duration(Self::MAX_TTL_LIMIT)
-            ));
+        let bounded = [
+            ("max_ttl", self.max_ttl, Self::MAX_TTL_LIMIT),
+            ("cooldown", self.cooldown, Self::MAX_COOLDOWN),
+            ("max_wait", self.max_wait.unwrap_or_default(), Self::MAX_WAIT_LIMIT),
+            ("default_retry_after", self.default_retry_after, Self::MAX_RETRY_AFTER),
+            ("headroom_recovery", self.headroom_recovery, Self::MAX_HEADROOM_RECOVERY),
+        ];
+        for (field, value, max) in bounded {
+            if value > max {
+                return Err(format!(
+                    "pool {name}: {field} = {} is above the maximum {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(max)
+                ));
+            }
         }
         if self.default_ttl > self.max_ttl {
             return Err(format!("pool {name}: default_ttl is above max_ttl"));
@@ -217,7 +247,7 @@ impl Pool {
     pub(crate) fn free_slot(&mut self, now: Instant) {
         self.in_flight -= 1;
         if !self.cfg.cooldown.is_zero() {
-            self.cooling.push_back(now + self.cfg.cooldown);
+            self.cooling.push_back(super::time::after(now, self.cfg.cooldown));
         }
     }
 

@@ -62,6 +62,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize).prop_map(|pool| Op::ResumePool { pool }),
         1 => (0..8usize).prop_map(|which| Op::Revoke { which }),
         1 => any::<bool>().prop_map(Op::Drain),
+        2 => (s.clone(), 0..4usize, 0..9u8, 0..model::EXTREMES.len())
+            .prop_map(|(s, pool, target, value)| Op::Extreme { s, pool, target, value }),
     ]
 }
 

@@ -7,6 +7,7 @@
 mod admin;
 mod admission;
 mod bad_input;
+mod extreme_durations;
 mod lease_lifecycle;
 mod limits;
 mod order;
