@@ -15,7 +15,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use slotd_client::{Client, Lease, Lost, Outcome};
+use slotd_client::{Client, Lease, Lost, Outcome, PauseInfo, Pauses};
 use tokio::time::Instant;
 use tonic::Code;
 
@@ -161,14 +161,12 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
                     pauses_open = false;
                     continue;
                 }
-                let pause = pauses.borrow_and_update().get(&args.pool).cloned();
-                if let Some(p) = pause
+                let pause = blocking_pause(&pauses.borrow_and_update(), &args.pool);
+                if let Some((by, p)) = pause
                     && told_until != Some(p.until)
                 {
                     told_until = Some(p.until);
-                    let left = p.until.duration_since(SystemTime::now()).unwrap_or_default();
-                    let why = if p.reason.is_empty() { String::new() } else { format!(" ({})", p.reason) };
-                    eprintln!("slotctl: pool {} is paused for {}{why}; waiting", args.pool, fmt_duration(left));
+                    eprintln!("slotctl: {}", pause_line(&args.pool, &by, &p, SystemTime::now()));
                 }
             }
             _ = tokio::signal::ctrl_c() => {
@@ -176,6 +174,27 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
                 return Ok(Wait::Interrupted);
             }
         }
+    }
+}
+
+/// The pause that holds up a wait on `pool`, and the pool it is on. This client waits on nothing
+/// else, so every pause the daemon pushed to it is on `pool` or on one of its ancestors (a pool under
+/// `global` grants nothing while `global` is paused); the one ending last is what the wait is for.
+fn blocking_pause(pauses: &Pauses, pool: &str) -> Option<(String, PauseInfo)> {
+    if let Some(own) = pauses.get(pool) {
+        return Some((pool.to_owned(), own.clone()));
+    }
+    pauses.iter().max_by_key(|(_, p)| p.until).map(|(name, p)| (name.clone(), p.clone()))
+}
+
+/// What slotctl says about a pause holding up the wait on `pool`.
+fn pause_line(pool: &str, by: &str, p: &PauseInfo, now: SystemTime) -> String {
+    let left = fmt_duration(p.until.duration_since(now).unwrap_or_default());
+    let why = if p.reason.is_empty() { String::new() } else { format!(" ({})", p.reason) };
+    if by == pool {
+        format!("pool {pool} is paused for {left}{why}; waiting")
+    } else {
+        format!("pool {pool} is paused by {by} for {left}{why}; waiting")
     }
 }
 
@@ -325,5 +344,25 @@ mod tests {
         assert_eq!(outcome_for(75, 75, ra), Outcome::RateLimited { retry_after: ra });
         assert_eq!(outcome_for(42, 42, None), Outcome::RateLimited { retry_after: None });
         assert_eq!(outcome_for(75, 42, None), Outcome::Error);
+    }
+
+    #[test]
+    fn a_wait_is_held_up_by_its_own_pause_or_else_by_an_ancestor_s() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let pause =
+            |secs, reason: &str| PauseInfo { until: now + Duration::from_secs(secs), reason: reason.into() };
+        let mut pauses = Pauses::new();
+        assert!(blocking_pause(&pauses, "opus").is_none());
+        pauses.insert("global".into(), pause(45, "incident"));
+        pauses.insert("anthropic".into(), pause(10, ""));
+        let (by, p) = blocking_pause(&pauses, "opus").expect("held up by an ancestor");
+        assert_eq!(by, "global", "the pause ending last is the one waited for");
+        assert_eq!(
+            pause_line("opus", &by, &p, now),
+            "pool opus is paused by global for 45s (incident); waiting"
+        );
+        pauses.insert("opus".into(), pause(5, ""));
+        let (by, p) = blocking_pause(&pauses, "opus").expect("its own pause");
+        assert_eq!(pause_line("opus", &by, &p, now), "pool opus is paused for 5.0s; waiting");
     }
 }

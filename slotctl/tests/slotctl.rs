@@ -227,6 +227,26 @@ async fn run_waits_through_a_pause() {
     assert!(text(&out.stderr).contains("paused"), "told about the pause: {}", text(&out.stderr));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_says_which_ancestor_s_pause_it_waits_through() {
+    let d = Daemon::start(POOLS).await;
+    let mut c = d.client();
+    c.report_rate_limit(pb::ReportRateLimitRequest {
+        pool: "anthropic".into(),
+        retry_after: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
+        reason: "test".into(),
+    })
+    .await
+    .expect("report");
+    let out = run_ctl(&d.url(), &["run", "--pool", "opus", "--", "true"]).await;
+    assert_exit_code(&out, 0);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("pool opus is paused by anthropic for"),
+        "told about the parent's pause: {stderr}"
+    );
+}
+
 #[tokio::test]
 async fn usage_errors_exit_2() {
     for args in [
