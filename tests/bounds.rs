@@ -27,6 +27,8 @@ async fn an_oversized_message_ends_the_stream_with_resource_exhausted() {
     let s = a.expect_end().await.expect("an error status");
     assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
     assert!(s.message().contains("too large"), "{s:?}");
+    // Regression: the stream's refusal did not name the setting, the unary one did.
+    assert!(s.message().contains("(limits.max_message_bytes)"), "names the setting: {s:?}");
 
     // A unary call over the limit is refused too, and the daemon is unharmed.
     let mut c = d.client();

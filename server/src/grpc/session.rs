@@ -131,7 +131,10 @@ fn inbound_error(status: &Status) -> Option<Error> {
             Some(Error::InvalidArgument(format!("undecodable message: {}", status.message())))
         }
         Code::Cancelled | Code::Unknown | Code::Unavailable | Code::Internal => None,
-        Code::ResourceExhausted | Code::OutOfRange => Some(Error::LimitExceeded(status.message().into())),
+        // Name the setting, as the unary path does (`limits::oversize_as_exhausted`).
+        Code::ResourceExhausted | Code::OutOfRange => {
+            Some(Error::LimitExceeded(format!("{} (limits.max_message_bytes)", status.message())))
+        }
         _ => Some(Error::InvalidArgument(status.message().into())),
     }
 }
