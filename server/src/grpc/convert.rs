@@ -116,7 +116,7 @@ pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
 }
 
 fn priority(p: Option<u32>) -> Result<Priority, Error> {
-    p.map_or(Ok(Priority::DEFAULT), Priority::try_from)
+    Ok(p.map_or(Ok(Priority::DEFAULT), Priority::try_from)?)
 }
 
 fn holder(h: String) -> Result<Arc<str>, Error> {
@@ -157,7 +157,7 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
         }
         Some(Msg::Cancel(c)) => match RequestId::parse(&c.request_id) {
             Ok(_) => StreamOp::Cancel(c.request_id),
-            Err(error) => StreamOp::Invalid(Event::Rejected { request_id: c.request_id, error }),
+            Err(e) => StreamOp::Invalid(Event::Rejected { request_id: c.request_id, error: e.into() }),
         },
         Some(Msg::Heartbeat(h)) => {
             if h.lease_ids.len() > MAX_HEARTBEAT_IDS {
@@ -170,7 +170,7 @@ pub fn stream_op(msg: pb::ClientMessage) -> StreamOp {
             }
             match h.lease_ids.iter().map(|s| s.parse()).collect::<Result<Vec<LeaseId>, _>>() {
                 Ok(ids) => StreamOp::Heartbeat(ids),
-                Err(error) => StreamOp::Invalid(Event::LeaseError { lease_id: String::new(), error }),
+                Err(e) => StreamOp::Invalid(Event::LeaseError { lease_id: String::new(), error: e.into() }),
             }
         }
         Some(Msg::Release(r)) => {

@@ -2,7 +2,7 @@
 
 use tonic::{Code, Status};
 
-use crate::scheduler::Error;
+use crate::scheduler::{Error, IdError};
 
 /// The gRPC code for an error.
 ///
@@ -52,6 +52,12 @@ pub fn to_status(e: &Error) -> Status {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         to_status(&e)
+    }
+}
+
+impl From<IdError> for Status {
+    fn from(e: IdError) -> Self {
+        to_status(&e.into())
     }
 }
 

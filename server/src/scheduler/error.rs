@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::ids::{LeaseId, PoolId};
+use super::ids::{IdError, LeaseId, PoolId};
 
 /// Why the scheduler refused an operation or gave up on a request.
 ///
@@ -124,6 +124,16 @@ impl Error {
             | Error::InvalidTtl { pool: p, .. }
             | Error::PoolHasChildren { pool: p, .. } => Some(p),
             _ => None,
+        }
+    }
+}
+
+impl From<IdError> for Error {
+    /// An out-of-range priority keeps its own variant; every other id error is bad input.
+    fn from(e: IdError) -> Self {
+        match e {
+            IdError::PriorityOutOfRange { got, max } => Error::PriorityOutOfRange { got, max },
+            e => Error::InvalidArgument(e.to_string()),
         }
     }
 }

@@ -2,7 +2,33 @@
 
 use std::{borrow::Borrow, fmt, str::FromStr, sync::Arc};
 
-use super::error::Error;
+/// Why a name, id or priority from untrusted input was refused.
+///
+/// Messages are lowercase and quote the offending value (cut to 64 bytes). The scheduler's
+/// `Error` converts from this, so callers keep one error type and one gRPC mapping.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// A pool name that is empty, too long or has a character outside `[A-Za-z0-9._:/-]`.
+    #[error("invalid pool name {0:?}: want 1..={max} bytes of [A-Za-z0-9._:/-]", max = PoolId::MAX_LEN)]
+    PoolName(String),
+    /// A lease id that is not 32 hex digits.
+    #[error("invalid lease id {0:?}: want 32 hex digits")]
+    LeaseId(String),
+    /// A request id that is empty or too long.
+    #[error("invalid request_id {0:?}: want 1..={max} bytes", max = RequestId::MAX_LEN)]
+    RequestId(String),
+    /// A priority above [`Priority::MAX`].
+    #[error("priority {got} out of range 0..={max}")]
+    PriorityOutOfRange {
+        /// What was asked for.
+        got: u32,
+        /// The highest allowed.
+        max: u8,
+    },
+}
+
+/// How much of an invalid id an [`IdError`] quotes, in bytes.
+const QUOTED_LEN: usize = 64;
 
 /// The name of a pool, such as `"anthropic"` or `"openai-key-2"`. Cheap to clone.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -18,13 +44,10 @@ impl PoolId {
     }
 
     /// Validates a pool name from untrusted input: 1..=128 bytes of `[A-Za-z0-9._:/-]`.
-    pub fn parse(name: &str) -> Result<Self, Error> {
+    pub fn parse(name: &str) -> Result<Self, IdError> {
         let ok_char = |c: char| c.is_ascii_alphanumeric() || "._:/-".contains(c);
         if name.is_empty() || name.len() > Self::MAX_LEN || !name.chars().all(ok_char) {
-            return Err(Error::InvalidArgument(format!(
-                "invalid pool name {name:?}: want 1..={} bytes of [A-Za-z0-9._:/-]",
-                Self::MAX_LEN
-            )));
+            return Err(IdError::PoolName(name.to_owned()));
         }
         Ok(Self::new(name))
     }
@@ -89,18 +112,15 @@ impl fmt::Debug for LeaseId {
 }
 
 impl FromStr for LeaseId {
-    type Err = Error;
+    type Err = IdError;
 
-    fn from_str(s: &str) -> Result<Self, Error> {
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let invalid = || IdError::LeaseId(truncate(s, QUOTED_LEN).to_owned());
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::InvalidArgument(format!(
-                "invalid lease id {:?}: want 32 hex digits",
-                truncate(s, 64)
-            )));
+            return Err(invalid());
         }
-        u128::from_str_radix(s, 16)
-            .map(LeaseId)
-            .map_err(|e| Error::InvalidArgument(format!("invalid lease id: {e}")))
+        // 32 hex digits always fit a u128; the check above makes this infallible.
+        u128::from_str_radix(s, 16).map(LeaseId).map_err(|_| invalid())
     }
 }
 
@@ -129,11 +149,11 @@ impl Default for Priority {
 }
 
 impl TryFrom<u32> for Priority {
-    type Error = Error;
+    type Error = IdError;
 
-    fn try_from(p: u32) -> Result<Self, Error> {
+    fn try_from(p: u32) -> Result<Self, IdError> {
         if p > u32::from(Self::MAX.0) {
-            return Err(Error::PriorityOutOfRange { got: p, max: Self::MAX.0 });
+            return Err(IdError::PriorityOutOfRange { got: p, max: Self::MAX.0 });
         }
         Ok(Priority(p as u8))
     }
@@ -168,13 +188,9 @@ impl RequestId {
     pub const MAX_LEN: usize = 128;
 
     /// Validates a request id from untrusted input: 1..=128 bytes.
-    pub fn parse(id: &str) -> Result<Self, Error> {
+    pub fn parse(id: &str) -> Result<Self, IdError> {
         if id.is_empty() || id.len() > Self::MAX_LEN {
-            return Err(Error::InvalidArgument(format!(
-                "invalid request_id {:?}: want 1..={} bytes",
-                truncate(id, 64),
-                Self::MAX_LEN
-            )));
+            return Err(IdError::RequestId(truncate(id, QUOTED_LEN).to_owned()));
         }
         Ok(Self(id.into()))
     }

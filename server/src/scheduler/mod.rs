@@ -57,7 +57,7 @@ pub use self::{
     credential::{LeaseKey, ResumeCredential},
     error::Error,
     event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
-    ids::{FencingToken, LeaseId, PoolId, Priority, RequestId, SessionId},
+    ids::{FencingToken, IdError, LeaseId, PoolId, Priority, RequestId, SessionId},
     lease::{Ended, Lease},
     pool::{Closed, Overflow, PoolConfig},
     queue::{WaitKey, WaiterId},

@@ -106,7 +106,10 @@ fn priorities_out_of_range_are_refused() {
     assert_eq!(Priority::try_from(5).unwrap(), Priority::DEFAULT);
     assert_eq!(Priority::default(), Priority::DEFAULT);
     for bad in [10, 255, 256, u32::MAX] {
-        assert_eq!(Priority::try_from(bad), Err(Error::PriorityOutOfRange { got: bad, max: 9 }));
+        assert_eq!(
+            Priority::try_from(bad).map_err(Error::from),
+            Err(Error::PriorityOutOfRange { got: bad, max: 9 })
+        );
     }
     assert_eq!(Error::PriorityOutOfRange { got: 10, max: 9 }.to_string(), "priority 10 out of range 0..=9");
 }
@@ -117,7 +120,7 @@ fn pool_names_are_validated() {
         assert_eq!(PoolId::parse(ok).unwrap().as_str(), ok);
     }
     for bad in ["", "has space", "semi;colon", "é", "a\n", &"x".repeat(129)] {
-        assert!(matches!(PoolId::parse(bad), Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(matches!(PoolId::parse(bad).map_err(Error::from), Err(Error::InvalidArgument(_))), "{bad:?}");
     }
 }
 
@@ -127,10 +130,13 @@ fn request_ids_are_validated() {
         assert_eq!(RequestId::parse(ok).unwrap().as_str(), ok);
     }
     for bad in ["", &"x".repeat(129)] {
-        assert!(matches!(RequestId::parse(bad), Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(
+            matches!(RequestId::parse(bad).map_err(Error::from), Err(Error::InvalidArgument(_))),
+            "{bad:?}"
+        );
     }
     // A huge id is truncated in the message.
-    let Err(Error::InvalidArgument(msg)) = RequestId::parse(&"y".repeat(10_000)) else {
+    let Err(Error::InvalidArgument(msg)) = RequestId::parse(&"y".repeat(10_000)).map_err(Error::from) else {
         panic!("accepted");
     };
     assert!(msg.len() < 200, "{msg}");
@@ -156,6 +162,26 @@ fn lease_ids_are_32_hex_digits() {
         "0123456789abcdef001122334455667g",
         &" ".repeat(32),
     ] {
-        assert!(matches!(bad.parse::<LeaseId>(), Err(Error::InvalidArgument(_))), "{bad:?}");
+        assert!(
+            matches!(bad.parse::<LeaseId>().map_err(Error::from), Err(Error::InvalidArgument(_))),
+            "{bad:?}"
+        );
     }
+}
+
+#[test]
+fn id_errors_keep_their_messages_as_scheduler_errors() {
+    let pool = Error::from(PoolId::parse("a b").unwrap_err());
+    assert_eq!(
+        pool,
+        Error::InvalidArgument(r#"invalid pool name "a b": want 1..=128 bytes of [A-Za-z0-9._:/-]"#.into())
+    );
+    let request = Error::from(RequestId::parse("").unwrap_err());
+    assert_eq!(request.to_string(), r#"invalid request_id "": want 1..=128 bytes"#);
+    let lease = Error::from("xyz".parse::<LeaseId>().unwrap_err());
+    assert_eq!(lease.to_string(), r#"invalid lease id "xyz": want 32 hex digits"#);
+    assert_eq!(
+        Error::from(Priority::try_from(10).unwrap_err()),
+        Error::PriorityOutOfRange { got: 10, max: 9 }
+    );
 }
