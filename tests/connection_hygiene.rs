@@ -112,16 +112,3 @@ async fn a_connection_beyond_max_connections_is_refused_while_open_ones_keep_wor
     drop((a, c));
     d.stop().await;
 }
-
-/// `GET /metrics`.
-async fn scrape(addr: SocketAddr) -> String {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await.unwrap();
-        raw
-    };
-    within("metrics scrape", fut).await
-}

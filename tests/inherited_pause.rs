@@ -1,14 +1,10 @@
 //! A pool blocked by an ancestor's pause says so: Status names the ancestor, until when and why; the
 //! metrics endpoint exports `slotd_pool_blocked_by_ancestor`; Watch snapshots carry it too.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use slotd_proto::v1::{self as pb, watch_event::Event};
-use slotd_test_support::{Daemon, TIMEOUT, diff_ms, dur, within};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use slotd_test_support::{Daemon, diff_ms, dur, scrape, within};
 
 const CONFIG: &str = r#"
 [pools.global]
@@ -80,22 +76,6 @@ async fn a_pool_blocked_by_its_ancestors_pause_shows_it_in_status_metrics_and_wa
     }
     let text = scrape(metrics).await;
     assert_eq!(gauge(&text, "slotd_pool_blocked_by_ancestor", "opus"), Some(0), "{text}");
-}
-
-/// The body of `GET /metrics`.
-async fn scrape(addr: SocketAddr) -> String {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
-        let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await.unwrap();
-        raw
-    };
-    let raw = tokio::time::timeout(TIMEOUT, fut).await.expect("the scrape answered in time");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
 }
 
 /// The value of `name{pool="POOL"}`, if exported.

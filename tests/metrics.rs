@@ -2,14 +2,10 @@
 //! a scrape over loopback parses as Prometheus text (strictly, line by line) and every counter and
 //! gauge has the value those steps imply.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use slotd_proto::v1 as pb;
-use slotd_test_support::{Daemon, TIMEOUT, ms};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use slotd_test_support::{Daemon, http_get, ms};
 use tonic::Code;
 
 const CONFIG: &str = r#"
@@ -136,22 +132,6 @@ fn parse_labels(mut s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
-/// `GET path` over a fresh loopback connection; the status code and body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await.expect("connect to the metrics endpoint");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await.unwrap();
-        raw
-    };
-    let raw = tokio::time::timeout(TIMEOUT, fut).await.expect("the scrape answered in time");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("a status line");
-    (code, body.to_owned())
-}
-
 #[tokio::test]
 async fn a_scrape_parses_and_counts_what_happened() {
     let (d, metrics) = Daemon::start_with_metrics(CONFIG).await;
@@ -197,7 +177,7 @@ async fn a_scrape_parses_and_counts_what_happened() {
         .await
         .expect("ReportRateLimit");
 
-    let (code, body) = get(metrics, "/metrics").await;
+    let (code, body) = http_get(metrics, "/metrics").await;
     assert_eq!(code, 200, "{body}");
     let s = parse(&body);
     let p = [("pool", "p")];
@@ -241,7 +221,7 @@ async fn a_scrape_parses_and_counts_what_happened() {
     }
 
     // The endpoint serves only /metrics.
-    assert_eq!(get(metrics, "/").await.0, 404);
+    assert_eq!(http_get(metrics, "/").await.0, 404);
 
     c.expect_paused("q").await;
     c.release_ok(&held.lease_id).await;

@@ -19,10 +19,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let now = Now {
-            mono: Instant::from_std(std::time::Instant::now()),
-            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
-        };
+        let now = Now { mono: Instant::now(), wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000) };
         Harness { m: Machine::new(None), now }
     }
 

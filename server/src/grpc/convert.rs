@@ -23,7 +23,7 @@ use crate::{
     scheduler::{
         Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, NewRequest, Outcome,
         Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeCredential,
-        ResumeRequest, Snapshot,
+        ResumeRequest, SchedulerConfig, Snapshot,
     },
 };
 
@@ -111,8 +111,8 @@ pub fn instant(field: &str, ts: Timestamp) -> Result<Instant, Error> {
     let wall = SystemTime::try_from(ts).map_err(|_| refuse("timestamp out of range"))?;
     let (now_i, now_s) = (Instant::now(), SystemTime::now());
     let ago = now_s.duration_since(wall).unwrap_or(Duration::ZERO);
-    // Anything older than the clamp the scheduler applies is equivalent; avoid Instant underflow.
-    Ok(now_i.checked_sub(ago.min(Duration::from_secs(2 * 3600))).unwrap_or(now_i))
+    // Anything older than the scheduler's clamp is equivalent; clamping here avoids Instant underflow.
+    Ok(now_i.checked_sub(ago.min(SchedulerConfig::MAX_TURN_AGE)).unwrap_or(now_i))
 }
 
 fn priority(p: Option<u32>) -> Result<Priority, Error> {

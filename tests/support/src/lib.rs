@@ -16,10 +16,12 @@ mod agent;
 #[cfg(feature = "client")]
 pub mod client;
 mod daemon;
+mod http;
 pub mod process;
 
 pub use agent::{Agent, resume_of};
 pub use daemon::{Daemon, pool_in};
+pub use http::{http_get, scrape};
 /// The daemon's configuration and token types, for a [`Config`] built by hand (TLS files, tokens) and
 /// served with [`Daemon::serve`], so that a test suite needs no direct dependency on `slotd`.
 pub use slotd::{config::Config, grpc::auth::Token};
