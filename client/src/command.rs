@@ -20,10 +20,21 @@ pub enum Outcome {
     Error,
     /// The caller gave up before the call ended.
     Cancelled,
-    /// The provider answered 429 (or an overload such as Anthropic's 529). Pauses the pool for
-    /// `retry_after`, or for the pool's `default_retry_after` when `None`.
+    /// The provider answered 429 (this key's rate limit). Pauses the pool for `retry_after`, or for
+    /// the pool's `default_retry_after` when `None`.
     RateLimited {
         /// The provider's Retry-After.
+        retry_after: Option<Duration>,
+    },
+    /// The provider is overloaded (Anthropic's 529 `overloaded_error`, a 503): a provider-wide
+    /// signal that says nothing about this key's quota.
+    Overloaded {
+        /// The provider's Retry-After.
+        retry_after: Option<Duration>,
+    },
+    /// The key is out of credit (402, OpenAI's `insufficient_quota`): retrying does not help.
+    QuotaExhausted {
+        /// The provider's Retry-After, if it gave one.
         retry_after: Option<Duration>,
     },
 }

@@ -239,7 +239,9 @@ impl<B: Body> Body for LeaseBody<B> {
 /// The release outcome for a provider response.
 pub fn outcome_of(status: StatusCode, headers: &HeaderMap) -> Outcome {
     match status.as_u16() {
-        429 | 529 => Outcome::RateLimited { retry_after: retry_after(headers, SystemTime::now()) },
+        429 => Outcome::RateLimited { retry_after: retry_after(headers, SystemTime::now()) },
+        503 | 529 => Outcome::Overloaded { retry_after: retry_after(headers, SystemTime::now()) },
+        402 => Outcome::QuotaExhausted { retry_after: retry_after(headers, SystemTime::now()) },
         500..=599 => Outcome::Error,
         _ => Outcome::Ok,
     }
@@ -304,7 +306,7 @@ mod tests {
         );
         assert_eq!(
             outcome_of(StatusCode::from_u16(529).unwrap(), &HeaderMap::new()),
-            Outcome::RateLimited { retry_after: None }
+            Outcome::Overloaded { retry_after: None }
         );
         assert_eq!(outcome_of(StatusCode::BAD_GATEWAY, &HeaderMap::new()), Outcome::Error);
         assert_eq!(outcome_of(StatusCode::OK, &HeaderMap::new()), Outcome::Ok);

@@ -30,11 +30,14 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
                 Outcome::Error => (pb::Outcome::Error, None),
                 Outcome::Cancelled => (pb::Outcome::Cancelled, None),
                 Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
+                Outcome::Overloaded { retry_after } => (pb::Outcome::Overloaded, retry_after),
+                Outcome::QuotaExhausted { retry_after } => (pb::Outcome::QuotaExhausted, retry_after),
             };
             client_message::Msg::Release(pb::ReleaseLease {
                 lease_id,
                 outcome: outcome as i32,
                 retry_after: retry_after.and_then(duration),
+                ..Default::default()
             })
         }
         ToDaemon::Resume { lease_id, fencing_token, pool, priority, ttl, holder, credential } => {
