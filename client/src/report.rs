@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub use slotd_proto::report::{LimitKind, ProviderLimit, Usage};
+
 /// How the call covered by a lease ended; sent to the daemon with the release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Outcome {
@@ -30,52 +32,6 @@ pub enum Outcome {
         /// The provider's Retry-After, if it gave one.
         retry_after: Option<Duration>,
     },
-}
-
-/// Tokens a provider call used, as the provider reported them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    /// Input (prompt) tokens, cache reads and writes excluded.
-    pub input_tokens: u64,
-    /// Output (completion) tokens.
-    pub output_tokens: u64,
-    /// Input tokens read from the provider's prompt cache.
-    pub cache_read_tokens: u64,
-    /// Input tokens written to the provider's prompt cache.
-    pub cache_creation_tokens: u64,
-}
-
-/// Which limit a provider's rate-limit headers describe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LimitKind {
-    /// Requests per window.
-    Requests,
-    /// Tokens per window, input and output together.
-    Tokens,
-    /// Input tokens per window.
-    InputTokens,
-    /// Output tokens per window.
-    OutputTokens,
-}
-
-/// One limit as the provider announced it in a response's headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProviderLimit {
-    /// Which limit.
-    pub kind: LimitKind,
-    /// Its size per window.
-    pub limit: u64,
-    /// What is left of it (never above `limit`).
-    pub remaining: u64,
-    /// How long until it is fully replenished, from when the headers were read.
-    pub reset_in: Duration,
-}
-
-impl ProviderLimit {
-    /// Most entries the daemon accepts on one release.
-    pub const MAX_PER_REPORT: usize = 8;
-    /// Longest `reset_in` the daemon accepts.
-    pub const MAX_RESET_IN: Duration = Duration::from_secs(24 * 3600);
 }
 
 /// Everything a release reports: the outcome class, plus the usage and the provider's limits when
