@@ -135,6 +135,11 @@ class Lease:
             self._report = report
 
     @property
+    def report(self) -> Report | None:
+        """What the release sends (or sent): outcome, retry_after, usage and provider limits."""
+        return self._report
+
+    @property
     def outcome(self) -> Outcome | None:
         """The outcome recorded so far, if any."""
         return self._report.outcome if self._report is not None else None
@@ -149,6 +154,7 @@ class Lease:
             report = self._report or Report()
             if outcome is not None:
                 report.outcome = outcome
+            self._report = report
         if not self.lost.is_set():
             self._session.release(self.id, report)
 
@@ -190,7 +196,9 @@ class Lease:
     def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._exit(e)
 
     async def __aenter__(self) -> Lease:

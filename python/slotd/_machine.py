@@ -33,7 +33,7 @@ from slotd._types import (
     Outcome,
     Pause,
     Report,
-     duration,
+    duration,
     from_duration,
     from_timestamp,
 )

@@ -160,8 +160,9 @@ class Session:
             deadlines = [self._closing_deadline, m.next_heartbeat()]
             if not m.connected:
                 deadlines.append(self._reconnect_at)
-                if m.pending and self._down_since is not None:
-                    deadlines.append(self._down_since + self.settings.connect_timeout)
+            # Down since the last stream broke (or the start), until a stream opens again.
+            if m.pending and self._down_since is not None:
+                deadlines.append(self._down_since + self.settings.connect_timeout)
             due = min((d for d in deadlines if d is not None), default=now + 1.0)
             try:
                 item = self._inbox.get(timeout=max(0.0, due - time.monotonic()))
@@ -179,7 +180,7 @@ class Session:
             hb = m.next_heartbeat()
             if hb is not None and hb <= now:
                 m.heartbeat(now, wall)
-            if not m.connected and m.pending and self._down_since is not None:
+            if m.pending and self._down_since is not None:
                 if now - self._down_since >= self.settings.connect_timeout:
                     self._fail_pending()
             self._apply()
@@ -302,7 +303,10 @@ class Session:
     def _read(self, gen: int, call: Any) -> None:
         try:
             call.initial_metadata()
-            self._inbox.put(("opened", gen))
+            # initial_metadata() also returns when the call failed before any header: only a call
+            # still running has really opened a stream.
+            if not call.done():
+                self._inbox.put(("opened", gen))
             for msg in call:
                 self._inbox.put(("msg", gen, msg))
             self._inbox.put(("broken", gen, "the daemon ended the stream"))
