@@ -300,9 +300,22 @@ class Machine:
         self.events.append(("ended", e.lease_id))
 
     def _lease_error(self, e: pb.LeaseError) -> None:
-        held = self.leases.pop(e.lease_id, None)
+        held = self.leases.get(e.lease_id)
         if held is None:
             return
+        report = held.report
+        if (
+            held.state == "releasing"
+            and e.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            and report is not None
+            and (report.usage is not None or report.limits)
+        ):
+            # The daemon refused what the release reported (usage or limits out of its bounds), and
+            # changed nothing: give the slot back with the outcome alone.
+            held.report = Report(report.outcome, report.retry_after)
+            self._send(self._release(e.lease_id, held.report))
+            return
+        del self.leases[e.lease_id]
         what = "could not be resumed" if held.state.startswith("resuming") else "refused by the daemon"
         self.events.append(("lost", e.lease_id, LeaseLost(e.lease_id, f"{what}: {e.message}")))
         self.events.append(("ended", e.lease_id))
@@ -345,6 +358,7 @@ class Machine:
             rel.retry_after.CopyFrom(duration(report.retry_after, "retry_after"))
         if report.usage is not None:
             rel.usage.CopyFrom(report.usage.to_proto())
-        for limit in report.limits[:MAX_PROVIDER_LIMITS]:
+        limits = [lim for lim in report.limits if lim.remaining <= lim.limit]
+        for limit in limits[:MAX_PROVIDER_LIMITS]:
             rel.provider_limits.append(limit.to_proto())
         return pb.ClientMessage(release=rel)

@@ -67,9 +67,12 @@ class ProviderLimit:
     def to_proto(self) -> pb.ProviderLimit:
         msg = pb.ProviderLimit(kind=int(self.kind), limit=_u64(self.limit), remaining=_u64(self.remaining))
         if self.reset_in is not None:
-            msg.reset_in.CopyFrom(duration(self.reset_in, "reset_in"))
+            msg.reset_in.CopyFrom(duration(min(self.reset_in, MAX_RESET_IN), "reset_in"))
         return msg
 
+
+#: Longest ``reset_in`` the daemon accepts (providers' windows are a minute to a day); longer is capped.
+MAX_RESET_IN = 24 * 3600.0
 
 #: At most this many provider limits ride on one release (the daemon's bound).
 MAX_PROVIDER_LIMITS = 8
