@@ -88,9 +88,12 @@ def test_429_through_the_transport_pauses_the_pool_for_other_clients(daemon: Dae
 
 
 def test_429_with_an_http_date_and_529(provider: Provider, daemon: Daemon) -> None:
-    with daemon.client() as c, httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http:
-        assert http.post(f"{provider.url}/529").status_code == 529
-        assert http.post(f"{provider.url}/429-date").status_code == 429
+    with daemon.client() as c:
+        with httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="audit")) as http:
+            assert http.post(f"{provider.url}/529").status_code == 529
+        eventually(lambda: c.status("audit").pools[0].HasField("paused_until"), "529 pauses too")
+        with httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http:
+            assert http.post(f"{provider.url}/429-date").status_code == 429
         eventually(lambda: c.status("anthropic").pools[0].HasField("paused_until"), "the pool paused")
         paused_until = c.status("anthropic").pools[0].paused_until.seconds
         assert paused_until >= int(time.time()) + 1  # the date is 4 s ahead
