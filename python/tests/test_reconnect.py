@@ -50,11 +50,18 @@ def test_reconnect_through_a_cutting_proxy_keeps_the_lease(daemon: Daemon, proxy
 
 def test_lease_not_resumable_is_signalled_lost(daemon: Daemon, proxy: Proxy) -> None:
     lost: list[tuple[slotd.Lease, slotd.LeaseLost]] = []
+    called = threading.Event()
+
+    def on_lost(lease: slotd.Lease, e: slotd.LeaseLost) -> None:
+        lost.append((lease, e))
+        called.set()
+
     # No resume grace: the daemon frees the slot the moment the connection drops.
-    with slotd.Client(proxy.addr, on_lost=lambda lease, e: lost.append((lease, e))) as c:
+    with slotd.Client(proxy.addr, on_lost=on_lost) as c:
         lease = c.acquire("one")
         proxy.cut()
         assert lease.lost.wait(10), "lost never set"
+        assert called.wait(10), "callback never called"
         assert lost and lost[0][0] is lease and lost[0][1].lease_id == lease.id
         assert "could not be resumed" in str(lost[0][1])
         with pytest.raises(slotd.LeaseLost):
