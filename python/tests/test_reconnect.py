@@ -25,8 +25,9 @@ def proxy(daemon: Daemon) -> Iterator[Proxy]:
 
 def test_reconnect_through_a_cutting_proxy_keeps_the_lease(daemon: Daemon, proxy: Proxy) -> None:
     lost: list[slotd.LeaseLost] = []
-    with slotd.Client(proxy.addr, resume_grace=5, on_lost=lambda _l, e: lost.append(e)) as c:
-        lease = c.acquire("one", ttl=0.5)
+    kwargs = {"resume_grace": 5, "backoff_initial": 0.01, "backoff_max": 0.1}
+    with slotd.Client(proxy.addr, on_lost=lambda _l, e: lost.append(e), **kwargs) as c:  # type: ignore[arg-type]
+        lease = c.acquire("one", ttl=0.8)
         waiter_result: list[slotd.Lease] = []
         waiter = threading.Thread(target=lambda: waiter_result.append(c.acquire("one")))
         waiter.start()
@@ -36,7 +37,7 @@ def test_reconnect_through_a_cutting_proxy_keeps_the_lease(daemon: Daemon, proxy
             proxy.cut()
             eventually(lambda: proxy.accepted > before, f"reconnected after cut {cut}")
         # Same lease on the daemon, never reported lost, heartbeats still renewing it after the cuts.
-        time.sleep(1.0)  # two TTLs: only heartbeats on the new stream keep it
+        time.sleep(1.0)  # over a TTL: only heartbeats on the new stream keep it
         eventually(lambda: _queued(daemon, "one") == 1, "the queued request re-sent")
         held = _leases(daemon, "one")
         assert held == [lease.id]
