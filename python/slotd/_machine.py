@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import grpc
 
@@ -353,7 +353,7 @@ class Machine:
 
     @staticmethod
     def _release(lease_id: str, report: Report) -> pb.ClientMessage:
-        rel = pb.ReleaseLease(lease_id=lease_id, outcome=int(report.outcome))
+        rel = pb.ReleaseLease(lease_id=lease_id, outcome=cast(Any, int(report.outcome)))
         if report.retry_after is not None:
             rel.retry_after.CopyFrom(duration(report.retry_after, "retry_after"))
         if report.usage is not None:

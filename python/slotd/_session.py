@@ -69,7 +69,7 @@ class Session:
         self._pauses: dict[str, Pause] = {}
         self._pauses_lock = threading.Lock()
         self.channel = self._open_channel()
-        self.stub = pb_grpc.SlotdStub(self.channel)
+        self.stub = pb_grpc.SlotdStub(self.channel)  # type: ignore[no-untyped-call]
         # The current stream: generation, its outgoing queue and its call.
         self._gen = 0
         self._out: queue.SimpleQueue[pb.ClientMessage | None] | None = None
@@ -251,9 +251,9 @@ class Session:
                 if fut is not None and not fut.done():
                     fut.set_exception(ev[2])
             elif kind == "lost":
-                lease = self._leases.get(ev[1])
-                if lease is not None:
-                    lease._lose(ev[2], self.settings.on_lost)
+                lost = self._leases.get(ev[1])
+                if lost is not None:
+                    lost._lose(ev[2], self.settings.on_lost)
             elif kind == "ended":
                 self._leases.pop(ev[1], None)
             elif kind == "pauses":

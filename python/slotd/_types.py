@@ -6,6 +6,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, cast
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -65,7 +66,9 @@ class ProviderLimit:
     reset_in: float | None = None
 
     def to_proto(self) -> pb.ProviderLimit:
-        msg = pb.ProviderLimit(kind=int(self.kind), limit=_u64(self.limit), remaining=_u64(self.remaining))
+        msg = pb.ProviderLimit(
+            kind=cast(Any, int(self.kind)), limit=_u64(self.limit), remaining=_u64(self.remaining)
+        )
         if self.reset_in is not None:
             msg.reset_in.CopyFrom(duration(min(self.reset_in, MAX_RESET_IN), "reset_in"))
         return msg

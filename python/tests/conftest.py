@@ -94,7 +94,9 @@ def start_daemon(tmp: Path, config: str = DEFAULT_CONFIG, *args: str) -> Daemon:
         "--log-format", "json",
         *args,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stderr is not None
     deadline = time.monotonic() + START_TIMEOUT
     addr = None

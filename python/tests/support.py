@@ -138,7 +138,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(200, b"{}", {"content-type": "application/json"})
         elif path == "/529":
-            self._send(529, b'{"type":"error","error":{"type":"overloaded_error"}}', {"content-type": "application/json"})
+            self._send(
+                529,
+                b'{"type":"error","error":{"type":"overloaded_error"}}',
+                {"content-type": "application/json"},
+            )
         elif path == "/cut":
             # Promise 1000 bytes, send 100, hang up: the body is cut mid-way.
             self.send_response(200)

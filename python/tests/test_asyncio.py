@@ -20,7 +20,9 @@ async def test_cancel_while_queued_leaves_the_queue(daemon: Daemon) -> None:
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        await asyncio.to_thread(eventually, lambda: c._sync.status("one").pools[0].queued == 0, "left the queue")
+        await asyncio.to_thread(
+            eventually, lambda: c._sync.status("one").pools[0].queued == 0, "left the queue"
+        )
         held.release()
         # Nobody is granted the freed slot: the cancelled request really left.
         await asyncio.to_thread(eventually, lambda: daemon.in_flight("one") == 0, "slot free")
@@ -32,7 +34,9 @@ async def test_release_from_another_task(daemon: Daemon) -> None:
     async with slotd.AsyncClient(daemon.addr) as c:
         async with c.lease("one") as lease:
             await asyncio.create_task(c.release(lease))
-            await asyncio.to_thread(eventually, lambda: daemon.in_flight("one") == 0, "released by the other task")
+            await asyncio.to_thread(
+                eventually, lambda: daemon.in_flight("one") == 0, "released by the other task"
+            )
         assert lease.released
 
 

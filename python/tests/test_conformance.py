@@ -94,7 +94,9 @@ def test_lost_lease_is_signalled(daemon: Daemon) -> None:
     with daemon.client(on_lost=lambda _lease, _err: called.set()) as c:
         lease = c.acquire("one")
         with grpc.insecure_channel(daemon.addr) as ch:
-            admin_pb2_grpc.AdminStub(ch).RevokeLease(admin_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=5)
+            admin_pb2_grpc.AdminStub(ch).RevokeLease(
+                admin_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=5
+            )
         assert lease.lost.wait(10) and called.wait(10)
         with pytest.raises(slotd.LeaseLost, match="revoked"):
             lease.check()

@@ -24,7 +24,9 @@ def provider() -> Iterator[Provider]:
     p.close()
 
 
-def test_ok_response_releases_after_the_body_with_usage_and_limits(daemon: Daemon, provider: Provider) -> None:
+def test_ok_response_releases_after_the_body_with_usage_and_limits(
+    daemon: Daemon, provider: Provider
+) -> None:
     leases: list[slotd.Lease] = []
     with daemon.client(on_lost=lambda lease, e: None) as c:
         transport = slotd.httpx.LeaseTransport(c, pool="anthropic", priority=6)
@@ -49,7 +51,10 @@ def test_ok_response_releases_after_the_body_with_usage_and_limits(daemon: Daemo
 
 
 def test_streamed_response_holds_the_lease_until_closed(daemon: Daemon, provider: Provider) -> None:
-    with daemon.client() as c, httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http:
+    with (
+        daemon.client() as c,
+        httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http,
+    ):
         with http.stream("POST", f"{provider.url}/stream") as r:
             lines = r.iter_lines()
             first = next(lines)
@@ -63,7 +68,10 @@ def test_streamed_response_holds_the_lease_until_closed(daemon: Daemon, provider
 
 
 def test_stream_closed_early_releases_the_lease(daemon: Daemon, provider: Provider) -> None:
-    with daemon.client() as c, httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http:
+    with (
+        daemon.client() as c,
+        httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http,
+    ):
         with http.stream("POST", f"{provider.url}/stream") as r:
             lines = r.iter_lines()
             next(lines)
@@ -73,7 +81,9 @@ def test_stream_closed_early_releases_the_lease(daemon: Daemon, provider: Provid
         provider.release_stream.set()
 
 
-def test_429_through_the_transport_pauses_the_pool_for_other_clients(daemon: Daemon, provider: Provider) -> None:
+def test_429_through_the_transport_pauses_the_pool_for_other_clients(
+    daemon: Daemon, provider: Provider
+) -> None:
     with daemon.client() as c, daemon.client() as other:
         with httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="anthropic")) as http:
             r = http.post(f"{provider.url}/429")

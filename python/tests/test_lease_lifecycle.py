@@ -38,7 +38,9 @@ def test_recorded_outcome_survives_an_exception(daemon: Daemon) -> None:
             lease.rate_limited(retry_after=2)
             raise ValueError("429")
         assert lease.report is not None and lease.report.outcome == slotd.Outcome.RATE_LIMITED
-        eventually(lambda: c.status("anthropic").pools[0].HasField("paused_until"), "pool paused by the release")
+        eventually(
+            lambda: c.status("anthropic").pools[0].HasField("paused_until"), "pool paused by the release"
+        )
 
 
 def test_acquire_release_from_another_thread_is_idempotent(daemon: Daemon) -> None:

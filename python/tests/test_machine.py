@@ -17,7 +17,9 @@ def spec(pool: str = "p", ttl: float | None = None) -> RequestSpec:
 
 def grant(m: Machine, now: float, request_id: str, lease_id: str, ttl: float) -> None:
     d = duration_pb2.Duration(seconds=int(ttl), nanos=int(round((ttl - int(ttl)) * 1e9)))
-    g = pb.Granted(request_id=request_id, lease_id=lease_id, fencing_token=1, ttl=d, pool="p", resume_credential="c")
+    g = pb.Granted(
+        request_id=request_id, lease_id=lease_id, fencing_token=1, ttl=d, pool="p", resume_credential="c"
+    )
     m.message(now, 1e9 + now, pb.ServerMessage(granted=g))
 
 
@@ -36,7 +38,9 @@ def test_heartbeats_follow_each_leases_granted_ttl() -> None:
     grant(m, 0.0, "r1", "short", 0.3)
     grant(m, 0.0, "r2", "long", 30.0)
     m.out.clear()
-    assert m.next_heartbeat() == pytest.approx(0.1)  # a third of the granted 300 ms, not of anything guessed earlier
+    assert m.next_heartbeat() == pytest.approx(
+        0.1
+    )  # a third of the granted 300 ms, not of anything guessed earlier
     for step in range(1, 30):
         now = step * 0.1
         m.heartbeat(now, now)

@@ -31,11 +31,13 @@ def test_reconnect_through_a_cutting_proxy_keeps_the_lease(daemon: Daemon, proxy
         waiter_result: list[slotd.Lease] = []
         waiter = threading.Thread(target=lambda: waiter_result.append(c.acquire("one")))
         waiter.start()
-        eventually(lambda: daemon.in_flight("one") == 1 and _queued(daemon, "one") == 1, "one held, one queued")
+        eventually(
+            lambda: daemon.in_flight("one") == 1 and _queued(daemon, "one") == 1, "one held, one queued"
+        )
         for cut in range(3):
             before = proxy.accepted
             proxy.cut()
-            eventually(lambda: proxy.accepted > before, f"reconnected after cut {cut}")
+            eventually(lambda b=before: proxy.accepted > b, f"reconnected after cut {cut}")
         # Same lease on the daemon, never reported lost, heartbeats still renewing it after the cuts.
         time.sleep(1.0)  # over a TTL: only heartbeats on the new stream keep it
         eventually(lambda: _queued(daemon, "one") == 1, "the queued request re-sent")
@@ -78,7 +80,9 @@ def test_revoked_lease_is_signalled_lost(daemon: Daemon) -> None:
         lease = c.acquire("one")
         lease.on_lost(lambda _l, _e: seen.set())
         with grpc.insecure_channel(daemon.addr) as ch:
-            admin_pb2_grpc.AdminStub(ch).RevokeLease(admin_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=5)
+            admin_pb2_grpc.AdminStub(ch).RevokeLease(
+                admin_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=5
+            )
         assert lease.lost.wait(10) and seen.wait(10)
         assert lease.lost_reason is not None and "revoked" in lease.lost_reason.reason
 
