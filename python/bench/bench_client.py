@@ -3,7 +3,8 @@
 1. acquire+release cycle latency (p50/p99) through ``slotd.Client`` on a one-slot pool (each cycle's
    acquire also waits for the previous release to be applied), against a bare grpcio unary round
    trip (``Status``) to the same daemon in the same run;
-2. the CPU the client's threads spend keeping 1,000 leases alive (heartbeats at a third of a 3 s TTL).
+2. the CPU the client's threads spend keeping 1,000 leases alive (heartbeats at a third of a 3 s TTL);
+3. how long after ``kill -9`` of a client process holding a lease the daemon shows the slot free.
 
     python python/bench/bench_client.py [--slotd target/release/slotd] [--cycles 3000] [--hold 10]
 """
@@ -51,8 +52,7 @@ def start(exe: str, tmp: Path) -> tuple[subprocess.Popen[str], str]:
         except json.JSONDecodeError:
             continue
         if addr:
-            err = proc.stderr
-            threading.Thread(target=lambda: [None for _ in err], daemon=True).start()
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
             return proc, addr
     raise SystemExit("slotd exited before logging its address")
 
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--slotd", default=str(default))
     ap.add_argument("--cycles", type=int, default=3000)
     ap.add_argument("--hold", type=float, default=10.0, help="seconds to hold the 1,000 leases")
+    ap.add_argument("--kills", type=int, default=10, help="client processes to kill -9 while holding")
     ns = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,8 +117,14 @@ def run(addr: str, ns: argparse.Namespace) -> None:
         lease.release()
         cycle.append(time.perf_counter() - t)
     p50c, p99c, p50u, p99u = pct(cycle, 50), pct(cycle, 99), pct(unary, 50), pct(unary, 99)
-    print(f"acquire+release cycle: p50 {p50c:.0f} us  p99 {p99c:.0f} us  (mean {statistics.mean(cycle) * 1e6:.0f} us)")
-    print(f"bare grpcio unary:     p50 {p50u:.0f} us  p99 {p99u:.0f} us  (mean {statistics.mean(unary) * 1e6:.0f} us)")
+    print(
+        f"acquire+release cycle: p50 {p50c:.0f} us  p99 {p99c:.0f} us  "
+        f"(mean {statistics.mean(cycle) * 1e6:.0f} us)"
+    )
+    print(
+        f"bare grpcio unary:     p50 {p50u:.0f} us  p99 {p99u:.0f} us  "
+        f"(mean {statistics.mean(unary) * 1e6:.0f} us)"
+    )
     print(f"ratio p50 {p50c / p50u:.2f}x  p99 {p99c / p99u:.2f}x")
 
     # 1,000 held leases: the client's own threads' CPU while heartbeats keep them.
@@ -139,8 +146,34 @@ def run(addr: str, ns: argparse.Namespace) -> None:
     assert session is not None
     for lease in leases:
         lease.release()
+
+    # kill -9 of a client process holding a lease: time until the daemon shows the slot free.
+    freed = []
+    for _ in range(ns.kills):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, addr], stdout=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        child.stdout.readline()
+        t = time.perf_counter()
+        child.kill()
+        while next(p.in_flight for p in stub.Status(req).pools if p.name == "bench") != 0:
+            time.sleep(0.0005)
+        freed.append(time.perf_counter() - t)
+        child.wait()
+    print(
+        f"kill -9 of a client holding a lease -> slot free: median {statistics.median(freed) * 1e3:.1f} ms, "
+        f"max {max(freed) * 1e3:.1f} ms over {len(freed)} kills"
+    )
     client.close()
     channel.close()
+
+
+CHILD = """
+import sys, time, slotd
+client = slotd.Client(sys.argv[1])
+client.acquire("bench")
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timezone
 from types import TracebackType
@@ -379,6 +380,10 @@ class Client:
         _, fut = core.session.acquire(spec)
         try:
             return fut.result(timeout)
+        except FutureTimeout:
+            # Before 3.11 this is not the builtin TimeoutError: raise the one the docs promise.
+            _withdraw(fut)
+            raise TimeoutError(f"no slot on {pool!r} within {timeout}s (request withdrawn)") from None
         except BaseException:
             _withdraw(fut)
             raise
