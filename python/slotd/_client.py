@@ -7,6 +7,7 @@ twins do: ``Client`` blocks the calling thread on a future, ``AsyncClient`` awai
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import sys
@@ -41,6 +42,21 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: At interpreter exit, how long each client still open may take to flush its last releases.
+EXIT_FLUSH_TIMEOUT = 1.0
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # A program that never called close(): send what its leases recorded (a 429's pause, usage)
+    # instead of letting the daemon see the stream drop. Bounded, so an unreachable daemon cannot
+    # hold the exit up for long.
+    for core in list(_CLIENTS):
+        if not core.closed and not core.forked:
+            core.closed = True
+            core.session.close(EXIT_FLUSH_TIMEOUT)
+
 
 LostCallback = Callable[["Lease", LeaseLost], None]
 

@@ -41,3 +41,22 @@ def test_kill_9_of_a_client_frees_the_slot(daemon: Daemon) -> None:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+EXITS_WITHOUT_CLOSE = """
+import sys, slotd
+client = slotd.Client(sys.argv[1])
+lease = client.acquire("anthropic")
+lease.rate_limited(retry_after=2)
+lease.release()
+"""  # ... and the interpreter exits at once, without client.close()
+
+
+def test_exit_without_close_still_sends_the_last_release(daemon: Daemon) -> None:
+    done = subprocess.run([PYTHON, "-c", EXITS_WITHOUT_CLOSE, daemon.addr], timeout=30)
+    assert done.returncode == 0
+    # The release reached the daemon (a dropped stream would free the slot but pause nothing).
+    with daemon.client() as c:
+        pool = c.status("anthropic").pools[0]
+        assert pool.HasField("paused_until") and "rate limited" in pool.pause_reason, pool
+        assert pool.in_flight == 0
