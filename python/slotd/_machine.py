@@ -41,6 +41,8 @@ from slotd.v1 import slotd_pb2 as pb
 
 #: Heartbeats are never sent more often than this for one lease, whatever its TTL (seconds).
 MIN_HEARTBEAT = 0.005
+#: Lease ids per Heartbeat message: about 35 KiB, well inside the daemon's default 64 KiB message bound.
+MAX_HEARTBEAT_IDS = 1024
 
 _EXPIRY = {
     pb.EXPIRY_REASON_TTL: "expired (no heartbeat within its ttl)",
@@ -208,9 +210,17 @@ class Machine:
             if held.next_heartbeat <= mono + every / 2:
                 due.append(lease_id)
                 held.next_heartbeat = mono + every
-        if due:
+        if not due:
+            return
+        if len(due) == len(self.leases):
+            # Every lease of the stream is due: an empty list renews them all, in a few bytes.
             self._heartbeats.append((wall, due))
-            self._send(pb.ClientMessage(heartbeat=pb.Heartbeat(lease_ids=due)))
+            self._send(pb.ClientMessage(heartbeat=pb.Heartbeat()))
+            return
+        for i in range(0, len(due), MAX_HEARTBEAT_IDS):
+            batch = due[i : i + MAX_HEARTBEAT_IDS]
+            self._heartbeats.append((wall, batch))
+            self._send(pb.ClientMessage(heartbeat=pb.Heartbeat(lease_ids=batch)))
 
     def message(self, mono: float, wall: float, msg: pb.ServerMessage) -> None:
         kind = msg.WhichOneof("msg")

@@ -47,7 +47,23 @@ def test_heartbeats_follow_each_leases_granted_ttl() -> None:
         sent = heartbeats(m)
         assert sent == [["short"]], (now, sent)  # the 30 s lease is not renewed every 100 ms
     m.heartbeat(9.95, 9.95)  # the long lease is due at 10 s: renewed with the short one
-    assert heartbeats(m) == [["short", "long"]]
+    assert heartbeats(m) == [[]]  # every lease of the stream: the empty list renews them all
+
+
+def test_many_due_leases_are_split_into_bounded_messages() -> None:
+    m = Machine()
+    m.connected_(0.0)
+    m.acquire(0.0, "r-long", spec(ttl=600))
+    grant(m, 0.0, "r-long", "long", 600.0)
+    for i in range(2500):
+        m.acquire(0.0, f"r{i}", spec(ttl=3))
+        grant(m, 0.0, f"r{i}", f"L{i:04}", 3.0)
+    m.out.clear()
+    m.heartbeat(1.0, 1.0)
+    sent = heartbeats(m)
+    assert [len(ids) for ids in sent] == [1024, 1024, 452]
+    assert all(msg.ByteSize() < 64 * 1024 for msg in [pb.Heartbeat(lease_ids=ids) for ids in sent])
+    assert "long" not in {i for ids in sent for i in ids}
 
 
 def test_disconnect_resumes_then_releases_and_resends() -> None:
