@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from slotd._errors import ClientClosed, LeaseLost, Unavailable
+from slotd._errors import ClientClosed, LeaseLost, Rejected, Unavailable
 from slotd._machine import LeaseInfo, Machine, RequestSpec
 from slotd._types import Pause, Report
 from slotd.v1 import slotd_pb2 as pb
@@ -206,6 +206,12 @@ class Session:
                 # Full jitter: anywhere in [0, backoff), then double up to the maximum.
                 self._reconnect_at = now + random.uniform(0, self._backoff)
                 self._backoff = min(self._backoff * 2, self.settings.backoff_max)
+                code = item[3] if len(item) > 3 else None
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # A wrong or missing token will not get better by waiting: tell the callers now.
+                    self._fail_pending(
+                        Rejected(code, "the stream was refused: " + item[2].split(": ", 1)[-1])
+                    )
         elif kind == "acquire":
             _, request_id, spec, fut = item
             if fut.cancelled():
@@ -262,9 +268,9 @@ class Session:
         if m.out:
             self._apply()  # releases of grants nobody waited for
 
-    def _fail_pending(self) -> None:
+    def _fail_pending(self, err: Exception | None = None) -> None:
         m = self._machine
-        err = Unavailable(
+        err = err or Unavailable(
             f"slotd at {self.settings.target} unreachable for {self.settings.connect_timeout:g}s: "
             f"{self._last_error}"
         )
@@ -311,7 +317,7 @@ class Session:
                 self._inbox.put(("msg", gen, msg))
             self._inbox.put(("broken", gen, "the daemon ended the stream"))
         except grpc.RpcError as e:
-            self._inbox.put(("broken", gen, f"{e.code().name.lower()}: {e.details()}"))
+            self._inbox.put(("broken", gen, f"{e.code().name.lower()}: {e.details()}", e.code()))
         except Exception as e:  # pragma: no cover
             self._inbox.put(("broken", gen, repr(e)))
 

@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from conftest import Daemon, eventually
+from conftest import DEFAULT_CONFIG, Daemon, eventually
 
 import slotd
 
@@ -121,3 +121,21 @@ def test_pauses_show_the_pool_pause(daemon: Daemon) -> None:
         pause = c.pauses()["anthropic"]
         assert pause.until.timestamp() > time.time() and pause.reason
         lease.release()
+
+
+def test_bearer_token(daemon_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = tmp_path / "agent.token"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    d = daemon_factory(DEFAULT_CONFIG, "--agent-token-file", str(token))
+    with slotd.Client(d.addr, token="s3cret-token") as c:
+        c.acquire("one").release()
+    for wrong in (None, "guess"):
+        with slotd.Client(d.addr, token=wrong) as c:
+            with pytest.raises(slotd.Rejected) as e:
+                c.acquire("one")
+            assert e.value.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+            with pytest.raises(slotd.Rejected):
+                c.status()
+    with pytest.raises(ValueError):
+        slotd.Client(d.addr, token="line\nbreak")
