@@ -13,7 +13,7 @@ use tokio_util::sync::PollSender;
 
 use crate::scheduler::{
     Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
-    PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
+    PoolSnapshot, ProviderLimit, Report, ResumeRequest, SessionId, Snapshot, Usage, budget::BudgetSnapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -95,6 +95,12 @@ pub(super) enum Command {
     Status {
         pool: Option<PoolId>,
         reply: Reply<Result<Snapshot, Error>>,
+    },
+    Usage {
+        pool: PoolId,
+        usage: Option<Usage>,
+        limits: Vec<ProviderLimit>,
+        reply: Reply<Result<Option<BudgetSnapshot>, Error>>,
     },
     SetPools {
         pools: Pools,
@@ -199,6 +205,20 @@ impl DriverHandle {
         reason: String,
     ) -> Result<PauseApplied, Error> {
         self.call(|reply| Command::RateLimit { pool, retry_after, reason, reply }).await?
+    }
+
+    /// Charges usage seen outside a lease to a pool's budgets and applies the provider's rate-limit
+    /// headers; returns the pool's budgets after.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: once sent, the report is applied even if the caller stops waiting.
+    pub async fn report_usage(
+        &self,
+        pool: PoolId,
+        usage: Option<Usage>,
+        limits: Vec<ProviderLimit>,
+    ) -> Result<Option<BudgetSnapshot>, Error> {
+        self.call(|reply| Command::Usage { pool, usage, limits, reply }).await?
     }
 
     /// A snapshot of the scheduler.

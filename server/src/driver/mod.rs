@@ -171,6 +171,10 @@ impl Driver {
                 let res = self.sched.report_rate_limit(now, &pool, retry_after, &reason);
                 let _ = reply.send(self.routed(res));
             }
+            Command::Usage { pool, usage, limits, reply } => {
+                let res = self.sched.report_usage(now, &pool, usage, &limits);
+                let _ = reply.send(self.routed(res));
+            }
             Command::Status { pool, reply } => {
                 let d = self.sched.tick(now);
                 self.route(d);
@@ -300,7 +304,10 @@ impl Driver {
             }
             if watching && watched(&fact) {
                 let status = match &fact {
-                    Fact::Granted { .. } | Fact::Ended { .. } | Fact::Rejected { .. } => None,
+                    Fact::Granted { .. }
+                    | Fact::Ended { .. }
+                    | Fact::Rejected { .. }
+                    | Fact::Budget { .. } => None,
                     _ => fact.pool().and_then(|p| self.pool_status(p)),
                 };
                 let _ = self.watch.send(Published { at: now, fact, status });
@@ -324,6 +331,10 @@ fn watched(fact: &Fact) -> bool {
     match fact {
         Fact::Paused { extended, .. } => *extended,
         Fact::LeaseRefused { .. } => false,
+        Fact::Budget { fact, .. } => !matches!(
+            fact,
+            crate::scheduler::BudgetFact::Reserved { .. } | crate::scheduler::BudgetFact::Settled { .. }
+        ),
         _ => true,
     }
 }
@@ -353,6 +364,10 @@ fn log_fact(fact: &Fact, now: Instant) {
         Fact::Resumed { pool } => info!(%pool, "pool pause ended"),
         Fact::Effective { pool, limit } => info!(%pool, limit, "effective limit moved (adaptive headroom)"),
         Fact::PoolChanged { pool, change, reload } => info!(%pool, ?change, reload, "pool changed"),
+        Fact::Budget { pool, fact: crate::scheduler::BudgetFact::ShadowWait { kind, level, would_wait } } => {
+            info!(%pool, budget = kind.label(), %level, would_wait_secs = would_wait.as_secs_f64(), "shadow budget would have held a grant");
+        }
+        Fact::Budget { pool, fact } => debug!(%pool, ?fact, "budget"),
         // Logged through `Refusals` (route).
         Fact::Rejected { .. } | Fact::LeaseRefused { .. } => {}
     }
