@@ -214,6 +214,13 @@ pub struct RunArgs {
     /// pauses too).
     #[arg(long, value_parser = parse_duration)]
     pub max_wait: Option<Duration>,
+    /// The command's input-token estimate, reserved from the pool's rate budgets while it runs
+    /// (default: the pool's default estimate). Refused if above a budget's burst.
+    #[arg(long, value_name = "N")]
+    pub tokens: Option<u64>,
+    /// The command's output-token estimate (its max_tokens), with `--tokens`; default 0.
+    #[arg(long, value_name = "N", requires = "tokens")]
+    pub max_output_tokens: Option<u64>,
     /// The command exit code that means "the provider rate-limited me".
     #[arg(long, env = "SLOTCTL_RATE_LIMIT_EXIT_CODE", default_value_t = DEFAULT_RATE_LIMIT_EXIT_CODE)]
     pub rate_limit_exit_code: i32,
