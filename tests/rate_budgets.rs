@@ -190,3 +190,51 @@ async fn report_usage_charges_the_budget_and_the_providers_word_is_shown() {
     assert!(err.to_string().contains("nope"), "{err}");
     client.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn shadow_mode_grants_and_shows_what_would_have_waited_in_watch_status_and_metrics() {
+    let toml = "[pools.p]\nmax_concurrent = 5\n\n[pools.p.budget]\nrequests_per_minute = 60\n\
+                requests_burst = 1\nshadow = true\n";
+    let (daemon, metrics) = Daemon::start_with_metrics(toml).await;
+    let mut admin = daemon.admin().await;
+    let mut watch = admin
+        .watch(pb::WatchRequest { pool: "p".into(), snapshot_interval: None })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut a = daemon.agent("a").await;
+    a.acquire("r1", "p").await;
+    // Over the budget, granted anyway.
+    a.acquire("r2", "p").await;
+    let change = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a Watch event in time")
+            .unwrap()
+            .expect("Watch open");
+        if let Some(pb::watch_event::Event::Budget(c)) = ev.event {
+            break c;
+        }
+    };
+    assert_eq!(change.pool, "p");
+    assert!(change.detail.contains("shadow") && change.detail.contains("requests"), "{change:?}");
+    let would_wait = change.would_wait.expect("how long it would have waited");
+    assert!(would_wait.seconds <= 1 && (would_wait.seconds > 0 || would_wait.nanos > 0), "{would_wait:?}");
+
+    let st = a.status().await;
+    let b = pool_in(&st, "p").budget.expect("budget");
+    let c = b.counters.unwrap();
+    assert!(b.shadow);
+    assert_eq!((c.shadow_waits, b.reservations), (1, 2));
+    assert_eq!(b.levels[0].level, -1, "tracked as usual: two taken from a burst of one");
+
+    let body = slotd_test_support::scrape(metrics).await;
+    for want in [
+        "slotd_budget_shadow_waits_total{budget=\"requests\",pool=\"p\"} 1",
+        "slotd_budget_reserved_total{budget=\"requests\",pool=\"p\"} 2",
+        "slotd_budget_reserved{budget=\"requests\",pool=\"p\"} 2",
+        "slotd_budget_refill_per_window{budget=\"requests\",pool=\"p\"} 60",
+    ] {
+        assert!(body.contains(want), "missing {want} in\n{body}");
+    }
+}
