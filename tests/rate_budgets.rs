@@ -238,3 +238,29 @@ async fn shadow_mode_grants_and_shows_what_would_have_waited_in_watch_status_and
         assert!(body.contains(want), "missing {want} in\n{body}");
     }
 }
+
+#[tokio::test]
+async fn upsert_pool_sets_changes_and_removes_budgets() {
+    let daemon = Daemon::start("[pools.p]\nmax_concurrent = 2\n").await;
+    let mut admin = daemon.admin().await;
+    let upsert = |spec: pb::PoolSpec| pb::UpsertPoolRequest { pool: Some(spec) };
+    let spec = pb::PoolSpec {
+        name: "p".into(),
+        requests_per_minute: Some(120),
+        requests_burst: Some(3),
+        budget_window: Some(slotd_test_support::ms(500)),
+        ..Default::default()
+    };
+    let p = admin.upsert_pool(upsert(spec)).await.unwrap().into_inner().pool.unwrap();
+    let b = p.budget.expect("a budget now");
+    assert_eq!((b.levels[0].refill, b.levels[0].burst, b.levels[0].level), (120, 3, 3));
+    assert_eq!(b.window, Some(slotd_test_support::ms(500)));
+    // A burst above the bound is refused and changes nothing.
+    let bad = pb::PoolSpec { name: "p".into(), requests_burst: Some(1 << 41), ..Default::default() };
+    let err = admin.upsert_pool(upsert(bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Zero removes the budget.
+    let off = pb::PoolSpec { name: "p".into(), requests_per_minute: Some(0), ..Default::default() };
+    let p = admin.upsert_pool(upsert(off)).await.unwrap().into_inner().pool.unwrap();
+    assert!(p.budget.is_none(), "{p:?}");
+}

@@ -121,7 +121,7 @@ pub enum Command {
 pub enum PoolCommand {
     /// Create a pool or change one; options left out keep their current value (or the default for
     /// a new pool).
-    Set(PoolSetArgs),
+    Set(Box<PoolSetArgs>),
     /// Remove a pool that has no children: its waiters are rejected and its leases expire.
     Rm {
         /// The pool.
@@ -193,6 +193,18 @@ pub struct PoolSetArgs {
     /// Longest pause an agent's 429 report can cause (operators' pauses are not capped).
     #[arg(long, value_parser = parse_duration)]
     pub max_agent_retry_after: Option<Duration>,
+    /// Requests-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub requests_per_minute: Option<u64>,
+    /// Input-tokens-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output-tokens-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub output_tokens_per_minute: Option<u64>,
+    /// Budget shadow mode: track and report, never block.
+    #[arg(long)]
+    pub budget_shadow: Option<bool>,
 }
 
 /// `slotctl run`.

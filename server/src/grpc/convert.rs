@@ -24,7 +24,7 @@ use crate::{
         Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, LimitKind, NewRequest,
         Outcome, Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, ProviderLimit, Report,
         RequestId, ResumeCredential, ResumeRequest, SchedulerConfig, Snapshot, Usage,
-        budget::{BudgetFact, BudgetKind, BudgetSnapshot, TokenEstimate},
+        budget::{BudgetFact, BudgetKind, BudgetPatch, BudgetSnapshot, TokenEstimate},
         pool::Closed,
     },
 };
@@ -560,8 +560,25 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
             adaptive: spec.adaptive,
             headroom_recovery: duration("headroom_recovery", spec.headroom_recovery)?,
             max_agent_retry_after: duration("max_agent_retry_after", spec.max_agent_retry_after)?,
+            budget: BudgetPatch {
+                // Zero clears: no budget, or a burst equal to the per-minute figure.
+                requests_per_minute: spec.requests_per_minute.map(nonzero),
+                requests_burst: spec.requests_burst.map(nonzero),
+                input_tokens_per_minute: spec.input_tokens_per_minute.map(nonzero),
+                input_tokens_burst: spec.input_tokens_burst.map(nonzero),
+                output_tokens_per_minute: spec.output_tokens_per_minute.map(nonzero),
+                output_tokens_burst: spec.output_tokens_burst.map(nonzero),
+                window: duration("budget_window", spec.budget_window)?,
+                default_input_tokens: spec.default_input_tokens,
+                default_output_tokens: spec.default_output_tokens,
+                shadow: spec.budget_shadow,
+            },
         },
     ))
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n != 0).then_some(n)
 }
 
 /// A published fact as a Watch message (`None` for a fact Watch does not show).

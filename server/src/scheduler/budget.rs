@@ -194,6 +194,54 @@ impl Default for BudgetConfig {
     }
 }
 
+/// A partial change to a pool's budgets (Admin `UpsertPool`): `None` keeps the current value; for
+/// a per-minute figure or a burst, `Some(None)` clears it (no budget; burst = the per-minute figure).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BudgetPatch {
+    /// See [`BudgetConfig::requests_per_minute`].
+    pub requests_per_minute: Option<Option<u64>>,
+    /// See [`BudgetConfig::requests_burst`].
+    pub requests_burst: Option<Option<u64>>,
+    /// See [`BudgetConfig::input_tokens_per_minute`].
+    pub input_tokens_per_minute: Option<Option<u64>>,
+    /// See [`BudgetConfig::input_tokens_burst`].
+    pub input_tokens_burst: Option<Option<u64>>,
+    /// See [`BudgetConfig::output_tokens_per_minute`].
+    pub output_tokens_per_minute: Option<Option<u64>>,
+    /// See [`BudgetConfig::output_tokens_burst`].
+    pub output_tokens_burst: Option<Option<u64>>,
+    /// See [`BudgetConfig::window`].
+    pub window: Option<Duration>,
+    /// See [`BudgetConfig::default_input_tokens`].
+    pub default_input_tokens: Option<u64>,
+    /// See [`BudgetConfig::default_output_tokens`].
+    pub default_output_tokens: Option<u64>,
+    /// See [`BudgetConfig::shadow`].
+    pub shadow: Option<bool>,
+}
+
+impl BudgetPatch {
+    /// `base` with the set fields replaced.
+    pub fn apply(&self, mut base: BudgetConfig) -> BudgetConfig {
+        fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
+            if let Some(v) = v {
+                *dst = v.clone();
+            }
+        }
+        set(&mut base.requests_per_minute, &self.requests_per_minute);
+        set(&mut base.requests_burst, &self.requests_burst);
+        set(&mut base.input_tokens_per_minute, &self.input_tokens_per_minute);
+        set(&mut base.input_tokens_burst, &self.input_tokens_burst);
+        set(&mut base.output_tokens_per_minute, &self.output_tokens_per_minute);
+        set(&mut base.output_tokens_burst, &self.output_tokens_burst);
+        set(&mut base.window, &self.window);
+        set(&mut base.default_input_tokens, &self.default_input_tokens);
+        set(&mut base.default_output_tokens, &self.default_output_tokens);
+        set(&mut base.shadow, &self.shadow);
+        base
+    }
+}
+
 /// A request's token estimate.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct TokenEstimate {
