@@ -63,7 +63,9 @@ async fn retry_backoff_outside_the_lease() {
                     Response::builder()
                         .status(status)
                         .header("retry-after-ms", "200")
-                        .body(String::new())
+                        // A body, so the lease rides in it until it is read (an empty body is
+                        // complete at once and releases with the answer).
+                        .body("{}".to_owned())
                         .unwrap(),
                 )
             }
