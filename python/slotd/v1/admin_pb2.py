@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from slotd.v1 import slotd_pb2 as slotd_dot_v1_dot_slotd__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slotd/v1/admin.proto\x12\x08slotd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14slotd/v1/slotd.proto\"\xc6\x04\n\x08PoolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x0emax_concurrent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06parent\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1c\n\x0fmax_queue_depth\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0bon_overflow\x18\x05 \x01(\tH\x03\x88\x01\x01\x12+\n\x08\x63ooldown\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x64\x65\x66\x61ult_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07max_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08max_wait\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13\x64\x65\x66\x61ult_retry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x08H\x04\x88\x01\x01\x12\x34\n\x11headroom_recovery\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x15max_agent_retry_after\x18\r \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_max_concurrentB\t\n\x07_parentB\x12\n\x10_max_queue_depthB\x0e\n\x0c_on_overflowB\x0b\n\t_adaptive\"5\n\x11UpsertPoolRequest\x12 \n\x04pool\x18\x01 \x01(\x0b\x32\x12.slotd.v1.PoolSpec\"I\n\x12UpsertPoolResponse\x12\"\n\x04pool\x18\x01 \x01(\x0b\x32\x14.slotd.v1.PoolStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x12\x44\x65letePoolResponse\x12\x18\n\x10rejected_waiters\x18\x01 \x01(\r\x12\x16\n\x0e\x65xpired_leases\x18\x02 \x01(\r\"]\n\x10PausePoolRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x11PausePoolResponse\x12\x30\n\x0cpaused_until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11ResumePoolRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\"(\n\x12ResumePoolResponse\x12\x12\n\nwas_paused\x18\x01 \x01(\x08\"&\n\x12RevokeLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"3\n\x13RevokeLeaseResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\":\n\x0c\x44rainRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\rDrainProgress\x12\x18\n\x10leases_remaining\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x10\n\x0eUndrainRequest\"\x11\n\x0fUndrainResponse\"R\n\x0cWatchRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x34\n\x11snapshot_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x94\x03\n\nWatchEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.slotd.v1.StatusResponseH\x00\x12(\n\x07granted\x18\x03 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12)\n\x08released\x18\x04 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12(\n\x07\x65xpired\x18\x05 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12&\n\x06paused\x18\x06 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12\'\n\x07resumed\x18\x07 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12-\n\rlimit_changed\x18\x08 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12(\n\x08rejected\x18\t \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x42\x07\n\x05\x65vent\"M\n\x0bLeaseChange\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"P\n\nPoolChange\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.slotd.v1.PoolStatus2\xa9\x04\n\x05\x41\x64min\x12G\n\nUpsertPool\x12\x1b.slotd.v1.UpsertPoolRequest\x1a\x1c.slotd.v1.UpsertPoolResponse\x12G\n\nDeletePool\x12\x1b.slotd.v1.DeletePoolRequest\x1a\x1c.slotd.v1.DeletePoolResponse\x12\x44\n\tPausePool\x12\x1a.slotd.v1.PausePoolRequest\x1a\x1b.slotd.v1.PausePoolResponse\x12G\n\nResumePool\x12\x1b.slotd.v1.ResumePoolRequest\x1a\x1c.slotd.v1.ResumePoolResponse\x12J\n\x0bRevokeLease\x12\x1c.slotd.v1.RevokeLeaseRequest\x1a\x1d.slotd.v1.RevokeLeaseResponse\x12:\n\x05\x44rain\x12\x16.slotd.v1.DrainRequest\x1a\x17.slotd.v1.DrainProgress0\x01\x12>\n\x07Undrain\x12\x18.slotd.v1.UndrainRequest\x1a\x19.slotd.v1.UndrainResponse\x12\x37\n\x05Watch\x12\x16.slotd.v1.WatchRequest\x1a\x14.slotd.v1.WatchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14slotd/v1/admin.proto\x12\x08slotd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14slotd/v1/slotd.proto\"\x82\t\n\x08PoolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x0emax_concurrent\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06parent\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x1c\n\x0fmax_queue_depth\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0bon_overflow\x18\x05 \x01(\tH\x03\x88\x01\x01\x12+\n\x08\x63ooldown\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x64\x65\x66\x61ult_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12*\n\x07max_ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08max_wait\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13\x64\x65\x66\x61ult_retry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\x08\x61\x64\x61ptive\x18\x0b \x01(\x08H\x04\x88\x01\x01\x12\x34\n\x11headroom_recovery\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x15max_agent_retry_after\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x12 \n\x13requests_per_minute\x18\x1e \x01(\x04H\x05\x88\x01\x01\x12\x1b\n\x0erequests_burst\x18\x1f \x01(\x04H\x06\x88\x01\x01\x12$\n\x17input_tokens_per_minute\x18  \x01(\x04H\x07\x88\x01\x01\x12\x1f\n\x12input_tokens_burst\x18! \x01(\x04H\x08\x88\x01\x01\x12%\n\x18output_tokens_per_minute\x18\" \x01(\x04H\t\x88\x01\x01\x12 \n\x13output_tokens_burst\x18# \x01(\x04H\n\x88\x01\x01\x12\x30\n\rbudget_window\x18$ \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x14\x64\x65\x66\x61ult_input_tokens\x18% \x01(\x04H\x0b\x88\x01\x01\x12\"\n\x15\x64\x65\x66\x61ult_output_tokens\x18& \x01(\x04H\x0c\x88\x01\x01\x12\x1a\n\rbudget_shadow\x18\' \x01(\x08H\r\x88\x01\x01\x42\x11\n\x0f_max_concurrentB\t\n\x07_parentB\x12\n\x10_max_queue_depthB\x0e\n\x0c_on_overflowB\x0b\n\t_adaptiveB\x16\n\x14_requests_per_minuteB\x11\n\x0f_requests_burstB\x1a\n\x18_input_tokens_per_minuteB\x15\n\x13_input_tokens_burstB\x1b\n\x19_output_tokens_per_minuteB\x16\n\x14_output_tokens_burstB\x17\n\x15_default_input_tokensB\x18\n\x16_default_output_tokensB\x10\n\x0e_budget_shadow\"5\n\x11UpsertPoolRequest\x12 \n\x04pool\x18\x01 \x01(\x0b\x32\x12.slotd.v1.PoolSpec\"I\n\x12UpsertPoolResponse\x12\"\n\x04pool\x18\x01 \x01(\x0b\x32\x14.slotd.v1.PoolStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x11\x44\x65letePoolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"F\n\x12\x44\x65letePoolResponse\x12\x18\n\x10rejected_waiters\x18\x01 \x01(\r\x12\x16\n\x0e\x65xpired_leases\x18\x02 \x01(\r\"]\n\x10PausePoolRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x11PausePoolResponse\x12\x30\n\x0cpaused_until\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11ResumePoolRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\"(\n\x12ResumePoolResponse\x12\x12\n\nwas_paused\x18\x01 \x01(\x08\"&\n\x12RevokeLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"3\n\x13RevokeLeaseResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\":\n\x0c\x44rainRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\rDrainProgress\x12\x18\n\x10leases_remaining\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x10\n\x0eUndrainRequest\"\x11\n\x0fUndrainResponse\"R\n\x0cWatchRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x34\n\x11snapshot_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbe\x03\n\nWatchEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08snapshot\x18\x02 \x01(\x0b\x32\x18.slotd.v1.StatusResponseH\x00\x12(\n\x07granted\x18\x03 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12)\n\x08released\x18\x04 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12(\n\x07\x65xpired\x18\x05 \x01(\x0b\x32\x15.slotd.v1.LeaseChangeH\x00\x12&\n\x06paused\x18\x06 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12\'\n\x07resumed\x18\x07 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12-\n\rlimit_changed\x18\x08 \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12(\n\x08rejected\x18\t \x01(\x0b\x32\x14.slotd.v1.PoolChangeH\x00\x12(\n\x06\x62udget\x18\x0f \x01(\x0b\x32\x16.slotd.v1.BudgetChangeH\x00\x42\x07\n\x05\x65vent\"M\n\x0bLeaseChange\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"P\n\nPoolChange\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0b\x32\x14.slotd.v1.PoolStatus\"[\n\x0c\x42udgetChange\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12-\n\nwould_wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2\xa9\x04\n\x05\x41\x64min\x12G\n\nUpsertPool\x12\x1b.slotd.v1.UpsertPoolRequest\x1a\x1c.slotd.v1.UpsertPoolResponse\x12G\n\nDeletePool\x12\x1b.slotd.v1.DeletePoolRequest\x1a\x1c.slotd.v1.DeletePoolResponse\x12\x44\n\tPausePool\x12\x1a.slotd.v1.PausePoolRequest\x1a\x1b.slotd.v1.PausePoolResponse\x12G\n\nResumePool\x12\x1b.slotd.v1.ResumePoolRequest\x1a\x1c.slotd.v1.ResumePoolResponse\x12J\n\x0bRevokeLease\x12\x1c.slotd.v1.RevokeLeaseRequest\x1a\x1d.slotd.v1.RevokeLeaseResponse\x12:\n\x05\x44rain\x12\x16.slotd.v1.DrainRequest\x1a\x17.slotd.v1.DrainProgress0\x01\x12>\n\x07Undrain\x12\x18.slotd.v1.UndrainRequest\x1a\x19.slotd.v1.UndrainResponse\x12\x37\n\x05Watch\x12\x16.slotd.v1.WatchRequest\x1a\x14.slotd.v1.WatchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,43 +35,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slotd.v1.admin_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POOLSPEC']._serialized_start=122
-  _globals['_POOLSPEC']._serialized_end=704
-  _globals['_UPSERTPOOLREQUEST']._serialized_start=706
-  _globals['_UPSERTPOOLREQUEST']._serialized_end=759
-  _globals['_UPSERTPOOLRESPONSE']._serialized_start=761
-  _globals['_UPSERTPOOLRESPONSE']._serialized_end=834
-  _globals['_DELETEPOOLREQUEST']._serialized_start=836
-  _globals['_DELETEPOOLREQUEST']._serialized_end=869
-  _globals['_DELETEPOOLRESPONSE']._serialized_start=871
-  _globals['_DELETEPOOLRESPONSE']._serialized_end=941
-  _globals['_PAUSEPOOLREQUEST']._serialized_start=943
-  _globals['_PAUSEPOOLREQUEST']._serialized_end=1036
-  _globals['_PAUSEPOOLRESPONSE']._serialized_start=1038
-  _globals['_PAUSEPOOLRESPONSE']._serialized_end=1107
-  _globals['_RESUMEPOOLREQUEST']._serialized_start=1109
-  _globals['_RESUMEPOOLREQUEST']._serialized_end=1142
-  _globals['_RESUMEPOOLRESPONSE']._serialized_start=1144
-  _globals['_RESUMEPOOLRESPONSE']._serialized_end=1184
-  _globals['_REVOKELEASEREQUEST']._serialized_start=1186
-  _globals['_REVOKELEASEREQUEST']._serialized_end=1224
-  _globals['_REVOKELEASERESPONSE']._serialized_start=1226
-  _globals['_REVOKELEASERESPONSE']._serialized_end=1277
-  _globals['_DRAINREQUEST']._serialized_start=1279
-  _globals['_DRAINREQUEST']._serialized_end=1337
-  _globals['_DRAINPROGRESS']._serialized_start=1339
-  _globals['_DRAINPROGRESS']._serialized_end=1410
-  _globals['_UNDRAINREQUEST']._serialized_start=1412
-  _globals['_UNDRAINREQUEST']._serialized_end=1428
-  _globals['_UNDRAINRESPONSE']._serialized_start=1430
-  _globals['_UNDRAINRESPONSE']._serialized_end=1447
-  _globals['_WATCHREQUEST']._serialized_start=1449
-  _globals['_WATCHREQUEST']._serialized_end=1531
-  _globals['_WATCHEVENT']._serialized_start=1534
-  _globals['_WATCHEVENT']._serialized_end=1938
-  _globals['_LEASECHANGE']._serialized_start=1940
-  _globals['_LEASECHANGE']._serialized_end=2017
-  _globals['_POOLCHANGE']._serialized_start=2019
-  _globals['_POOLCHANGE']._serialized_end=2099
-  _globals['_ADMIN']._serialized_start=2102
-  _globals['_ADMIN']._serialized_end=2655
+  _globals['_POOLSPEC']._serialized_end=1276
+  _globals['_UPSERTPOOLREQUEST']._serialized_start=1278
+  _globals['_UPSERTPOOLREQUEST']._serialized_end=1331
+  _globals['_UPSERTPOOLRESPONSE']._serialized_start=1333
+  _globals['_UPSERTPOOLRESPONSE']._serialized_end=1406
+  _globals['_DELETEPOOLREQUEST']._serialized_start=1408
+  _globals['_DELETEPOOLREQUEST']._serialized_end=1441
+  _globals['_DELETEPOOLRESPONSE']._serialized_start=1443
+  _globals['_DELETEPOOLRESPONSE']._serialized_end=1513
+  _globals['_PAUSEPOOLREQUEST']._serialized_start=1515
+  _globals['_PAUSEPOOLREQUEST']._serialized_end=1608
+  _globals['_PAUSEPOOLRESPONSE']._serialized_start=1610
+  _globals['_PAUSEPOOLRESPONSE']._serialized_end=1679
+  _globals['_RESUMEPOOLREQUEST']._serialized_start=1681
+  _globals['_RESUMEPOOLREQUEST']._serialized_end=1714
+  _globals['_RESUMEPOOLRESPONSE']._serialized_start=1716
+  _globals['_RESUMEPOOLRESPONSE']._serialized_end=1756
+  _globals['_REVOKELEASEREQUEST']._serialized_start=1758
+  _globals['_REVOKELEASEREQUEST']._serialized_end=1796
+  _globals['_REVOKELEASERESPONSE']._serialized_start=1798
+  _globals['_REVOKELEASERESPONSE']._serialized_end=1849
+  _globals['_DRAINREQUEST']._serialized_start=1851
+  _globals['_DRAINREQUEST']._serialized_end=1909
+  _globals['_DRAINPROGRESS']._serialized_start=1911
+  _globals['_DRAINPROGRESS']._serialized_end=1982
+  _globals['_UNDRAINREQUEST']._serialized_start=1984
+  _globals['_UNDRAINREQUEST']._serialized_end=2000
+  _globals['_UNDRAINRESPONSE']._serialized_start=2002
+  _globals['_UNDRAINRESPONSE']._serialized_end=2019
+  _globals['_WATCHREQUEST']._serialized_start=2021
+  _globals['_WATCHREQUEST']._serialized_end=2103
+  _globals['_WATCHEVENT']._serialized_start=2106
+  _globals['_WATCHEVENT']._serialized_end=2552
+  _globals['_LEASECHANGE']._serialized_start=2554
+  _globals['_LEASECHANGE']._serialized_end=2631
+  _globals['_POOLCHANGE']._serialized_start=2633
+  _globals['_POOLCHANGE']._serialized_end=2713
+  _globals['_BUDGETCHANGE']._serialized_start=2715
+  _globals['_BUDGETCHANGE']._serialized_end=2806
+  _globals['_ADMIN']._serialized_start=2809
+  _globals['_ADMIN']._serialized_end=3362
 # @@protoc_insertion_point(module_scope)

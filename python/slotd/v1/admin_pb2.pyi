@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PoolSpec(_message.Message):
-    __slots__ = ("name", "max_concurrent", "parent", "max_queue_depth", "on_overflow", "cooldown", "default_ttl", "max_ttl", "max_wait", "default_retry_after", "adaptive", "headroom_recovery", "max_agent_retry_after")
+    __slots__ = ("name", "max_concurrent", "parent", "max_queue_depth", "on_overflow", "cooldown", "default_ttl", "max_ttl", "max_wait", "default_retry_after", "adaptive", "headroom_recovery", "max_agent_retry_after", "requests_per_minute", "requests_burst", "input_tokens_per_minute", "input_tokens_burst", "output_tokens_per_minute", "output_tokens_burst", "budget_window", "default_input_tokens", "default_output_tokens", "budget_shadow")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,16 @@ class PoolSpec(_message.Message):
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     HEADROOM_RECOVERY_FIELD_NUMBER: _ClassVar[int]
     MAX_AGENT_RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_BURST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_BURST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_BURST_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SHADOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent: int
     parent: str
@@ -38,7 +48,17 @@ class PoolSpec(_message.Message):
     adaptive: bool
     headroom_recovery: _duration_pb2.Duration
     max_agent_retry_after: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., parent: _Optional[str] = ..., max_queue_depth: _Optional[int] = ..., on_overflow: _Optional[str] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adaptive: _Optional[bool] = ..., headroom_recovery: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    requests_per_minute: int
+    requests_burst: int
+    input_tokens_per_minute: int
+    input_tokens_burst: int
+    output_tokens_per_minute: int
+    output_tokens_burst: int
+    budget_window: _duration_pb2.Duration
+    default_input_tokens: int
+    default_output_tokens: int
+    budget_shadow: bool
+    def __init__(self, name: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., parent: _Optional[str] = ..., max_queue_depth: _Optional[int] = ..., on_overflow: _Optional[str] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adaptive: _Optional[bool] = ..., headroom_recovery: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., requests_per_minute: _Optional[int] = ..., requests_burst: _Optional[int] = ..., input_tokens_per_minute: _Optional[int] = ..., input_tokens_burst: _Optional[int] = ..., output_tokens_per_minute: _Optional[int] = ..., output_tokens_burst: _Optional[int] = ..., budget_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_input_tokens: _Optional[int] = ..., default_output_tokens: _Optional[int] = ..., budget_shadow: _Optional[bool] = ...) -> None: ...
 
 class UpsertPoolRequest(_message.Message):
     __slots__ = ("pool",)
@@ -143,7 +163,7 @@ class WatchRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., snapshot_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("at", "snapshot", "granted", "released", "expired", "paused", "resumed", "limit_changed", "rejected")
+    __slots__ = ("at", "snapshot", "granted", "released", "expired", "paused", "resumed", "limit_changed", "rejected", "budget")
     AT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +173,7 @@ class WatchEvent(_message.Message):
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     LIMIT_CHANGED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     at: _timestamp_pb2.Timestamp
     snapshot: _slotd_pb2.StatusResponse
     granted: LeaseChange
@@ -162,7 +183,8 @@ class WatchEvent(_message.Message):
     resumed: PoolChange
     limit_changed: PoolChange
     rejected: PoolChange
-    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[_slotd_pb2.StatusResponse, _Mapping]] = ..., granted: _Optional[_Union[LeaseChange, _Mapping]] = ..., released: _Optional[_Union[LeaseChange, _Mapping]] = ..., expired: _Optional[_Union[LeaseChange, _Mapping]] = ..., paused: _Optional[_Union[PoolChange, _Mapping]] = ..., resumed: _Optional[_Union[PoolChange, _Mapping]] = ..., limit_changed: _Optional[_Union[PoolChange, _Mapping]] = ..., rejected: _Optional[_Union[PoolChange, _Mapping]] = ...) -> None: ...
+    budget: BudgetChange
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[_slotd_pb2.StatusResponse, _Mapping]] = ..., granted: _Optional[_Union[LeaseChange, _Mapping]] = ..., released: _Optional[_Union[LeaseChange, _Mapping]] = ..., expired: _Optional[_Union[LeaseChange, _Mapping]] = ..., paused: _Optional[_Union[PoolChange, _Mapping]] = ..., resumed: _Optional[_Union[PoolChange, _Mapping]] = ..., limit_changed: _Optional[_Union[PoolChange, _Mapping]] = ..., rejected: _Optional[_Union[PoolChange, _Mapping]] = ..., budget: _Optional[_Union[BudgetChange, _Mapping]] = ...) -> None: ...
 
 class LeaseChange(_message.Message):
     __slots__ = ("pool", "lease_id", "holder", "detail")
@@ -185,3 +207,13 @@ class PoolChange(_message.Message):
     detail: str
     status: _slotd_pb2.PoolStatus
     def __init__(self, pool: _Optional[str] = ..., detail: _Optional[str] = ..., status: _Optional[_Union[_slotd_pb2.PoolStatus, _Mapping]] = ...) -> None: ...
+
+class BudgetChange(_message.Message):
+    __slots__ = ("pool", "detail", "would_wait")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    WOULD_WAIT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    detail: str
+    would_wait: _duration_pb2.Duration
+    def __init__(self, pool: _Optional[str] = ..., detail: _Optional[str] = ..., would_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...

@@ -50,6 +50,13 @@ class ExpiryReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPIRY_REASON_POOL_REMOVED: _ClassVar[ExpiryReason]
     EXPIRY_REASON_SHUTDOWN: _ClassVar[ExpiryReason]
     EXPIRY_REASON_RESUMED_ELSEWHERE: _ClassVar[ExpiryReason]
+
+class BudgetKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_KIND_UNSPECIFIED: _ClassVar[BudgetKind]
+    BUDGET_KIND_REQUESTS: _ClassVar[BudgetKind]
+    BUDGET_KIND_INPUT_TOKENS: _ClassVar[BudgetKind]
+    BUDGET_KIND_OUTPUT_TOKENS: _ClassVar[BudgetKind]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_OK: Outcome
 OUTCOME_ERROR: Outcome
@@ -78,6 +85,10 @@ EXPIRY_REASON_REVOKED: ExpiryReason
 EXPIRY_REASON_POOL_REMOVED: ExpiryReason
 EXPIRY_REASON_SHUTDOWN: ExpiryReason
 EXPIRY_REASON_RESUMED_ELSEWHERE: ExpiryReason
+BUDGET_KIND_UNSPECIFIED: BudgetKind
+BUDGET_KIND_REQUESTS: BudgetKind
+BUDGET_KIND_INPUT_TOKENS: BudgetKind
+BUDGET_KIND_OUTPUT_TOKENS: BudgetKind
 
 class ClientMessage(_message.Message):
     __slots__ = ("request", "cancel", "heartbeat", "release", "resume")
@@ -94,7 +105,7 @@ class ClientMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[LeaseRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., release: _Optional[_Union[ReleaseLease, _Mapping]] = ..., resume: _Optional[_Union[ResumeLease, _Mapping]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("request_id", "pool", "priority", "started_at", "ttl", "max_wait", "holder")
+    __slots__ = ("request_id", "pool", "priority", "started_at", "ttl", "max_wait", "holder", "estimate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +113,7 @@ class LeaseRequest(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pool: str
     priority: int
@@ -109,7 +121,16 @@ class LeaseRequest(_message.Message):
     ttl: _duration_pb2.Duration
     max_wait: _duration_pb2.Duration
     holder: str
-    def __init__(self, request_id: _Optional[str] = ..., pool: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., holder: _Optional[str] = ...) -> None: ...
+    estimate: TokenEstimate
+    def __init__(self, request_id: _Optional[str] = ..., pool: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., holder: _Optional[str] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ...) -> None: ...
+
+class TokenEstimate(_message.Message):
+    __slots__ = ("input_tokens", "max_output_tokens")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    max_output_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -335,6 +356,22 @@ class ReportRateLimitResponse(_message.Message):
     effective_limit: int
     def __init__(self, paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., effective_limit: _Optional[int] = ...) -> None: ...
 
+class ReportUsageRequest(_message.Message):
+    __slots__ = ("pool", "usage", "provider_limits")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    usage: Usage
+    provider_limits: _containers.RepeatedCompositeFieldContainer[ProviderLimit]
+    def __init__(self, pool: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., provider_limits: _Optional[_Iterable[_Union[ProviderLimit, _Mapping]]] = ...) -> None: ...
+
+class ReportUsageResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: BudgetStatus
+    def __init__(self, budget: _Optional[_Union[BudgetStatus, _Mapping]] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("pool",)
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -354,7 +391,7 @@ class StatusResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., learning: _Optional[bool] = ..., shutting_down: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by")
+    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by", "budget", "gate", "gate_until", "gate_pool")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +404,10 @@ class PoolStatus(_message.Message):
     NEXT_FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_AGENT_RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    GATE_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    GATE_POOL_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     limit: int
@@ -379,7 +420,79 @@ class PoolStatus(_message.Message):
     next_fencing_token: int
     max_agent_retry_after: _duration_pb2.Duration
     blocked_by: PauseInherited
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ...) -> None: ...
+    budget: BudgetStatus
+    gate: Gate
+    gate_until: _timestamp_pb2.Timestamp
+    gate_pool: str
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ...) -> None: ...
+
+class BudgetStatus(_message.Message):
+    __slots__ = ("window", "shadow", "reservations", "levels", "provider", "counters")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    window: _duration_pb2.Duration
+    shadow: bool
+    reservations: int
+    levels: _containers.RepeatedCompositeFieldContainer[BudgetLevelStatus]
+    provider: _containers.RepeatedCompositeFieldContainer[BudgetProviderView]
+    counters: BudgetCounters
+    def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., shadow: _Optional[bool] = ..., reservations: _Optional[int] = ..., levels: _Optional[_Iterable[_Union[BudgetLevelStatus, _Mapping]]] = ..., provider: _Optional[_Iterable[_Union[BudgetProviderView, _Mapping]]] = ..., counters: _Optional[_Union[BudgetCounters, _Mapping]] = ...) -> None: ...
+
+class BudgetLevelStatus(_message.Message):
+    __slots__ = ("kind", "refill", "burst", "level", "debt", "reserved", "full_at")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REFILL_FIELD_NUMBER: _ClassVar[int]
+    BURST_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DEBT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    FULL_AT_FIELD_NUMBER: _ClassVar[int]
+    kind: BudgetKind
+    refill: int
+    burst: int
+    level: int
+    debt: int
+    reserved: int
+    full_at: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[_Union[BudgetKind, str]] = ..., refill: _Optional[int] = ..., burst: _Optional[int] = ..., level: _Optional[int] = ..., debt: _Optional[int] = ..., reserved: _Optional[int] = ..., full_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BudgetProviderView(_message.Message):
+    __slots__ = ("limit", "age")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    limit: ProviderLimit
+    age: _duration_pb2.Duration
+    def __init__(self, limit: _Optional[_Union[ProviderLimit, _Mapping]] = ..., age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class BudgetCounters(_message.Message):
+    __slots__ = ("reserved_requests", "reserved_input_tokens", "reserved_output_tokens", "settled_requests", "settled_input_tokens", "settled_output_tokens", "estimate_error_input_tokens", "estimate_error_output_tokens", "settled_with_usage", "shadow_waits", "shadow_wait")
+    RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_ERROR_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_ERROR_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_WITH_USAGE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_WAITS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_WAIT_FIELD_NUMBER: _ClassVar[int]
+    reserved_requests: int
+    reserved_input_tokens: int
+    reserved_output_tokens: int
+    settled_requests: int
+    settled_input_tokens: int
+    settled_output_tokens: int
+    estimate_error_input_tokens: int
+    estimate_error_output_tokens: int
+    settled_with_usage: int
+    shadow_waits: int
+    shadow_wait: _duration_pb2.Duration
+    def __init__(self, reserved_requests: _Optional[int] = ..., reserved_input_tokens: _Optional[int] = ..., reserved_output_tokens: _Optional[int] = ..., settled_requests: _Optional[int] = ..., settled_input_tokens: _Optional[int] = ..., settled_output_tokens: _Optional[int] = ..., estimate_error_input_tokens: _Optional[int] = ..., estimate_error_output_tokens: _Optional[int] = ..., settled_with_usage: _Optional[int] = ..., shadow_waits: _Optional[int] = ..., shadow_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class PauseInherited(_message.Message):
     __slots__ = ("pool", "until", "reason")

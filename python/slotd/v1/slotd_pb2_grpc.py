@@ -50,6 +50,11 @@ class SlotdStub:
                 request_serializer=slotd_dot_v1_dot_slotd__pb2.StatusRequest.SerializeToString,
                 response_deserializer=slotd_dot_v1_dot_slotd__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.ReportUsage = channel.unary_unary(
+                '/slotd.v1.Slotd/ReportUsage',
+                request_serializer=slotd_dot_v1_dot_slotd__pb2.ReportUsageRequest.SerializeToString,
+                response_deserializer=slotd_dot_v1_dot_slotd__pb2.ReportUsageResponse.FromString,
+                _registered_method=True)
 
 
 class SlotdServicer:
@@ -79,6 +84,14 @@ class SlotdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsage(self, request, context):
+        """Reports a provider call's usage and rate-limit headers from outside a lease (for example from a
+        proxy): the usage is charged to the pool's rate budgets and the headers clamp them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlotdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +109,11 @@ def add_SlotdServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=slotd_dot_v1_dot_slotd__pb2.StatusRequest.FromString,
                     response_serializer=slotd_dot_v1_dot_slotd__pb2.StatusResponse.SerializeToString,
+            ),
+            'ReportUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUsage,
+                    request_deserializer=slotd_dot_v1_dot_slotd__pb2.ReportUsageRequest.FromString,
+                    response_serializer=slotd_dot_v1_dot_slotd__pb2.ReportUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +198,33 @@ class Slotd:
             '/slotd.v1.Slotd/Status',
             slotd_dot_v1_dot_slotd__pb2.StatusRequest.SerializeToString,
             slotd_dot_v1_dot_slotd__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotd.v1.Slotd/ReportUsage',
+            slotd_dot_v1_dot_slotd__pb2.ReportUsageRequest.SerializeToString,
+            slotd_dot_v1_dot_slotd__pb2.ReportUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
