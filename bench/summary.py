@@ -82,6 +82,8 @@ def main(d):
             "idle_10k": med(load(d, t + "-idle-10k"), lambda r: r["daemon_rss_mib"]),
             "idle_100k": med(load(d, t + "-idle-100k-mux"), lambda r: r["daemon_rss_mib"]),
             "handoff": med(load(d, t + "-handoff"), lambda r: r["handoff"]["p50_us"]),
+            "rtt_status": med(load(d, t + "-rtt-status"), lambda r: r["acquire_release"]["p99_us"]),
+            "status": med(load(d, t + "-rtt-status"), lambda r: r["status"]["p50_us"] / 1000),
         }
         h = fig[t]["handoff"]
         fig[t]["handoff_daemon"] = None if h is None or rtt_floor is None else max(h - rtt_floor, 0.0)
@@ -108,6 +110,8 @@ def main(d):
          f"floor {fmt(floor_100 and floor_100 / 1000, ' ms')}"),
         ("RSS, 10k idle connections", cell("idle_10k", " MiB"), "—", "≤ 128 MiB", ""),
         ("RSS, 100k idle sessions, 100 per connection", cell("idle_100k", " MiB"), "—", "≤ 1024 MiB", ""),
+        ("acquire+release p99 while 2 callers loop Status at 9.9k leases", cell("rtt_status", " µs"), "—",
+         "no stall", f"Status p50 {fmt(last.get('status'), ' ms')} meanwhile"),
         ("release in → next grant out, daemon side, p50 (hand-off − floor RTT)", cell("handoff_daemon", " µs"),
          "—", "≤ 50 µs", f"hand-off p50 {fmt(last.get('handoff'), ' µs')}, Redis {fmt(redis['handoff'], ' µs')}, "
          f"floor RTT {fmt(rtt_floor, ' µs')}"),
