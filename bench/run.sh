@@ -79,6 +79,8 @@ for d in "${daemons[@]}"; do
     run "$tag-fanout-10k" "$bin" fanout --waiters 10000 --rounds 5
     run "$tag-fanout-mux" "$bin" fanout --waiters 10000 --rounds 5 --streams-per-connection 100
     run "$tag-idle-10k" "$bin" idle --sessions 10000
+    # Grants while two callers hammer Status of a daemon holding 9,900 leases (the pool limit is at most 10,000) (a 3 MB answer).
+    run "$tag-rtt-status" "$bin" rtt --count 5000 --held-leases 9900 --status-callers 2
     [[ $quick == 1 ]] || run "$tag-idle-100k-mux" "$bin" idle --sessions 100000 --streams-per-connection 100
 done
 python3 bench/summary.py "$out" | tee "$out/summary.md"

@@ -42,6 +42,10 @@ def cpu_us_per_cycle(r):
     return r["resources"]["daemon_cpu_cores"] / r["cycles_per_sec"] * 1e6
 
 
+def cpu_us_per_rtt(r):
+    return r["resources"]["daemon_cpu_cores"] / r["per_sec"] * 1e6
+
+
 def fmt(v, unit=""):
     if v is None:
         return "—"
@@ -65,6 +69,7 @@ def main(d):
     floor_100 = med(load(d, "floor-100"), lambda r: r["all_rounds"]["p99_us"])
     redis = {
         "cpu": med(load(d, "redis-cycles"), cpu_us_per_cycle),
+        "cpu_rtt": med(load(d, "redis-rtt"), cpu_us_per_rtt),
         "rtt": med(load(d, "redis-rtt"), lambda r: r["acquire_release"]["p50_us"]),
         "cycles": med(load(d, "redis-cycles"), lambda r: r["cycles_per_sec"]),
         "handoff": med(load(d, "redis-handoff"), lambda r: r["handoff"]["p50_us"]),
@@ -74,6 +79,7 @@ def main(d):
         cyc = load(d, t + "-cycles")
         fig[t] = {
             "cpu": med(cyc, cpu_us_per_cycle),
+            "cpu_rtt": med(load(d, t + "-rtt"), cpu_us_per_rtt),
             "rtt": med(load(d, t + "-rtt"), lambda r: r["acquire_release"]["p50_us"]),
             "cycles": med(cyc, lambda r: r["cycles_per_sec"]),
             "jain": med(cyc, lambda r: r["jain"]),
@@ -82,6 +88,8 @@ def main(d):
             "idle_10k": med(load(d, t + "-idle-10k"), lambda r: r["daemon_rss_mib"]),
             "idle_100k": med(load(d, t + "-idle-100k-mux"), lambda r: r["daemon_rss_mib"]),
             "handoff": med(load(d, t + "-handoff"), lambda r: r["handoff"]["p50_us"]),
+            "rtt_status": med(load(d, t + "-rtt-status"), lambda r: r["acquire_release"]["p99_us"]),
+            "status": med(load(d, t + "-rtt-status"), lambda r: r["status"]["p50_us"] / 1000),
         }
         h = fig[t]["handoff"]
         fig[t]["handoff_daemon"] = None if h is None or rtt_floor is None else max(h - rtt_floor, 0.0)
@@ -95,6 +103,9 @@ def main(d):
         ("daemon CPU per acquire+release cycle (C=64, K=8, h=0)", cell("cpu", " µs"), fmt(redis["cpu"], " µs"),
          "≥ 2× better than Redis",
          f"Redis/slotd {fmt(ratio(redis['cpu'], last.get('cpu')))}×"),
+        ("daemon CPU per acquire+release cycle, uncontended (rtt)", cell("cpu_rtt", " µs"),
+         fmt(redis["cpu_rtt"], " µs"), "≥ 2× better than Redis",
+         f"Redis/slotd {fmt(ratio(redis['cpu_rtt'], last.get('cpu_rtt')))}×"),
         ("uncontended acquire+release round trip p50", cell("rtt", " µs"), fmt(redis["rtt"], " µs"),
          "≤ 0.9× Redis and ≤ 1.25× floor",
          f"{fmt(ratio(last.get('rtt'), redis['rtt']))}× Redis, {fmt(ratio(last.get('rtt'), rtt_floor2))}× floor "
@@ -108,6 +119,8 @@ def main(d):
          f"floor {fmt(floor_100 and floor_100 / 1000, ' ms')}"),
         ("RSS, 10k idle connections", cell("idle_10k", " MiB"), "—", "≤ 128 MiB", ""),
         ("RSS, 100k idle sessions, 100 per connection", cell("idle_100k", " MiB"), "—", "≤ 1024 MiB", ""),
+        ("acquire+release p99 while 2 callers loop Status at 9.9k leases", cell("rtt_status", " µs"), "—",
+         "no stall", f"Status p50 {fmt(last.get('status'), ' ms')} meanwhile"),
         ("release in → next grant out, daemon side, p50 (hand-off − floor RTT)", cell("handoff_daemon", " µs"),
          "—", "≤ 50 µs", f"hand-off p50 {fmt(last.get('handoff'), ' µs')}, Redis {fmt(redis['handoff'], ' µs')}, "
          f"floor RTT {fmt(rtt_floor, ' µs')}"),

@@ -398,11 +398,12 @@ enum PoolSource {
     Config,
 }
 
-/// Waits for the driver task to end, which only happens unexpectedly while serving (every gRPC service
-/// holds a handle to it): logs why, turns health NOT_SERVING and returns the error `serve` reports.
+/// Waits for the driver's timer task to end, which only happens unexpectedly while serving (every gRPC
+/// service holds a handle; it panics once a scheduler operation panicked under the lock): logs why,
+/// turns health NOT_SERVING and returns the error `serve` reports.
 ///
 /// # Cancel safety
-/// Cancel safe: dropping it stops watching; the driver task is not affected.
+/// Cancel safe: dropping it stops watching; the timer task is not affected.
 async fn driver_stopped(task: tokio::task::JoinHandle<()>, health: HealthReporter) -> ServeError {
     let why = match task.await {
         Ok(()) => "it returned".to_owned(),

@@ -7,7 +7,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::Shared;
+use super::{Deferred, Shared};
 use crate::scheduler::{
     Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
     PoolSnapshot, ProviderLimit, Report, ResumeRequest, SessionId, Snapshot, Usage, budget::BudgetSnapshot,
@@ -95,16 +95,18 @@ impl DriverHandle {
         self.shared.with(|st, now| st.open(now, events, grace))
     }
 
-    /// Applies one of `session`'s stream messages; its events (and other sessions' events that it
-    /// caused) are on their channels when this returns.
+    /// Applies one of `session`'s stream messages, in order with its others: now, or, when another
+    /// thread holds the lock, by that thread before it lets go. Its events (and other sessions' events
+    /// that it caused) reach their channels then. Never waits for the lock.
     pub fn op(&self, session: SessionId, op: StreamOp) -> Result<(), Error> {
-        self.shared.with(|st, now| st.op(now, session, op))
+        self.shared.submit(Deferred::Op(session, op))
     }
 
-    /// Ends a stream: its waiters leave the queues and its leases are released (or kept for the grace).
-    /// Never blocks on I/O; safe to call from `Drop`, and more than once.
+    /// Ends a stream: its waiters leave the queues and its leases are released (or kept for the grace),
+    /// now or by the lock's holder as for [`DriverHandle::op`]. Never waits for the lock; safe to call
+    /// from `Drop`, and more than once.
     pub fn close(&self, session: SessionId, error: Option<Error>) {
-        let _ = self.shared.with(|st, now| st.close(now, session, error));
+        let _ = self.shared.submit(Deferred::Close(session, error));
     }
 
     /// Pauses a pool after a 429 seen outside a lease.

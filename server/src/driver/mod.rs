@@ -6,6 +6,10 @@
 //! are for another session. Each session's events go out on its own bounded channel; a client that
 //! stops reading until that channel is full is disconnected, which releases its leases.
 //!
+//! A stream message that finds the lock taken does not wait for it: it is queued, and the holder
+//! applies it before letting go (flat combining). So a worker thread never blocks behind another
+//! thread's decision, which on a busy machine could mean waiting out a whole time slice.
+//!
 //! The timer task ([`Driver::run`]) only sleeps until the scheduler's next deadline (expiry, wait
 //! timeouts, pause ends, aging) and ticks it; an operation that moves the deadline earlier wakes it
 //! through a [`Notify`].
@@ -21,8 +25,8 @@ mod tests;
 pub mod watch;
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak},
     time::Duration,
 };
 
@@ -65,9 +69,18 @@ struct State {
     timer_at: Option<Instant>,
 }
 
+/// A stream's message or close that found the lock taken (see [`Shared::submit`]).
+enum Deferred {
+    Op(SessionId, StreamOp),
+    Close(SessionId, Option<Error>),
+}
+
 /// What every handle shares.
 pub(crate) struct Shared {
     state: Mutex<State>,
+    /// Stream messages and closes waiting for the holder of `state` to apply them, in arrival order.
+    /// Locked only to push or to take the whole queue.
+    deferred: Mutex<VecDeque<Deferred>>,
     /// Wakes the timer task: the next deadline moved earlier, or the last handle is gone.
     timer: Arc<Notify>,
 }
@@ -101,7 +114,11 @@ impl Driver {
             counts,
             timer_at: None,
         };
-        let shared = Arc::new(Shared { state: Mutex::new(state), timer: Arc::new(Notify::new()) });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            deferred: Mutex::new(VecDeque::new()),
+            timer: Arc::new(Notify::new()),
+        });
         (Self { shared: shared.clone() }, DriverHandle { shared, counts: counts_rx })
     }
 
@@ -159,9 +176,46 @@ impl Shared {
     fn with<T>(&self, f: impl FnOnce(&mut State, Instant) -> T) -> Result<T, Error> {
         let mut st = self.lock()?;
         let now = Instant::now();
+        // What was queued before this call comes first.
+        st.apply_deferred(now, &self.deferred);
         let out = f(&mut st, now);
+        st.apply_deferred(now, &self.deferred);
         st.settle(now, &self.timer);
+        drop(st);
+        self.combine()?;
         Ok(out)
+    }
+
+    /// Applies a stream's message or close now if the lock is free, or leaves it to the lock's holder,
+    /// which applies everything queued before it lets go. Either way the stream's own order is kept.
+    fn submit(&self, item: Deferred) -> Result<(), Error> {
+        self.queue().push_back(item);
+        self.combine()
+    }
+
+    /// Takes the lock if it is free and applies what is queued; repeats while something was queued
+    /// after the last look (its submitter saw the lock taken and left it to us).
+    fn combine(&self) -> Result<(), Error> {
+        while !self.queue().is_empty() {
+            let mut st = match self.state.try_lock() {
+                Ok(st) => st,
+                // The holder applies it before letting go (it looks again after unlocking).
+                Err(TryLockError::WouldBlock) => return Ok(()),
+                Err(TryLockError::Poisoned(_)) => {
+                    self.timer.notify_one();
+                    return Err(Error::ShuttingDown);
+                }
+            };
+            let now = Instant::now();
+            st.apply_deferred(now, &self.deferred);
+            st.settle(now, &self.timer);
+        }
+        Ok(())
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Deferred>> {
+        // Nothing panics while holding it (a push or a take).
+        self.deferred.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>, Error> {
@@ -174,6 +228,22 @@ impl Shared {
 }
 
 impl State {
+    /// Applies the queued stream messages and closes, oldest first, until none is left.
+    fn apply_deferred(&mut self, now: Instant, deferred: &Mutex<VecDeque<Deferred>>) {
+        loop {
+            let batch = std::mem::take(&mut *deferred.lock().unwrap_or_else(PoisonError::into_inner));
+            if batch.is_empty() {
+                return;
+            }
+            for item in batch {
+                match item {
+                    Deferred::Op(session, op) => self.op(now, session, op),
+                    Deferred::Close(session, error) => self.close(now, session, error),
+                }
+            }
+        }
+    }
+
     /// What every decision ends with (see [`Shared::with`]).
     fn settle(&mut self, now: Instant, timer: &Notify) {
         while let Some(session) = self.overflowed.pop() {

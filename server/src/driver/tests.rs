@@ -238,3 +238,54 @@ async fn drain_times_out_at_its_deadline() {
     }
     assert_eq!(Instant::now() - t0, Duration::from_secs(20));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_that_finds_the_lock_taken_is_applied_by_the_holder_in_order() {
+    let (driver, _) = start(&[("p", PoolConfig::with_limit(2))]);
+    let mut a = Stream::open(&driver).await;
+    // Inside `with` this thread holds the lock: the messages are queued, not applied, and not lost.
+    let applied_inside = driver
+        .shared
+        .with(|st, _| {
+            driver.op(a.session, StreamOp::Request(req("1", "p"))).expect("queued");
+            driver.op(a.session, StreamOp::Request(req("2", "p"))).expect("queued");
+            st.sched.lease_count()
+        })
+        .expect("not poisoned");
+    assert_eq!(applied_inside, 0);
+    // The holder applied them before letting go, in the order they were sent.
+    assert_eq!(driver.counts().borrow().leases, 2);
+    a.granted("1").await;
+    a.granted("2").await;
+}
+
+/// Panics on the first grant, under the scheduler's lock.
+struct PanicOnGrant;
+
+impl Observer for PanicOnGrant {
+    fn fact(&mut self, fact: &Fact) {
+        if matches!(fact, Fact::Granted { .. }) {
+            panic!("injected fault under the lock");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_under_the_lock_refuses_every_later_call_and_stops_the_timer_task() {
+    let sched = Scheduler::new(
+        SchedulerConfig { seed: Some(1), ..Default::default() },
+        [(pid("p"), PoolConfig::with_limit(1))].into_iter().collect(),
+        Instant::now(),
+    )
+    .expect("valid pools");
+    let (driver, handle) = Driver::new(sched);
+    let timer = tokio::spawn(driver.with_observer(PanicOnGrant).run());
+    let a = Stream::open(&handle).await;
+    let op = std::panic::AssertUnwindSafe(|| handle.op(a.session, StreamOp::Request(req("1", "p"))));
+    assert!(std::panic::catch_unwind(op).is_err(), "the observer panicked");
+
+    assert!(matches!(handle.op(a.session, StreamOp::Cancel("1".into())), Err(Error::ShuttingDown)));
+    assert!(matches!(handle.status(None).await, Err(Error::ShuttingDown)));
+    let err = timer.await.expect_err("the timer task panics");
+    assert!(err.is_panic());
+}
