@@ -4,13 +4,16 @@
 
 mod support;
 
-
 use http_body_util::BodyExt;
 use slotd_test_support::{Daemon, client::one_pool, pool_in, scrape, within};
 use support::{Fake, Proxy, config, http1, http2, post, route, sample, send};
 
 fn sse(events: &str, interval_ms: &str) -> Vec<(&'static str, String)> {
-    vec![("x-fake", "sse".into()), ("x-fake-events", events.into()), ("x-fake-interval-ms", interval_ms.into())]
+    vec![
+        ("x-fake", "sse".into()),
+        ("x-fake-events", events.into()),
+        ("x-fake-interval-ms", interval_ms.into()),
+    ]
 }
 
 fn headers<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
@@ -52,7 +55,8 @@ async fn an_sse_answer_keeps_its_slot_until_the_last_event() {
     let proxy = Proxy::start(&config(&d.url(), &route("a", &fake.url(), "p", ""))).await;
     let c = http1();
     let h = sse("4", "40");
-    let resp = within("response head", c.request(post(&proxy.url("/a/v1/messages"), &headers(&h)))).await.unwrap();
+    let resp =
+        within("response head", c.request(post(&proxy.url("/a/v1/messages"), &headers(&h)))).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -91,7 +95,8 @@ async fn a_client_disconnect_mid_stream_frees_the_slot_as_cancelled() {
     for client in [http1(), http2()] {
         // A stream far longer than the test's patience: only the disconnect can end it in time.
         let h = sse("1000", "50");
-        let resp = within("head", client.request(post(&proxy.url("/a/v1/messages"), &headers(&h)))).await.unwrap();
+        let resp =
+            within("head", client.request(post(&proxy.url("/a/v1/messages"), &headers(&h)))).await.unwrap();
         let mut body = resp.into_body();
         within("first event", body.frame()).await.unwrap().unwrap();
         assert_eq!(d.pool("p").await.in_flight, 1);
@@ -102,7 +107,10 @@ async fn a_client_disconnect_mid_stream_frees_the_slot_as_cancelled() {
     }
     let m = scrape(metrics).await;
     assert_eq!(sample(&m, r#"slotd_leases_released_total{outcome="cancelled",pool="p"}"#), 2.0, "{m}");
-    let pm = support::send(&http1(), http::Request::get(proxy.url("/metrics")).body(Default::default()).unwrap()).await.2;
+    let pm =
+        support::send(&http1(), http::Request::get(proxy.url("/metrics")).body(Default::default()).unwrap())
+            .await
+            .2;
     assert_eq!(sample(&pm, r#"slotd_proxy_requests_total{outcome="cancelled",route="a"}"#), 2.0, "{pm}");
     assert_eq!(sample(&pm, r#"slotd_proxy_in_flight{route="a"}"#), 0.0, "{pm}");
 }

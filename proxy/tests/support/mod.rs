@@ -89,7 +89,10 @@ fn error_body(kind: &str) -> String {
     format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"fake"}}}}"#)
 }
 
-async fn answer(seen: Arc<Seen>, req: Request<hyper::body::Incoming>) -> Result<Response<FakeBody>, Infallible> {
+async fn answer(
+    seen: Arc<Seen>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<FakeBody>, Infallible> {
     let n = seen.current.fetch_add(1, Ordering::SeqCst) + 1;
     seen.max.fetch_max(n, Ordering::SeqCst);
     seen.total.fetch_add(1, Ordering::SeqCst);
@@ -140,7 +143,9 @@ async fn answer(seen: Arc<Seen>, req: Request<hyper::body::Incoming>) -> Result<
                 let ev = if i == 0 {
                     "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n".to_owned()
                 } else if i <= events {
-                    format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"text\":\"t{i}\"}}}}\n\n")
+                    format!(
+                        "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"text\":\"t{i}\"}}}}\n\n"
+                    )
                 } else {
                     "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_owned()
                 };
@@ -153,7 +158,9 @@ async fn answer(seen: Arc<Seen>, req: Request<hyper::body::Incoming>) -> Result<
         }
         _ => json(
             200,
-            format!(r#"{{"id":"msg_1","request_bytes":{body_len},"usage":{{"input_tokens":10,"output_tokens":20}}}}"#),
+            format!(
+                r#"{{"id":"msg_1","request_bytes":{body_len},"usage":{{"input_tokens":10,"output_tokens":20}}}}"#
+            ),
             guard,
         ),
     };
@@ -227,7 +234,8 @@ impl Proxy {
     pub fn start(toml: &str) -> impl Future<Output = Proxy> + '_ {
         let at = Location::caller();
         async move {
-            let cfg = slotd_proxy::Config::from_toml_str(toml).unwrap_or_else(|e| panic!("{at}: config: {e}"));
+            let cfg =
+                slotd_proxy::Config::from_toml_str(toml).unwrap_or_else(|e| panic!("{at}: config: {e}"));
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (stop, stopped) = oneshot::channel::<()>();
