@@ -41,7 +41,24 @@ pub fn is_down(e: &Error) -> bool {
     }
 }
 
-/// Probes the daemon every `every` (each probe bounded by `every`) and publishes whether it answers.
+/// The least time one probe may take: a loaded daemon (or a first connection) is not "down" because
+/// it answered in more than a short probe interval.
+pub const MIN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One probe: true when the daemon answers (any answer but a transport failure), within `timeout`.
+///
+/// # Cancel safety
+/// Cancel safe: a read-only call.
+pub async fn probe_once(client: &Client, pool: &str, timeout: Duration) -> bool {
+    match tokio::time::timeout(timeout, client.status(Some(pool))).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => !is_down(&e),
+        Err(_) => false,
+    }
+}
+
+/// Probes the daemon every `every` (each probe bounded by `every`, at least [`MIN_PROBE_TIMEOUT`])
+/// and publishes whether it answers; the first probe is `first`'s result, already taken.
 ///
 /// # Cancel safety
 /// Cancel safe: dropping it stops probing; the last published state stays.
@@ -52,26 +69,24 @@ pub async fn probe(
     up: watch::Sender<bool>,
     metrics: crate::metrics::Metrics,
 ) {
-    let mut last: Option<bool> = None;
+    let timeout = every.max(MIN_PROBE_TIMEOUT);
+    let mut last = *up.borrow();
+    metrics.daemon_up.set(i64::from(last));
     loop {
-        let ok = match tokio::time::timeout(every, client.status(Some(&pool))).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => !is_down(&e),
-            Err(_) => false,
-        };
-        if last != Some(ok) {
+        tokio::time::sleep(every).await;
+        let ok = probe_once(&client, &pool, timeout).await;
+        if last != ok {
             if ok {
-                tracing::info!("slotd answers");
+                tracing::info!("slotd answers again");
             } else {
                 tracing::warn!("slotd does not answer");
             }
-            last = Some(ok);
+            last = ok;
         }
         metrics.daemon_up.set(i64::from(ok));
         up.send_if_modified(|v| std::mem::replace(v, ok) != ok);
         if up.is_closed() {
             return;
         }
-        tokio::time::sleep(every).await;
     }
 }

@@ -53,12 +53,18 @@ pub async fn serve(
     let fingerprinter = files.fingerprint_key.as_deref().map(Fingerprinter::new);
 
     // The first probe runs before accepting, so that the first requests already know the daemon's state.
-    let (up_tx, up_rx) = watch::channel(true);
     let probe_pool = config
         .routes
         .values()
         .find_map(|r| r.pool.clone().or_else(|| r.credential_pools.values().next().cloned()))
         .unwrap_or_default();
+    let first =
+        daemon::probe_once(&client, &probe_pool, config.daemon_probe_interval.max(daemon::MIN_PROBE_TIMEOUT))
+            .await;
+    if !first {
+        tracing::warn!(daemon = %config.daemon, "slotd does not answer yet");
+    }
+    let (up_tx, up_rx) = watch::channel(first);
     let probe = tokio::spawn(daemon::probe(
         client.clone(),
         probe_pool,
@@ -66,10 +72,6 @@ pub async fn serve(
         up_tx,
         metrics.clone(),
     ));
-    {
-        let mut rx = up_rx.clone();
-        let _ = tokio::time::timeout(config.daemon_probe_interval, rx.changed()).await;
-    }
 
     let proxy =
         Arc::new(Proxy::new(&config, client.clone(), upstream, metrics.clone(), up_rx, fingerprinter));
