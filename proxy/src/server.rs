@@ -83,6 +83,8 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new());
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
+    // Set when the shutdown timeout ran out: every connection still open is dropped.
+    let (cut_tx, cut_rx) = watch::channel(false);
     tracing::info!(
         listen = %listener.local_addr()?,
         daemon = %config.daemon,
@@ -114,9 +116,14 @@ pub async fn serve(
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
         let metrics = metrics.clone();
         metrics.connections.inc();
+        let mut cut = cut_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "client connection ended with an error");
+                },
+                // Dropping the connection drops its response bodies: their leases go back as cancelled.
+                _ = cut.wait_for(|c| *c) => {}
             }
             metrics.connections.dec();
             drop(permit);
@@ -127,6 +134,11 @@ pub async fn serve(
     tracing::info!(timeout = ?config.shutdown_timeout, "shutting down: waiting for in-flight streams");
     if tokio::time::timeout(config.shutdown_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown timeout: cutting the streams still running");
+        let _ = cut_tx.send(true);
+        // The cut connections end at their next poll; wait (bounded) so their releases are queued
+        // before the session is closed.
+        let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(CUT_GRACE, connections.acquire_many(all)).await;
     }
     probe.abort();
     if let Err(e) = client.close().await {
@@ -134,6 +146,9 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// How long cut connections get to drop their streams after the shutdown timeout.
+pub const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Pause after a failed accept.
 pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);

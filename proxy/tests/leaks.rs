@@ -61,14 +61,18 @@ async fn a_thousand_requests_with_random_disconnects_leave_nothing_behind() {
     loop {
         let m = send(&c, http::Request::get(metrics_url.as_str()).body(Default::default()).unwrap()).await.2;
         // This scrape's own connection is the only one left.
-        if sample(&m, r#"slotd_proxy_in_flight{route="a"}"#) == 0.0 && sample(&m, "slotd_proxy_client_connections") <= 1.0
+        if sample(&m, r#"slotd_proxy_in_flight{route="a"}"#) == 0.0
+            && sample(&m, "slotd_proxy_client_connections") <= 1.0
         {
             let requests: f64 = m
                 .lines()
                 .filter(|l| l.starts_with("slotd_proxy_requests_total{") && l.contains("route=\"a\""))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum();
-            assert!(requests <= REQUESTS as f64 && requests >= (REQUESTS - abandoned) as f64, "{requests}\n{m}");
+            assert!(
+                requests <= REQUESTS as f64 && requests >= (REQUESTS - abandoned) as f64,
+                "{requests}\n{m}"
+            );
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the proxy kept state:\n{m}");
