@@ -27,6 +27,8 @@ use slotd_test_support::{TIMEOUT, bounded};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Chunk size of `x-fake: bulk` answers.
+pub const BULK_CHUNK: usize = 16 * 1024;
 type FakeBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// What the fake provider saw.
@@ -106,6 +108,7 @@ async fn answer(
     let retry_after = header(&req, "x-fake-retry-after").map(str::to_owned);
     let retry_after_ms = header(&req, "x-fake-retry-after-ms").map(str::to_owned);
     let events = num(&req, "x-fake-events", 5);
+    let req_bytes_hint = num(&req, "x-fake-bytes", 0);
     let interval = Duration::from_millis(num(&req, "x-fake-interval-ms", 20));
     // Read the request body fully (a provider does).
     let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
@@ -128,13 +131,32 @@ async fn answer(
         "529" => json(529, error_body("overloaded_error"), guard),
         "402" => json(402, error_body("billing_error"), guard),
         "500" => json(500, error_body("api_error"), guard),
+        "bulk" => {
+            // `x-fake-bytes` bytes in 16 KiB chunks, as fast as the reader takes them.
+            let total = req_bytes_hint;
+            let chunk = Bytes::from(vec![b'x'; BULK_CHUNK]);
+            let stream = futures::stream::unfold((total, guard), move |(left, guard)| {
+                let chunk = chunk.clone();
+                async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    let n = left.min(BULK_CHUNK as u64);
+                    Some((Ok::<_, BoxError>(Frame::data(chunk.slice(..n as usize))), (left - n, guard)))
+                }
+            });
+            Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(StreamBody::new(stream).boxed_unsync())
+                .unwrap()
+        }
         "sse" | "cut" => {
             let cut = kind == "cut";
             let stream = futures::stream::unfold((0u64, guard), move |(i, guard)| async move {
                 if i > events + 1 {
                     return None;
                 }
-                if i > 0 {
+                if i > 0 && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
                 if cut && i == 1 {
