@@ -34,10 +34,8 @@ pub fn client(cfg: &Config, files: &Files) -> Result<Client, ConfigError> {
 pub fn is_down(e: &Error) -> bool {
     match e {
         Error::Transport(_) | Error::SessionClosed => true,
-        Error::Rpc(s) => {
-            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
-        }
-        _ => false,
+        // A transport failure, or a daemon that is shutting down.
+        _ => matches!(e.code(), Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)),
     }
 }
 
