@@ -35,7 +35,9 @@ pub fn is_down(e: &Error) -> bool {
     match e {
         Error::Transport(_) | Error::SessionClosed => true,
         // A transport failure, or a daemon that is shutting down.
-        _ => matches!(e.code(), Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)),
+        _ => {
+            matches!(e.code(), Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled))
+        }
     }
 }
 

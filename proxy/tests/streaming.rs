@@ -159,3 +159,24 @@ async fn agent_headers_are_used_and_removed_and_hop_by_hop_headers_dropped() {
     assert_eq!(status, 200);
     assert!(body.contains("\"request_bytes\":27"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_while_queued_leaves_slotd_s_queue() {
+    let fake = Fake::start().await;
+    let d = Daemon::start(&one_pool("p", 1, "")).await;
+    let proxy = Proxy::start(&config(&d.url(), &route("a", &fake.url(), "p", ""))).await;
+    let h = sse("1000", "50");
+    let holder =
+        within("head", http1().request(post(&proxy.url("/a/v1/messages"), &headers(&h)))).await.unwrap();
+    for client in [http1(), http2()] {
+        let url = proxy.url("/a/v1/messages");
+        let waiting = tokio::spawn(async move { client.request(post(&url, &[])).await.map(|r| r.status()) });
+        d.wait_for("the request queued", |s| pool_in(s, "p").queued == 1).await;
+        waiting.abort();
+        d.wait_for("the queue empty again", |s| pool_in(s, "p").queued == 0).await;
+        assert_eq!(d.pool("p").await.in_flight, 1, "the holder lost its slot");
+    }
+    drop(holder);
+    d.wait_for("idle", |s| s.leases.is_empty()).await;
+    assert_eq!(fake.total(), 1, "a request that left reached the provider");
+}
