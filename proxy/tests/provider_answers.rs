@@ -43,8 +43,9 @@ async fn a_provider_429_pauses_every_other_client_and_shows_in_status() {
     assert!(h.get("x-slotd-reason").is_none(), "{h:?}");
     assert_eq!(h["retry-after-ms"], "600");
     assert!(body.contains("rate_limit_error"), "{body}");
-    // The pool is paused in slotd's Status...
-    let p = d.pool("p").await;
+    // The pool is paused in slotd's Status (the release leaves as the body ends, in the background)...
+    let s = d.wait_for("the pause", |s| pool_in(s, "p").paused_until.is_some()).await;
+    let p = pool_in(&s, "p");
     let until = system_time(p.paused_until.as_ref().expect("paused"));
     assert!(until > SystemTime::now(), "{p:?}");
     // ...and another client waits through the pause instead of reaching the provider.
@@ -77,7 +78,11 @@ async fn retry_after_in_seconds_and_as_an_http_date_set_the_pause() {
         send(&c, post(&proxy.url("/date/v1/messages"), &[("x-fake", "429"), ("x-fake-retry-after", &date)]))
             .await;
     assert_eq!(status, 429);
-    let s = d.status().await;
+    let s = d
+        .wait_for("both pauses", |s| {
+            pool_in(s, "secs").paused_until.is_some() && pool_in(s, "date").paused_until.is_some()
+        })
+        .await;
     let secs = system_time(pool_in(&s, "secs").paused_until.as_ref().expect("secs paused"));
     let date = system_time(pool_in(&s, "date").paused_until.as_ref().expect("date paused"));
     let in_secs = secs.duration_since(t0).unwrap();
@@ -181,6 +186,7 @@ async fn local_refusals_look_like_the_providers_and_are_marked() {
         send(&c, post(&proxy.url("/a/v1/messages"), &[("x-fake", "429"), ("x-fake-retry-after", "20")]))
             .await;
     assert_eq!(status, 429);
+    d.wait_for("the pause", |s| pool_in(s, "p").paused_until.is_some()).await;
     let (status, h, body) = send(&c, post(&proxy.url("/now/v1/messages"), &[])).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(h["x-slotd-reason"], "paused");
