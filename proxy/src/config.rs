@@ -95,12 +95,23 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     /// The credential-fingerprint key, inline (at least [`Config::MIN_FINGERPRINT_KEY`] bytes).
     #[serde(default)]
-    pub fingerprint_key: Option<String>,
+    pub fingerprint_key: Option<Secret>,
     /// The credential-fingerprint key, from a file (trailing whitespace ignored).
     #[serde(default)]
     pub fingerprint_key_file: Option<PathBuf>,
     /// The routes, by name (the name labels metrics and logs).
     pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// A secret from the configuration: its `Debug` never shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One `[routes.NAME]` table.
@@ -257,7 +268,7 @@ impl Config {
             return Err(invalid("set fingerprint_key or fingerprint_key_file, not both"));
         }
         if let Some(k) = &self.fingerprint_key
-            && k.len() < Self::MIN_FINGERPRINT_KEY
+            && k.0.len() < Self::MIN_FINGERPRINT_KEY
         {
             return Err(invalid(format!("fingerprint_key: at least {} bytes", Self::MIN_FINGERPRINT_KEY)));
         }
@@ -285,7 +296,7 @@ impl Config {
     /// The fingerprint key, read from the file when it is configured there.
     pub fn load_fingerprint_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
         if let Some(k) = &self.fingerprint_key {
-            return Ok(Some(k.as_bytes().to_vec()));
+            return Ok(Some(k.0.as_bytes().to_vec()));
         }
         let Some(path) = &self.fingerprint_key_file else { return Ok(None) };
         let raw = read(path)?;
