@@ -56,9 +56,11 @@ pub enum DaemonDown {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where the proxy listens.
+    /// Where the proxy listens (default [`Config::DEFAULT_LISTEN`]).
+    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The slotd daemon: `host:port` or a URL.
+    /// The slotd daemon: `host:port` or a URL (default [`Config::DEFAULT_DAEMON`]).
+    #[serde(default = "default_daemon")]
     pub daemon: String,
     /// A file holding the daemon's agent token.
     #[serde(default)]
@@ -150,6 +152,12 @@ pub struct RouteConfig {
     pub credential_pools: BTreeMap<String, String>,
 }
 
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(Config::DEFAULT_LISTEN)
+}
+fn default_daemon() -> String {
+    Config::DEFAULT_DAEMON.to_owned()
+}
 fn default_holder() -> String {
     Config::DEFAULT_HOLDER.to_owned()
 }
@@ -179,6 +187,10 @@ fn default_max_wait() -> Duration {
 }
 
 impl Config {
+    /// Default listen address.
+    pub const DEFAULT_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 8089);
+    /// Default daemon address.
+    pub const DEFAULT_DAEMON: &str = "http://127.0.0.1:50051";
     /// Default holder name.
     pub const DEFAULT_HOLDER: &str = "slotd-proxy";
     /// Default daemon probe interval.
@@ -436,6 +448,23 @@ mod tests {
         assert_eq!(cfg.routes["anthropic"].upstream, "https://api.anthropic.com");
         assert_eq!(cfg.routes["openai"].pool.as_deref(), Some("openai"));
         assert_eq!(cfg.routes["openai"].on_daemon_down, DaemonDown::FailClosed);
+    }
+
+    /// Every slotd-proxy TOML example in the README (fenced as `toml slotd-proxy`) is valid.
+    #[test]
+    fn readme_examples_parse() {
+        let readme = include_str!("../../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml slotd-proxy\n")
+            .skip(1)
+            .map(|b| b.split("```").next().unwrap_or(""))
+            .collect();
+        assert!(!blocks.is_empty(), "the README shows a slotd-proxy config");
+        for b in blocks {
+            if let Err(e) = Config::from_toml_str(b) {
+                panic!("README slotd-proxy example is invalid: {e}\n{b}");
+            }
+        }
     }
 
     #[test]
