@@ -78,7 +78,9 @@
 //! releases it.
 #![warn(missing_docs)]
 
+mod any;
 mod client;
+mod coalesce;
 mod command;
 mod connect;
 mod error;
@@ -89,6 +91,7 @@ mod session;
 
 pub use crate::{
     client::{Acquire, AcquireBuilder, Client, ClientBuilder},
+    coalesce::Coalesce,
     command::Outcome,
     connect::{AuthChannel, BearerAuth, Connector, parse_endpoint},
     error::{Error, Lost},

@@ -21,6 +21,7 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
             ttl: spec.ttl.and_then(duration),
             max_wait: max_wait.and_then(duration),
             holder: spec.holder,
+            any_pools: spec.any_pools,
         }),
         ToDaemon::Cancel { request_id } => client_message::Msg::Cancel(pb::CancelRequest { request_id }),
         ToDaemon::Heartbeat => client_message::Msg::Heartbeat(pb::Heartbeat { lease_ids: Vec::new() }),
@@ -109,6 +110,8 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
         }
         Msg::Cancelled(c) => FromDaemon::Cancelled { request_id: c.request_id },
         Msg::HeartbeatAck(_) => FromDaemon::HeartbeatAck,
+        // Breaker transitions are for observers (Status, Watch); a waiter just keeps waiting.
+        Msg::Breaker(_) => return None,
     })
 }
 
@@ -140,6 +143,7 @@ mod tests {
     fn a_request_sends_what_is_left_of_max_wait() {
         let spec = RequestSpec {
             pool: "p".into(),
+            any_pools: Vec::new(),
             priority: Some(3),
             started_at: SystemTime::UNIX_EPOCH,
             ttl: None,

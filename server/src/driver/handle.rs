@@ -12,8 +12,8 @@ use tokio::{
 use tokio_util::sync::PollSender;
 
 use crate::scheduler::{
-    Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
-    PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
+    BreakerView, Error, Event, Fact, ForceBreaker, Lease, LeaseId, NewRequest, Outcome, PauseApplied,
+    PoolConfig, PoolDeleted, PoolId, PoolPatch, PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -91,6 +91,18 @@ pub(super) enum Command {
         retry_after: Option<Duration>,
         reason: String,
         reply: Reply<Result<PauseApplied, Error>>,
+    },
+    ReportOutcome {
+        pool: PoolId,
+        outcome: Outcome,
+        reason: String,
+        reply: Reply<Result<PauseApplied, Error>>,
+    },
+    ForceBreaker {
+        pool: PoolId,
+        to: ForceBreaker,
+        reason: String,
+        reply: Reply<Result<BreakerView, Error>>,
     },
     Status {
         pool: Option<PoolId>,
@@ -199,6 +211,33 @@ impl DriverHandle {
         reason: String,
     ) -> Result<PauseApplied, Error> {
         self.call(|reply| Command::RateLimit { pool, retry_after, reason, reply }).await?
+    }
+
+    /// Applies an outcome class seen outside a lease (overloaded, quota exhausted, rate limited): its
+    /// class policy and the breakers of the pool's chain.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: once sent, the report is applied even if the caller stops waiting.
+    pub async fn report_outcome(
+        &self,
+        pool: PoolId,
+        outcome: Outcome,
+        reason: String,
+    ) -> Result<PauseApplied, Error> {
+        self.call(|reply| Command::ReportOutcome { pool, outcome, reason, reply }).await?
+    }
+
+    /// Forces a pool's circuit breaker open or closed; returns the breaker after the change.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: once sent, the change applies even if the caller stops waiting.
+    pub async fn force_breaker(
+        &self,
+        pool: PoolId,
+        to: ForceBreaker,
+        reason: String,
+    ) -> Result<BreakerView, Error> {
+        self.call(|reply| Command::ForceBreaker { pool, to, reason, reply }).await?
     }
 
     /// A snapshot of the scheduler.

@@ -171,6 +171,16 @@ impl Driver {
                 let res = self.sched.report_rate_limit(now, &pool, retry_after, &reason);
                 let _ = reply.send(self.routed(res));
             }
+            Command::ReportOutcome { pool, outcome, reason, reply } => {
+                info!(%pool, outcome = outcome.label(), %reason, "provider outcome reported");
+                let res = self.sched.report_outcome(now, &pool, outcome, &reason);
+                let _ = reply.send(self.routed(res));
+            }
+            Command::ForceBreaker { pool, to, reason, reply } => {
+                warn!(%pool, ?to, %reason, "circuit breaker forced by an operator");
+                let res = self.sched.force_breaker(now, &pool, to, &reason);
+                let _ = reply.send(self.routed(res));
+            }
             Command::Status { pool, reply } => {
                 let d = self.sched.tick(now);
                 self.route(d);
@@ -342,6 +352,13 @@ fn log_fact(fact: &Fact, now: Instant) {
         Fact::Ended { lease: l, end } => {
             debug!(session = l.session.0, lease_id = %l.id, pool = %l.pool, ?end, "lease ended");
         }
+        Fact::Held { pool, lease_id, kind, until } => {
+            let secs = until.saturating_duration_since(now).as_secs_f64();
+            debug!(%pool, %lease_id, kind = kind.label(), secs, "slot held");
+        }
+        Fact::Breaker { pool, view, reason } => {
+            info!(%pool, state = view.state.label(), epoch = view.epoch, %reason, "circuit breaker");
+        }
         Fact::Paused { pool, until, reason, extended: true } => {
             let secs = until.saturating_duration_since(now).as_secs_f64();
             warn!(%pool, %reason, pause_secs = secs, "pool paused; telling its waiters and holders");
@@ -351,6 +368,7 @@ fn log_fact(fact: &Fact, now: Instant) {
             info!(%pool, %reason, pause_secs = secs, "pause requested; the pool's pause already lasts at least that long");
         }
         Fact::Resumed { pool } => info!(%pool, "pool pause ended"),
+        Fact::HoldEnded { pool, kind } => debug!(%pool, kind = kind.label(), "hold ended"),
         Fact::Effective { pool, limit } => info!(%pool, limit, "effective limit moved (adaptive headroom)"),
         Fact::PoolChanged { pool, change, reload } => info!(%pool, ?change, reload, "pool changed"),
         // Logged through `Refusals` (route).

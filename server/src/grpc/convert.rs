@@ -21,9 +21,10 @@ use crate::{
     driver::{Published, StreamOp},
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, LimitKind, NewRequest,
-        Outcome, Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, ProviderLimit, Report,
-        RequestId, ResumeCredential, ResumeRequest, SchedulerConfig, Snapshot, Usage,
+        BreakerState, BreakerView, Error, Event, ExpiryReason, Fact, FencingToken, ForceBreaker, Lease,
+        LeaseEnd, LeaseId, LimitKind, NewRequest, Outcome, Overflow, PoolChange, PoolId, PoolPatch,
+        PoolSnapshot, Priority, ProviderLimit, Report, RequestId, ResumeCredential, ResumeRequest,
+        SchedulerConfig, Snapshot, Usage,
     },
 };
 
@@ -199,7 +200,51 @@ fn request(r: pb::LeaseRequest) -> Result<NewRequest, Error> {
         ttl: duration("ttl", r.ttl)?,
         max_wait: duration("max_wait", r.max_wait)?,
         holder: holder(r.holder)?,
+        any_of: any_pools(r.any_pools)?,
     })
+}
+
+/// The further pools of an `acquire_any` request (bounded before parsing).
+fn any_pools(pools: Vec<String>) -> Result<Vec<PoolId>, Error> {
+    if pools.len() >= NewRequest::MAX_ANY_POOLS {
+        return Err(Error::InvalidArgument(format!(
+            "any_pools has {} entries; at most {} are accepted",
+            pools.len(),
+            NewRequest::MAX_ANY_POOLS - 1
+        )));
+    }
+    pools.iter().map(|p| PoolId::parse(p).map_err(Error::from)).collect()
+}
+
+/// What an operator forces a breaker to.
+pub fn breaker_force(code: i32) -> Result<ForceBreaker, Error> {
+    match pb::BreakerForce::try_from(code) {
+        Ok(pb::BreakerForce::Open) => Ok(ForceBreaker::Open),
+        Ok(pb::BreakerForce::Closed) => Ok(ForceBreaker::Closed),
+        _ => {
+            Err(Error::InvalidArgument(format!("to {code}: want BREAKER_FORCE_OPEN or BREAKER_FORCE_CLOSED")))
+        }
+    }
+}
+
+/// A breaker as it goes on the wire.
+pub fn breaker_status(view: BreakerView, enabled: bool) -> pb::BreakerStatus {
+    let (state, open_until, probe) = match view.state {
+        BreakerState::Closed => (pb::BreakerState::Closed, None, None),
+        BreakerState::Open { until } => (pb::BreakerState::Open, until, None),
+        BreakerState::HalfOpen { probe } => (pb::BreakerState::HalfOpen, None, probe),
+    };
+    pb::BreakerStatus {
+        state: state as i32,
+        open_until: open_until.map(timestamp),
+        probe_lease_id: probe.map(|l| l.to_string()).unwrap_or_default(),
+        epoch: view.epoch,
+        opens: view.opens,
+        failures: view.failures,
+        outcomes: view.outcomes,
+        forced: view.forced,
+        enabled,
+    }
 }
 
 fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Report), Error> {
@@ -301,7 +346,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
             blocked,
             ..Default::default()
         }),
-        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, probe, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
                 lease_id: lease_id.to_string(),
@@ -311,6 +356,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 pool: pool.to_string(),
                 // The one place a credential leaves the daemon: to its grantee.
                 resume_credential: credential.expose().to_owned(),
+                probe,
             })
         }
         Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
@@ -326,6 +372,12 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
             remaining: Some(pb_duration(until.saturating_duration_since(Instant::now()))),
         }),
         Event::Resumed { pool } => Msg::Resumed(pb::Resumed { pool: pool.to_string() }),
+        Event::Breaker { pool, view, reason } => Msg::Breaker(pb::BreakerChanged {
+            pool: pool.to_string(),
+            // Sessions learn the state; whether the breaker is enabled is Status's business.
+            status: Some(breaker_status(view, true)),
+            reason: reason.to_string(),
+        }),
         Event::Expired { lease_id, reason, .. } => {
             let (reason, message) = match reason {
                 ExpiryReason::Ttl => {
@@ -406,6 +458,9 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
             until: Some(timestamp(b.until)),
             reason: b.reason.to_string(),
         }),
+        held: p.held,
+        held_until: p.held_until.map(timestamp),
+        breaker: Some(breaker_status(p.breaker, p.config.health.breaker.enabled)),
     }
 }
 
@@ -458,6 +513,7 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
         lease_id: l.id.to_string(),
         holder: l.holder.to_string(),
         detail,
+        probe: false,
     };
     let status = p.status;
     let pool = |p: &PoolId, detail: String| pb::PoolChange {
@@ -466,7 +522,24 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
         status: status.clone().map(pool_status),
     };
     let event = match p.fact {
-        Fact::Granted { lease: l, .. } => E::Granted(lease(&l, format!("fencing token {}", l.token.0))),
+        Fact::Granted { lease: l, probe, .. } => {
+            let detail = if probe { "breaker probe, fencing token" } else { "fencing token" };
+            E::Granted(pb::LeaseChange { probe, ..lease(&l, format!("{detail} {}", l.token.0)) })
+        }
+        Fact::Held { pool: id, lease_id, kind, until } => {
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+            E::Held(pool(&id, format!("{} after lease {lease_id} ({secs:.1}s)", kind.label())))
+        }
+        Fact::HoldEnded { pool: id, kind } => E::Held(pool(&id, format!("{} ended", kind.label()))),
+        Fact::Breaker { pool: id, view, reason } => {
+            let state = match view.state {
+                BreakerState::Open { until: Some(u) } => {
+                    format!("open ({:.1}s)", u.saturating_duration_since(Instant::now()).as_secs_f64())
+                }
+                other => other.label().to_owned(),
+            };
+            E::Breaker(pool(&id, format!("breaker {state}, epoch {}: {reason}", view.epoch)))
+        }
         Fact::Ended { lease: l, end } => {
             let detail = lease_end_detail(end).to_owned();
             match end {

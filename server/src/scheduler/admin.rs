@@ -312,7 +312,7 @@ impl Scheduler {
         for (id, pc) in pools {
             match self.pools.get_mut(&id) {
                 Some(p) => {
-                    p.reconfigure(pc);
+                    p.reconfigure(pc, now);
                     // A deeper queue has room for blocked waiters now, ahead of later arrivals.
                     p.queue.admit_blocked(p.cfg.max_queue_depth as usize);
                 }
@@ -321,7 +321,7 @@ impl Scheduler {
                         .retired_tokens
                         .remove(&id)
                         .map_or(self.cfg.first_token, |t| t.max(self.cfg.first_token));
-                    self.pools.insert(id.clone(), Pool::new(id, pc, first));
+                    self.pools.insert(id.clone(), Pool::new(id, pc, first, now));
                 }
             }
         }

@@ -178,6 +178,7 @@ fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> 
                 adaptive: case.adaptive,
                 headroom_recovery: ms(300),
                 max_agent_retry_after: MAX_AGENT_RETRY_AFTER,
+                health: HealthConfig::default(),
             };
             (pid(i), cfg)
         })
@@ -464,6 +465,7 @@ impl Model {
                     l.expires_at = *expires_at;
                 }
                 Event::Paused { .. } | Event::Resumed { .. } | Event::LeaseError { .. } => {}
+                Event::Breaker { .. } => {}
                 Event::HeartbeatAck { .. } => {}
             }
         }
@@ -648,6 +650,7 @@ pub fn run(case: &Case) {
                     ttl,
                     max_wait,
                     holder: HOLDER.into(),
+                    any_of: Vec::new(),
                 };
                 pending = Some(Pending {
                     session: sess,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::{Error, Lease, PoolConfig, PoolId, Scheduler};
+use super::{BreakerView, Error, Lease, PoolConfig, PoolId, Scheduler};
 
 /// One pool in a [`Snapshot`].
 #[derive(Clone, Debug)]
@@ -32,6 +32,13 @@ pub struct PoolSnapshot {
     pub next_token: u64,
     /// The ancestor whose pause blocks this pool, while one does.
     pub blocked_by: Option<InheritedPause>,
+    /// Slots held after their leases ended (failure hold, cancel cooldown, phantom hold), counted at
+    /// this level (its own and its descendants').
+    pub held: u32,
+    /// While slots are held: when the last hold counting here ends.
+    pub held_until: Option<Instant>,
+    /// The circuit breaker.
+    pub breaker: BreakerView,
 }
 
 /// A pause a pool inherits from an ancestor: which one, until when, and why.
@@ -81,6 +88,9 @@ impl Scheduler {
                 cooling: p.cooling.len() as u32,
                 next_token: p.next_token,
                 blocked_by: self.inherited_pause(&p.id),
+                held: p.health.held,
+                held_until: self.holds_at(&p.id),
+                breaker: p.health.view(),
             })
             .collect();
         pools.sort_by(|a, b| {
@@ -152,7 +162,8 @@ impl Scheduler {
             }
         }
         let queued: usize = self.pools.values().map(|p| p.queue.len()).sum();
-        assert_eq!(queued, self.waiters.len());
+        let listed: usize = self.waiters.values().map(|w| w.pools().count()).sum();
+        assert_eq!(queued, listed, "every waiter is in the queue of each pool it lists");
         let in_sessions: usize = self.sessions.values().map(|s| s.requests.len()).sum();
         assert_eq!(in_sessions, self.waiters.len());
     }
