@@ -341,8 +341,6 @@ impl Scheduler {
                 self.cfg.max_per_session
             )));
         }
-        let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
-        let ttl = check_ttl(pool, req.ttl)?;
         if req.any_of.len() >= NewRequest::MAX_ANY_POOLS {
             return Err(Error::InvalidArgument(format!(
                 "acquire_any lists {} pools; at most {}",
@@ -350,6 +348,8 @@ impl Scheduler {
                 NewRequest::MAX_ANY_POOLS
             )));
         }
+        let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
+        let ttl = check_ttl(pool, req.ttl)?;
         let mut others: Vec<(PoolId, Duration)> = Vec::with_capacity(req.any_of.len());
         for p in &req.any_of {
             if *p == req.pool || others.iter().any(|(o, _)| o == p) {
