@@ -57,6 +57,8 @@ enum Mode {
     Cycles(modes::cycles::Opts),
     /// Uncontended acquire + release round trips on one session.
     Rtt(modes::rtt::Opts),
+    /// Slot hand-off: one session releases, a queued one is granted; release sent -> Granted received.
+    Handoff(modes::handoff::Opts),
     /// N sessions, each with one queued request behind a full pool: the daemon's memory.
     Idle(modes::idle::Opts),
     /// N queued waiters, then ReportRateLimit: time until every waiter has received Paused.
@@ -80,7 +82,11 @@ impl Mode {
     fn pool_spec(&self) -> Option<PoolSpec> {
         Some(match self {
             Mode::Cycles(o) => PoolSpec { slots: o.slots, streams: o.sessions },
-            Mode::Rtt(_) => PoolSpec { slots: 64, streams: 1 },
+            Mode::Rtt(o) => PoolSpec {
+                slots: 64 + o.held_leases,
+                streams: 1 + o.status_callers + o.held_leases as usize / 1000,
+            },
+            Mode::Handoff(_) => PoolSpec { slots: 1, streams: 2 },
             Mode::Idle(o) => PoolSpec { slots: 1, streams: o.sessions + 1 },
             Mode::Fanout(o) => PoolSpec { slots: 1, streams: o.waiters + 1 },
             Mode::Floor(_) | Mode::FloorServe { .. } => return None,
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         match &cli.mode {
             Mode::Cycles(o) => modes::cycles::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Rtt(o) => modes::rtt::run(&ctx, o).await.map(|r| r.emit(cli.json)),
+            Mode::Handoff(o) => modes::handoff::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Idle(o) => modes::idle::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Fanout(o) => modes::fanout::run(&ctx, o).await.map(|r| r.emit(cli.json)),
             Mode::Floor(_) | Mode::FloorServe { .. } => unreachable!("run without a daemon"),

@@ -3,6 +3,7 @@
 pub mod cycles;
 pub mod fanout;
 pub mod floor;
+pub mod handoff;
 pub mod idle;
 pub mod rtt;
 

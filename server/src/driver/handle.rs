@@ -1,16 +1,13 @@
-//! The handle to the driver task: one method per command, each a request with a oneshot reply.
+//! The handle to the scheduler: one method per operation, each run inline under the driver's lock.
 
-use std::{
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{broadcast, mpsc, oneshot, watch},
+    sync::{broadcast, mpsc, watch},
     time::Instant,
 };
-use tokio_util::sync::PollSender;
 
+use super::Shared;
 use crate::scheduler::{
     BreakerView, Error, Event, Fact, ForceBreaker, Lease, LeaseId, NewRequest, Outcome, PauseApplied,
     PoolConfig, PoolDeleted, PoolId, PoolPatch, PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
@@ -73,250 +70,218 @@ pub struct DrainCounts {
     pub queued: usize,
 }
 
-pub(super) type Reply<T> = oneshot::Sender<T>;
-
-/// A command to the driver task.
-pub(super) enum Command {
-    Open {
-        events: mpsc::Sender<Outbound>,
-        grace: Duration,
-        reply: Reply<SessionId>,
-    },
-    Op {
-        session: SessionId,
-        op: StreamOp,
-    },
-    RateLimit {
-        pool: PoolId,
-        retry_after: Option<Duration>,
-        reason: String,
-        reply: Reply<Result<PauseApplied, Error>>,
-    },
-    ReportOutcome {
-        pool: PoolId,
-        outcome: Outcome,
-        reason: String,
-        reply: Reply<Result<PauseApplied, Error>>,
-    },
-    ForceBreaker {
-        pool: PoolId,
-        to: ForceBreaker,
-        reason: String,
-        reply: Reply<Result<BreakerView, Error>>,
-    },
-    Status {
-        pool: Option<PoolId>,
-        reply: Reply<Result<Snapshot, Error>>,
-    },
-    SetPools {
-        pools: Pools,
-        reply: Reply<Result<Pools, Error>>,
-    },
-    Upsert {
-        pool: PoolId,
-        patch: PoolPatch,
-        max_pools: usize,
-        reply: Reply<Result<PoolUpserted, Error>>,
-    },
-    Delete {
-        pool: PoolId,
-        reply: Reply<Result<(PoolDeleted, Pools), Error>>,
-    },
-    Pause {
-        pool: PoolId,
-        duration: Duration,
-        reason: String,
-        reply: Reply<Result<Instant, Error>>,
-    },
-    Resume {
-        pool: PoolId,
-        reply: Reply<Result<bool, Error>>,
-    },
-    Revoke {
-        lease: LeaseId,
-        reply: Reply<Result<Lease, Error>>,
-    },
-    Drain {
-        on: bool,
-        reply: Reply<DrainCounts>,
-    },
-    Watch {
-        pool: Option<PoolId>,
-        reply: Reply<Result<(Snapshot, broadcast::Receiver<Published>), Error>>,
-    },
-    Shutdown {
-        reply: Reply<usize>,
-    },
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Command")
-    }
-}
-
-/// Why a stream ended, sent on the close channel.
-#[derive(Debug)]
-pub(super) struct Close {
-    pub(super) session: SessionId,
-    pub(super) error: Option<Error>,
-}
-
-/// A cheap, cloneable handle to the driver task.
-#[derive(Clone, Debug)]
+/// A cheap, cloneable handle to the scheduler.
+///
+/// Every method runs its operation on the caller's thread under the driver's lock, held only for the
+/// decision and the routing of its events (a channel `try_send` per event, never an await). The
+/// `async` ones complete at their first poll; they stay `async` so callers need not change when an
+/// operation gains a wait.
+#[derive(Clone)]
 pub struct DriverHandle {
-    pub(super) commands: mpsc::Sender<Command>,
-    pub(super) closes: mpsc::UnboundedSender<Close>,
+    pub(super) shared: Arc<Shared>,
     pub(super) counts: watch::Receiver<DrainCounts>,
 }
 
-impl DriverHandle {
-    /// Sends the command that `make` builds around a reply channel, and waits for the reply.
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.commands.send(make(reply)).await.map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)
+impl std::fmt::Debug for DriverHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DriverHandle")
     }
+}
 
+impl DriverHandle {
     /// Registers a stream whose events go to `events`. With a non-zero `grace`, its leases outlive the
     /// stream for that long so that a reconnecting client can resume them.
-    ///
-    /// # Cancel safety
-    /// Cancel safe in effect: if cancelled after the driver registered the session, the session's
-    /// event channel is dropped with the future, and the driver closes the session on its next send.
-    pub async fn open(&self, events: mpsc::Sender<Outbound>, grace: Duration) -> Result<SessionId, Error> {
-        self.call(|reply| Command::Open { events, grace, reply }).await
+    pub fn open(&self, events: mpsc::Sender<Outbound>, grace: Duration) -> Result<SessionId, Error> {
+        self.shared.with(|st, now| st.open(now, events, grace))
     }
 
-    /// A sink for `session`'s stream messages that can be driven from a `poll` function, so one task
-    /// can both read a stream and write its events (see `grpc::session`).
-    pub fn op_sink(&self, session: SessionId) -> OpSink {
-        OpSink { commands: PollSender::new(self.commands.clone()), session }
+    /// Applies one of `session`'s stream messages; its events (and other sessions' events that it
+    /// caused) are on their channels when this returns.
+    pub fn op(&self, session: SessionId, op: StreamOp) -> Result<(), Error> {
+        self.shared.with(|st, now| st.op(now, session, op))
     }
 
     /// Ends a stream: its waiters leave the queues and its leases are released (or kept for the grace).
-    /// Never blocks; safe to call from `Drop`, and more than once.
+    /// Never blocks on I/O; safe to call from `Drop`, and more than once.
     pub fn close(&self, session: SessionId, error: Option<Error>) {
-        let _ = self.closes.send(Close { session, error });
+        let _ = self.shared.with(|st, now| st.close(now, session, error));
     }
 
     /// Pauses a pool after a 429 seen outside a lease.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the report is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn report_rate_limit(
         &self,
         pool: PoolId,
         retry_after: Option<Duration>,
         reason: String,
     ) -> Result<PauseApplied, Error> {
-        self.call(|reply| Command::RateLimit { pool, retry_after, reason, reply }).await?
+        tracing::info!(%pool, ?retry_after, %reason, "rate limit reported");
+        self.shared.with(|st, now| {
+            let res = st.sched.report_rate_limit(now, &pool, retry_after, &reason);
+            st.routed(res)
+        })?
     }
 
     /// Applies an outcome class seen outside a lease (overloaded, quota exhausted, rate limited): its
     /// class policy and the breakers of the pool's chain.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the report is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn report_outcome(
         &self,
         pool: PoolId,
         outcome: Outcome,
         reason: String,
     ) -> Result<PauseApplied, Error> {
-        self.call(|reply| Command::ReportOutcome { pool, outcome, reason, reply }).await?
+        tracing::info!(%pool, outcome = outcome.label(), %reason, "provider outcome reported");
+        self.shared.with(|st, now| {
+            let res = st.sched.report_outcome(now, &pool, outcome, &reason);
+            st.routed(res)
+        })?
     }
 
     /// Forces a pool's circuit breaker open or closed; returns the breaker after the change.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the change applies even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn force_breaker(
         &self,
         pool: PoolId,
         to: ForceBreaker,
         reason: String,
     ) -> Result<BreakerView, Error> {
-        self.call(|reply| Command::ForceBreaker { pool, to, reason, reply }).await?
+        tracing::warn!(%pool, ?to, %reason, "circuit breaker forced by an operator");
+        self.shared.with(|st, now| {
+            let res = st.sched.force_breaker(now, &pool, to, &reason);
+            st.routed(res)
+        })?
     }
 
-    /// A snapshot of the scheduler.
+    /// A snapshot of the scheduler. The lock is held only to copy the domain values; converting and
+    /// encoding them (most of the cost for a large state) happens outside it.
     ///
     /// # Cancel safety
-    /// Cancel safe: it changes nothing.
+    /// Cancel safe: it changes nothing but the due deadlines, which the timer would run anyway.
     pub async fn status(&self, pool: Option<PoolId>) -> Result<Snapshot, Error> {
-        self.call(|reply| Command::Status { pool, reply }).await?
+        self.shared.with(|st, now| {
+            st.catch_up(now);
+            st.sched.snapshot(pool.as_ref())
+        })?
     }
 
     /// Replaces the pool set (config reload); returns every pool's settings now. Callers that keep a
     /// state file go through [`crate::pool_store::PoolStore`].
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the change is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn set_pools(&self, pools: Pools) -> Result<Pools, Error> {
-        self.call(|reply| Command::SetPools { pools, reply }).await?
+        let n = pools.len();
+        self.shared.with(|st, now| {
+            let res = st.sched.set_pools(now, pools).map(|d| ((), d));
+            st.routed(res).map(|()| {
+                tracing::info!(pools = n, "pool configuration applied");
+                st.sched.pool_configs()
+            })
+        })?
     }
 
     /// Creates a pool or changes some of its settings.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the change is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn upsert_pool(
         &self,
         pool: PoolId,
         patch: PoolPatch,
         max_pools: usize,
     ) -> Result<PoolUpserted, Error> {
-        self.call(|reply| Command::Upsert { pool, patch, max_pools, reply }).await?
+        self.shared.with(|st, now| {
+            let res = st.sched.upsert_pool(now, pool.clone(), &patch, max_pools);
+            st.routed(res).map(|created| {
+                tracing::info!(%pool, created, "pool upserted by an operator");
+                let status = st.pool_status(&pool).expect("the pool was just upserted");
+                PoolUpserted { created, status, pools: st.sched.pool_configs() }
+            })
+        })?
     }
 
     /// Removes a pool that has no children; returns what it did and every remaining pool's settings.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the change is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn delete_pool(&self, pool: PoolId) -> Result<(PoolDeleted, Pools), Error> {
-        self.call(|reply| Command::Delete { pool, reply }).await?
+        self.shared.with(|st, now| {
+            let res = st.sched.delete_pool(now, &pool);
+            st.routed(res).map(|done| {
+                tracing::info!(%pool, ?done, "pool deleted by an operator");
+                (done, st.sched.pool_configs())
+            })
+        })?
     }
 
     /// Pauses a pool by hand; returns when the pause ends.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the pause is applied even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn pause_pool(
         &self,
         pool: PoolId,
         duration: Duration,
         reason: String,
     ) -> Result<Instant, Error> {
-        self.call(|reply| Command::Pause { pool, duration, reason, reply }).await?
+        tracing::info!(%pool, ?duration, %reason, "pool paused by an operator");
+        self.shared.with(|st, now| {
+            let res = st.sched.pause_pool(now, &pool, duration, &reason);
+            st.routed(res)
+        })?
     }
 
     /// Ends a pool's pause; returns whether it was paused.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the pause ends even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn resume_pool(&self, pool: PoolId) -> Result<bool, Error> {
-        self.call(|reply| Command::Resume { pool, reply }).await?
+        let res = self.shared.with(|st, now| {
+            let res = st.sched.resume_pool(now, &pool);
+            st.routed(res)
+        })?;
+        if let Ok(was_paused) = res {
+            tracing::info!(%pool, was_paused, "pool resumed by an operator");
+        }
+        res
     }
 
     /// Ends a lease now; returns it as it was.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the lease ends even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn revoke(&self, lease: LeaseId) -> Result<Lease, Error> {
-        self.call(|reply| Command::Revoke { lease, reply }).await?
+        self.shared.with(|st, now| {
+            let res = st.sched.revoke(now, lease);
+            if let Ok((l, _)) = &res {
+                tracing::warn!(lease_id = %lease, pool = %l.pool, holder = %l.holder, "lease revoked by an operator");
+            }
+            st.routed(res)
+        })?
     }
 
     /// Starts (`true`) or ends an operator's drain; returns the counts at that moment.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, the drain starts or ends even if the caller stops waiting.
+    /// Completes at its first poll: either nothing was applied or all of it was.
     pub async fn set_draining(&self, on: bool) -> Result<DrainCounts, Error> {
-        self.call(|reply| Command::Drain { on, reply }).await
+        tracing::info!(draining = on, "operator drain");
+        self.shared.with(|st, now| {
+            let d = st.sched.set_draining(now, on);
+            st.route(d);
+            st.counts()
+        })
     }
 
-    /// Leases held and requests queued, in all, as the driver last published them (after every
-    /// command and timer it handles). `changed()` on the receiver waits for the next change.
+    /// Leases held and requests queued, in all, as last published (after every operation and
+    /// deadline). `changed()` on the receiver waits for the next change.
     pub fn counts(&self) -> watch::Receiver<DrainCounts> {
         self.counts.clone()
     }
@@ -325,41 +290,23 @@ impl DriverHandle {
     /// after it, taken at the same instant so nothing falls between them.
     ///
     /// # Cancel safety
-    /// Cancel safe: a subscription nobody receives is dropped with the reply.
+    /// Cancel safe: it changes nothing but the due deadlines, which the timer would run anyway.
     pub async fn watch(
         &self,
         pool: Option<PoolId>,
     ) -> Result<(Snapshot, broadcast::Receiver<Published>), Error> {
-        self.call(|reply| Command::Watch { pool, reply }).await?
+        self.shared.with(|st, now| {
+            st.catch_up(now);
+            st.sched.snapshot(pool.as_ref()).map(|s| (s, st.watch.subscribe()))
+        })?
     }
 
     /// Stops granting, rejects waiters with UNAVAILABLE and ends every stream.
     /// Returns how many leases were still held when granting stopped.
     ///
     /// # Cancel safety
-    /// Not cancel safe: once sent, shutdown proceeds.
+    /// Completes at its first poll: shutdown has proceeded once it is polled.
     pub async fn shutdown(&self) -> usize {
-        self.call(|reply| Command::Shutdown { reply }).await.unwrap_or(0)
-    }
-}
-
-/// One stream's way to the driver, driven by polling: [`OpSink::poll_reserve`] until ready, then
-/// [`OpSink::send`]. Reserve only with a message in hand: a reserved place is taken from the command
-/// buffer that every stream shares.
-#[derive(Debug)]
-pub struct OpSink {
-    commands: PollSender<Command>,
-    session: SessionId,
-}
-
-impl OpSink {
-    /// Waits for room for one message in the driver's command buffer.
-    pub fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.commands.poll_reserve(cx).map_err(|_| Error::ShuttingDown)
-    }
-
-    /// Sends `op` into the place [`OpSink::poll_reserve`] reserved.
-    pub fn send(&mut self, op: StreamOp) -> Result<(), Error> {
-        self.commands.send_item(Command::Op { session: self.session, op }).map_err(|_| Error::ShuttingDown)
+        self.shared.with(|st, now| st.shutdown(now)).unwrap_or(0)
     }
 }

@@ -1,12 +1,18 @@
-//! The one task that owns the [`Scheduler`], sleeps until its next deadline and routes its decisions.
+//! The scheduler behind one lock: callers run each decision inline, a timer task keeps the deadlines.
 //!
-//! gRPC handlers talk to it through a [`DriverHandle`] (see [`handle`]): stream messages go over a
-//! bounded channel (backpressure reaches the client's TCP window), stream closes over an unbounded one
-//! (a `Drop` can always send them). Each session's events go out on its own bounded channel; a client
-//! that stops reading until that channel is full is disconnected, which releases its leases.
+//! A gRPC handler (or an `Acquire` stream's poll) calls the synchronous [`Scheduler`] directly through
+//! its [`DriverHandle`] (see [`handle`]), under a mutex held only for the decision and the routing of
+//! its events: no hop to another task, so a request costs no cross-thread wake-up unless its events
+//! are for another session. Each session's events go out on its own bounded channel; a client that
+//! stops reading until that channel is full is disconnected, which releases its leases.
 //!
-//! The scheduler's facts ([`Fact`]) are read here once per batch: logged, handed to the
-//! [`Observer`]s (metrics), and published to Watch subscribers (see [`watch`]).
+//! The timer task ([`Driver::run`]) only sleeps until the scheduler's next deadline (expiry, wait
+//! timeouts, pause ends, aging) and ticks it; an operation that moves the deadline earlier wakes it
+//! through a [`Notify`].
+//!
+//! The scheduler's facts ([`Fact`]) are read once per decision, under the same lock so they stay in
+//! order: logged, handed to the [`Observer`]s (metrics), and published to Watch subscribers (see
+//! [`watch`]).
 
 mod handle;
 mod log_budget;
@@ -14,21 +20,20 @@ mod log_budget;
 mod tests;
 pub mod watch;
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
 
 use tokio::{
-    sync::{broadcast, mpsc, watch as watch_channel},
+    sync::{Notify, broadcast, mpsc, watch as watch_channel},
     time::Instant,
 };
 use tracing::{debug, info, warn};
 
-pub use self::handle::{
-    DrainCounts, DriverHandle, OpSink, Outbound, PoolUpserted, Pools, Published, StreamOp,
-};
-use self::{
-    handle::{Close, Command},
-    log_budget::{LogBudget, Refusals},
-};
+pub use self::handle::{DrainCounts, DriverHandle, Outbound, PoolUpserted, Pools, Published, StreamOp};
+use self::log_budget::{LogBudget, Refusals};
 use crate::scheduler::{Decisions, Error, Fact, LeaseEnd, PoolId, PoolSnapshot, Scheduler, SessionId};
 
 /// Something that reads every fact the scheduler emits, in order (metrics, for one).
@@ -44,222 +49,197 @@ struct SessionOut {
     log: LogBudget,
 }
 
-/// The driver task's state.
-pub struct Driver {
+/// What the lock guards: the scheduler and everything that routes its decisions.
+struct State {
     sched: Scheduler,
     sessions: HashMap<SessionId, SessionOut>,
-    commands: mpsc::Receiver<Command>,
-    closes: mpsc::UnboundedReceiver<Close>,
-    /// Sessions whose channel overflowed during routing; closed after the current batch.
+    /// Sessions whose channel overflowed during routing; closed after the current decision.
     overflowed: Vec<SessionId>,
     /// Readers of every fact (see [`Driver::with_observer`]).
     observers: Vec<Box<dyn Observer>>,
     /// Watch subscribers. Nothing is built while nobody subscribes.
     watch: broadcast::Sender<Published>,
-    /// Leases held and requests queued, republished after every wake-up (Drain follows it).
+    /// Leases held and requests queued, republished after every decision (Drain follows it).
     counts: watch_channel::Sender<DrainCounts>,
+    /// The deadline the timer task sleeps until; an earlier one wakes it.
+    timer_at: Option<Instant>,
+}
+
+/// What every handle shares.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the timer task: the next deadline moved earlier, or the last handle is gone.
+    timer: Arc<Notify>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.timer.notify_one();
+    }
+}
+
+/// The scheduler's owner until serving starts; [`Driver::run`] is its timer task.
+pub struct Driver {
+    shared: Arc<Shared>,
 }
 
 impl Driver {
-    /// Commands buffered between handlers and the driver.
-    pub const COMMAND_BUFFER: usize = 8192;
     /// Changes buffered per Watch subscriber; one that falls further behind gets a fresh snapshot.
     pub const WATCH_BUFFER: usize = 4096;
 
     /// A driver for this scheduler and a handle to reach it. Spawn [`Driver::run`].
     pub fn new(sched: Scheduler) -> (Self, DriverHandle) {
-        let (ctx, commands) = mpsc::channel(Self::COMMAND_BUFFER);
-        let (close_tx, closes) = mpsc::unbounded_channel();
         let (watch, _) = broadcast::channel(Self::WATCH_BUFFER);
         let first = DrainCounts { leases: sched.lease_count(), queued: sched.waiter_count() };
         let (counts, counts_rx) = watch_channel::channel(first);
-        let driver = Self {
+        let state = State {
             sched,
             sessions: HashMap::new(),
-            commands,
-            closes,
             overflowed: Vec::new(),
             observers: Vec::new(),
             watch,
             counts,
+            timer_at: None,
         };
-        (driver, DriverHandle { commands: ctx, closes: close_tx, counts: counts_rx })
+        let shared = Arc::new(Shared { state: Mutex::new(state), timer: Arc::new(Notify::new()) });
+        (Self { shared: shared.clone() }, DriverHandle { shared, counts: counts_rx })
     }
 
     /// Hands every fact to `observer` from now on.
-    pub fn with_observer(mut self, observer: impl Observer + 'static) -> Self {
-        self.observers.push(Box::new(observer));
+    pub fn with_observer(self, observer: impl Observer + 'static) -> Self {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.observers.push(Box::new(observer));
+        }
         self
     }
 
-    /// Runs until every handle is dropped.
+    /// The timer task: ticks the scheduler at each deadline. Runs until every handle is dropped.
+    ///
+    /// # Panics
+    /// When an operation panicked while holding the scheduler's lock (a bug): the scheduler's state
+    /// can no longer be trusted, and the serving loop stops the daemon when this task ends.
     ///
     /// # Cancel safety
-    /// Dropping this future drops the scheduler: every stream ends and every lease is forgotten.
-    pub async fn run(mut self) {
-        let sleep = tokio::time::sleep_until(Instant::now() + Duration::from_secs(3600));
-        tokio::pin!(sleep);
+    /// Dropping this future stops the deadlines: no lease expires and no wait times out any more.
+    pub async fn run(self) {
+        let timer = self.shared.timer.clone();
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        drop(self);
         loop {
-            if let Some(at) = self.sched.next_deadline() {
-                sleep.as_mut().reset(at);
-            } else {
-                sleep.as_mut().reset(Instant::now() + Duration::from_secs(3600));
-            }
-            tokio::select! {
-                biased;
-                Some(close) = self.closes.recv() => self.handle_close(close),
-                cmd = self.commands.recv() => match cmd {
-                    Some(cmd) => {
-                        self.handle(cmd);
-                        // Drain what is already waiting, so a burst costs one wake-up.
-                        for _ in 0..256 {
-                            match self.commands.try_recv() {
-                                Ok(cmd) => self.handle(cmd),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    None => break,
-                },
-                () = &mut sleep => {
-                    let d = self.sched.tick(Instant::now());
-                    self.route(d);
+            let Some(shared) = weak.upgrade() else { return };
+            let next = shared.with(|st, now| {
+                if st.sched.next_deadline().is_some_and(|at| at <= now) {
+                    let d = st.sched.tick(now);
+                    st.route(d);
                 }
+                st.timer_at = st.sched.next_deadline();
+                st.timer_at
+            });
+            drop(shared);
+            let Ok(next) = next else {
+                panic!("a scheduler operation panicked; its state is not trustworthy any more");
+            };
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = timer.notified() => {}
+                    }
+                }
+                None => timer.notified().await,
             }
-            while let Some(session) = self.overflowed.pop() {
-                warn!(session = session.0, "client is not reading its stream; disconnecting it");
-                self.handle_close(Close {
-                    session,
-                    error: Some(Error::LimitExceeded("client fell too far behind reading its stream".into())),
-                });
-            }
-            let now = self.counts();
-            self.counts.send_if_modified(|c| std::mem::replace(c, now) != now);
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the state under the lock, then closes overflowed sessions, republishes the counts
+    /// and wakes the timer if the next deadline moved earlier. `Err` only when an earlier operation
+    /// panicked under the lock (the daemon is stopping then).
+    fn with<T>(&self, f: impl FnOnce(&mut State, Instant) -> T) -> Result<T, Error> {
+        let mut st = self.lock()?;
+        let now = Instant::now();
+        let out = f(&mut st, now);
+        st.settle(now, &self.timer);
+        Ok(out)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>, Error> {
+        self.state.lock().map_err(|_| {
+            // Let the timer task see it and stop the daemon.
+            self.timer.notify_one();
+            Error::ShuttingDown
+        })
+    }
+}
+
+impl State {
+    /// What every decision ends with (see [`Shared::with`]).
+    fn settle(&mut self, now: Instant, timer: &Notify) {
+        while let Some(session) = self.overflowed.pop() {
+            warn!(session = session.0, "client is not reading its stream; disconnecting it");
+            let error = Error::LimitExceeded("client fell too far behind reading its stream".into());
+            self.close(now, session, Some(error));
+        }
+        let counts = self.counts();
+        self.counts.send_if_modified(|c| std::mem::replace(c, counts) != counts);
+        let next = self.sched.next_deadline();
+        let earlier = match (next, self.timer_at) {
+            (Some(n), Some(t)) => n < t,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier {
+            self.timer_at = next;
+            timer.notify_one();
         }
     }
 
-    fn handle(&mut self, cmd: Command) {
-        let now = Instant::now();
-        match cmd {
-            Command::Open { events, grace, reply } => {
-                let session = self.sched.open_session();
-                self.sessions.insert(session, SessionOut { events, grace, log: LogBudget::new(now) });
-                if reply.send(session).is_err() {
-                    self.handle_close(Close { session, error: None });
-                }
-            }
-            Command::Op { session, op } => {
-                if !self.sessions.contains_key(&session) {
-                    return;
-                }
-                let d = match op {
-                    StreamOp::Request(req) => self.sched.request(now, session, req),
-                    StreamOp::Cancel(id) => self.sched.cancel(now, session, &id),
-                    StreamOp::Heartbeat(ids) => self.sched.heartbeat(now, session, &ids),
-                    StreamOp::Release(id, outcome) => self.sched.release(now, session, id, outcome),
-                    StreamOp::Resume(req) => self.sched.resume(now, session, req),
-                    StreamOp::Invalid(event) => {
-                        let mut d = Decisions::default();
-                        d.push(session, event);
-                        d
-                    }
-                };
-                self.route(d);
-            }
-            Command::RateLimit { pool, retry_after, reason, reply } => {
-                info!(%pool, ?retry_after, %reason, "rate limit reported");
-                let res = self.sched.report_rate_limit(now, &pool, retry_after, &reason);
-                let _ = reply.send(self.routed(res));
-            }
-            Command::ReportOutcome { pool, outcome, reason, reply } => {
-                info!(%pool, outcome = outcome.label(), %reason, "provider outcome reported");
-                let res = self.sched.report_outcome(now, &pool, outcome, &reason);
-                let _ = reply.send(self.routed(res));
-            }
-            Command::ForceBreaker { pool, to, reason, reply } => {
-                warn!(%pool, ?to, %reason, "circuit breaker forced by an operator");
-                let res = self.sched.force_breaker(now, &pool, to, &reason);
-                let _ = reply.send(self.routed(res));
-            }
-            Command::Status { pool, reply } => {
-                let d = self.sched.tick(now);
-                self.route(d);
-                let _ = reply.send(self.sched.snapshot(pool.as_ref()));
-            }
-            Command::SetPools { pools, reply } => {
-                let n = pools.len();
-                let res = self.sched.set_pools(now, pools).map(|d| ((), d));
-                let res = self.routed(res).map(|()| {
-                    info!(pools = n, "pool configuration applied");
-                    self.sched.pool_configs()
-                });
-                let _ = reply.send(res);
-            }
-            Command::Upsert { pool, patch, max_pools, reply } => {
-                let res = self.sched.upsert_pool(now, pool.clone(), &patch, max_pools);
-                let res = self.routed(res).map(|created| {
-                    info!(%pool, created, "pool upserted by an operator");
-                    let status = self.pool_status(&pool).expect("the pool was just upserted");
-                    PoolUpserted { created, status, pools: self.sched.pool_configs() }
-                });
-                let _ = reply.send(res);
-            }
-            Command::Delete { pool, reply } => {
-                let res = self.sched.delete_pool(now, &pool);
-                let res = self.routed(res).map(|done| {
-                    info!(%pool, ?done, "pool deleted by an operator");
-                    (done, self.sched.pool_configs())
-                });
-                let _ = reply.send(res);
-            }
-            Command::Pause { pool, duration, reason, reply } => {
-                info!(%pool, ?duration, %reason, "pool paused by an operator");
-                let res = self.sched.pause_pool(now, &pool, duration, &reason);
-                let _ = reply.send(self.routed(res));
-            }
-            Command::Resume { pool, reply } => {
-                let res = self.sched.resume_pool(now, &pool);
-                let res = self.routed(res);
-                if let Ok(was_paused) = res {
-                    info!(%pool, was_paused, "pool resumed by an operator");
-                }
-                let _ = reply.send(res);
-            }
-            Command::Revoke { lease, reply } => {
-                let res = self.sched.revoke(now, lease);
-                if let Ok((l, _)) = &res {
-                    warn!(lease_id = %lease, pool = %l.pool, holder = %l.holder, "lease revoked by an operator");
-                }
-                let _ = reply.send(self.routed(res));
-            }
-            Command::Drain { on, reply } => {
-                info!(draining = on, "operator drain");
-                let d = self.sched.set_draining(now, on);
-                self.route(d);
-                let _ = reply.send(self.counts());
-            }
-            Command::Watch { pool, reply } => {
-                let d = self.sched.tick(now);
-                self.route(d);
-                let res = self.sched.snapshot(pool.as_ref()).map(|s| (s, self.watch.subscribe()));
-                let _ = reply.send(res);
-            }
-            Command::Shutdown { reply } => {
-                let held = self.sched.lease_count();
-                let d = self.sched.shutdown(now);
-                self.route(d);
-                // Replacing the sender closes every Watch subscription, so those streams end and
-                // graceful shutdown need not wait out drain_timeout for them.
-                self.watch = broadcast::channel(1).0;
-                let sessions: Vec<(SessionId, SessionOut)> = self.sessions.drain().collect();
-                for (session, out) in sessions {
-                    let _ = out.events.try_send(Box::new(Err(Error::ShuttingDown)));
-                    let d = self.sched.close_session(now, session, Duration::ZERO);
-                    self.route(d);
-                }
-                let _ = reply.send(held);
-            }
+    fn open(&mut self, now: Instant, events: mpsc::Sender<Outbound>, grace: Duration) -> SessionId {
+        let session = self.sched.open_session();
+        self.sessions.insert(session, SessionOut { events, grace, log: LogBudget::new(now) });
+        session
+    }
+
+    fn op(&mut self, now: Instant, session: SessionId, op: StreamOp) {
+        if !self.sessions.contains_key(&session) {
+            return;
         }
+        let d = match op {
+            StreamOp::Request(req) => self.sched.request(now, session, req),
+            StreamOp::Cancel(id) => self.sched.cancel(now, session, &id),
+            StreamOp::Heartbeat(ids) => self.sched.heartbeat(now, session, &ids),
+            StreamOp::Release(id, outcome) => self.sched.release(now, session, id, outcome),
+            StreamOp::Resume(req) => self.sched.resume(now, session, req),
+            StreamOp::Invalid(event) => {
+                let mut d = Decisions::default();
+                d.push(session, event);
+                d
+            }
+        };
+        self.route(d);
+    }
+
+    /// Runs the deadlines that are due, so a read of the state does not show what already ended.
+    fn catch_up(&mut self, now: Instant) {
+        let d = self.sched.tick(now);
+        self.route(d);
+    }
+
+    fn shutdown(&mut self, now: Instant) -> usize {
+        let held = self.sched.lease_count();
+        let d = self.sched.shutdown(now);
+        self.route(d);
+        // Replacing the sender closes every Watch subscription, so those streams end and graceful
+        // shutdown need not wait out drain_timeout for them.
+        self.watch = broadcast::channel(1).0;
+        let sessions: Vec<(SessionId, SessionOut)> = self.sessions.drain().collect();
+        for (session, out) in sessions {
+            let _ = out.events.try_send(Box::new(Err(Error::ShuttingDown)));
+            let d = self.sched.close_session(now, session, Duration::ZERO);
+            self.route(d);
+        }
+        held
     }
 
     /// Routes the decisions of an operation that may be refused, and returns its result.
@@ -278,18 +258,18 @@ impl Driver {
         self.sched.snapshot(Some(pool)).ok().and_then(|s| s.pools.into_iter().next())
     }
 
-    fn handle_close(&mut self, close: Close) {
-        let Some(out) = self.sessions.remove(&close.session) else {
+    fn close(&mut self, now: Instant, session: SessionId, error: Option<Error>) {
+        let Some(out) = self.sessions.remove(&session) else {
             return;
         };
-        if let Some(error) = close.error {
+        if let Some(error) = error {
             let _ = out.events.try_send(Box::new(Err(error)));
         }
-        let d = self.sched.close_session(Instant::now(), close.session, out.grace);
+        let d = self.sched.close_session(now, session, out.grace);
         match out.log.suppressed() {
-            0 => debug!(session = close.session.0, "stream closed"),
+            0 => debug!(session = session.0, "stream closed"),
             suppressed => info!(
-                session = close.session.0,
+                session = session.0,
                 suppressed, "stream closed; log lines about its refusals were held back"
             ),
         }
@@ -356,6 +336,7 @@ fn log_fact(fact: &Fact, now: Instant) {
             let secs = until.saturating_duration_since(now).as_secs_f64();
             debug!(%pool, %lease_id, kind = kind.label(), secs, "slot held");
         }
+        Fact::HoldEnded { pool, kind } => debug!(%pool, kind = kind.label(), "hold ended"),
         Fact::Breaker { pool, view, reason } => {
             info!(%pool, state = view.state.label(), epoch = view.epoch, %reason, "circuit breaker");
         }
@@ -368,7 +349,6 @@ fn log_fact(fact: &Fact, now: Instant) {
             info!(%pool, %reason, pause_secs = secs, "pause requested; the pool's pause already lasts at least that long");
         }
         Fact::Resumed { pool } => info!(%pool, "pool pause ended"),
-        Fact::HoldEnded { pool, kind } => debug!(%pool, kind = kind.label(), "hold ended"),
         Fact::Effective { pool, limit } => info!(%pool, limit, "effective limit moved (adaptive headroom)"),
         Fact::PoolChanged { pool, change, reload } => info!(%pool, ?change, reload, "pool changed"),
         // Logged through `Refusals` (route).

@@ -1,6 +1,6 @@
 //! Driver tests under paused time: in-process channels, no sockets.
 //!
-//! Each test runs the real driver task on a scheduler with explicit pools and talks to it through a
+//! Each test runs the real timer task on a scheduler with explicit pools and talks to it through a
 //! [`DriverHandle`], as the gRPC layer does. Paused time jumps straight to the next timer whenever
 //! every task waits, so these tests check deadlines to the instant without waiting for them.
 
@@ -62,14 +62,12 @@ struct Stream {
 impl Stream {
     async fn open(driver: &DriverHandle) -> Self {
         let (tx, events) = mpsc::channel(64);
-        let session = driver.open(tx, Duration::ZERO).await.expect("driver runs");
+        let session = driver.open(tx, Duration::ZERO).expect("driver runs");
         Self { session, events, driver: driver.clone() }
     }
 
     async fn send(&self, op: StreamOp) {
-        let mut sink = self.driver.op_sink(self.session);
-        std::future::poll_fn(|cx| sink.poll_reserve(cx)).await.expect("driver runs");
-        sink.send(op).expect("reserved");
+        self.driver.op(self.session, op).expect("driver runs");
     }
 
     async fn next(&mut self) -> Event {

@@ -66,7 +66,7 @@ impl Slotd for SlotdService {
             None => None,
         };
         let (tx, rx) = mpsc::channel::<Outbound>(self.stream_buffer);
-        let session = self.driver.open(tx, grace).await?;
+        let session = self.driver.open(tx, grace)?;
         let out = SessionStream::new(req.into_inner(), rx, self.driver.clone(), session, permit);
         Ok(Response::new(Box::pin(out)))
     }

@@ -2,8 +2,9 @@
 //!
 //! hyper polls each response body in a task of its own. Reading the client's messages from that same
 //! poll, instead of from a second spawned task, saves a task (and its memory) per idle session, and a
-//! task hand-off on every message the client sends. Whatever ends the stream (the client going away,
-//! a transport error, shutdown) drops this value, which closes the session in the driver.
+//! task hand-off on every message the client sends: each message is decided inline, in this poll (see
+//! `driver`). Whatever ends the stream (the client going away, a transport error, shutdown) drops this
+//! value, which closes the session.
 
 use std::{
     pin::Pin,
@@ -17,29 +18,27 @@ use tonic::{Code, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::{
-    driver::{DriverHandle, OpSink, Outbound, StreamOp},
+    driver::{DriverHandle, Outbound},
     grpc::{convert, limits::StreamPermit, status::to_status},
     scheduler::{Error, SessionId},
 };
 
-/// Client messages forwarded per poll before the events get their turn (the task is woken again).
+/// Client messages applied per poll before the events get their turn (the task is woken again).
 const FORWARD_BUDGET: usize = 32;
 
 /// The response stream of one `Acquire` call.
 ///
-/// Each poll first forwards what the client sent to the driver, then yields the driver's next event.
-/// Back-pressure: a message waits here while the driver's command buffer is full, and nothing more is
-/// read from the client until it has gone, so a flood stops at the client's HTTP/2 window.
+/// Each poll yields the next event if there is one; otherwise it applies what the client sent, one
+/// message at a time until one of them produced an event, and yields that. Back-pressure: nothing
+/// more is read from the client while its events wait to be written, so a flood stops at the client's
+/// HTTP/2 window.
 ///
 /// hyper polls a response body only while the client's flow-control window has room, so a client that
-/// stops reading its events also stops being read; once the driver's per-stream buffer fills it is
-/// disconnected (see `driver`), which releases its leases.
+/// stops reading its events also stops being read; once its per-stream buffer fills with other
+/// sessions' events it is disconnected (see `driver`), which releases its leases.
 pub struct SessionStream {
     /// The request side; `None` once it ended or failed (the session was closed then).
     inbound: Option<Streaming<pb::ClientMessage>>,
-    /// A message read but not yet handed to the driver.
-    pending: Option<StreamOp>,
-    sink: OpSink,
     events: mpsc::Receiver<Outbound>,
     driver: DriverHandle,
     session: SessionId,
@@ -56,40 +55,25 @@ impl SessionStream {
         session: SessionId,
         permit: Option<StreamPermit>,
     ) -> Self {
-        Self {
-            inbound: Some(inbound),
-            pending: None,
-            sink: driver.op_sink(session),
-            events,
-            driver,
-            session,
-            _permit: permit,
-        }
+        Self { inbound: Some(inbound), events, driver, session, _permit: permit }
     }
 
-    /// Hands the client's messages to the driver until the client has nothing more, the driver has no
-    /// room, or the budget is spent. Registers the waker for whichever it waits on.
+    /// Applies the client's messages until the client has nothing more, one of them produced an event
+    /// to send, or the budget is spent. Registers the waker for the request side when it waits on it.
     fn forward_inbound(&mut self, cx: &mut Context<'_>) {
         for _ in 0..FORWARD_BUDGET {
-            if let Some(op) = self.pending.take() {
-                match self.sink.poll_reserve(cx) {
-                    Poll::Ready(Ok(())) => {
-                        if self.sink.send(op).is_err() {
-                            return self.end_inbound(None);
-                        }
-                    }
-                    // The driver is gone: the daemon is stopping and ends the stream itself.
-                    Poll::Ready(Err(_)) => return self.end_inbound(None),
-                    Poll::Pending => {
-                        self.pending = Some(op);
-                        return;
-                    }
-                }
+            if !self.events.is_empty() {
+                return;
             }
             let Some(inbound) = self.inbound.as_mut() else { return };
             match Pin::new(inbound).poll_next(cx) {
                 Poll::Pending => return,
-                Poll::Ready(Some(Ok(msg))) => self.pending = Some(convert::stream_op(msg)),
+                Poll::Ready(Some(Ok(msg))) => {
+                    // Fails only when the daemon is stopping, which ends the stream itself.
+                    if self.driver.op(self.session, convert::stream_op(msg)).is_err() {
+                        return self.end_inbound(None);
+                    }
+                }
                 Poll::Ready(None) => return self.end_inbound(None),
                 Poll::Ready(Some(Err(status))) => {
                     let error = inbound_error(&status);
@@ -109,10 +93,9 @@ impl SessionStream {
     }
 
     /// The client is done sending (or failed): close the session. Its leases are released (or kept
-    /// for the resume grace) and the driver ends the event channel, which ends this stream.
+    /// for the resume grace) and the event channel ends, which ends this stream.
     fn end_inbound(&mut self, error: Option<Error>) {
         self.inbound = None;
-        self.pending = None;
         self.driver.close(self.session, error);
     }
 }
