@@ -1,6 +1,6 @@
 //! `acquire_any` (one request over an ordered list of pools) and outcome reports outside a lease.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use slotd_proto::v1 as pb;
 
@@ -50,7 +50,7 @@ impl Client {
         outcome: Outcome,
         reason: impl Into<String>,
     ) -> Result<Option<SystemTime>, Error> {
-        let (code, retry_after) = wire_outcome(outcome);
+        let (code, retry_after) = crate::session::wire::outcome(outcome);
         let req = pb::ReportRateLimitRequest {
             pool: pool.into(),
             retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
@@ -59,17 +59,5 @@ impl Client {
         };
         let resp = self.grpc().report_rate_limit(req).await?.into_inner();
         Ok(resp.paused_until.and_then(|t| SystemTime::try_from(t).ok()))
-    }
-}
-
-/// An outcome as the wire's class and Retry-After.
-fn wire_outcome(outcome: Outcome) -> (pb::Outcome, Option<Duration>) {
-    match outcome {
-        Outcome::Ok => (pb::Outcome::Ok, None),
-        Outcome::Error => (pb::Outcome::Error, None),
-        Outcome::Cancelled => (pb::Outcome::Cancelled, None),
-        Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
-        Outcome::Overloaded { retry_after } => (pb::Outcome::Overloaded, retry_after),
-        Outcome::QuotaExhausted { retry_after } => (pb::Outcome::QuotaExhausted, retry_after),
     }
 }

@@ -172,3 +172,102 @@ impl<K: Eq + Hash, T> Leading<K, T> {
         self.tx.send_replace(Some(value));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use tokio::time::sleep;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_calls_with_one_key_share_one_run() {
+        let flights: Coalesce<&str, u32> = Coalesce::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let call = |key: &'static str, v: u32| {
+            let (flights, runs) = (flights.clone(), runs.clone());
+            tokio::spawn(async move {
+                flights
+                    .run(key, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        sleep(Duration::from_millis(100)).await;
+                        v
+                    })
+                    .await
+            })
+        };
+        let a = [call("k", 1), call("k", 2), call("k", 3)];
+        let other = call("other", 9);
+        tokio::task::yield_now().await;
+        assert_eq!(flights.in_flight(), 2);
+        let got: Vec<u32> = futures::future::join_all(a).await.into_iter().map(Result::unwrap).collect();
+        // Everyone got the leader's value (the leader is whichever task ran first).
+        assert!(got.iter().all(|v| *v == got[0]), "{got:?}");
+        assert_eq!(other.await.unwrap(), 9);
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "one run per key");
+        assert_eq!(flights.in_flight(), 0);
+        // A later call is a new flight, not a cached answer.
+        assert_eq!(call("k", 4).await.unwrap(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_takes_over_when_the_leader_is_cancelled() {
+        let flights: Coalesce<u8, &'static str> = Coalesce::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let leader = {
+            let (flights, runs) = (flights.clone(), runs.clone());
+            tokio::spawn(async move {
+                flights
+                    .run(1, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        sleep(Duration::from_secs(3600)).await;
+                        "leader"
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let follower = {
+            let (flights, runs) = (flights.clone(), runs.clone());
+            tokio::spawn(async move {
+                flights
+                    .run(1, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        sleep(Duration::from_millis(10)).await;
+                        "follower"
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the follower waits");
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        assert_eq!(follower.await.unwrap(), "follower", "it ran its own call");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(flights.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_follower_does_not_disturb_the_flight() {
+        let flights: Coalesce<u8, u8> = Coalesce::new();
+        let f2 = flights.clone();
+        let leader = tokio::spawn(async move {
+            f2.run(1, || async {
+                sleep(Duration::from_millis(50)).await;
+                7
+            })
+            .await
+        });
+        tokio::task::yield_now().await;
+        let follower = flights.run(1, || async { 0 });
+        let dropped = tokio::time::timeout(Duration::from_millis(10), follower).await;
+        assert!(dropped.is_err(), "the follower was still waiting");
+        assert_eq!(leader.await.unwrap(), 7);
+        assert_eq!(flights.in_flight(), 0);
+    }
+}

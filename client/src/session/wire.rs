@@ -100,16 +100,21 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
     })
 }
 
-/// The wire form of a release.
-fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
-    let (outcome, retry_after) = match report.outcome {
+/// An outcome as the wire's class and Retry-After.
+pub(crate) fn outcome(outcome: Outcome) -> (pb::Outcome, Option<Duration>) {
+    match outcome {
         Outcome::Ok => (pb::Outcome::Ok, None),
         Outcome::Error => (pb::Outcome::Error, None),
         Outcome::Cancelled => (pb::Outcome::Cancelled, None),
         Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
         Outcome::Overloaded { retry_after } => (pb::Outcome::Overloaded, retry_after),
         Outcome::QuotaExhausted { retry_after } => (pb::Outcome::QuotaExhausted, retry_after),
-    };
+    }
+}
+
+/// The wire form of a release.
+fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
+    let (outcome, retry_after) = outcome(report.outcome);
     let usage = report.usage.map(|u| pb::Usage {
         input_tokens: u.input_tokens,
         output_tokens: u.output_tokens,
