@@ -86,6 +86,7 @@ fn lease(lease_id: &str, now: SystemTime) -> LeaseInfo {
         ttl: TTL,
         expires_at: now + TTL,
         credential: credential(lease_id),
+        probe: false,
     }
 }
 

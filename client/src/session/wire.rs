@@ -59,6 +59,7 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
                     ttl,
                     expires_at,
                     credential: Credential(g.resume_credential),
+                    probe: g.probe,
                 },
             }
         }
