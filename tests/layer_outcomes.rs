@@ -70,7 +70,7 @@ async fn call(client: &slotd_client::Client, addr: std::net::SocketAddr, pool: &
 }
 
 fn remaining(p: &pb::PoolStatus) -> Option<Duration> {
-    let until = SystemTime::try_from(p.paused_until.clone()?).ok()?;
+    let until = SystemTime::try_from(p.paused_until?).ok()?;
     until.duration_since(SystemTime::now()).ok()
 }
 
