@@ -248,3 +248,52 @@ async fn report_outcome_outside_a_lease_applies_the_class() {
     assert!(e.to_string().contains("cannot be reported outside a lease"), "{e}");
     client.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn upsert_pool_sets_health_settings_and_refuses_bad_ones() {
+    let d = Daemon::start("[pools.p]\nmax_concurrent = 1\n").await;
+    let mut admin = d.admin().await;
+    let dur = |ms: u64| Some(prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap());
+    let spec = pb::PoolSpec {
+        name: "p".into(),
+        failure_hold: dur(150),
+        breaker_enabled: Some(true),
+        breaker_failures: Some(1),
+        breaker_open_base: dur(10_000),
+        breaker_open_max: dur(10_000),
+        breaker_when_open: Some("fail_fast".into()),
+        ..Default::default()
+    };
+    admin.upsert_pool(pb::UpsertPoolRequest { pool: Some(spec) }).await.unwrap();
+    let mut a = d.agent("a").await;
+    let g = a.acquire("r1", "p").await;
+    a.release_with(&g.lease_id, pb::Outcome::Error, None).await;
+    a.expect_released(&g.lease_id).await;
+    let p = d.pool("p").await;
+    assert_eq!(p.held, 1, "the failure hold applies: {p:#?}");
+    assert_eq!(p.breaker.unwrap().state(), pb::BreakerState::Open);
+    a.request(a.req("r2", "p")).await;
+    a.expect_rejected("r2", Code::Unavailable).await;
+
+    for bad in [
+        pb::PoolSpec { name: "p".into(), breaker_when_open: Some("later".into()), ..Default::default() },
+        pb::PoolSpec { name: "p".into(), breaker_failure_percent: Some(101), ..Default::default() },
+        pb::PoolSpec { name: "p".into(), failure_hold: dur(3_600_001), ..Default::default() },
+    ] {
+        let e = admin.upsert_pool(pb::UpsertPoolRequest { pool: Some(bad.clone()) }).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+}
+
+/// The README's "Provider health" config example is a valid configuration, with the settings it names.
+#[tokio::test]
+async fn the_readme_example_config_is_valid() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("## Provider health").expect("the section")..];
+    let toml = section.split("```toml\n").nth(1).and_then(|s| s.split("```").next()).expect("a toml block");
+    let d = Daemon::start(toml).await;
+    let st = d.status().await;
+    let anthropic = st.pools.iter().find(|p| p.name == "anthropic").expect("anthropic");
+    assert!(anthropic.breaker.as_ref().is_some_and(|b| b.enabled), "{anthropic:#?}");
+    assert_eq!(d.pool("key-a").await.parent, "anthropic");
+}

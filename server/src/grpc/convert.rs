@@ -21,10 +21,10 @@ use crate::{
     driver::{Published, StreamOp},
     grpc::status::code,
     scheduler::{
-        BreakerState, BreakerView, Error, Event, ExpiryReason, Fact, FencingToken, ForceBreaker, Lease,
-        LeaseEnd, LeaseId, LimitKind, NewRequest, Outcome, Overflow, PoolChange, PoolId, PoolPatch,
+        BreakerState, BreakerView, Error, Event, ExpiryReason, Fact, FencingToken, ForceBreaker, HealthPatch,
+        Lease, LeaseEnd, LeaseId, LimitKind, NewRequest, Outcome, Overflow, PoolChange, PoolId, PoolPatch,
         PoolSnapshot, Priority, ProviderLimit, Report, RequestId, ResumeCredential, ResumeRequest,
-        SchedulerConfig, Snapshot, Usage,
+        SchedulerConfig, Snapshot, Usage, WhenOpen,
     },
 };
 
@@ -501,6 +501,39 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
             adaptive: spec.adaptive,
             headroom_recovery: duration("headroom_recovery", spec.headroom_recovery)?,
             max_agent_retry_after: duration("max_agent_retry_after", spec.max_agent_retry_after)?,
+            health: HealthPatch {
+                failure_hold: duration("failure_hold", spec.failure_hold)?,
+                cancel_cooldown: duration("cancel_cooldown", spec.cancel_cooldown)?,
+                phantom_hold: duration("phantom_hold", spec.phantom_hold)?,
+                phantom_hold_max: duration("phantom_hold_max", spec.phantom_hold_max)?,
+                breaker_enabled: spec.breaker_enabled,
+                breaker_failures: spec.breaker_failures,
+                breaker_window: duration("breaker_window", spec.breaker_window)?,
+                breaker_failure_percent: spec
+                    .breaker_failure_percent
+                    .map(|p| {
+                        u8::try_from(p).ok().filter(|p| *p <= 100).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "breaker_failure_percent {p} out of range 0..=100"
+                            ))
+                        })
+                    })
+                    .transpose()?,
+                breaker_min_outcomes: spec.breaker_min_outcomes,
+                breaker_open_base: duration("breaker_open_base", spec.breaker_open_base)?,
+                breaker_open_max: duration("breaker_open_max", spec.breaker_open_max)?,
+                breaker_when_open: match spec.breaker_when_open.as_deref() {
+                    None => None,
+                    Some("wait") => Some(WhenOpen::Wait),
+                    Some("fail_fast") => Some(WhenOpen::FailFast),
+                    Some(other) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "breaker_when_open {:?}: want \"wait\" or \"fail_fast\"",
+                            truncated(other)
+                        )));
+                    }
+                },
+            },
         },
     ))
 }

@@ -283,6 +283,49 @@ impl Default for HealthConfig {
     }
 }
 
+/// A partial change to a pool's health settings (Admin `UpsertPool`): `None` keeps the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs, reason = "each field is the HealthConfig / BreakerConfig field of the same name")]
+pub struct HealthPatch {
+    pub failure_hold: Option<Duration>,
+    pub cancel_cooldown: Option<Duration>,
+    pub phantom_hold: Option<Duration>,
+    pub phantom_hold_max: Option<Duration>,
+    pub breaker_enabled: Option<bool>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_window: Option<Duration>,
+    pub breaker_failure_percent: Option<u8>,
+    pub breaker_min_outcomes: Option<u32>,
+    pub breaker_open_base: Option<Duration>,
+    pub breaker_open_max: Option<Duration>,
+    pub breaker_when_open: Option<WhenOpen>,
+}
+
+impl HealthPatch {
+    /// `base` with the set fields replaced (validated with the rest of the pool's settings).
+    pub fn apply(&self, mut base: HealthConfig) -> HealthConfig {
+        fn set<T: Copy>(dst: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        }
+        set(&mut base.failure_hold, self.failure_hold);
+        set(&mut base.cancel_cooldown, self.cancel_cooldown);
+        set(&mut base.phantom_hold, self.phantom_hold);
+        set(&mut base.phantom_hold_max, self.phantom_hold_max);
+        let b = &mut base.breaker;
+        set(&mut b.enabled, self.breaker_enabled);
+        set(&mut b.failures, self.breaker_failures);
+        set(&mut b.window, self.breaker_window);
+        set(&mut b.failure_percent, self.breaker_failure_percent);
+        set(&mut b.min_outcomes, self.breaker_min_outcomes);
+        set(&mut b.open_base, self.breaker_open_base);
+        set(&mut b.open_max, self.breaker_open_max);
+        set(&mut b.when_open, self.breaker_when_open);
+        base
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Live state
 // ------------------------------------------------------------------------------------------------
@@ -683,8 +726,24 @@ impl Scheduler {
         }
     }
 
-    /// Recomputes every level's held count from the holds (after the pool tree changed).
+    /// Recomputes every level's held count from the holds (after the pool tree changed), and frees the
+    /// half-open admission of a level whose probe is no longer on its chain (re-parented away).
     pub(super) fn rebuild_holds(&mut self) {
+        let probes: Vec<(PoolId, LeaseId)> = self
+            .pools
+            .values()
+            .filter_map(|p| match p.health.breaker.state {
+                BreakerState::HalfOpen { probe: Some(l) } => Some((p.id.clone(), l)),
+                _ => None,
+            })
+            .collect();
+        for (level, l) in probes {
+            let on_chain = self.leases.get(&l).is_some_and(|l| self.pools[&l.pool].chain.contains(&level));
+            if !on_chain {
+                self.pools.get_mut(&level).expect("listed above").health.breaker.state =
+                    BreakerState::HalfOpen { probe: None };
+            }
+        }
         for p in self.pools.values_mut() {
             p.health.held = 0;
         }

@@ -60,8 +60,8 @@ pub use self::{
     error::Error,
     event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
     health::{
-        BreakerConfig, BreakerState, BreakerView, ClassPolicy, ForceBreaker, HealthConfig, HoldKind,
-        OutcomePolicies, WhenOpen,
+        BreakerConfig, BreakerState, BreakerView, ClassPolicy, ForceBreaker, HealthConfig, HealthPatch,
+        HoldKind, OutcomePolicies, WhenOpen,
     },
     ids::{FencingToken, IdError, LeaseId, PoolId, Priority, RequestId, SessionId},
     lease::{Ended, Lease},

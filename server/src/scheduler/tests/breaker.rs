@@ -291,3 +291,19 @@ fn disabling_the_breaker_closes_it() {
     assert_eq!(state(&s), BreakerState::Closed);
     granted(&d, a, "w");
 }
+
+#[test]
+fn re_parenting_the_probe_away_frees_the_half_open_admission() {
+    let t0 = Instant::now();
+    let g = pool_with(4, breaker(1, secs(60)));
+    let mut s = sched(&[("p", g), ("c", child("p", 2))], t0);
+    let a = s.open_session();
+    fail(&mut s, t0, a, "f", Outcome::Error);
+    let (_, probe) = probe_of(&s.request(t0 + secs(10), a, req("probe", "c"))).expect("probe through c");
+    assert_eq!(state(&s), BreakerState::HalfOpen { probe: Some(probe) });
+    let mut all = s.pool_configs();
+    all.get_mut(&pid("c")).unwrap().parent = None;
+    s.set_pools(t0 + secs(10), all).unwrap();
+    assert_eq!(state(&s), BreakerState::HalfOpen { probe: None }, "p can probe again");
+    s.check_invariants(t0 + secs(10));
+}
