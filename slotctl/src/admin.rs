@@ -39,6 +39,11 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
         adaptive: args.adaptive,
         headroom_recovery: wire_opt(args.headroom_recovery)?,
         max_agent_retry_after: wire_opt(args.max_agent_retry_after)?,
+        failure_hold: wire_opt(args.failure_hold)?,
+        cancel_cooldown: wire_opt(args.cancel_cooldown)?,
+        phantom_hold: wire_opt(args.phantom_hold)?,
+        breaker_enabled: args.breaker,
+        ..Default::default()
     })
 }
 

@@ -142,7 +142,7 @@ pub enum BreakerTo {
 pub enum PoolCommand {
     /// Create a pool or change one; options left out keep their current value (or the default for
     /// a new pool).
-    Set(PoolSetArgs),
+    Set(Box<PoolSetArgs>),
     /// Remove a pool that has no children: its waiters are rejected and its leases expire.
     Rm {
         /// The pool.
@@ -214,6 +214,18 @@ pub struct PoolSetArgs {
     /// Longest pause an agent's 429 report can cause (operators' pauses are not capped).
     #[arg(long, value_parser = parse_duration)]
     pub max_agent_retry_after: Option<Duration>,
+    /// Hold the slot this long after an `error` release (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub failure_hold: Option<Duration>,
+    /// Hold the slot this long after a `cancelled` release (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub cancel_cooldown: Option<Duration>,
+    /// Base of the phantom hold after error, 429 or overload (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub phantom_hold: Option<Duration>,
+    /// The circuit breaker on or off (its other settings: the config file or Admin UpsertPool).
+    #[arg(long)]
+    pub breaker: Option<bool>,
 }
 
 /// `slotctl run`.

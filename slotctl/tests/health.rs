@@ -62,6 +62,21 @@ async fn breaker_forces_a_pool_open_and_closed() {
     assert!(text(&out.stderr).contains("unknown pool"), "{}", text(&out.stderr));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_set_turns_the_breaker_and_holds_on() {
+    let d = Daemon::start(POOLS).await;
+    let args =
+        ["pool", "set", "key-a", "--breaker", "true", "--failure-hold", "10s", "--cancel-cooldown", "1s"];
+    let out = run_ctl(&d.url(), &args).await;
+    assert_exit_code(&out, 0);
+    assert!(d.pool("key-a").await.breaker.unwrap().enabled);
+    // The hold applies: a failed run keeps the slot held.
+    let out = run_ctl(&d.url(), &["run", "--pool", "key-a", "--", "false"]).await;
+    assert_exit_code(&out, 1);
+    let s = d.wait_for("held", |s| s.pools.iter().any(|p| p.name == "key-a" && p.held == 1)).await;
+    assert!(s.leases.is_empty());
+}
+
 #[test]
 fn top_shows_the_breaker_before_the_holds() {
     let now = SystemTime::now();
