@@ -109,7 +109,7 @@ where
     }
 
     /// Runs `f` for `key`, unless a call with the same key is in flight: then waits for that call and
-    /// returns a clone of its result. `f` is called at most once, and only if this caller leads.
+    /// returns a clone of its result. `f` is called at most once, and only if this caller runs the call.
     ///
     /// # Cancel safety
     /// Dropping a follower only stops its wait. Dropping the leader drops `f`'s future (and with it
@@ -124,7 +124,7 @@ where
         loop {
             match self.join(&key) {
                 Role::Leader(mut leading) => {
-                    let f = f.take().expect("a caller leads at most once: it returns after");
+                    let f = f.take().expect("a caller runs the call at most once: it returns after");
                     let value = f().await;
                     leading.finish(value.clone());
                     return value;
@@ -135,7 +135,7 @@ where
                     }
                     if rx.changed().await.is_err() {
                         // The leader went away: its result, if it sent one just before, is still
-                        // readable; otherwise lead (or follow whoever got there first).
+                        // readable; otherwise run the call (or follow whoever got there first).
                         if let Some(v) = rx.borrow().as_ref() {
                             return v.clone();
                         }

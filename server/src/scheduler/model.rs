@@ -1218,7 +1218,7 @@ pub enum HealthOp {
     Close {
         s: usize,
     },
-    /// `acquire_any` over the first `n` (1..=3) of `pools` (duplicates dropped).
+    /// `acquire_any` over the first `n` (1..=3) of `pools` (a pool named twice counts once).
     Request {
         s: usize,
         pools: [usize; 3],
