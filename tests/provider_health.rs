@@ -201,10 +201,16 @@ async fn an_operator_forces_the_breaker_and_waiters_hear_of_it() {
     let s = open.status.unwrap();
     assert_eq!((s.state(), s.forced, s.open_until), (pb::BreakerState::Open, true, None));
 
-    // A request waits (the default), and its stream is told when the breaker closes.
+    // A request waits (the default), is told the breaker is open, and is told again when it closes.
     let mut a = d.agent("a").await;
     a.request(a.req("r", "p")).await;
     a.expect_queued("r").await;
+    match a.next().await {
+        Msg::Breaker(b) => {
+            assert_eq!((b.pool.as_str(), b.status.unwrap().state()), ("p", pb::BreakerState::Open))
+        }
+        other => panic!("expected BreakerChanged (open), got {other:?}"),
+    }
     a.expect_silence(ms(50)).await;
     let closed = admin.force_breaker(force(pb::BreakerForce::Closed)).await.unwrap().into_inner();
     assert_eq!(closed.status.unwrap().state(), pb::BreakerState::Closed);

@@ -448,13 +448,19 @@ impl Scheduler {
         };
         self.insert_waiter(wid, waiter);
         out.push(session, Event::Queued { request_id: req.request_id, position, blocked });
-        // A waiter that arrives during a pause learns of it now, not only when it ends.
+        // A waiter that arrives during a pause (or while a breaker is not closed) learns of it now, not
+        // only when it ends.
         let levels: BTreeSet<&PoolId> = listed.iter().flat_map(|p| &self.pools[p].chain).collect();
         for level in levels {
             let p = &self.pools[level];
             if let Some(until) = p.paused_until.filter(|u| *u > now) {
                 let reason = p.pause_reason.clone();
                 out.push(session, Event::Paused { pool: level.clone(), until, reason });
+            }
+            let view = p.health.view();
+            if view.state != BreakerState::Closed {
+                let reason = Arc::from("the circuit breaker is not closed");
+                out.push(session, Event::Breaker { pool: level.clone(), view, reason });
             }
         }
         Ok(())

@@ -248,8 +248,12 @@ fn an_operator_forces_it_open_and_closed() {
     assert!(
         d.facts.iter().any(|f| matches!(f, Fact::Breaker { reason, .. } if reason.contains("maintenance")))
     );
-    // The child waits on its parent's breaker; no timer is set for a forced open.
-    assert_only(&s.request(t0, a, req("w", "c")), a, queued("w", 0));
+    // The child waits on its parent's breaker (and is told of it); no timer is set for a forced open.
+    let d = s.request(t0, a, req("w", "c"));
+    assert_eq!(d.events[0], (a, queued("w", 0)));
+    assert!(
+        matches!(&d.events[1..], [(_, Event::Breaker { pool, view, .. })] if *pool == pid("p") && view.forced)
+    );
     assert_eq!(s.next_deadline(), None);
     assert!(grants(&s.tick(t0 + secs(3600))).is_empty());
     let (view, d) = s.force_breaker(t0 + secs(3600), &pid("p"), ForceBreaker::Closed, "").unwrap();
@@ -306,4 +310,19 @@ fn re_parenting_the_probe_away_frees_the_half_open_admission() {
     s.set_pools(t0 + secs(10), all).unwrap();
     assert_eq!(state(&s), BreakerState::HalfOpen { probe: None }, "p can probe again");
     s.check_invariants(t0 + secs(10));
+}
+
+#[test]
+fn a_waiter_arriving_while_it_is_open_is_told_at_once() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", pool_with(2, breaker(1, secs(60))))], t0);
+    let (a, b) = (s.open_session(), s.open_session());
+    fail(&mut s, t0, a, "f", Outcome::Error);
+    let d = s.request(t0 + secs(1), b, req("w", "p"));
+    let told = events_of(&d, b);
+    assert_eq!(told[0], queued("w", 0));
+    assert!(
+        matches!(&told[1], Event::Breaker { pool, view, .. } if *pool == pid("p") && view.state == BreakerState::Open { until: Some(t0 + secs(10)) }),
+        "{told:#?}"
+    );
 }
