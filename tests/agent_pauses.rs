@@ -31,6 +31,7 @@ fn report(pool: &str, retry_after: Duration) -> pb::ReportRateLimitRequest {
         pool: pool.into(),
         retry_after: Some(dur(retry_after)),
         reason: "429".into(),
+        ..Default::default()
     }
 }
 

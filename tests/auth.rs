@@ -43,6 +43,7 @@ async fn agent_service_refuses_missing_and_wrong_tokens_and_changes_nothing() {
         pool: "p".into(),
         retry_after: Some(slotd_test_support::ms(60_000)),
         reason: "x".into(),
+        ..Default::default()
     };
 
     let e = c.status(with_token(pb::StatusRequest::default(), None)).await.unwrap_err();

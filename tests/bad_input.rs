@@ -225,6 +225,7 @@ async fn unary_calls_and_metadata_validate_their_input() {
         pool: pool.into(),
         retry_after: retry,
         reason: String::new(),
+        ..Default::default()
     };
     let code = |r: Result<tonic::Response<pb::ReportRateLimitResponse>, tonic::Status>| {
         r.expect_err("should be refused").code()

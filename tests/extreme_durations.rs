@@ -138,6 +138,7 @@ async fn upsert_with_the_issues_cooldown_is_refused_and_release_and_429_still_wo
             pool: "p".into(),
             retry_after: Some(ms(1)),
             reason: "429".into(),
+            ..Default::default()
         })
         .await
         .expect("a 429 report");
@@ -327,6 +328,7 @@ async fn every_agent_duration_and_timestamp_at_its_extremes_is_refused_or_harmle
                 pool: "p".into(),
                 retry_after: Some(v),
                 reason: "extreme".into(),
+                ..Default::default()
             })
             .await;
         accepted_or_invalid(&format!("ReportRateLimit {v:?}"), res);

@@ -173,6 +173,7 @@ async fn a_scrape_parses_and_counts_what_happened() {
             pool: "q".into(),
             retry_after: Some(ms(60_000)),
             reason: "test".into(),
+            ..Default::default()
         })
         .await
         .expect("ReportRateLimit");

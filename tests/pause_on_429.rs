@@ -76,6 +76,7 @@ async fn report_rate_limit_pauses_and_a_shorter_retry_never_shortens_the_pause()
         pool: "p".into(),
         retry_after: Some(ms(retry)),
         reason: "proxy saw 429".into(),
+        ..Default::default()
     };
     let t0 = Instant::now();
     let r1 = client.report_rate_limit(report(500)).await.expect("report").into_inner();
@@ -127,6 +128,7 @@ async fn waiting_past_max_wait_during_a_pause_says_how_long_the_pause_lasts() {
             pool: "p".into(),
             retry_after: Some(ms(400)),
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect("report");
@@ -160,6 +162,7 @@ async fn the_effective_limit_recovers_after_a_quiet_period() {
             pool: "p".into(),
             retry_after: Some(ms(100)),
             reason: String::new(),
+            ..Default::default()
         })
         .await
         .expect("report")

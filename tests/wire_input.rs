@@ -205,7 +205,12 @@ async fn an_oversized_unary_call_is_resource_exhausted() {
     let d = Daemon::start("[limits]\nmax_message_bytes = 1024\n[pools.p]\nmax_concurrent = 1").await;
     let mut c = d.client();
     let big = "x".repeat(2000);
-    let report = pb::ReportRateLimitRequest { pool: "p".into(), retry_after: None, reason: big.clone() };
+    let report = pb::ReportRateLimitRequest {
+        pool: "p".into(),
+        retry_after: None,
+        reason: big.clone(),
+        ..Default::default()
+    };
     let e = c.report_rate_limit(report).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("limits.max_message_bytes"), "{e:?}");

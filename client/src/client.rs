@@ -257,6 +257,7 @@ impl Client {
             client: self.clone(),
             spec: RequestSpec {
                 pool: pool.into(),
+                any_pools: Vec::new(),
                 priority: None,
                 started_at: SystemTime::now(),
                 ttl: self.inner.default_ttl,
@@ -327,6 +328,7 @@ impl Client {
             pool: pool.into(),
             retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
             reason: reason.into(),
+            ..Default::default()
         };
         let resp = self.inner.grpc.clone().report_rate_limit(req).await?;
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
@@ -387,6 +389,11 @@ impl Client {
         rx.await.unwrap_or(Err(Error::SessionClosed))
     }
 
+    /// The unary gRPC client (the token rides in its interceptor).
+    pub(crate) fn grpc(&self) -> SlotdClient<AuthChannel> {
+        self.inner.grpc.clone()
+    }
+
     fn next_request_id(&self) -> String {
         format!("r{}", self.inner.next_request.fetch_add(1, Ordering::Relaxed))
     }
@@ -417,8 +424,8 @@ impl Drop for ReleaseGuard {
 #[must_use = "an acquire does nothing until awaited"]
 #[derive(Debug)]
 pub struct AcquireBuilder {
-    client: Client,
-    spec: RequestSpec,
+    pub(crate) client: Client,
+    pub(crate) spec: RequestSpec,
 }
 
 impl AcquireBuilder {

@@ -14,6 +14,8 @@ use crate::{Error, Report};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RequestSpec {
     pub(crate) pool: String,
+    /// `acquire_any`: further pools after `pool`, in order of preference.
+    pub(crate) any_pools: Vec<String>,
     pub(crate) priority: Option<u32>,
     pub(crate) started_at: SystemTime,
     pub(crate) ttl: Option<Duration>,

@@ -17,6 +17,8 @@ pub(crate) struct Shared {
     pub(crate) pool: String,
     pub(crate) fencing_token: u64,
     pub(crate) ttl: Duration,
+    /// Granted as a circuit breaker's half-open probe.
+    pub(crate) probe: bool,
     pub(crate) expires_at: Mutex<SystemTime>,
     pub(crate) lost: watch::Sender<Option<Lost>>,
     /// What a drop (or the closure form) reports, as far as someone set it.
@@ -45,12 +47,14 @@ impl Shared {
         fencing_token: u64,
         ttl: Duration,
         expires_at: SystemTime,
+        probe: bool,
     ) -> Arc<Self> {
         Arc::new(Shared {
             lease_id,
             pool,
             fencing_token,
             ttl,
+            probe,
             expires_at: Mutex::new(expires_at),
             lost: watch::Sender::new(None),
             report: Mutex::new(PendingReport::default()),
@@ -106,6 +110,12 @@ impl LeaseHandle {
     /// Strictly increasing per pool: pass it to anything that must reject stale holders.
     pub fn fencing_token(&self) -> u64 {
         self.shared.fencing_token
+    }
+
+    /// True when the daemon granted this lease as the single half-open probe of a circuit breaker on
+    /// its pool's chain: its outcome closes the breaker (success) or re-opens it (failure).
+    pub fn is_probe(&self) -> bool {
+        self.shared.probe
     }
 
     /// The lease's TTL; the client heartbeats at about a third of it.
@@ -200,6 +210,12 @@ impl Lease {
     /// Strictly increasing per pool: pass it to anything that must reject stale holders.
     pub fn fencing_token(&self) -> u64 {
         self.handle.fencing_token()
+    }
+
+    /// True when the daemon granted this lease as the single half-open probe of a circuit breaker on
+    /// its pool's chain (see [`LeaseHandle::is_probe`]).
+    pub fn is_probe(&self) -> bool {
+        self.handle.is_probe()
     }
 
     /// The lease's TTL; the client heartbeats at about a third of it.

@@ -78,7 +78,9 @@
 //! releases it.
 #![warn(missing_docs)]
 
+mod any;
 mod client;
+mod coalesce;
 mod command;
 mod connect;
 mod error;
@@ -91,6 +93,7 @@ mod session;
 
 pub use crate::{
     client::{Acquire, AcquireBuilder, Client, ClientBuilder},
+    coalesce::Coalesce,
     connect::{AuthChannel, BearerAuth, Connector, parse_endpoint},
     error::{Error, Lost},
     hold::Hold,

@@ -169,6 +169,7 @@ fn answer(state: &State, msg: Up) -> pb::ServerMessage {
                 expires_at: None,
                 pool: r.pool,
                 resume_credential: format!("credential-{n}"),
+                ..Default::default()
             })
         }
         Up::Cancel(c) => Down::Cancelled(pb::Cancelled { request_id: c.request_id }),

@@ -31,7 +31,9 @@ use tracing::{debug, warn};
 
 use crate::{
     driver::{DriverHandle, Observer},
-    scheduler::{BudgetFact, BudgetKind, Error, ExpiryReason, Fact, LeaseEnd, Outcome, PoolId},
+    scheduler::{
+        BreakerState, BudgetFact, BudgetKind, Error, ExpiryReason, Fact, HoldKind, LeaseEnd, Outcome, PoolId,
+    },
 };
 
 /// Upper bounds (seconds) of the queue-wait histogram: from an immediate grant to a ten-minute wait.
@@ -44,7 +46,7 @@ const RELEASE_OUTCOMES: [&str; 7] =
 /// The `reason` label of `slotd_leases_expired_total`.
 const EXPIRY_REASONS: [&str; 3] = ["ttl", "revoked", "pool_removed"];
 /// The `reason` label of `slotd_rejections_total`.
-const REJECTION_REASONS: [&str; 11] = [
+const REJECTION_REASONS: [&str; 12] = [
     "invalid_argument",
     "unknown_pool",
     "duplicate_request",
@@ -56,7 +58,12 @@ const REJECTION_REASONS: [&str; 11] = [
     "pool_removed",
     "shutting_down",
     "other",
+    "breaker_open",
 ];
+/// The `kind` label of `slotd_holds_total`.
+const HOLD_KINDS: [HoldKind; 3] = [HoldKind::Failure, HoldKind::Cancel, HoldKind::Phantom];
+/// The `state` label of `slotd_breaker_transitions_total` and the value of `slotd_breaker_state`.
+const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 /// Every slotd metric, registered in its own [`Registry`]. Cheap to clone (the prometheus types are
 /// shared handles).
@@ -75,6 +82,10 @@ pub struct Metrics {
     limit: IntGaugeVec,
     paused: IntGaugeVec,
     blocked_by_ancestor: IntGaugeVec,
+    holds: IntCounterVec,
+    breaker_transitions: IntCounterVec,
+    held: IntGaugeVec,
+    breaker_state: IntGaugeVec,
     budget: BudgetMetrics,
 }
 
@@ -219,6 +230,24 @@ impl Metrics {
                 "slotd_pool_blocked_by_ancestor",
                 "1 while a paused ancestor blocks the pool (slotd_paused covers the pool's own pause).",
             ),
+            holds: counter(
+                &registry,
+                "slotd_holds_total",
+                "Released slots kept held, by hold: failure_hold, cancel_cooldown, phantom_hold.",
+                &["pool", "kind"],
+            ),
+            breaker_transitions: counter(
+                &registry,
+                "slotd_breaker_transitions_total",
+                "Circuit breaker transitions, by the state entered: closed, open, half_open.",
+                &["pool", "state"],
+            ),
+            held: gauge(&registry, "slotd_held", "Slots of the pool and its descendants kept by a hold."),
+            breaker_state: gauge(
+                &registry,
+                "slotd_breaker_state",
+                "The pool's breaker: 0 closed, 1 open, 2 half-open.",
+            ),
             registry,
         }
     }
@@ -246,6 +275,8 @@ impl Metrics {
             &self.budget.debt,
             &self.budget.reserved,
             &self.budget.refill,
+            &self.held,
+            &self.breaker_state,
         ] {
             g.reset();
         }
@@ -264,6 +295,8 @@ impl Metrics {
                 self.budget.reserved.with_label_values(&l).set(i64::try_from(b.reserved).unwrap_or(i64::MAX));
                 self.budget.refill.with_label_values(&l).set(i64::try_from(b.rate).unwrap_or(i64::MAX));
             }
+            self.held.with_label_values(&l).set(i64::from(p.held));
+            self.breaker_state.with_label_values(&l).set(breaker_index(&p.breaker.state) as i64);
         }
         let mut buf = Vec::with_capacity(8192);
         TextEncoder::new()
@@ -327,7 +360,7 @@ impl Recorder {
     /// Records one fact.
     pub fn record(&mut self, fact: &Fact) {
         match fact {
-            Fact::Granted { lease, waited } => {
+            Fact::Granted { lease, waited, .. } => {
                 let h = self.pool(&lease.pool);
                 h.granted.inc();
                 h.queue_wait.observe(waited.as_secs_f64());
@@ -351,6 +384,18 @@ impl Recorder {
             Fact::Paused { pool, .. } => self.pool(pool).pauses.inc(),
             Fact::Rejected { error, .. } => self.rejection(error),
             Fact::Budget { pool, fact } => self.budget(pool, fact),
+            Fact::Held { pool, kind, .. } => {
+                let i = HOLD_KINDS.iter().position(|k| k == kind).unwrap_or_default();
+                self.metrics.holds.with_label_values(&[pool.as_str(), HOLD_KINDS[i].label()]).inc();
+            }
+            // Granting the probe is not a transition (the state stays half-open).
+            Fact::Breaker { pool, view, .. }
+                if !matches!(view.state, BreakerState::HalfOpen { probe: Some(_) }) =>
+            {
+                let state = BREAKER_STATES[breaker_index(&view.state)];
+                self.metrics.breaker_transitions.with_label_values(&[pool.as_str(), state]).inc();
+            }
+            Fact::Breaker { .. } | Fact::HoldEnded { .. } => {}
             Fact::Resumed { .. }
             | Fact::Effective { .. }
             | Fact::PoolChanged { .. }
@@ -422,7 +467,17 @@ fn rejection_reason(e: &Error) -> (usize, Option<&PoolId>) {
         Error::WaitTimeout { pool, .. } => (7, Some(pool)),
         Error::PoolRemoved(pool) => (8, Some(pool)),
         Error::ShuttingDown => (9, None),
+        Error::BreakerOpen { pool, .. } => (11, Some(pool)),
         _ => (10, None),
+    }
+}
+
+/// A breaker state's index in [`BREAKER_STATES`].
+fn breaker_index(state: &BreakerState) -> usize {
+    match state {
+        BreakerState::Closed => 0,
+        BreakerState::Open { .. } => 1,
+        BreakerState::HalfOpen { .. } => 2,
     }
 }
 

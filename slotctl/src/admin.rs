@@ -9,7 +9,7 @@ use slotd_proto::v1 as pb;
 
 use super::{
     CtlError,
-    cli::{Output, PoolSetArgs},
+    cli::{BreakerTo, Output, PoolSetArgs},
     conn::Conn,
     table::{fmt_duration, remaining, usage},
 };
@@ -43,6 +43,10 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
         input_tokens_per_minute: args.input_tokens_per_minute,
         output_tokens_per_minute: args.output_tokens_per_minute,
         budget_shadow: args.budget_shadow,
+        failure_hold: wire_opt(args.failure_hold)?,
+        cancel_cooldown: wire_opt(args.cancel_cooldown)?,
+        phantom_hold: wire_opt(args.phantom_hold)?,
+        breaker_enabled: args.breaker,
         ..Default::default()
     })
 }
@@ -125,6 +129,25 @@ pub async fn resume(conn: &Conn, pool: &str) -> Result<(), CtlError> {
         println!("resumed {pool}");
     } else {
         println!("{pool} was not paused");
+    }
+    Ok(())
+}
+
+/// `slotctl breaker`: Admin.ForceBreaker.
+///
+/// # Cancel safety
+/// Dropping the future may or may not have forced the breaker.
+pub async fn breaker(conn: &Conn, pool: &str, to: BreakerTo, reason: &str) -> Result<(), CtlError> {
+    let to = match to {
+        BreakerTo::Open => pb::BreakerForce::Open,
+        BreakerTo::Close => pb::BreakerForce::Closed,
+    };
+    let req = pb::BreakerForceRequest { pool: pool.to_owned(), to: to as i32, reason: reason.to_owned() };
+    let resp = conn.admin().force_breaker(req).await?.into_inner();
+    let state = resp.status.map(|s| s.state()).unwrap_or_default();
+    match state {
+        pb::BreakerState::Open => println!("breaker of {pool} forced open"),
+        _ => println!("breaker of {pool} closed"),
     }
     Ok(())
 }

@@ -101,6 +101,18 @@ pub enum Command {
     },
     /// Start granting again after a drain.
     Undrain,
+    /// Force a pool's circuit breaker open (nothing is granted until it is forced closed) or closed
+    /// (counts and backoff start over). Works whether or not the pool's breaker is enabled.
+    Breaker {
+        /// Open or close it.
+        #[arg(value_enum)]
+        to: BreakerTo,
+        /// The pool.
+        pool: String,
+        /// Shown in the transition's reason (Watch, logs, waiting agents).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Hold a lease while a command runs, like flock(1).
     ///
     /// The command gets SLOTD_LEASE_ID, SLOTD_FENCING_TOKEN and SLOTD_POOL in its environment, and
@@ -114,6 +126,15 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// What `slotctl breaker` forces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BreakerTo {
+    /// Forced open.
+    Open,
+    /// Forced closed.
+    Close,
 }
 
 /// `slotctl pool ...`.
@@ -205,14 +226,27 @@ pub struct PoolSetArgs {
     /// Budget shadow mode: track and report, never block.
     #[arg(long)]
     pub budget_shadow: Option<bool>,
+    /// Hold the slot this long after an `error` release (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub failure_hold: Option<Duration>,
+    /// Hold the slot this long after a `cancelled` release (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub cancel_cooldown: Option<Duration>,
+    /// Base of the phantom hold after error, 429 or overload (0s turns it off).
+    #[arg(long, value_parser = parse_duration)]
+    pub phantom_hold: Option<Duration>,
+    /// The circuit breaker on or off (its other settings: the config file or Admin UpsertPool).
+    #[arg(long)]
+    pub breaker: Option<bool>,
 }
 
 /// `slotctl run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The pool to take a slot on.
-    #[arg(long)]
-    pub pool: String,
+    /// The pool to take a slot on. Repeat it (`--pool key-a --pool key-b`) to take one slot on the
+    /// first listed pool that has room (acquire_any): the request waits in every listed queue at once.
+    #[arg(long, required = true)]
+    pub pool: Vec<String>,
     /// 0..=9, higher is served first (the daemon's default is 5).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub priority: Option<u32>,

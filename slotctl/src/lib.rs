@@ -87,6 +87,9 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
         Command::Revoke { lease_id } => admin::revoke(&conn().await?, lease_id).await.map(|()| 0),
         Command::Drain { timeout } => admin::drain(&conn().await?, *timeout, cli.output).await,
         Command::Undrain => admin::undrain(&conn().await?).await.map(|()| 0),
+        Command::Breaker { to, pool, reason } => {
+            admin::breaker(&conn().await?, pool, *to, reason.as_deref().unwrap_or_default()).await.map(|()| 0)
+        }
         Command::Run(args) => run::run(&target, args).await,
     }
 }

@@ -125,7 +125,8 @@ enum Wait {
 
 /// Waits for the grant (through pauses, telling the user about them).
 async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlError> {
-    let mut acquire = client.acquire(args.pool.clone());
+    let mut acquire = client.acquire_any(args.pool.clone());
+    let pools = args.pool.join(" or ");
     if let Some(p) = args.priority {
         acquire = acquire.priority(p);
     }
@@ -147,7 +148,7 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
                 return match res {
                     Ok(lease) => Ok(Wait::Granted(lease)),
                     Err(e) if e.code() == Some(Code::DeadlineExceeded) => {
-                        eprintln!("slotctl: gave up waiting for a slot on pool {}: {}", args.pool, CtlError::from(e));
+                        eprintln!("slotctl: gave up waiting for a slot on pool {pools}: {}", CtlError::from(e));
                         Ok(Wait::GaveUp)
                     }
                     Err(e) => Err(e.into()),
@@ -155,7 +156,7 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
             }
             () = sleep_until_opt(deadline) => {
                 let waited = args.max_wait.map(fmt_duration).unwrap_or_default();
-                eprintln!("slotctl: gave up waiting for a slot on pool {} after {waited} (--max-wait)", args.pool);
+                eprintln!("slotctl: gave up waiting for a slot on pool {pools} after {waited} (--max-wait)");
                 return Ok(Wait::GaveUp);
             }
             changed = pauses.changed(), if pauses_open => {
@@ -164,16 +165,16 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
                     pauses_open = false;
                     continue;
                 }
-                let pause = blocking_pause(&pauses.borrow_and_update(), &args.pool);
+                let pause = blocking_pause(&pauses.borrow_and_update(), &args.pool[0]);
                 if let Some((by, p)) = pause
                     && told_until != Some(p.until)
                 {
                     told_until = Some(p.until);
-                    eprintln!("slotctl: {}", pause_line(&args.pool, &by, &p, SystemTime::now()));
+                    eprintln!("slotctl: {}", pause_line(&pools, &by, &p, SystemTime::now()));
                 }
             }
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("slotctl: interrupted while waiting for a slot on pool {}", args.pool);
+                eprintln!("slotctl: interrupted while waiting for a slot on pool {pools}");
                 return Ok(Wait::Interrupted);
             }
         }

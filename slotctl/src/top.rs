@@ -71,6 +71,8 @@ pub enum EventKind {
     Limit,
     /// A request was rejected.
     Rejected,
+    /// Provider health: a slot held after a failure, a circuit breaker's transition.
+    Health,
     /// Anything else (connection changes).
     Info,
 }
@@ -177,6 +179,8 @@ impl App {
                 self.push_event(at, EventKind::Limit, format!("budget {}: {}", c.pool, c.detail));
                 return;
             }
+            WatchKind::Held(c) => (EventKind::Health, pool(&c, "held on"), Some(c)),
+            WatchKind::Breaker(c) => (EventKind::Health, pool(&c, "on"), Some(c)),
         };
         if let Some(c) = change {
             self.update_pool(&c.pool, c.status);
@@ -380,10 +384,10 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
             .label(label);
         frame.render_widget(gauge, bar_area);
         frame.render_widget(Paragraph::new(format!(" queued {}", p.queued)), queue_area);
-        let pause = match paused {
-            Some(text) => Span::styled(text, Style::default().fg(Color::Red)),
-            None if p.cooling > 0 => Span::raw(format!(" cooling {}", p.cooling)),
-            None => Span::raw(""),
+        let pause = match (paused, health_label(p, app.now)) {
+            (Some(text), _) | (None, Some(text)) => Span::styled(text, Style::default().fg(Color::Red)),
+            (None, None) if p.cooling > 0 => Span::raw(format!(" cooling {}", p.cooling)),
+            (None, None) => Span::raw(""),
         };
         frame.render_widget(Paragraph::new(Line::from(pause)), pause_area);
     }
@@ -425,6 +429,30 @@ fn si(n: u64) -> String {
     }
 }
 
+/// A pool row's provider-health cell: its breaker when not closed (` breaker open 12s`, ` breaker
+/// half-open, probing`), else its held slots (` held 2 for 5s`).
+pub fn health_label(p: &pb::PoolStatus, now: SystemTime) -> Option<String> {
+    let b = p.breaker.as_ref();
+    let forced = if b.is_some_and(|b| b.forced) { " (forced)" } else { "" };
+    match b.map(|b| pb::BreakerState::try_from(b.state).unwrap_or_default()) {
+        Some(pb::BreakerState::Open) => {
+            return Some(match remaining(b.and_then(|b| b.open_until.as_ref()), now) {
+                Some(left) => format!(" breaker open {}{forced}", fmt_duration(left)),
+                None => format!(" breaker open{forced}"),
+            });
+        }
+        Some(pb::BreakerState::HalfOpen) => {
+            let probing = b.is_some_and(|b| !b.probe_lease_id.is_empty());
+            return Some(format!(" breaker half-open{}", if probing { ", probing" } else { "" }));
+        }
+        _ => {}
+    }
+    (p.held > 0).then(|| match remaining(p.held_until.as_ref(), now) {
+        Some(left) => format!(" held {} for {}", p.held, fmt_duration(left)),
+        None => format!(" held {}", p.held),
+    })
+}
+
 /// The width of a pool row's pause cell: room for " paused by <pool> 5m03s".
 const PAUSE_WIDTH: u16 = 28;
 
@@ -456,7 +484,7 @@ fn draw_events(frame: &mut Frame<'_>, area: Rect, app: &App) {
                 EventKind::Granted => Color::Green,
                 EventKind::Released => Color::Reset,
                 EventKind::Expired | EventKind::Rejected => Color::Magenta,
-                EventKind::Paused => Color::Red,
+                EventKind::Paused | EventKind::Health => Color::Red,
                 EventKind::Resumed => Color::Cyan,
                 EventKind::Limit => Color::Yellow,
                 EventKind::Info => Color::DarkGray,

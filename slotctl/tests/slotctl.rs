@@ -217,6 +217,7 @@ async fn run_waits_through_a_pause() {
         pool: "solo".into(),
         retry_after: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
         reason: "test".into(),
+        ..Default::default()
     })
     .await
     .expect("report");
@@ -235,6 +236,7 @@ async fn run_says_which_ancestor_s_pause_it_waits_through() {
         pool: "anthropic".into(),
         retry_after: Some(prost_types::Duration { seconds: 0, nanos: 400_000_000 }),
         reason: "test".into(),
+        ..Default::default()
     })
     .await
     .expect("report");

@@ -118,6 +118,7 @@ pub async fn run(ctx: &Ctx<'_>, o: &Opts) -> Result<Report, BoxError> {
                 // Each round's pause ends later than the last one's, so it is announced again.
                 retry_after: Some(prost_types::Duration { seconds: 3600 + round as i64, nanos: 0 }),
                 reason: "slotd-bench fanout".into(),
+                ..Default::default()
             })
             .await?;
         let rpc = t0.elapsed();

@@ -99,6 +99,8 @@ pub(crate) struct LeaseInfo {
     pub(crate) fencing_token: u64,
     pub(crate) ttl: Duration,
     pub(crate) expires_at: SystemTime,
+    /// Granted as a circuit breaker's half-open probe.
+    pub(crate) probe: bool,
     /// Presented, with the holder name the lease was asked with, to resume it on a new stream.
     pub(crate) credential: Credential,
 }

@@ -319,8 +319,14 @@ impl Session {
                     self.feed(Input::Release { lease_id, report: Outcome::Cancelled.into(), ticket: None });
                     return;
                 };
-                let shared =
-                    Shared::new(lease.lease_id, lease.pool, lease.fencing_token, lease.ttl, lease.expires_at);
+                let shared = Shared::new(
+                    lease.lease_id,
+                    lease.pool,
+                    lease.fencing_token,
+                    lease.ttl,
+                    lease.expires_at,
+                    lease.probe,
+                );
                 self.shared.insert(shared.lease_id.clone(), shared.clone());
                 // If the acquire future is gone, the lease comes back here and its drop releases it.
                 let _ = reply.send(Ok(Lease::new(shared, tx)));

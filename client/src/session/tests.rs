@@ -69,6 +69,7 @@ impl Harness {
 fn spec(max_wait: Option<Duration>) -> RequestSpec {
     RequestSpec {
         pool: "p".into(),
+        any_pools: Vec::new(),
         priority: Some(7),
         started_at: SystemTime::UNIX_EPOCH,
         ttl: None,
@@ -86,6 +87,7 @@ fn lease(lease_id: &str, now: SystemTime) -> LeaseInfo {
         ttl: TTL,
         expires_at: now + TTL,
         credential: credential(lease_id),
+        probe: false,
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
                 input_tokens,
                 max_output_tokens,
             }),
+            any_pools: spec.any_pools,
         }),
         ToDaemon::Cancel { request_id } => client_message::Msg::Cancel(pb::CancelRequest { request_id }),
         ToDaemon::Heartbeat => client_message::Msg::Heartbeat(pb::Heartbeat { lease_ids: Vec::new() }),
@@ -62,6 +63,7 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
                     ttl,
                     expires_at,
                     credential: Credential(g.resume_credential),
+                    probe: g.probe,
                 },
             }
         }
@@ -98,19 +100,26 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
         }
         Msg::Cancelled(c) => FromDaemon::Cancelled { request_id: c.request_id },
         Msg::HeartbeatAck(_) => FromDaemon::HeartbeatAck,
+        // Breaker transitions are for observers (Status, Watch); a waiter just keeps waiting.
+        Msg::Breaker(_) => return None,
     })
 }
 
-/// The wire form of a release.
-pub(crate) fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
-    let (outcome, retry_after) = match report.outcome {
+/// An outcome as the wire's class and Retry-After.
+pub(crate) fn outcome(outcome: Outcome) -> (pb::Outcome, Option<Duration>) {
+    match outcome {
         Outcome::Ok => (pb::Outcome::Ok, None),
         Outcome::Error => (pb::Outcome::Error, None),
         Outcome::Cancelled => (pb::Outcome::Cancelled, None),
         Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
         Outcome::Overloaded { retry_after } => (pb::Outcome::Overloaded, retry_after),
         Outcome::QuotaExhausted { retry_after } => (pb::Outcome::QuotaExhausted, retry_after),
-    };
+    }
+}
+
+/// The wire form of a release.
+pub(crate) fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
+    let (outcome, retry_after) = outcome(report.outcome);
     let usage = report.usage.map(|u| pb::Usage {
         input_tokens: u.input_tokens,
         output_tokens: u.output_tokens,
@@ -207,6 +216,7 @@ mod tests {
     fn a_request_sends_what_is_left_of_max_wait() {
         let spec = RequestSpec {
             pool: "p".into(),
+            any_pools: Vec::new(),
             priority: Some(3),
             started_at: SystemTime::UNIX_EPOCH,
             ttl: None,

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from slotd.v1 import slotd_pb2 as _slotd_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -10,8 +11,33 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BreakerForce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_FORCE_UNSPECIFIED: _ClassVar[BreakerForce]
+    BREAKER_FORCE_OPEN: _ClassVar[BreakerForce]
+    BREAKER_FORCE_CLOSED: _ClassVar[BreakerForce]
+BREAKER_FORCE_UNSPECIFIED: BreakerForce
+BREAKER_FORCE_OPEN: BreakerForce
+BREAKER_FORCE_CLOSED: BreakerForce
+
+class BreakerForceRequest(_message.Message):
+    __slots__ = ("pool", "to", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    to: BreakerForce
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., to: _Optional[_Union[BreakerForce, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BreakerForceResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: _slotd_pb2.BreakerStatus
+    def __init__(self, status: _Optional[_Union[_slotd_pb2.BreakerStatus, _Mapping]] = ...) -> None: ...
+
 class PoolSpec(_message.Message):
-    __slots__ = ("name", "max_concurrent", "parent", "max_queue_depth", "on_overflow", "cooldown", "default_ttl", "max_ttl", "max_wait", "default_retry_after", "adaptive", "headroom_recovery", "max_agent_retry_after", "requests_per_minute", "requests_burst", "input_tokens_per_minute", "input_tokens_burst", "output_tokens_per_minute", "output_tokens_burst", "budget_window", "default_input_tokens", "default_output_tokens", "budget_shadow")
+    __slots__ = ("name", "max_concurrent", "parent", "max_queue_depth", "on_overflow", "cooldown", "default_ttl", "max_ttl", "max_wait", "default_retry_after", "adaptive", "headroom_recovery", "max_agent_retry_after", "requests_per_minute", "requests_burst", "input_tokens_per_minute", "input_tokens_burst", "output_tokens_per_minute", "output_tokens_burst", "budget_window", "default_input_tokens", "default_output_tokens", "budget_shadow", "failure_hold", "cancel_cooldown", "phantom_hold", "phantom_hold_max", "breaker_enabled", "breaker_failures", "breaker_window", "breaker_failure_percent", "breaker_min_outcomes", "breaker_open_base", "breaker_open_max", "breaker_when_open")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +61,18 @@ class PoolSpec(_message.Message):
     DEFAULT_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SHADOW_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_HOLD_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_COOLDOWN_FIELD_NUMBER: _ClassVar[int]
+    PHANTOM_HOLD_FIELD_NUMBER: _ClassVar[int]
+    PHANTOM_HOLD_MAX_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FAILURE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_MIN_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_OPEN_BASE_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_OPEN_MAX_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_WHEN_OPEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_concurrent: int
     parent: str
@@ -58,7 +96,19 @@ class PoolSpec(_message.Message):
     default_input_tokens: int
     default_output_tokens: int
     budget_shadow: bool
-    def __init__(self, name: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., parent: _Optional[str] = ..., max_queue_depth: _Optional[int] = ..., on_overflow: _Optional[str] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adaptive: _Optional[bool] = ..., headroom_recovery: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., requests_per_minute: _Optional[int] = ..., requests_burst: _Optional[int] = ..., input_tokens_per_minute: _Optional[int] = ..., input_tokens_burst: _Optional[int] = ..., output_tokens_per_minute: _Optional[int] = ..., output_tokens_burst: _Optional[int] = ..., budget_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_input_tokens: _Optional[int] = ..., default_output_tokens: _Optional[int] = ..., budget_shadow: _Optional[bool] = ...) -> None: ...
+    failure_hold: _duration_pb2.Duration
+    cancel_cooldown: _duration_pb2.Duration
+    phantom_hold: _duration_pb2.Duration
+    phantom_hold_max: _duration_pb2.Duration
+    breaker_enabled: bool
+    breaker_failures: int
+    breaker_window: _duration_pb2.Duration
+    breaker_failure_percent: int
+    breaker_min_outcomes: int
+    breaker_open_base: _duration_pb2.Duration
+    breaker_open_max: _duration_pb2.Duration
+    breaker_when_open: str
+    def __init__(self, name: _Optional[str] = ..., max_concurrent: _Optional[int] = ..., parent: _Optional[str] = ..., max_queue_depth: _Optional[int] = ..., on_overflow: _Optional[str] = ..., cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adaptive: _Optional[bool] = ..., headroom_recovery: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., requests_per_minute: _Optional[int] = ..., requests_burst: _Optional[int] = ..., input_tokens_per_minute: _Optional[int] = ..., input_tokens_burst: _Optional[int] = ..., output_tokens_per_minute: _Optional[int] = ..., output_tokens_burst: _Optional[int] = ..., budget_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., default_input_tokens: _Optional[int] = ..., default_output_tokens: _Optional[int] = ..., budget_shadow: _Optional[bool] = ..., failure_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_cooldown: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., phantom_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., phantom_hold_max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., breaker_enabled: _Optional[bool] = ..., breaker_failures: _Optional[int] = ..., breaker_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., breaker_failure_percent: _Optional[int] = ..., breaker_min_outcomes: _Optional[int] = ..., breaker_open_base: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., breaker_open_max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., breaker_when_open: _Optional[str] = ...) -> None: ...
 
 class UpsertPoolRequest(_message.Message):
     __slots__ = ("pool",)
@@ -163,7 +213,7 @@ class WatchRequest(_message.Message):
     def __init__(self, pool: _Optional[str] = ..., snapshot_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("at", "snapshot", "granted", "released", "expired", "paused", "resumed", "limit_changed", "rejected", "budget")
+    __slots__ = ("at", "snapshot", "granted", "released", "expired", "paused", "resumed", "limit_changed", "rejected", "budget", "held", "breaker")
     AT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +224,8 @@ class WatchEvent(_message.Message):
     LIMIT_CHANGED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
     at: _timestamp_pb2.Timestamp
     snapshot: _slotd_pb2.StatusResponse
     granted: LeaseChange
@@ -184,19 +236,23 @@ class WatchEvent(_message.Message):
     limit_changed: PoolChange
     rejected: PoolChange
     budget: BudgetChange
-    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[_slotd_pb2.StatusResponse, _Mapping]] = ..., granted: _Optional[_Union[LeaseChange, _Mapping]] = ..., released: _Optional[_Union[LeaseChange, _Mapping]] = ..., expired: _Optional[_Union[LeaseChange, _Mapping]] = ..., paused: _Optional[_Union[PoolChange, _Mapping]] = ..., resumed: _Optional[_Union[PoolChange, _Mapping]] = ..., limit_changed: _Optional[_Union[PoolChange, _Mapping]] = ..., rejected: _Optional[_Union[PoolChange, _Mapping]] = ..., budget: _Optional[_Union[BudgetChange, _Mapping]] = ...) -> None: ...
+    held: PoolChange
+    breaker: PoolChange
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[_slotd_pb2.StatusResponse, _Mapping]] = ..., granted: _Optional[_Union[LeaseChange, _Mapping]] = ..., released: _Optional[_Union[LeaseChange, _Mapping]] = ..., expired: _Optional[_Union[LeaseChange, _Mapping]] = ..., paused: _Optional[_Union[PoolChange, _Mapping]] = ..., resumed: _Optional[_Union[PoolChange, _Mapping]] = ..., limit_changed: _Optional[_Union[PoolChange, _Mapping]] = ..., rejected: _Optional[_Union[PoolChange, _Mapping]] = ..., budget: _Optional[_Union[BudgetChange, _Mapping]] = ..., held: _Optional[_Union[PoolChange, _Mapping]] = ..., breaker: _Optional[_Union[PoolChange, _Mapping]] = ...) -> None: ...
 
 class LeaseChange(_message.Message):
-    __slots__ = ("pool", "lease_id", "holder", "detail")
+    __slots__ = ("pool", "lease_id", "holder", "detail", "probe")
     POOL_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     pool: str
     lease_id: str
     holder: str
     detail: str
-    def __init__(self, pool: _Optional[str] = ..., lease_id: _Optional[str] = ..., holder: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    probe: bool
+    def __init__(self, pool: _Optional[str] = ..., lease_id: _Optional[str] = ..., holder: _Optional[str] = ..., detail: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class PoolChange(_message.Message):
     __slots__ = ("pool", "detail", "status")

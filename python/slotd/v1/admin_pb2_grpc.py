@@ -75,6 +75,11 @@ class AdminStub:
                 request_serializer=slotd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
                 response_deserializer=slotd_dot_v1_dot_admin__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.ForceBreaker = channel.unary_unary(
+                '/slotd.v1.Admin/ForceBreaker',
+                request_serializer=slotd_dot_v1_dot_admin__pb2.BreakerForceRequest.SerializeToString,
+                response_deserializer=slotd_dot_v1_dot_admin__pb2.BreakerForceResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -139,6 +144,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForceBreaker(self, request, context):
+        """Forces a pool's circuit breaker open (until forced closed) or closed (forgetting its counts and
+        backoff). Works whether or not the breaker is enabled in the pool's settings. Not persisted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +194,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=slotd_dot_v1_dot_admin__pb2.WatchRequest.FromString,
                     response_serializer=slotd_dot_v1_dot_admin__pb2.WatchEvent.SerializeToString,
+            ),
+            'ForceBreaker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForceBreaker,
+                    request_deserializer=slotd_dot_v1_dot_admin__pb2.BreakerForceRequest.FromString,
+                    response_serializer=slotd_dot_v1_dot_admin__pb2.BreakerForceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +418,33 @@ class Admin:
             '/slotd.v1.Admin/Watch',
             slotd_dot_v1_dot_admin__pb2.WatchRequest.SerializeToString,
             slotd_dot_v1_dot_admin__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForceBreaker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slotd.v1.Admin/ForceBreaker',
+            slotd_dot_v1_dot_admin__pb2.BreakerForceRequest.SerializeToString,
+            slotd_dot_v1_dot_admin__pb2.BreakerForceResponse.FromString,
             options,
             channel_credentials,
             insecure,

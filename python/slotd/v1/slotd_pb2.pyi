@@ -29,6 +29,13 @@ class LimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIMIT_KIND_INPUT_TOKENS: _ClassVar[LimitKind]
     LIMIT_KIND_OUTPUT_TOKENS: _ClassVar[LimitKind]
 
+class BreakerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BREAKER_STATE_UNSPECIFIED: _ClassVar[BreakerState]
+    BREAKER_STATE_CLOSED: _ClassVar[BreakerState]
+    BREAKER_STATE_OPEN: _ClassVar[BreakerState]
+    BREAKER_STATE_HALF_OPEN: _ClassVar[BreakerState]
+
 class Gate(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GATE_UNSPECIFIED: _ClassVar[Gate]
@@ -69,6 +76,10 @@ LIMIT_KIND_REQUESTS: LimitKind
 LIMIT_KIND_TOKENS: LimitKind
 LIMIT_KIND_INPUT_TOKENS: LimitKind
 LIMIT_KIND_OUTPUT_TOKENS: LimitKind
+BREAKER_STATE_UNSPECIFIED: BreakerState
+BREAKER_STATE_CLOSED: BreakerState
+BREAKER_STATE_OPEN: BreakerState
+BREAKER_STATE_HALF_OPEN: BreakerState
 GATE_UNSPECIFIED: Gate
 GATE_SLOTS: Gate
 GATE_PAUSE: Gate
@@ -105,7 +116,7 @@ class ClientMessage(_message.Message):
     def __init__(self, request: _Optional[_Union[LeaseRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., release: _Optional[_Union[ReleaseLease, _Mapping]] = ..., resume: _Optional[_Union[ResumeLease, _Mapping]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("request_id", "pool", "priority", "started_at", "ttl", "max_wait", "holder", "estimate")
+    __slots__ = ("request_id", "pool", "priority", "started_at", "ttl", "max_wait", "holder", "any_pools", "estimate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +124,7 @@ class LeaseRequest(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    ANY_POOLS_FIELD_NUMBER: _ClassVar[int]
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pool: str
@@ -121,8 +133,9 @@ class LeaseRequest(_message.Message):
     ttl: _duration_pb2.Duration
     max_wait: _duration_pb2.Duration
     holder: str
+    any_pools: _containers.RepeatedScalarFieldContainer[str]
     estimate: TokenEstimate
-    def __init__(self, request_id: _Optional[str] = ..., pool: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., holder: _Optional[str] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., pool: _Optional[str] = ..., priority: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., holder: _Optional[str] = ..., any_pools: _Optional[_Iterable[str]] = ..., estimate: _Optional[_Union[TokenEstimate, _Mapping]] = ...) -> None: ...
 
 class TokenEstimate(_message.Message):
     __slots__ = ("input_tokens", "max_output_tokens")
@@ -201,7 +214,7 @@ class ResumeLease(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., pool: _Optional[str] = ..., priority: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., holder: _Optional[str] = ..., credential: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("queued", "granted", "rejected", "paused", "resumed", "expired", "released", "lease_error", "lease_resumed", "cancelled", "heartbeat_ack")
+    __slots__ = ("queued", "granted", "rejected", "paused", "resumed", "expired", "released", "lease_error", "lease_resumed", "cancelled", "heartbeat_ack", "breaker")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +226,7 @@ class ServerMessage(_message.Message):
     LEASE_RESUMED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
     queued: Queued
     granted: Granted
     rejected: Rejected
@@ -224,7 +238,40 @@ class ServerMessage(_message.Message):
     lease_resumed: LeaseResumed
     cancelled: Cancelled
     heartbeat_ack: HeartbeatAck
-    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[Granted, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ..., paused: _Optional[_Union[Paused, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., expired: _Optional[_Union[Expired, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., lease_error: _Optional[_Union[LeaseError, _Mapping]] = ..., lease_resumed: _Optional[_Union[LeaseResumed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ...) -> None: ...
+    breaker: BreakerChanged
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[Granted, _Mapping]] = ..., rejected: _Optional[_Union[Rejected, _Mapping]] = ..., paused: _Optional[_Union[Paused, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., expired: _Optional[_Union[Expired, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., lease_error: _Optional[_Union[LeaseError, _Mapping]] = ..., lease_resumed: _Optional[_Union[LeaseResumed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., breaker: _Optional[_Union[BreakerChanged, _Mapping]] = ...) -> None: ...
+
+class BreakerChanged(_message.Message):
+    __slots__ = ("pool", "status", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    status: BreakerStatus
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., status: _Optional[_Union[BreakerStatus, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BreakerStatus(_message.Message):
+    __slots__ = ("state", "open_until", "probe_lease_id", "epoch", "opens", "failures", "outcomes", "forced", "enabled")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PROBE_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    OPENS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    state: BreakerState
+    open_until: _timestamp_pb2.Timestamp
+    probe_lease_id: str
+    epoch: int
+    opens: int
+    failures: int
+    outcomes: int
+    forced: bool
+    enabled: bool
+    def __init__(self, state: _Optional[_Union[BreakerState, str]] = ..., open_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., probe_lease_id: _Optional[str] = ..., epoch: _Optional[int] = ..., opens: _Optional[int] = ..., failures: _Optional[int] = ..., outcomes: _Optional[int] = ..., forced: _Optional[bool] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("request_id", "position", "blocked", "gate", "gate_until", "gate_pool")
@@ -243,7 +290,7 @@ class Queued(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., blocked: _Optional[bool] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ...) -> None: ...
 
 class Granted(_message.Message):
-    __slots__ = ("request_id", "lease_id", "fencing_token", "ttl", "expires_at", "pool", "resume_credential")
+    __slots__ = ("request_id", "lease_id", "fencing_token", "ttl", "expires_at", "pool", "resume_credential", "probe")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +298,7 @@ class Granted(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     RESUME_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: str
     fencing_token: int
@@ -258,7 +306,8 @@ class Granted(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     pool: str
     resume_credential: str
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[str] = ..., resume_credential: _Optional[str] = ...) -> None: ...
+    probe: bool
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[str] = ..., resume_credential: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class Rejected(_message.Message):
     __slots__ = ("request_id", "code", "message", "retry_after")
@@ -339,14 +388,16 @@ class HeartbeatAck(_message.Message):
     def __init__(self, renewed: _Optional[int] = ...) -> None: ...
 
 class ReportRateLimitRequest(_message.Message):
-    __slots__ = ("pool", "retry_after", "reason")
+    __slots__ = ("pool", "retry_after", "reason", "outcome")
     POOL_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     pool: str
     retry_after: _duration_pb2.Duration
     reason: str
-    def __init__(self, pool: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    outcome: Outcome
+    def __init__(self, pool: _Optional[str] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ...) -> None: ...
 
 class ReportRateLimitResponse(_message.Message):
     __slots__ = ("paused_until", "effective_limit")
@@ -391,7 +442,7 @@ class StatusResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., learning: _Optional[bool] = ..., shutting_down: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by", "budget", "gate", "gate_until", "gate_pool")
+    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by", "held", "held_until", "breaker", "budget", "gate", "gate_until", "gate_pool")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +455,9 @@ class PoolStatus(_message.Message):
     NEXT_FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_AGENT_RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    HELD_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
     GATE_UNTIL_FIELD_NUMBER: _ClassVar[int]
@@ -420,11 +474,14 @@ class PoolStatus(_message.Message):
     next_fencing_token: int
     max_agent_retry_after: _duration_pb2.Duration
     blocked_by: PauseInherited
+    held: int
+    held_until: _timestamp_pb2.Timestamp
+    breaker: BreakerStatus
     budget: BudgetStatus
     gate: Gate
     gate_until: _timestamp_pb2.Timestamp
     gate_pool: str
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ..., held: _Optional[int] = ..., held_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
     __slots__ = ("window", "shadow", "reservations", "levels", "provider", "counters")

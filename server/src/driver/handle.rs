@@ -9,8 +9,9 @@ use tokio::{
 
 use super::{Deferred, Shared};
 use crate::scheduler::{
-    Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
-    PoolSnapshot, ProviderLimit, Report, ResumeRequest, SessionId, Snapshot, Usage, budget::BudgetSnapshot,
+    BreakerView, Error, Event, Fact, ForceBreaker, Lease, LeaseId, NewRequest, Outcome, PauseApplied,
+    PoolConfig, PoolDeleted, PoolId, PoolPatch, PoolSnapshot, ProviderLimit, Report, ResumeRequest,
+    SessionId, Snapshot, Usage, budget::BudgetSnapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -139,6 +140,41 @@ impl DriverHandle {
     ) -> Result<Option<BudgetSnapshot>, Error> {
         self.shared.with(|st, now| {
             let res = st.sched.report_usage(now, &pool, usage, &limits);
+            st.routed(res)
+        })?
+    }
+
+    /// Applies an outcome class seen outside a lease (overloaded, quota exhausted, rate limited): its
+    /// class policy and the breakers of the pool's chain.
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll: either nothing was applied or all of it was.
+    pub async fn report_outcome(
+        &self,
+        pool: PoolId,
+        outcome: Outcome,
+        reason: String,
+    ) -> Result<PauseApplied, Error> {
+        tracing::info!(%pool, outcome = outcome.label(), %reason, "provider outcome reported");
+        self.shared.with(|st, now| {
+            let res = st.sched.report_outcome(now, &pool, outcome, &reason);
+            st.routed(res)
+        })?
+    }
+
+    /// Forces a pool's circuit breaker open or closed; returns the breaker after the change.
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll: either nothing was applied or all of it was.
+    pub async fn force_breaker(
+        &self,
+        pool: PoolId,
+        to: ForceBreaker,
+        reason: String,
+    ) -> Result<BreakerView, Error> {
+        tracing::warn!(%pool, ?to, %reason, "circuit breaker forced by an operator");
+        self.shared.with(|st, now| {
+            let res = st.sched.force_breaker(now, &pool, to, &reason);
             st.routed(res)
         })?
     }

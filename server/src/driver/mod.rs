@@ -409,6 +409,14 @@ fn log_fact(fact: &Fact, now: Instant) {
         Fact::Ended { lease: l, end } => {
             debug!(session = l.session.0, lease_id = %l.id, pool = %l.pool, ?end, "lease ended");
         }
+        Fact::Held { pool, lease_id, kind, until } => {
+            let secs = until.saturating_duration_since(now).as_secs_f64();
+            debug!(%pool, %lease_id, kind = kind.label(), secs, "slot held");
+        }
+        Fact::HoldEnded { pool, kind } => debug!(%pool, kind = kind.label(), "hold ended"),
+        Fact::Breaker { pool, view, reason } => {
+            info!(%pool, state = view.state.label(), epoch = view.epoch, %reason, "circuit breaker");
+        }
         Fact::Paused { pool, until, reason, extended: true } => {
             let secs = until.saturating_duration_since(now).as_secs_f64();
             warn!(%pool, %reason, pause_secs = secs, "pool paused; telling its waiters and holders");

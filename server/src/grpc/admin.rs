@@ -154,6 +154,18 @@ impl Admin for AdminService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn force_breaker(
+        &self,
+        req: Request<pb::BreakerForceRequest>,
+    ) -> Result<Response<pb::BreakerForceResponse>, Status> {
+        let r = req.into_inner();
+        let pool = pool_name("pool", &r.pool)?;
+        let to = convert::breaker_force(r.to)?;
+        let reason = crate::scheduler::ids::truncate(&r.reason, 256).to_owned();
+        let view = self.driver.force_breaker(pool, to, reason).await?;
+        Ok(Response::new(pb::BreakerForceResponse { status: Some(convert::breaker_status(view, true)) }))
+    }
+
     async fn undrain(&self, _: Request<pb::UndrainRequest>) -> Result<Response<pb::UndrainResponse>, Status> {
         self.driver.set_draining(false).await?;
         Ok(Response::new(pb::UndrainResponse {}))

@@ -21,9 +21,10 @@ use crate::{
     driver::{Published, StreamOp},
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, LimitKind, NewRequest,
-        Outcome, Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, ProviderLimit, Report,
-        RequestId, ResumeCredential, ResumeRequest, SchedulerConfig, Snapshot, Usage,
+        BreakerState, BreakerView, Error, Event, ExpiryReason, Fact, FencingToken, ForceBreaker, HealthPatch,
+        Lease, LeaseEnd, LeaseId, LimitKind, NewRequest, Outcome, Overflow, PoolChange, PoolId, PoolPatch,
+        PoolSnapshot, Priority, ProviderLimit, Report, RequestId, ResumeCredential, ResumeRequest,
+        SchedulerConfig, Snapshot, Usage, WhenOpen,
         budget::{BudgetFact, BudgetKind, BudgetPatch, BudgetSnapshot, TokenEstimate},
         pool::Closed,
     },
@@ -202,6 +203,7 @@ fn request(r: pb::LeaseRequest) -> Result<NewRequest, Error> {
         max_wait: duration("max_wait", r.max_wait)?,
         holder: holder(r.holder)?,
         estimate: r.estimate.map(token_estimate).transpose()?,
+        any_of: any_pools(r.any_pools)?,
     })
 }
 
@@ -229,6 +231,49 @@ pub fn provider_limits(limits: Vec<pb::ProviderLimit>) -> Result<Vec<ProviderLim
         )));
     }
     limits.into_iter().filter_map(|l| provider_limit(l).transpose()).collect()
+}
+
+/// The further pools of an `acquire_any` request (bounded before parsing).
+fn any_pools(pools: Vec<String>) -> Result<Vec<PoolId>, Error> {
+    if pools.len() >= NewRequest::MAX_ANY_POOLS {
+        return Err(Error::InvalidArgument(format!(
+            "any_pools has {} entries; at most {} are accepted",
+            pools.len(),
+            NewRequest::MAX_ANY_POOLS - 1
+        )));
+    }
+    pools.iter().map(|p| PoolId::parse(p).map_err(Error::from)).collect()
+}
+
+/// What an operator forces a breaker to.
+pub fn breaker_force(code: i32) -> Result<ForceBreaker, Error> {
+    match pb::BreakerForce::try_from(code) {
+        Ok(pb::BreakerForce::Open) => Ok(ForceBreaker::Open),
+        Ok(pb::BreakerForce::Closed) => Ok(ForceBreaker::Closed),
+        _ => {
+            Err(Error::InvalidArgument(format!("to {code}: want BREAKER_FORCE_OPEN or BREAKER_FORCE_CLOSED")))
+        }
+    }
+}
+
+/// A breaker as it goes on the wire.
+pub fn breaker_status(view: BreakerView, enabled: bool) -> pb::BreakerStatus {
+    let (state, open_until, probe) = match view.state {
+        BreakerState::Closed => (pb::BreakerState::Closed, None, None),
+        BreakerState::Open { until } => (pb::BreakerState::Open, until, None),
+        BreakerState::HalfOpen { probe } => (pb::BreakerState::HalfOpen, None, probe),
+    };
+    pb::BreakerStatus {
+        state: state as i32,
+        open_until: open_until.map(timestamp),
+        probe_lease_id: probe.map(|l| l.to_string()).unwrap_or_default(),
+        epoch: view.epoch,
+        opens: view.opens,
+        failures: view.failures,
+        outcomes: view.outcomes,
+        forced: view.forced,
+        enabled,
+    }
 }
 
 fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Report), Error> {
@@ -324,7 +369,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 gate_pool,
             })
         }
-        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
+        Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, probe, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
                 lease_id: lease_id.to_string(),
@@ -334,6 +379,7 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
                 pool: pool.to_string(),
                 // The one place a credential leaves the daemon: to its grantee.
                 resume_credential: credential.expose().to_owned(),
+                probe,
             })
         }
         Event::Rejected { request_id, error } => Msg::Rejected(pb::Rejected {
@@ -349,6 +395,12 @@ pub fn server_message(event: Event) -> pb::ServerMessage {
             remaining: Some(pb_duration(until.saturating_duration_since(Instant::now()))),
         }),
         Event::Resumed { pool } => Msg::Resumed(pb::Resumed { pool: pool.to_string() }),
+        Event::Breaker { pool, view, reason } => Msg::Breaker(pb::BreakerChanged {
+            pool: pool.to_string(),
+            // Sessions learn the state; whether the breaker is enabled is Status's business.
+            status: Some(breaker_status(view, true)),
+            reason: reason.to_string(),
+        }),
         Event::Expired { lease_id, reason, .. } => {
             let (reason, message) = match reason {
                 ExpiryReason::Ttl => {
@@ -430,6 +482,9 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
             until: Some(timestamp(b.until)),
             reason: b.reason.to_string(),
         }),
+        held: p.held,
+        held_until: p.held_until.map(timestamp),
+        breaker: Some(breaker_status(p.breaker, p.config.health.breaker.enabled)),
         budget: p.budget.map(budget_status),
         gate: gate_of.0 as i32,
         gate_until: gate_of.1.map(timestamp),
@@ -442,6 +497,9 @@ pub fn gate(c: &Closed) -> (pb::Gate, Option<Instant>, String) {
     match c {
         Closed::Full(p) => (pb::Gate::Slots, None, p.to_string()),
         Closed::Cooling(p, at) => (pb::Gate::Cooldown, Some(*at), p.to_string()),
+        // A failure hold, cancel cooldown or phantom hold keeps the slot: a cooldown by another cause.
+        Closed::Held(p) => (pb::Gate::Cooldown, None, p.to_string()),
+        Closed::Breaker(p, until) => (pb::Gate::Breaker, *until, p.to_string()),
         Closed::Paused(p, at) => (pb::Gate::Pause, Some(*at), p.to_string()),
         Closed::Learning => (pb::Gate::Learning, None, String::new()),
         Closed::Draining => (pb::Gate::Draining, None, String::new()),
@@ -573,6 +631,39 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
                 default_output_tokens: spec.default_output_tokens,
                 shadow: spec.budget_shadow,
             },
+            health: HealthPatch {
+                failure_hold: duration("failure_hold", spec.failure_hold)?,
+                cancel_cooldown: duration("cancel_cooldown", spec.cancel_cooldown)?,
+                phantom_hold: duration("phantom_hold", spec.phantom_hold)?,
+                phantom_hold_max: duration("phantom_hold_max", spec.phantom_hold_max)?,
+                breaker_enabled: spec.breaker_enabled,
+                breaker_failures: spec.breaker_failures,
+                breaker_window: duration("breaker_window", spec.breaker_window)?,
+                breaker_failure_percent: spec
+                    .breaker_failure_percent
+                    .map(|p| {
+                        u8::try_from(p).ok().filter(|p| *p <= 100).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "breaker_failure_percent {p} out of range 0..=100"
+                            ))
+                        })
+                    })
+                    .transpose()?,
+                breaker_min_outcomes: spec.breaker_min_outcomes,
+                breaker_open_base: duration("breaker_open_base", spec.breaker_open_base)?,
+                breaker_open_max: duration("breaker_open_max", spec.breaker_open_max)?,
+                breaker_when_open: match spec.breaker_when_open.as_deref() {
+                    None => None,
+                    Some("wait") => Some(WhenOpen::Wait),
+                    Some("fail_fast") => Some(WhenOpen::FailFast),
+                    Some(other) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "breaker_when_open {:?}: want \"wait\" or \"fail_fast\"",
+                            truncated(other)
+                        )));
+                    }
+                },
+            },
         },
     ))
 }
@@ -589,6 +680,7 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
         lease_id: l.id.to_string(),
         holder: l.holder.to_string(),
         detail,
+        probe: false,
     };
     let status = p.status;
     let pool = |p: &PoolId, detail: String| pb::PoolChange {
@@ -597,7 +689,24 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
         status: status.clone().map(pool_status),
     };
     let event = match p.fact {
-        Fact::Granted { lease: l, .. } => E::Granted(lease(&l, format!("fencing token {}", l.token.0))),
+        Fact::Granted { lease: l, probe, .. } => {
+            let detail = if probe { "breaker probe, fencing token" } else { "fencing token" };
+            E::Granted(pb::LeaseChange { probe, ..lease(&l, format!("{detail} {}", l.token.0)) })
+        }
+        Fact::Held { pool: id, lease_id, kind, until } => {
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+            E::Held(pool(&id, format!("{} after lease {lease_id} ({secs:.1}s)", kind.label())))
+        }
+        Fact::HoldEnded { pool: id, kind } => E::Held(pool(&id, format!("{} ended", kind.label()))),
+        Fact::Breaker { pool: id, view, reason } => {
+            let state = match view.state {
+                BreakerState::Open { until: Some(u) } => {
+                    format!("open ({:.1}s)", u.saturating_duration_since(Instant::now()).as_secs_f64())
+                }
+                other => other.label().to_owned(),
+            };
+            E::Breaker(pool(&id, format!("breaker {state}, epoch {}: {reason}", view.epoch)))
+        }
         Fact::Ended { lease: l, end } => {
             let detail = lease_end_detail(end).to_owned();
             match end {

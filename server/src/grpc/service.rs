@@ -79,7 +79,14 @@ impl Slotd for SlotdService {
         let pool = PoolId::parse(&r.pool)?;
         let retry_after = convert::duration("retry_after", r.retry_after)?;
         let reason = crate::scheduler::ids::truncate(&r.reason, 256).to_owned();
-        let applied = self.driver.report_rate_limit(pool, retry_after, reason).await?;
+        let applied = match r.outcome {
+            // Unset is the 429 this RPC was first made for.
+            0 => self.driver.report_rate_limit(pool, retry_after, reason).await?,
+            code => {
+                let outcome = convert::outcome(code, r.retry_after)?;
+                self.driver.report_outcome(pool, outcome, reason).await?
+            }
+        };
         Ok(Response::new(pb::ReportRateLimitResponse {
             paused_until: Some(convert::timestamp(applied.until)),
             effective_limit: applied.effective_limit,

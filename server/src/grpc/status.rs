@@ -14,7 +14,7 @@ use crate::scheduler::{Error, IdError};
 /// | unknown pool, lease or request | NOT_FOUND |
 /// | lease of another stream, already ended, token/pool mismatch, pool with children | FAILED_PRECONDITION |
 /// | resume without the lease's valid resume credential | PERMISSION_DENIED |
-/// | shutting down | UNAVAILABLE |
+/// | shutting down; a fail-fast circuit breaker is open (with retry-after) | UNAVAILABLE |
 /// | waited past max_wait | DEADLINE_EXCEEDED |
 /// | pool removed while waiting | ABORTED |
 pub fn code(e: &Error) -> Code {
@@ -32,7 +32,7 @@ pub fn code(e: &Error) -> Code {
         | Error::LeaseMismatch(..)
         | Error::PoolHasChildren { .. } => Code::FailedPrecondition,
         Error::BadCredential(_) => Code::PermissionDenied,
-        Error::ShuttingDown => Code::Unavailable,
+        Error::ShuttingDown | Error::BreakerOpen { .. } => Code::Unavailable,
         Error::WaitTimeout { .. } => Code::DeadlineExceeded,
         Error::PoolRemoved(_) => Code::Aborted,
     }

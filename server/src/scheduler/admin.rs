@@ -12,6 +12,7 @@ use super::{
     Decisions, Error, Event, ExpiryReason, Fact, Lease, LeaseEnd, LeaseId, PoolChange, PoolConfig, PoolId,
     Scheduler, SchedulerConfig, SessionId, WaiterId,
     budget::BudgetPatch,
+    health::HealthPatch,
     ids,
     pool::{Overflow, Pool},
 };
@@ -46,6 +47,8 @@ pub struct PoolPatch {
     pub max_agent_retry_after: Option<Duration>,
     /// See [`PoolConfig::budget`].
     pub budget: BudgetPatch,
+    /// See [`PoolConfig::health`].
+    pub health: HealthPatch,
 }
 
 impl PoolPatch {
@@ -69,6 +72,7 @@ impl PoolPatch {
         set(&mut base.headroom_recovery, &self.headroom_recovery);
         set(&mut base.max_agent_retry_after, &self.max_agent_retry_after);
         base.budget = self.budget.apply(base.budget);
+        base.health = self.health.apply(base.health);
         base
     }
 }
@@ -317,7 +321,7 @@ impl Scheduler {
         for (id, pc) in pools {
             match self.pools.get_mut(&id) {
                 Some(p) => {
-                    p.reconfigure(pc);
+                    p.reconfigure(pc, now);
                     // A deeper queue has room for blocked waiters now, ahead of later arrivals.
                     p.queue.admit_blocked(p.cfg.max_queue_depth as usize);
                 }
@@ -326,7 +330,7 @@ impl Scheduler {
                         .retired_tokens
                         .remove(&id)
                         .map_or(self.cfg.first_token, |t| t.max(self.cfg.first_token));
-                    self.pools.insert(id.clone(), Pool::new(id, pc, first));
+                    self.pools.insert(id.clone(), Pool::new(id, pc, first, now));
                 }
             }
         }

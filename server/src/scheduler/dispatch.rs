@@ -40,7 +40,8 @@ impl Scheduler {
     }
 
     pub(super) fn pause_remaining(&self, pool: &PoolId, now: Instant) -> Option<Duration> {
-        self.pools[pool]
+        self.pools
+            .get(pool)?
             .chain
             .iter()
             .filter_map(|p| self.pools[p].paused_until)
@@ -54,11 +55,13 @@ impl Scheduler {
             self.deadlines.insert((d, wid));
         }
         self.sessions.get_mut(&w.session).expect("caller checked").requests.insert(w.request_id.clone(), wid);
-        self.pools.get_mut(&w.pool).expect("caller checked").add_interest(w.session);
+        for (pool, _) in w.pools() {
+            self.pools.get_mut(pool).expect("caller checked").add_interest(w.session);
+        }
         self.waiters.insert(wid, w);
     }
 
-    /// Removes a waiter from every index; lets a blocked waiter into its queue.
+    /// Removes a waiter from every index (every queue it waits in); lets a blocked waiter into its queue.
     pub(super) fn drop_waiter(&mut self, wid: WaiterId) -> Option<Waiter> {
         let w = self.waiters.remove(&wid)?;
         if let Some(d) = w.deadline {
@@ -67,18 +70,35 @@ impl Scheduler {
         if let Some(s) = self.sessions.get_mut(&w.session) {
             s.requests.remove(&w.request_id);
         }
-        if let Some(pool) = self.pools.get_mut(&w.pool) {
-            pool.queue.remove(w.key, wid);
-            pool.queue.admit_blocked(pool.cfg.max_queue_depth as usize);
-            pool.drop_interest(w.session);
+        for (pool, _) in w.pools() {
+            if let Some(pool) = self.pools.get_mut(pool) {
+                pool.queue.remove(w.key, wid);
+                pool.queue.admit_blocked(pool.cfg.max_queue_depth as usize);
+                pool.drop_interest(w.session);
+            }
         }
         Some(w)
     }
 
+    /// Grants the waiter on the first pool it lists whose gates pass, its budgets included (for a
+    /// single-pool request: its pool). The caller knows one does. An `acquire_any` request's cost (its
+    /// estimate, or its first pool's default) is the same on whichever pool grants it.
     pub(super) fn grant(&mut self, now: Instant, wid: WaiterId, out: &mut Decisions) {
-        let Some(w) = self.drop_waiter(wid) else {
+        let Some(w) = self.waiters.get(&wid) else {
             return;
         };
+        let Some((pool, ttl)) = w
+            .pools()
+            .find(|(p, _)| self.pools.get(*p).is_some_and(|pool| self.grant_gate(pool, &w.cost, now).is_ok()))
+            .map(|(p, t)| (p.clone(), t))
+        else {
+            return;
+        };
+        let Some(mut w) = self.drop_waiter(wid) else {
+            return;
+        };
+        w.pool = pool;
+        w.ttl = ttl;
         let mut id = LeaseId(self.rng.random());
         while self.leases.contains(&id) || self.leases.ended(&id).is_some() {
             id = LeaseId(self.rng.random());
@@ -107,7 +127,8 @@ impl Scheduler {
         };
         let waited = now.saturating_duration_since(w.enqueued_at);
         let credential = self.cfg.lease_key.credential(id, token, &lease.pool, &lease.holder);
-        out.facts.push(Fact::Granted { lease: lease.clone(), waited });
+        let probe = self.take_probe(&w.pool, id, out);
+        out.facts.push(Fact::Granted { lease: lease.clone(), waited, probe });
         self.leases.insert(lease);
         out.push(
             w.session,
@@ -120,6 +141,7 @@ impl Scheduler {
                 expires_at,
                 waited,
                 credential,
+                probe,
             },
         );
     }
@@ -142,10 +164,10 @@ impl Scheduler {
         }
         if let Some(pool) = self.pools.get_mut(&lease.pool) {
             pool.drop_interest(lease.session);
-            for p in pool.chain.clone() {
-                self.pools.get_mut(&p).expect("chain pools exist").free_slot(now);
-            }
         }
+        // Provider health: the breakers of the chain learn the result; the slot may stay held.
+        let hold = self.on_lease_end(now, &lease, end, out);
+        self.free_or_hold(now, &lease, hold, out);
         Some(lease)
     }
 
@@ -227,6 +249,7 @@ impl Scheduler {
         if self.learning_until.is_some_and(|t| t <= now) {
             self.learning_until = None;
         }
+        self.advance_health(now, out);
         let mut resumed = Vec::new();
         for pool in self.pools.values_mut() {
             while pool.cooling.front().is_some_and(|t| *t <= now) {
@@ -318,6 +341,7 @@ impl Scheduler {
                 self.pools.get_mut(&level).expect("chain pools exist").in_flight += 1;
             }
         }
+        self.rebuild_holds();
     }
 }
 

@@ -98,6 +98,14 @@ pub enum Error {
         /// Its children, comma-separated.
         children: String,
     },
+    /// The pool's circuit breaker is open and set to fail fast.
+    #[error("circuit breaker of pool {pool} is open{}", .retry_after.map(|d| format!(" for another {}", humantime::format_duration(d))).unwrap_or_default())]
+    BreakerOpen {
+        /// The pool whose breaker is open (the requested pool or an ancestor).
+        pool: PoolId,
+        /// How long until it turns half-open, unless an operator forced it open.
+        retry_after: Option<Duration>,
+    },
     /// The daemon is shutting down.
     #[error("daemon is shutting down")]
     ShuttingDown,
@@ -107,7 +115,7 @@ impl Error {
     /// How long the caller should wait before trying again, when that is known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::WaitTimeout { retry_after, .. } => *retry_after,
+            Error::WaitTimeout { retry_after, .. } | Error::BreakerOpen { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -122,7 +130,8 @@ impl Error {
             | Error::QueueFull { pool: p, .. }
             | Error::WaitTimeout { pool: p, .. }
             | Error::InvalidTtl { pool: p, .. }
-            | Error::PoolHasChildren { pool: p, .. } => Some(p),
+            | Error::PoolHasChildren { pool: p, .. }
+            | Error::BreakerOpen { pool: p, .. } => Some(p),
             _ => None,
         }
     }

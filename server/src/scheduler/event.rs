@@ -6,8 +6,8 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use super::{
-    BudgetFact, Error, FencingToken, Lease, LeaseId, PoolId, RequestId, ResumeCredential, SessionId,
-    lease::Ended, pool::Closed,
+    BreakerView, BudgetFact, Error, FencingToken, HoldKind, Lease, LeaseId, PoolId, RequestId,
+    ResumeCredential, SessionId, lease::Ended, pool::Closed,
 };
 
 /// How the call covered by a lease ended: its outcome class.
@@ -114,6 +114,9 @@ pub enum Event {
         /// The secret the grantee presents to resume it; goes to the grantee only (never in a
         /// [`Fact`], so never in Watch, metrics or logs).
         credential: ResumeCredential,
+        /// The lease is the half-open probe of a circuit breaker on its chain: its outcome closes or
+        /// re-opens that breaker.
+        probe: bool,
     },
     /// A request was refused or gave up; it is gone.
     Rejected {
@@ -135,6 +138,15 @@ pub enum Event {
     Resumed {
         /// The pool.
         pool: PoolId,
+    },
+    /// The circuit breaker of a pool this session waits on or holds (or of an ancestor) changed state.
+    Breaker {
+        /// The pool whose breaker it is.
+        pool: PoolId,
+        /// The breaker now.
+        view: BreakerView,
+        /// Why it changed.
+        reason: Arc<str>,
     },
     /// A lease ended without a release.
     Expired {
@@ -209,6 +221,8 @@ pub enum Fact {
         lease: Lease,
         /// How long its request waited (zero when granted at once).
         waited: Duration,
+        /// It is a breaker's half-open probe.
+        probe: bool,
     },
     /// A lease ended.
     Ended {
@@ -233,6 +247,33 @@ pub enum Fact {
     Resumed {
         /// The pool.
         pool: PoolId,
+    },
+    /// A released slot stays held (provider health): it counts against the limit until `until`.
+    Held {
+        /// The lease's pool.
+        pool: PoolId,
+        /// The lease that ended.
+        lease_id: LeaseId,
+        /// Which hold.
+        kind: HoldKind,
+        /// When the hold ends (the release cooldown follows).
+        until: Instant,
+    },
+    /// A hold ended: its slot starts the release cooldown.
+    HoldEnded {
+        /// The pool of the lease that was held.
+        pool: PoolId,
+        /// Which hold.
+        kind: HoldKind,
+    },
+    /// A pool's circuit breaker changed state or granted its probe.
+    Breaker {
+        /// The pool.
+        pool: PoolId,
+        /// The breaker now.
+        view: BreakerView,
+        /// Why.
+        reason: String,
     },
     /// A pool's effective limit moved (adaptive headroom).
     Effective {
@@ -286,6 +327,9 @@ impl Fact {
             Fact::Paused { pool, .. }
             | Fact::Resumed { pool }
             | Fact::Effective { pool, .. }
+            | Fact::Held { pool, .. }
+            | Fact::HoldEnded { pool, .. }
+            | Fact::Breaker { pool, .. }
             | Fact::PoolChanged { pool, .. }
             | Fact::Budget { pool, .. } => Some(pool),
             Fact::Rejected { error, .. } | Fact::LeaseRefused { error, .. } => error.pool(),

@@ -30,6 +30,7 @@ pub mod credential;
 mod dispatch;
 pub mod error;
 mod event;
+pub mod health;
 pub mod ids;
 pub mod lease;
 #[cfg(any(test, feature = "testing"))]
@@ -60,6 +61,10 @@ pub use self::{
     credential::{LeaseKey, ResumeCredential},
     error::Error,
     event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
+    health::{
+        BreakerConfig, BreakerState, BreakerView, ClassPolicy, ForceBreaker, HealthConfig, HealthPatch,
+        HoldKind, OutcomePolicies, WhenOpen,
+    },
     ids::{FencingToken, IdError, LeaseId, PoolId, Priority, RequestId, SessionId},
     lease::{Ended, Lease},
     pool::{Closed, Overflow, PoolConfig},
@@ -141,9 +146,16 @@ pub struct NewRequest {
     pub holder: Arc<str>,
     /// Token estimate for the rate budgets; `None` means the pool's default estimate.
     pub estimate: Option<TokenEstimate>,
+    /// `acquire_any`: further pools after `pool`, in the caller's order. The request waits in every listed
+    /// queue at once and is granted on the first listed pool whose gates pass (at most
+    /// [`NewRequest::MAX_ANY_POOLS`] pools in all, no pool twice).
+    pub any_of: Vec<PoolId>,
 }
 
 impl NewRequest {
+    /// Most pools one `acquire_any` request may list (`pool` included).
+    pub const MAX_ANY_POOLS: usize = 8;
+
     /// A request with default priority, TTL and wait.
     pub fn new(request_id: RequestId, pool: PoolId) -> Self {
         Self {
@@ -155,6 +167,7 @@ impl NewRequest {
             max_wait: None,
             holder: Arc::from(""),
             estimate: None,
+            any_of: Vec::new(),
         }
     }
 }
@@ -172,6 +185,15 @@ struct Waiter {
     holder: Arc<str>,
     /// What a grant takes from the rate budgets.
     cost: budget::Cost,
+    /// `acquire_any`: the further pools it waits on, in the caller's order, each with its TTL.
+    others: Vec<(PoolId, Duration)>,
+}
+
+impl Waiter {
+    /// Every pool it waits on, in the caller's order, with the TTL a grant there gets.
+    fn pools(&self) -> impl Iterator<Item = (&PoolId, Duration)> {
+        std::iter::once((&self.pool, self.ttl)).chain(self.others.iter().map(|(p, t)| (p, *t)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -236,7 +258,7 @@ impl Scheduler {
         };
         s.sessions.insert(ORPHANS, Session::default());
         for (id, pc) in pools {
-            s.pools.insert(id.clone(), Pool::new(id, pc, s.cfg.first_token));
+            s.pools.insert(id.clone(), Pool::new(id, pc, s.cfg.first_token, now));
         }
         s.rebuild_chains();
         Ok(s)
@@ -329,16 +351,39 @@ impl Scheduler {
                 self.cfg.max_per_session
             )));
         }
+        if req.any_of.len() >= NewRequest::MAX_ANY_POOLS {
+            return Err(Error::InvalidArgument(format!(
+                "acquire_any lists {} pools; at most {}",
+                req.any_of.len() + 1,
+                NewRequest::MAX_ANY_POOLS
+            )));
+        }
         let pool = self.pools.get(&req.pool).ok_or_else(|| Error::UnknownPool(req.pool.clone()))?;
         let ttl = check_ttl(pool, req.ttl)?;
+        let mut others: Vec<(PoolId, Duration)> = Vec::with_capacity(req.any_of.len());
+        for p in &req.any_of {
+            if *p == req.pool || others.iter().any(|(o, _)| o == p) {
+                return Err(Error::InvalidArgument(format!("acquire_any lists pool {p} twice")));
+            }
+            let other = self.pools.get(p).ok_or_else(|| Error::UnknownPool(p.clone()))?;
+            others.push((p.clone(), check_ttl(other, req.ttl)?));
+        }
         let max_wait = req.max_wait.or(pool.cfg.max_wait);
         let started = req.started_at.unwrap_or(now).min(now);
         let started = started.max(now.checked_sub(SchedulerConfig::MAX_TURN_AGE).unwrap_or(started));
         let key = self.key_of(started, req.priority);
         let deadline = max_wait.map(|w| time::after(now, w.min(SchedulerConfig::MAX_WAIT)));
         let cost = self.budget_cost(pool, req.estimate)?;
-        let gate = self.grant_gate(pool, &cost, now);
-        let queue_empty = pool.queue.is_empty();
+        let listed: Vec<PoolId> =
+            std::iter::once(req.pool.clone()).chain(others.iter().map(|(p, _)| p.clone())).collect();
+        // Fast path: a listed pool nobody waits on whose every level has room and budget (invariant 3
+        // says no other queued waiter could use this slot), so grant without touching the queue.
+        // `grant` takes the first such pool in the caller's order.
+        let open = listed.iter().any(|p| {
+            let pool = &self.pools[p];
+            pool.queue.is_empty() && self.grant_gate(pool, &cost, now).is_ok()
+        });
+        let fail_fast = if open { None } else { self.fail_fast(&listed.iter().collect::<Vec<_>>(), now) };
 
         self.next_waiter += 1;
         let wid = WaiterId(self.next_waiter);
@@ -353,13 +398,15 @@ impl Scheduler {
             deadline,
             holder: req.holder,
             cost,
+            others,
         };
-        if queue_empty && gate.is_ok() {
-            // Fast path: nobody waits here and every level has room (invariant 3 says no other
-            // queued waiter could use this slot), so grant without touching the queue.
+        if open {
             self.insert_waiter(wid, waiter);
             self.grant(now, wid, out);
             return Ok(());
+        }
+        if let Some(error) = fail_fast {
+            return Err(error);
         }
         if deadline.is_some_and(|d| d <= now) {
             return Err(Error::WaitTimeout {
@@ -368,39 +415,65 @@ impl Scheduler {
                 retry_after: self.pause_remaining(&waiter.pool, now),
             });
         }
-        let pool = self.pools.get_mut(&req.pool).expect("checked above");
-        let (position, blocked) = if pool.queue.depth() >= pool.cfg.max_queue_depth as usize {
-            match pool.cfg.on_overflow {
-                Overflow::Reject => {
-                    return Err(Error::QueueFull { pool: req.pool, depth: pool.cfg.max_queue_depth });
-                }
-                Overflow::Block => (pool.queue.push_blocked(key, wid), true),
-                Overflow::ShedOldest => {
-                    let victim = pool.queue.oldest().expect("a full queue has an oldest waiter");
-                    let shed = self.drop_waiter(victim).expect("queued waiters exist");
-                    out.push(
-                        shed.session,
-                        Event::Rejected {
-                            request_id: shed.request_id.to_string(),
-                            error: Error::Shed(shed.pool),
-                        },
-                    );
-                    let pool = self.pools.get_mut(&req.pool).expect("checked above");
-                    (pool.queue.push(key, wid), false)
+        let (position, blocked) = if !waiter.others.is_empty() {
+            // acquire_any neither sheds nor blocks: a full listed queue refuses it.
+            if let Some(full) = listed
+                .iter()
+                .map(|p| &self.pools[p])
+                .find(|p| p.queue.depth() >= p.cfg.max_queue_depth as usize)
+            {
+                return Err(Error::QueueFull { pool: full.id.clone(), depth: full.cfg.max_queue_depth });
+            }
+            let mut position = 0;
+            for (i, p) in listed.iter().enumerate() {
+                let at = self.pools.get_mut(p).expect("checked above").queue.push(key, wid);
+                if i == 0 {
+                    position = at;
                 }
             }
+            (position, false)
         } else {
-            (pool.queue.push(key, wid), false)
+            let pool = self.pools.get_mut(&req.pool).expect("checked above");
+            if pool.queue.depth() >= pool.cfg.max_queue_depth as usize {
+                match pool.cfg.on_overflow {
+                    Overflow::Reject => {
+                        return Err(Error::QueueFull { pool: req.pool, depth: pool.cfg.max_queue_depth });
+                    }
+                    Overflow::Block => (pool.queue.push_blocked(key, wid), true),
+                    Overflow::ShedOldest => {
+                        let victim = pool.queue.oldest().expect("a full queue has an oldest waiter");
+                        let shed = self.drop_waiter(victim).expect("queued waiters exist");
+                        out.push(
+                            shed.session,
+                            Event::Rejected {
+                                request_id: shed.request_id.to_string(),
+                                error: Error::Shed(req.pool.clone()),
+                            },
+                        );
+                        let pool = self.pools.get_mut(&req.pool).expect("checked above");
+                        (pool.queue.push(key, wid), false)
+                    }
+                }
+            } else {
+                (pool.queue.push(key, wid), false)
+            }
         };
         self.insert_waiter(wid, waiter);
         let gate = self.queue_gate(&req.pool, now);
         out.push(session, Event::Queued { request_id: req.request_id, position, blocked, gate });
-        // A waiter that arrives during a pause learns of it now, not only when it ends.
-        for level in &self.pools[&req.pool].chain {
+        // A waiter that arrives during a pause (or while a breaker is not closed) learns of it now, not
+        // only when it ends.
+        let levels: BTreeSet<&PoolId> = listed.iter().flat_map(|p| &self.pools[p].chain).collect();
+        for level in levels {
             let p = &self.pools[level];
             if let Some(until) = p.paused_until.filter(|u| *u > now) {
                 let reason = p.pause_reason.clone();
                 out.push(session, Event::Paused { pool: level.clone(), until, reason });
+            }
+            let view = p.health.view();
+            if view.state != BreakerState::Closed {
+                let reason = Arc::from("the circuit breaker is not closed");
+                out.push(session, Event::Breaker { pool: level.clone(), view, reason });
             }
         }
         Ok(())
@@ -463,8 +536,9 @@ impl Scheduler {
         out
     }
 
-    /// Gives a lease back with the report of the call it covered. A rate-limited, overloaded or
-    /// quota-exhausted outcome pauses its pool.
+    /// Gives a lease back with the report of the call it covered. The outcome's class policy applies
+    /// (see [`health`]): by default a rate-limited, overloaded or quota-exhausted outcome pauses its
+    /// pool; the slot may stay held; the chain's breakers count the result.
     pub fn release(
         &mut self,
         now: Instant,
@@ -484,10 +558,8 @@ impl Scheduler {
                 let end = LeaseEnd::Released(outcome);
                 let lease = self.end_lease(now, &id, end, &mut out).expect("owned lease exists");
                 out.push(session, Event::Released { lease_id: id, pool: lease.pool.clone(), outcome });
-                if let Some(retry_after) = outcome.pause_hint() {
-                    let reason = format!("{} reported on release of lease {id}", outcome.describe());
-                    self.pause(now, &lease.pool, retry_after, reason, true, &mut out);
-                }
+                let reason = format!("{} reported on release of lease {id}", outcome.describe());
+                self.apply_class_policy(now, &lease.pool, outcome, reason, &mut out);
             }
             Err(error) => out.push(session, Event::LeaseError { lease_id: id.to_string(), error }),
         }

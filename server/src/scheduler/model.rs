@@ -180,6 +180,7 @@ fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> 
                 max_agent_retry_after: MAX_AGENT_RETRY_AFTER,
                 // Rate budgets have their own property test (proptests.rs, "Rate budgets").
                 budget: BudgetConfig::default(),
+                health: HealthConfig::default(),
             };
             (pid(i), cfg)
         })
@@ -466,6 +467,7 @@ impl Model {
                     l.expires_at = *expires_at;
                 }
                 Event::Paused { .. } | Event::Resumed { .. } | Event::LeaseError { .. } => {}
+                Event::Breaker { .. } => {}
                 Event::HeartbeatAck { .. } => {}
             }
         }
@@ -651,6 +653,7 @@ pub fn run(case: &Case) {
                     max_wait,
                     holder: HOLDER.into(),
                     estimate: None,
+                    any_of: Vec::new(),
                 };
                 pending = Some(Pending {
                     session: sess,
@@ -1158,4 +1161,435 @@ impl Invariants {
             assert_eq!((p.in_flight, p.queued), (0, 0), "pool {} not empty at the end", p.id);
         }
     }
+}
+
+// ================================================================================================
+// Provider health and acquire_any: a second, smaller model over pools with holds and breakers.
+// ================================================================================================
+//
+// [`run_health`] applies a [`HealthCase`] and checks, after every step:
+// - at most one probe: for every level whose breaker is open or half-open, at most one live lease on
+//   its chain was granted since the breaker left `closed` (and that one was granted as a probe);
+//   a half-open level's probe is a live lease on its chain whose grant said `probe`;
+// - the limit: a level a grant touched has `in_flight + cooling + held <= effective_limit`, and no
+//   level ever has more than `max_concurrent` leases and held slots together;
+// - holds: every level's `held` is the number of holds (from `Held` / `HoldEnded` facts) of it and its
+//   descendants;
+// - acquire_any: a request is granted once, on one of its pools; every pool listed before the one it got
+//   is closed after the step; the grant goes to the head (by key) of the granted pool's queue, which
+//   counts single-pool and multi-pool waiters alike; every pool's queue holds exactly the waiters that
+//   list it;
+// - nothing leaks: once every stream closes and time runs past every timer, no lease, waiter or hold
+//   is left and no timer is due.
+
+/// The health model's pools: `g` over `a` and `b`, and `x` on its own.
+pub const HEALTH_POOLS: [&str; 4] = ["g", "a", "b", "x"];
+const HEALTH_PARENTS: [Option<&str>; 4] = [None, Some("g"), Some("g"), None];
+const HEALTH_TTL: Duration = Duration::from_millis(300);
+
+/// Per-pool provider-health settings of a [`HealthCase`].
+#[derive(Clone, Debug)]
+pub struct HealthPool {
+    /// `max_concurrent` (at least 1).
+    pub limit: u32,
+    /// The breaker is enabled, with `failures` failures in a `window` ms window and `open_base` ms.
+    pub breaker: bool,
+    /// Failures that open the breaker (at least 1).
+    pub failures: u32,
+    /// Window, ms (at least 1).
+    pub window: u64,
+    /// First open timeout, ms (at least 1).
+    pub open_base: u64,
+    /// Fail fast while open.
+    pub fail_fast: bool,
+    /// `failure_hold`, `cancel_cooldown`, `phantom_hold` in ms (0 = off).
+    pub holds: [u64; 3],
+    /// Release cooldown 20 ms.
+    pub cooldown: bool,
+}
+
+/// A pool tree with health settings and the operations to run on it.
+#[derive(Clone, Debug)]
+pub struct HealthCase {
+    /// Settings by index in [`HEALTH_POOLS`].
+    pub pools: [HealthPool; 4],
+    /// Milliseconds to advance, then the operation.
+    pub ops: Vec<(u64, HealthOp)>,
+}
+
+/// One operation of a [`HealthCase`]; small numbers pick streams, pools and leases modulo what exists.
+#[derive(Clone, Debug)]
+#[allow(missing_docs, reason = "the fields are the operation's arguments, named as in the Scheduler API")]
+pub enum HealthOp {
+    Open,
+    Close {
+        s: usize,
+    },
+    /// `acquire_any` over the first `n` (1..=3) of `pools` (a pool named twice counts once).
+    Request {
+        s: usize,
+        pools: [usize; 3],
+        n: usize,
+        priority: u8,
+    },
+    Release {
+        s: usize,
+        which: usize,
+        outcome: u8,
+        retry: Option<u64>,
+    },
+    Cancel {
+        s: usize,
+        which: usize,
+    },
+    Heartbeat {
+        s: usize,
+    },
+    Tick,
+    Force {
+        pool: usize,
+        open: bool,
+    },
+    Report {
+        pool: usize,
+        overloaded: bool,
+    },
+}
+
+fn health_configs(case: &HealthCase) -> BTreeMap<PoolId, PoolConfig> {
+    (0..4)
+        .map(|i| {
+            let h = &case.pools[i];
+            let breaker = BreakerConfig {
+                enabled: h.breaker,
+                failures: h.failures.max(1),
+                window: ms(h.window.max(1)),
+                open_base: ms(h.open_base.max(1)),
+                open_max: ms(h.open_base.max(1) * 4),
+                when_open: if h.fail_fast { WhenOpen::FailFast } else { WhenOpen::Wait },
+                ..BreakerConfig::default()
+            };
+            let health = HealthConfig {
+                failure_hold: ms(h.holds[0]),
+                cancel_cooldown: ms(h.holds[1]),
+                phantom_hold: ms(h.holds[2]),
+                phantom_hold_max: ms(200),
+                breaker,
+                ..HealthConfig::default()
+            };
+            let cfg = PoolConfig {
+                max_concurrent: h.limit.max(1),
+                parent: HEALTH_PARENTS[i].map(PoolId::new),
+                cooldown: if h.cooldown { ms(20) } else { Duration::ZERO },
+                default_ttl: HEALTH_TTL,
+                max_ttl: HEALTH_TTL,
+                default_retry_after: ms(100),
+                max_agent_retry_after: ms(150),
+                adaptive: false,
+                health,
+                ..PoolConfig::default()
+            };
+            (PoolId::new(HEALTH_POOLS[i]), cfg)
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug)]
+struct HWaiter {
+    pools: Vec<PoolId>,
+    key: (i128, u64),
+}
+
+#[derive(Clone, Debug)]
+struct HLease {
+    session: SessionId,
+    pool: PoolId,
+    /// The step it was granted in, and whether its grant said `probe`.
+    step: usize,
+    probe: bool,
+}
+
+/// Whether `pool` can grant now, from the snapshot alone (an independent copy of the gate rules).
+fn open_in(snap: &Snapshot, pool: &PoolId, now: Instant) -> bool {
+    let by_id: HashMap<&PoolId, &PoolSnapshot> = snap.pools.iter().map(|p| (&p.id, p)).collect();
+    if snap.learning || snap.draining || snap.shutting_down {
+        return false;
+    }
+    let mut cur = Some(pool.clone());
+    while let Some(id) = cur {
+        let p = by_id[&id];
+        let breaker_shut = match p.breaker.state {
+            BreakerState::Closed | BreakerState::HalfOpen { probe: None } => false,
+            BreakerState::Open { until } => until.is_none_or(|u| u > now),
+            BreakerState::HalfOpen { probe: Some(_) } => true,
+        };
+        if breaker_shut
+            || p.paused_until.is_some_and(|u| u > now)
+            || p.in_flight + p.cooling + p.held >= p.effective_limit
+        {
+            return false;
+        }
+        cur = p.config.parent.clone();
+    }
+    true
+}
+
+/// Runs `case` and checks the properties listed above this function's section after every step.
+///
+/// # Panics
+///
+/// When the scheduler breaks one of them.
+pub fn run_health(case: &HealthCase) {
+    let t0 = Instant::now() + Duration::from_secs(3600);
+    let cfg = SchedulerConfig { aging_step: AGING_STEP, seed: Some(11), ..Default::default() };
+    let configs = health_configs(case);
+    let chain = |pool: &PoolId| {
+        let mut out = vec![pool.clone()];
+        while let Some(p) = configs[out.last().expect("non-empty")].parent.clone() {
+            out.push(p);
+        }
+        out
+    };
+    let mut s = Scheduler::new(cfg, configs.clone(), t0).expect("valid health pools");
+    let mut sessions: Vec<SessionId> = (0..3).map(|_| s.open_session()).collect();
+    let mut waiters: BTreeMap<(SessionId, String), HWaiter> = BTreeMap::new();
+    let mut leases: BTreeMap<LeaseId, HLease> = BTreeMap::new();
+    let mut holds: HashMap<PoolId, i64> = HashMap::new();
+    // For each pool: the step in which its breaker last left `closed`, while it is not closed.
+    let mut episode: HashMap<PoolId, usize> = HashMap::new();
+    let mut next = 0u64;
+    let mut now = t0;
+    let pick = |v: &[SessionId], i: usize| (!v.is_empty()).then(|| v[i % v.len()]);
+
+    for (step, (dt, op)) in case.ops.iter().cloned().enumerate() {
+        now += ms(dt);
+        let mut pending: Option<(SessionId, String, HWaiter)> = None;
+        let d = match op {
+            HealthOp::Open => {
+                sessions.push(s.open_session());
+                continue;
+            }
+            HealthOp::Close { s: i } => {
+                let Some(sess) = pick(&sessions, i) else { continue };
+                sessions.retain(|x| *x != sess);
+                waiters.retain(|(x, _), _| *x != sess);
+                leases.retain(|_, l| l.session != sess);
+                s.close_session(now, sess, Duration::ZERO)
+            }
+            HealthOp::Request { s: i, pools, n, priority } => {
+                let Some(sess) = pick(&sessions, i) else { continue };
+                let mut listed: Vec<PoolId> = Vec::new();
+                for p in pools.iter().take(n.clamp(1, 3)) {
+                    let p = PoolId::new(HEALTH_POOLS[p % 4]);
+                    if !listed.contains(&p) {
+                        listed.push(p);
+                    }
+                }
+                next += 1;
+                let id = format!("r{next}");
+                let prio = priority % 10;
+                let key = (
+                    (now - t0).as_nanos() as i128 - AGING_STEP.as_nanos() as i128 * i128::from(prio),
+                    0, // arrival: filled from the order of Queued events below
+                );
+                let req = NewRequest {
+                    priority: Priority::try_from(u32::from(prio)).expect("0..=9"),
+                    started_at: Some(now),
+                    any_of: listed[1..].to_vec(),
+                    ..NewRequest::new(RequestId::parse(&id).expect("valid"), listed[0].clone())
+                };
+                pending = Some((sess, id, HWaiter { pools: listed, key: (key.0, next) }));
+                s.request(now, sess, req)
+            }
+            HealthOp::Release { s: i, which, outcome, retry } => {
+                let Some(sess) = pick(&sessions, i) else { continue };
+                let mine: Vec<LeaseId> =
+                    leases.iter().filter(|(_, l)| l.session == sess).map(|(id, _)| *id).collect();
+                let Some(&id) = mine.get(which % mine.len().max(1)) else { continue };
+                let retry = retry.map(ms);
+                let outcome = match outcome % 6 {
+                    0 => Outcome::Ok,
+                    1 => Outcome::Error,
+                    2 => Outcome::Cancelled,
+                    3 => Outcome::RateLimited(retry),
+                    4 => Outcome::Overloaded(retry),
+                    _ => Outcome::QuotaExhausted(retry),
+                };
+                s.release(now, sess, id, outcome)
+            }
+            HealthOp::Cancel { s: i, which } => {
+                let Some(sess) = pick(&sessions, i) else { continue };
+                let mine: Vec<String> =
+                    waiters.keys().filter(|(x, _)| *x == sess).map(|(_, r)| r.clone()).collect();
+                let Some(id) = mine.get(which % mine.len().max(1)) else { continue };
+                s.cancel(now, sess, id)
+            }
+            HealthOp::Heartbeat { s: i } => {
+                let Some(sess) = pick(&sessions, i) else { continue };
+                s.heartbeat(now, sess, &[])
+            }
+            HealthOp::Tick => s.tick(now),
+            HealthOp::Force { pool, open } => {
+                let to = if open { ForceBreaker::Open } else { ForceBreaker::Closed };
+                s.force_breaker(now, &PoolId::new(HEALTH_POOLS[pool % 4]), to, "proptest")
+                    .expect("pool exists")
+                    .1
+            }
+            HealthOp::Report { pool, overloaded } => {
+                let o = if overloaded {
+                    Outcome::Overloaded(Some(ms(30)))
+                } else {
+                    Outcome::QuotaExhausted(None)
+                };
+                s.report_outcome(now, &PoolId::new(HEALTH_POOLS[pool % 4]), o, "proptest")
+                    .expect("pool exists")
+                    .1
+            }
+        };
+
+        let snap = s.snapshot(None).expect("snapshot");
+        let by_id: HashMap<PoolId, PoolSnapshot> =
+            snap.pools.iter().map(|p| (p.id.clone(), p.clone())).collect();
+        for f in &d.facts {
+            match f {
+                Fact::Held { pool, .. } => *holds.entry(pool.clone()).or_default() += 1,
+                Fact::HoldEnded { pool, .. } => *holds.entry(pool.clone()).or_default() -= 1,
+                _ => {}
+            }
+        }
+        let mut touched: Vec<PoolId> = Vec::new();
+        for (sess, e) in &d.events {
+            match e {
+                Event::Queued { request_id, .. } => {
+                    let (ps, pid_, w) = pending.as_ref().expect("only a request queues");
+                    assert_eq!((ps, pid_.as_str()), (sess, request_id.as_str()));
+                    waiters.insert((*sess, pid_.clone()), w.clone());
+                }
+                Event::Granted { request_id, lease_id, pool, probe, .. } => {
+                    let key = (*sess, request_id.to_string());
+                    let w = match waiters.remove(&key) {
+                        Some(w) => {
+                            let head =
+                                waiters.values().filter(|o| o.pools.contains(pool)).map(|o| o.key).min();
+                            assert!(
+                                head.is_none_or(|h| h > w.key),
+                                "{request_id} granted on {pool} ahead of an earlier waiter"
+                            );
+                            w
+                        }
+                        None => {
+                            let (ps, pid_, w) =
+                                pending.as_ref().expect("a grant without a waiter is a newcomer");
+                            assert_eq!(
+                                (ps, pid_.as_str()),
+                                (sess, request_id.as_str()),
+                                "granted twice or unknown"
+                            );
+                            assert!(
+                                !waiters.values().any(|o| o.pools.contains(pool)),
+                                "newcomer {request_id} granted past waiters of {pool}"
+                            );
+                            w.clone()
+                        }
+                    };
+                    let at = w.pools.iter().position(|p| p == pool).expect("granted on a listed pool");
+                    for earlier in &w.pools[..at] {
+                        assert!(
+                            !open_in(&snap, earlier, now),
+                            "{request_id} got {pool} while {earlier} (listed first) is open"
+                        );
+                    }
+                    touched.extend(chain(pool));
+                    leases.insert(
+                        *lease_id,
+                        HLease { session: *sess, pool: pool.clone(), step, probe: *probe },
+                    );
+                }
+                Event::Rejected { request_id, .. } => {
+                    waiters.remove(&(*sess, request_id.clone()));
+                }
+                Event::Cancelled { request_id } => {
+                    waiters.remove(&(*sess, request_id.to_string())).expect("cancelled a waiter");
+                }
+                Event::Expired { lease_id, .. } | Event::Released { lease_id, .. } => {
+                    leases.remove(lease_id).expect("ended a live lease");
+                }
+                _ => {}
+            }
+        }
+
+        // Queues hold exactly the waiters that list them; every lease is known.
+        assert_eq!(s.waiter_count(), waiters.len(), "waiters");
+        assert_eq!(s.lease_count(), leases.len(), "leases");
+        #[cfg(test)]
+        s.check_invariants(now);
+        for (id, p) in &by_id {
+            let listing = waiters.values().filter(|w| w.pools.contains(id)).count();
+            assert_eq!(p.queued as usize, listing, "queue of {id}");
+            // Holds, level by level.
+            let want: i64 = by_id
+                .keys()
+                .filter(|o| chain(o).contains(id))
+                .map(|o| holds.get(o).copied().unwrap_or(0))
+                .sum();
+            assert_eq!(i64::from(p.held), want, "held at {id}");
+            // The limit.
+            let live = leases.values().filter(|l| chain(&l.pool).contains(id)).count() as u32;
+            assert_eq!(p.in_flight, live, "in_flight of {id}");
+            assert!(p.in_flight + p.held <= p.config.max_concurrent, "{id} over its limit: {p:?}");
+            if touched.contains(id) {
+                assert!(
+                    p.in_flight + p.cooling + p.held <= p.effective_limit,
+                    "a grant took {id} past its limit"
+                );
+            }
+            // At most one probe per breaker episode.
+            match p.breaker.state {
+                BreakerState::Closed => {
+                    episode.remove(id);
+                }
+                state => {
+                    let since = *episode.entry(id.clone()).or_insert(step);
+                    let since_open: Vec<&HLease> = leases
+                        .values()
+                        .filter(|l| {
+                            chain(&l.pool).contains(id) && (l.step > since || (l.step == since && l.probe))
+                        })
+                        .collect();
+                    assert!(
+                        since_open.len() <= 1,
+                        "{} leases on {id}'s chain since its breaker opened",
+                        since_open.len()
+                    );
+                    assert!(
+                        since_open.iter().all(|l| l.probe),
+                        "a non-probe grant while {id}'s breaker is {state:?}"
+                    );
+                    if let BreakerState::HalfOpen { probe: Some(l) } = state {
+                        let l = leases.get(&l).expect("the probe is a live lease");
+                        assert!(l.probe && chain(&l.pool).contains(id), "probe of {id}: {l:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    for sess in std::mem::take(&mut sessions) {
+        s.close_session(now, sess, Duration::ZERO);
+    }
+    for pool in HEALTH_POOLS {
+        s.force_breaker(now, &PoolId::new(pool), ForceBreaker::Closed, "end").expect("pool exists");
+    }
+    now += Duration::from_secs(3600);
+    s.tick(now);
+    // Slots whose holds ended at that tick cool down after it.
+    now += Duration::from_secs(1);
+    s.tick(now);
+    #[cfg(test)]
+    s.check_invariants(now);
+    assert_eq!((s.lease_count(), s.waiter_count(), s.session_count()), (0, 0, 0));
+    for p in s.snapshot(None).expect("snapshot").pools {
+        assert_eq!((p.in_flight, p.queued, p.held, p.cooling), (0, 0, 0, 0), "{} left something", p.id);
+    }
+    assert_eq!(s.next_deadline(), None, "a timer is left");
 }

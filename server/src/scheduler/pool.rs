@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::{
     SchedulerConfig,
     budget::{BudgetConfig, BudgetKind, BudgetState},
+    health::{Health, HealthConfig},
     ids::{PoolId, SessionId},
     queue::Queue,
 };
@@ -71,6 +72,8 @@ pub struct PoolConfig {
     pub max_agent_retry_after: Duration,
     /// Rate budgets (requests, input and output tokens per window); none by default.
     pub budget: BudgetConfig,
+    /// Provider health: per-class outcome policies, holds and the circuit breaker (`[pools.NAME.health]`).
+    pub health: HealthConfig,
 }
 
 impl PoolConfig {
@@ -156,6 +159,7 @@ impl PoolConfig {
             ));
         }
         self.budget.validate(name)?;
+        self.health.validate(name)?;
         if self.parent.as_ref() == Some(name) {
             return Err(format!("pool {name}: a pool cannot be its own parent"));
         }
@@ -179,6 +183,7 @@ impl Default for PoolConfig {
             headroom_recovery: Self::DEFAULT_HEADROOM_RECOVERY,
             max_agent_retry_after: Self::DEFAULT_MAX_AGENT_RETRY_AFTER,
             budget: BudgetConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -205,6 +210,11 @@ pub enum Closed {
         /// When every budget of the chain holds the cost.
         until: Instant,
     },
+    /// Every slot of this level is held, cooling down, or kept by a failure, cancel or phantom hold.
+    Held(PoolId),
+    /// This level's circuit breaker is open (until then, or until an operator closes it: `None`), or
+    /// half-open with its probe out (`None`).
+    Breaker(PoolId, Option<Instant>),
 }
 
 /// A pool's live state.
@@ -230,10 +240,12 @@ pub(crate) struct Pool {
     pub(crate) interest: HashMap<SessionId, u32>,
     /// Rate budgets' live state (see [`super::budget`]).
     pub(crate) budget: BudgetState,
+    /// Holds, failure streak and circuit breaker.
+    pub(crate) health: Health,
 }
 
 impl Pool {
-    pub(crate) fn new(id: PoolId, cfg: PoolConfig, first_token: u64) -> Self {
+    pub(crate) fn new(id: PoolId, cfg: PoolConfig, first_token: u64, now: Instant) -> Self {
         Self {
             id,
             budget: BudgetState::new(&cfg.budget),
@@ -248,6 +260,7 @@ impl Pool {
             next_token: first_token,
             queue: Queue::default(),
             interest: HashMap::new(),
+            health: Health::new(now),
         }
     }
 
@@ -256,6 +269,7 @@ impl Pool {
         if let Some(until) = self.paused_until.filter(|u| *u > now) {
             return Err(Closed::Paused(self.id.clone(), until));
         }
+        self.health.gate(&self.id, now)?;
         if self.in_flight >= self.effective {
             return Err(Closed::Full(self.id.clone()));
         }
@@ -264,12 +278,21 @@ impl Pool {
             let n = self.in_flight as usize + self.cooling.len() - self.effective as usize;
             return Err(Closed::Cooling(self.id.clone(), self.cooling[n]));
         }
+        if self.in_flight as usize + self.cooling.len() + self.health.held as usize >= self.effective as usize
+        {
+            return Err(Closed::Held(self.id.clone()));
+        }
         Ok(())
     }
 
     /// A slot was freed: it cools down before it can be granted again.
     pub(crate) fn free_slot(&mut self, now: Instant) {
         self.in_flight -= 1;
+        self.start_cooldown(now);
+    }
+
+    /// A slot left a lease or a hold: it cools down (if the pool has a cooldown).
+    pub(crate) fn start_cooldown(&mut self, now: Instant) {
         if !self.cfg.cooldown.is_zero() {
             self.cooling.push_back(super::time::after(now, self.cfg.cooldown));
         }
@@ -277,7 +300,10 @@ impl Pool {
 
     /// Earliest instant at which this pool's own timers change something.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        [self.cooling.front().copied(), self.paused_until, self.recover_at].into_iter().flatten().min()
+        [self.cooling.front().copied(), self.paused_until, self.recover_at, self.health.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub(crate) fn add_interest(&mut self, session: SessionId) {
@@ -294,7 +320,8 @@ impl Pool {
     }
 
     /// Applies a new configuration, keeping any adaptive reduction below the new limit.
-    pub(crate) fn reconfigure(&mut self, cfg: PoolConfig) {
+    pub(crate) fn reconfigure(&mut self, cfg: PoolConfig, now: Instant) {
+        self.health.reconfigure(&cfg.health, now);
         let reduced = self.effective < self.cfg.max_concurrent;
         self.effective = if reduced { self.effective.min(cfg.max_concurrent) } else { cfg.max_concurrent };
         if !cfg.adaptive {

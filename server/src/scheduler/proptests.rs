@@ -360,3 +360,62 @@ fn run_budgets(pools: BTreeMap<PoolId, PoolConfig>, ops: Vec<(u64, BudgetOp)>) {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Provider health and acquire_any (model::run_health)
+// ------------------------------------------------------------------------------------------------
+
+fn health_pool() -> impl Strategy<Value = model::HealthPool> {
+    (
+        1..4u32,
+        prop::bool::weighted(0.7),
+        1..4u32,
+        20..300u64,
+        10..80u64,
+        prop::bool::weighted(0.3),
+        [
+            prop_oneof![Just(0u64), 5..60u64],
+            prop_oneof![Just(0u64), 5..40u64],
+            prop_oneof![Just(0u64), 5..30u64],
+        ],
+        any::<bool>(),
+    )
+        .prop_map(|(limit, breaker, failures, window, open_base, fail_fast, holds, cooldown)| {
+            model::HealthPool { limit, breaker, failures, window, open_base, fail_fast, holds, cooldown }
+        })
+}
+
+fn health_op() -> impl Strategy<Value = model::HealthOp> {
+    use model::HealthOp as H;
+    let s = 0..6usize;
+    prop_oneof![
+        1 => Just(H::Open),
+        1 => s.clone().prop_map(|s| H::Close { s }),
+        8 => (s.clone(), [0..4usize, 0..4usize, 0..4usize], 1..4usize, 0..10u8)
+            .prop_map(|(s, pools, n, priority)| H::Request { s, pools, n, priority }),
+        7 => (s.clone(), 0..4usize, 0..6u8, prop::option::of(0..100u64))
+            .prop_map(|(s, which, outcome, retry)| H::Release { s, which, outcome, retry }),
+        2 => (s.clone(), 0..4usize).prop_map(|(s, which)| H::Cancel { s, which }),
+        2 => s.clone().prop_map(|s| H::Heartbeat { s }),
+        3 => Just(H::Tick),
+        1 => (0..4usize, any::<bool>()).prop_map(|(pool, open)| H::Force { pool, open }),
+        1 => (0..4usize, any::<bool>()).prop_map(|(pool, overloaded)| H::Report { pool, overloaded }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
+
+    /// At most one probe per breaker episode, the limit with holds, hold accounting, acquire_any's
+    /// choice and queue order against single-pool waiters, and nothing left at the end.
+    #[test]
+    fn health_and_acquire_any_keep_their_invariants(
+        pools in [health_pool(), health_pool(), health_pool(), health_pool()],
+        ops in prop::collection::vec((prop_oneof![2 => Just(0u64), 3 => 1..120u64], health_op()), 1..80),
+    ) {
+        model::run_health(&model::HealthCase { pools, ops });
+    }
+}

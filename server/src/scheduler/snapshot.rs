@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::{BudgetSnapshot, Closed, Error, Lease, PoolConfig, PoolId, Scheduler};
+use super::{BreakerView, BudgetSnapshot, Closed, Error, Lease, PoolConfig, PoolId, Scheduler};
 
 /// One pool in a [`Snapshot`].
 #[derive(Clone, Debug)]
@@ -36,6 +36,13 @@ pub struct PoolSnapshot {
     pub gate: Option<Closed>,
     /// Its rate budgets, when it has any (or the provider spoke about it).
     pub budget: Option<BudgetSnapshot>,
+    /// Slots held after their leases ended (failure hold, cancel cooldown, phantom hold), counted at
+    /// this level (its own and its descendants').
+    pub held: u32,
+    /// While slots are held: when the last hold counting here ends.
+    pub held_until: Option<Instant>,
+    /// The circuit breaker.
+    pub breaker: BreakerView,
 }
 
 /// A pause a pool inherits from an ancestor: which one, until when, and why.
@@ -87,6 +94,9 @@ impl Scheduler {
                 blocked_by: self.inherited_pause(&p.id),
                 gate: self.queue_gate(&p.id, self.last_now),
                 budget: p.budget.snapshot(self.last_now),
+                held: p.health.held,
+                held_until: self.holds_at(&p.id),
+                breaker: p.health.view(),
             })
             .collect();
         pools.sort_by(|a, b| {
@@ -158,7 +168,8 @@ impl Scheduler {
             }
         }
         let queued: usize = self.pools.values().map(|p| p.queue.len()).sum();
-        assert_eq!(queued, self.waiters.len());
+        let listed: usize = self.waiters.values().map(|w| w.pools().count()).sum();
+        assert_eq!(queued, listed, "every waiter is in the queue of each pool it lists");
         let in_sessions: usize = self.sessions.values().map(|s| s.requests.len()).sum();
         assert_eq!(in_sessions, self.waiters.len());
     }

@@ -4,11 +4,14 @@
 //! instants; nothing sleeps and nothing needs a runtime. The helpers below are shared by the files
 //! of this directory, which are split by concern.
 
+mod acquire_any;
 mod admin;
 mod admission;
 mod bad_input;
+mod breaker;
 mod budget;
 mod extreme_durations;
+mod health;
 mod lease_lifecycle;
 mod limits;
 mod order;

@@ -234,7 +234,9 @@ fn facts_tell_grants_ends_pauses_and_limit_moves_once() {
     let x = s.open_session();
     let d = s.request(t0, x, req("a", "p"));
     let a = granted(&d, x, "a");
-    assert!(matches!(&d.facts[..], [Fact::Granted { lease, waited }] if lease.id == a && waited.is_zero()));
+    assert!(
+        matches!(&d.facts[..], [Fact::Granted { lease, waited, probe: false }] if lease.id == a && waited.is_zero())
+    );
 
     let d = s.request(t0, x, req("b", "p"));
     let b = granted(&d, x, "b");
