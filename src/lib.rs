@@ -1,6 +1,7 @@
 //! Wire types for slotd, generated from `proto/slotd/v1/slotd.proto`, plus the descriptor set for reflection.
 //!
-//! This crate holds no logic: the daemon lives in `slotd`, the client in `slotd-client`.
+//! This crate holds no logic: the daemon lives in `slotd`, the client in `slotd-client`. Besides the
+//! wire types it holds the small vocabulary both share ([`report`]).
 
 /// `slotd.v1`: the agent-facing API (the `Acquire` stream, `ReportRateLimit`, `Status`).
 pub mod v1 {
@@ -12,6 +13,8 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/slotd_descriptor.bin"));
 
 pub use prost_types;
+
+pub mod report;
 
 /// The metadata key a client sets to keep its leases across a reconnect, e.g. `slotd-resume-grace: 5s`
 /// on the `Acquire` stream (the daemon caps it at its `max_resume_grace`).

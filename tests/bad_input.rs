@@ -115,15 +115,46 @@ async fn lease_messages_out_of_place_get_lease_errors_and_change_nothing() {
     assert!(matches!(other.next().await, Down::LeaseError(e) if e.code == Code::InvalidArgument as i32));
     // An unknown outcome does not release.
     owner
-        .send(Up::Release(pb::ReleaseLease { lease_id: g.lease_id.clone(), outcome: 99, retry_after: None }))
+        .send(Up::Release(pb::ReleaseLease {
+            lease_id: g.lease_id.clone(),
+            outcome: 99,
+            ..Default::default()
+        }))
         .await;
     owner.expect_lease_error(&g.lease_id, Code::InvalidArgument).await;
+    // Usage beyond any context window does not release.
+    owner
+        .send(Up::Release(pb::ReleaseLease {
+            lease_id: g.lease_id.clone(),
+            usage: Some(pb::Usage { output_tokens: u64::MAX, ..Default::default() }),
+            ..Default::default()
+        }))
+        .await;
+    owner.expect_lease_error(&g.lease_id, Code::InvalidArgument).await;
+    // Provider limits: more than eight entries, remaining above the limit, a reset beyond a day.
+    let limit = |remaining: u64, reset_secs: i64| pb::ProviderLimit {
+        kind: pb::LimitKind::Requests as i32,
+        limit: 50,
+        remaining,
+        reset_in: Some(prost_types::Duration { seconds: reset_secs, nanos: 0 }),
+    };
+    for provider_limits in [vec![limit(1, 1); 9], vec![limit(51, 1)], vec![limit(1, 86_401)]] {
+        owner
+            .send(Up::Release(pb::ReleaseLease {
+                lease_id: g.lease_id.clone(),
+                provider_limits,
+                ..Default::default()
+            }))
+            .await;
+        owner.expect_lease_error(&g.lease_id, Code::InvalidArgument).await;
+    }
     // A negative retry_after does not release or pause.
     owner
         .send(Up::Release(pb::ReleaseLease {
             lease_id: g.lease_id.clone(),
             outcome: pb::Outcome::RateLimited as i32,
             retry_after: Some(prost_types::Duration { seconds: -5, nanos: 0 }),
+            ..Default::default()
         }))
         .await;
     owner.expect_lease_error(&g.lease_id, Code::InvalidArgument).await;

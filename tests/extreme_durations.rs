@@ -310,6 +310,7 @@ async fn every_agent_duration_and_timestamp_at_its_extremes_is_refused_or_harmle
             lease_id: g.lease_id.clone(),
             outcome: pb::Outcome::RateLimited as i32,
             retry_after: Some(v),
+            ..Default::default()
         }))
         .await;
         match a.next().await {

@@ -94,7 +94,7 @@ pub fn request(id: &str, pool: &str, ttl: Option<Duration>) -> Up {
 
 /// A Release with outcome OK.
 pub fn release(lease_id: String) -> Up {
-    Up::Release(pb::ReleaseLease { lease_id, outcome: pb::Outcome::Ok as i32, retry_after: None })
+    Up::Release(pb::ReleaseLease { lease_id, outcome: pb::Outcome::Ok as i32, ..Default::default() })
 }
 
 /// Takes every free slot of `pool` on one session (so that later requests queue), with leases that

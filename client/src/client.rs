@@ -375,8 +375,8 @@ struct ReleaseGuard(Option<Lease>);
 impl ReleaseGuard {
     fn finish(mut self, default: Outcome) {
         if let Some(lease) = self.0.take() {
-            let outcome = lease.handle().take_outcome().unwrap_or(default);
-            lease.release_in_background(outcome);
+            let report = lease.handle().take_report(default);
+            lease.release_in_background(report);
         }
     }
 }
@@ -384,8 +384,8 @@ impl ReleaseGuard {
 impl Drop for ReleaseGuard {
     fn drop(&mut self) {
         if let Some(lease) = self.0.take() {
-            let outcome = lease.handle().take_outcome().unwrap_or(Outcome::Cancelled);
-            lease.release_in_background(outcome);
+            let report = lease.handle().take_report(Outcome::Cancelled);
+            lease.release_in_background(report);
         }
     }
 }

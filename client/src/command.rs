@@ -8,25 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::{sync::oneshot, time::Instant};
 
-use crate::Error;
-
-/// How the call covered by a lease ended; sent to the daemon with the release.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Outcome {
-    /// The provider call succeeded.
-    #[default]
-    Ok,
-    /// The provider call failed for a reason other than rate limiting.
-    Error,
-    /// The caller gave up before the call ended.
-    Cancelled,
-    /// The provider answered 429 (or an overload such as Anthropic's 529). Pauses the pool for
-    /// `retry_after`, or for the pool's `default_retry_after` when `None`.
-    RateLimited {
-        /// The provider's Retry-After.
-        retry_after: Option<Duration>,
-    },
-}
+use crate::{Error, Report};
 
 /// What an acquire asks for; kept until granted so it can be re-sent after a reconnect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +29,7 @@ pub(crate) enum Command<L> {
     /// The acquire future was dropped before its answer.
     Cancel { request_id: String },
     /// Give a lease back.
-    Release { lease_id: String, outcome: Outcome, reply: Option<oneshot::Sender<Result<(), Error>>> },
+    Release { lease_id: String, report: Report, reply: Option<oneshot::Sender<Result<(), Error>>> },
     /// Close the session: flush every release, answer once the daemon acknowledged them all or at
     /// `deadline`, whichever comes first.
     Close { deadline: Instant, reply: oneshot::Sender<Result<(), Error>> },

@@ -8,15 +8,19 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
+use bytes::Buf;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::{Client, Lease, Outcome};
+use crate::{
+    Client, Lease, Outcome, ProviderLimit, Report,
+    provider::{self, UsageScanner},
+};
 
 /// The error type of [`LeaseService`]: either the inner service's error or a slotd [`Error`](crate::Error).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,13 +53,18 @@ impl<B> SelectPool<B> for FixedPool {
 }
 
 /// Wraps a `Service<http::Request<B>>` in a [`LeaseService`]: a lease per request, held until the
-/// response body ends, released with an outcome read from the response status.
+/// response body ends, released with a [`Report`](crate::Report) read from the response: the outcome
+/// class ([`provider::classify`]: status codes, Retry-After, the error `type` of a JSON error body the
+/// caller read), the provider's rate-limit headers ([`provider::provider_limits`]) and the token
+/// usage of a JSON or SSE body ([`UsageScanner`]).
 ///
 /// | response | outcome |
 /// |---|---|
-/// | 429, with `retry-after-ms` or `Retry-After` (seconds or HTTP date) | [`Outcome::RateLimited`] |
-/// | 529 (Anthropic's `overloaded_error`) | [`Outcome::RateLimited`] |
+/// | 429 (OpenAI's `insufficient_quota`: quota exhausted) | [`Outcome::RateLimited`] |
+/// | 529, 503, `overloaded_error` | [`Outcome::Overloaded`] |
+/// | 402, `insufficient_quota`, `billing_error` | [`Outcome::QuotaExhausted`] |
 /// | other 5xx, an inner service error, a body error | [`Outcome::Error`] |
+/// | a successful body dropped before its end | [`Outcome::Cancelled`] |
 /// | anything else | [`Outcome::Ok`] |
 #[derive(Clone)]
 pub struct LeaseLayer<P> {
@@ -118,6 +127,7 @@ where
     S::Error: Into<BoxError>,
     P: SelectPool<B>,
     B: Send + 'static,
+    RB: Body,
 {
     type Response = Response<LeaseBody<RB>>;
     type Error = BoxError;
@@ -148,10 +158,13 @@ where
                         return Err(e.into());
                     }
                 };
-                if let Some(lease) = &lease {
-                    lease.set_outcome(outcome_of(resp.status(), resp.headers()));
+                let (parts, body) = resp.into_parts();
+                let tracker = lease.map(|lease| Tracker::new(lease, parts.status, &parts.headers));
+                let mut body = LeaseBody { body, tracker };
+                if body.body.is_end_stream() {
+                    body.end();
                 }
-                Ok(resp.map(|body| LeaseBody { body, lease }))
+                Ok(Response::from_parts(parts, body))
             }),
         }
     }
@@ -182,24 +195,108 @@ impl<RB> Future for ResponseFuture<RB> {
 }
 
 pin_project! {
-    /// A response body that holds the request's lease until its last frame (or until it is dropped).
+    /// A response body that holds the request's lease until its last frame (or until it is dropped),
+    /// reading the usage (or, for an error answer, the error type) from the frames it passes on.
     #[derive(Debug)]
     pub struct LeaseBody<B> {
         #[pin]
         body: B,
-        lease: Option<Lease>,
+        tracker: Option<Tracker>,
+    }
+}
+
+/// The lease of one response and what is known so far about how the call ended. Dropped before
+/// [`Tracker::finish`] (the body was dropped before its end), it reports the cut.
+#[derive(Debug)]
+struct Tracker(Option<Track>);
+
+#[derive(Debug)]
+struct Track {
+    lease: Lease,
+    status: StatusCode,
+    limits: Vec<ProviderLimit>,
+    body: BodyRead,
+}
+
+/// What is read from the body: usage for a success, the start of the body for an error.
+#[derive(Debug)]
+enum BodyRead {
+    Usage(UsageScanner),
+    Error { headers: HeaderMap, peek: Vec<u8> },
+}
+
+impl Tracker {
+    fn new(lease: Lease, status: StatusCode, headers: &HeaderMap) -> Self {
+        let limits = provider::provider_limits(headers, SystemTime::now());
+        let body = if status.is_success() {
+            BodyRead::Usage(UsageScanner::for_headers(headers))
+        } else {
+            BodyRead::Error { headers: headers.clone(), peek: Vec::new() }
+        };
+        Tracker(Some(Track { lease, status, limits, body }))
+    }
+
+    fn lease(&self) -> Option<&Lease> {
+        self.0.as_ref().map(|t| &t.lease)
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        match self.0.as_mut().map(|t| &mut t.body) {
+            Some(BodyRead::Usage(scanner)) => scanner.feed(data),
+            Some(BodyRead::Error { peek, .. }) => {
+                let room = provider::ERROR_BODY_PEEK.saturating_sub(peek.len());
+                peek.extend_from_slice(&data[..data.len().min(room)]);
+            }
+            None => {}
+        }
+    }
+
+    /// Sets the release report (the lease is released when the tracker goes): `failed` is a body
+    /// error, `cut` a body dropped before its end.
+    fn finish(&mut self, failed: bool, cut: bool) {
+        let Some(Track { lease, status, limits, body }) = self.0.take() else { return };
+        let (outcome, usage) = match body {
+            BodyRead::Usage(scanner) => {
+                let outcome = match (failed, cut) {
+                    (true, _) => Outcome::Error,
+                    (false, true) => Outcome::Cancelled,
+                    (false, false) => Outcome::Ok,
+                };
+                (outcome, scanner.finish())
+            }
+            BodyRead::Error { headers, peek } => {
+                // An error answer keeps its class even when its body is cut or fails: a 429 stays
+                // a 429.
+                let outcome = provider::classify(status, &headers, Some(&peek), SystemTime::now());
+                (if failed && outcome == Outcome::Ok { Outcome::Error } else { outcome }, None)
+            }
+        };
+        lease.set_report(Report { outcome, usage, limits });
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.finish(false, true);
     }
 }
 
 impl<B> LeaseBody<B> {
     /// The lease, while it is held (`None` for unleased requests and once the body ended).
     pub fn lease(&self) -> Option<&Lease> {
-        self.lease.as_ref()
+        self.tracker.as_ref().and_then(Tracker::lease)
     }
 
-    /// The inner body; its lease is released.
+    /// The inner body; its lease is released (as cancelled if a successful body had not ended).
     pub fn into_inner(self) -> B {
         self.body
+    }
+
+    /// Ends the lease at the end of the body.
+    fn end(&mut self) {
+        if let Some(mut t) = self.tracker.take() {
+            t.finish(false, false);
+        }
     }
 }
 
@@ -211,18 +308,33 @@ impl<B: Body> Body for LeaseBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let this = self.project();
-        let frame = this.body.poll_frame(cx);
+        let mut this = self.project();
+        let frame = this.body.as_mut().poll_frame(cx);
         match &frame {
-            Poll::Ready(None) => {
-                this.lease.take();
-            }
-            Poll::Ready(Some(Err(_))) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.set_outcome(Outcome::Error);
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(t), Some(data)) = (this.tracker.as_mut(), f.data_ref()) {
+                    // hyper's frames are one slice; 16 covers any chained buffer in practice.
+                    let mut slices = [std::io::IoSlice::new(&[]); 16];
+                    let n = data.chunks_vectored(&mut slices);
+                    slices[..n].iter().for_each(|s| t.feed(s));
+                }
+                if this.body.is_end_stream()
+                    && let Some(mut t) = this.tracker.take()
+                {
+                    t.finish(false, false);
                 }
             }
-            _ => {}
+            Poll::Ready(None) => {
+                if let Some(mut t) = this.tracker.take() {
+                    t.finish(false, false);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut t) = this.tracker.take() {
+                    t.finish(true, false);
+                }
+            }
+            Poll::Pending => {}
         }
         frame
     }
@@ -233,81 +345,5 @@ impl<B: Body> Body for LeaseBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// The release outcome for a provider response.
-pub fn outcome_of(status: StatusCode, headers: &HeaderMap) -> Outcome {
-    match status.as_u16() {
-        429 | 529 => Outcome::RateLimited { retry_after: retry_after(headers, SystemTime::now()) },
-        500..=599 => Outcome::Error,
-        _ => Outcome::Ok,
-    }
-}
-
-/// Reads a provider's retry hint: `retry-after-ms` (OpenAI), else `Retry-After` as seconds or as an
-/// HTTP date (relative to `now`; a date in the past means zero).
-pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
-    }
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(retry_after(&headers(&[("retry-after", "7")]), now), Some(Duration::from_secs(7)));
-        assert_eq!(
-            retry_after(&headers(&[("retry-after-ms", "250"), ("retry-after", "7")]), now),
-            Some(Duration::from_millis(250))
-        );
-        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(retry_after(&headers(&[("retry-after", &date)]), now), Some(Duration::from_secs(30)));
-        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(retry_after(&headers(&[("retry-after", &past)]), now), Some(Duration::ZERO));
-        assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
-        assert_eq!(retry_after(&HeaderMap::new(), now), None);
-    }
-
-    #[test]
-    fn outcomes_by_status() {
-        let h = headers(&[("retry-after", "3")]);
-        assert_eq!(
-            outcome_of(StatusCode::TOO_MANY_REQUESTS, &h),
-            Outcome::RateLimited { retry_after: Some(Duration::from_secs(3)) }
-        );
-        assert_eq!(
-            outcome_of(StatusCode::from_u16(529).unwrap(), &HeaderMap::new()),
-            Outcome::RateLimited { retry_after: None }
-        );
-        assert_eq!(outcome_of(StatusCode::BAD_GATEWAY, &HeaderMap::new()), Outcome::Error);
-        assert_eq!(outcome_of(StatusCode::OK, &HeaderMap::new()), Outcome::Ok);
-        assert_eq!(outcome_of(StatusCode::BAD_REQUEST, &HeaderMap::new()), Outcome::Ok);
     }
 }

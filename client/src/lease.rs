@@ -8,7 +8,7 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{Error, Lost, Outcome, command::Command};
+use crate::{Error, Lost, Outcome, ProviderLimit, Report, Usage, command::Command};
 
 /// State shared by a [`Lease`], its [`LeaseHandle`]s and the session task.
 #[derive(Debug)]
@@ -19,8 +19,23 @@ pub(crate) struct Shared {
     pub(crate) ttl: Duration,
     pub(crate) expires_at: Mutex<SystemTime>,
     pub(crate) lost: watch::Sender<Option<Lost>>,
-    /// The outcome a drop (or the closure form) reports, when someone set one.
-    pub(crate) outcome: Mutex<Option<Outcome>>,
+    /// What a drop (or the closure form) reports, as far as someone set it.
+    pub(crate) report: Mutex<PendingReport>,
+}
+
+/// The parts of a release's [`Report`] set on a lease before it is released.
+#[derive(Debug, Default)]
+pub(crate) struct PendingReport {
+    outcome: Option<Outcome>,
+    usage: Option<Usage>,
+    limits: Vec<ProviderLimit>,
+}
+
+impl PendingReport {
+    /// The report, with `default` as the outcome if none was set.
+    fn finish(self, default: Outcome) -> Report {
+        Report { outcome: self.outcome.unwrap_or(default), usage: self.usage, limits: self.limits }
+    }
 }
 
 impl Shared {
@@ -38,7 +53,7 @@ impl Shared {
             ttl,
             expires_at: Mutex::new(expires_at),
             lost: watch::Sender::new(None),
-            outcome: Mutex::new(None),
+            report: Mutex::new(PendingReport::default()),
         })
     }
 
@@ -58,8 +73,14 @@ impl Shared {
         });
     }
 
-    fn take_outcome(&self) -> Option<Outcome> {
-        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingReport> {
+        // A poisoned lock only means another thread panicked mid-assignment of plain values.
+        self.report.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes what was set, with `default` as the outcome if none was.
+    pub(crate) fn take_report(&self, default: Outcome) -> Report {
+        std::mem::take(&mut *self.pending()).finish(default)
     }
 }
 
@@ -118,13 +139,27 @@ impl LeaseHandle {
         }
     }
 
-    pub(crate) fn take_outcome(&self) -> Option<Outcome> {
-        self.shared.take_outcome()
+    /// Takes the report set so far, with `default` as the outcome if none was set.
+    pub(crate) fn take_report(&self, default: Outcome) -> Report {
+        self.shared.take_report(default)
     }
 
-    /// Sets the outcome reported when the lease is released by drop (or by [`Client::run`](crate::Client::run)).
+    /// Sets the outcome reported when the lease is released by drop (or by
+    /// [`Client::run`](crate::Client::run)). Usage and limits set before are kept.
     pub fn set_outcome(&self, outcome: Outcome) {
-        *self.shared.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.shared.pending().outcome = Some(outcome);
+    }
+
+    /// Sets the whole report (outcome, usage, provider limits) sent when the lease is released by
+    /// drop (or by [`Client::run`](crate::Client::run)); replaces anything set before.
+    pub fn set_report(&self, report: Report) {
+        let Report { outcome, usage, limits } = report;
+        *self.shared.pending() = PendingReport { outcome: Some(outcome), usage, limits };
+    }
+
+    /// Records the tokens the call used; sent with the release, whatever its outcome.
+    pub fn set_usage(&self, usage: Usage) {
+        self.shared.pending().usage = Some(usage);
     }
 }
 
@@ -195,7 +230,13 @@ impl Lease {
         self.handle.set_outcome(outcome);
     }
 
-    /// Releases the lease with `outcome` and waits until the daemon applied it.
+    /// Sets the whole report (outcome, usage, provider limits) sent when this lease is dropped.
+    pub fn set_report(&self, report: Report) {
+        self.handle.set_report(report);
+    }
+
+    /// Releases the lease with `outcome` (plus any usage set before) and waits until the daemon
+    /// applied it.
     ///
     /// While the client is reconnecting, this waits until the lease was resumed and released.
     ///
@@ -203,14 +244,24 @@ impl Lease {
     /// The release is sent on the first poll; dropping the future afterwards only stops waiting for
     /// the answer. Dropping it before the first poll drops the lease, which releases it with
     /// [`Outcome::Ok`].
-    pub async fn release(mut self, outcome: Outcome) -> Result<(), Error> {
+    pub async fn release(self, outcome: Outcome) -> Result<(), Error> {
+        let report = self.handle.take_report(outcome).with_outcome(outcome);
+        self.release_with(report).await
+    }
+
+    /// Releases the lease with a whole [`Report`] (outcome, usage, the provider's rate-limit
+    /// headers) and waits until the daemon applied it.
+    ///
+    /// # Cancel safety
+    /// As for [`release`](Self::release).
+    pub async fn release_with(mut self, report: Report) -> Result<(), Error> {
         self.released = true;
         if let Some(why) = self.handle.shared.lost.borrow().clone() {
             return Err(Error::Lost { lease_id: self.lease_id().to_owned(), reason: why });
         }
         let (tx, rx) = oneshot::channel();
         self.cmd
-            .send(Command::Release { lease_id: self.lease_id().to_owned(), outcome, reply: Some(tx) })
+            .send(Command::Release { lease_id: self.lease_id().to_owned(), report, reply: Some(tx) })
             .map_err(|_| Error::SessionClosed)?;
         rx.await.unwrap_or(Err(Error::SessionClosed))
     }
@@ -233,10 +284,9 @@ impl Lease {
     }
 
     /// Releases without waiting for the answer: what `Drop` does, with an explicit outcome.
-    pub(crate) fn release_in_background(mut self, outcome: Outcome) {
+    pub(crate) fn release_in_background(mut self, report: Report) {
         self.released = true;
-        let _ =
-            self.cmd.send(Command::Release { lease_id: self.lease_id().to_owned(), outcome, reply: None });
+        let _ = self.cmd.send(Command::Release { lease_id: self.lease_id().to_owned(), report, reply: None });
     }
 }
 
@@ -245,15 +295,12 @@ impl Drop for Lease {
         if self.released {
             return;
         }
-        let outcome = self.handle.shared.take_outcome().unwrap_or(if std::thread::panicking() {
-            Outcome::Error
-        } else {
-            Outcome::Ok
-        });
+        let report =
+            self.handle.take_report(if std::thread::panicking() { Outcome::Error } else { Outcome::Ok });
         // An unbounded send never blocks; if the session is gone the daemon's TTL covers the slot.
         let _ = self.cmd.send(Command::Release {
             lease_id: self.handle.shared.lease_id.clone(),
-            outcome,
+            report,
             reply: None,
         });
     }

@@ -85,19 +85,18 @@ mod error;
 mod hold;
 mod layer;
 mod lease;
+pub mod provider;
+mod report;
 mod session;
 
 pub use crate::{
     client::{Acquire, AcquireBuilder, Client, ClientBuilder},
-    command::Outcome,
     connect::{AuthChannel, BearerAuth, Connector, parse_endpoint},
     error::{Error, Lost},
     hold::Hold,
-    layer::{
-        BoxError, FixedPool, LeaseBody, LeaseLayer, LeaseService, ResponseFuture, SelectPool, outcome_of,
-        retry_after,
-    },
+    layer::{BoxError, FixedPool, LeaseBody, LeaseLayer, LeaseService, ResponseFuture, SelectPool},
     lease::{Lease, LeaseHandle},
+    report::{LimitKind, Outcome, ProviderLimit, Report, Usage},
     session::{PauseInfo, Pauses},
 };
 /// The generated wire types, for [`Client::status`] answers.

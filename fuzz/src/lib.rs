@@ -83,7 +83,7 @@ fn op(u: &mut Unstructured) -> Result<Op> {
         },
         6 => Op::Cancel { s, which },
         7 => Op::Heartbeat { s, which: u.arbitrary::<bool>()?.then_some(which) },
-        8 | 9 => Op::Release { s, which, outcome: u.int_in_range(0..=5)?, retry: retry(u)? },
+        8 | 9 => Op::Release { s, which, outcome: u.int_in_range(0..=7)?, retry: retry(u)? },
         10 => Op::Move { s, which, good_token: u.ratio(4u8, 5)?, forged: u.ratio(1u8, 3)? },
         11 => Op::Recreate {
             s,
@@ -246,8 +246,21 @@ mod tests {
             3 => Some(Msg::Heartbeat(pb::Heartbeat { lease_ids: vec![lease_id(rng)] })),
             4 => Some(Msg::Release(pb::ReleaseLease {
                 lease_id: lease_id(rng),
-                outcome: rng.random_range(0..6),
+                outcome: rng.random_range(0..9),
                 retry_after: rng.random_bool(0.5).then(|| prost_types_duration(rng)),
+                usage: rng.random_bool(0.3).then(|| pb::Usage {
+                    input_tokens: [0, 1, 1 << 40, u64::MAX][rng.random_range(0..4)],
+                    output_tokens: rng.random_range(0..100_000),
+                    ..Default::default()
+                }),
+                provider_limits: (0..rng.random_range(0..10))
+                    .map(|_| pb::ProviderLimit {
+                        kind: rng.random_range(0..6),
+                        limit: rng.random_range(0..1000),
+                        remaining: rng.random_range(0..1200),
+                        reset_in: rng.random_bool(0.7).then(|| prost_types_duration(rng)),
+                    })
+                    .collect(),
             })),
             _ => Some(Msg::Resume(pb::ResumeLease {
                 lease_id: lease_id(rng),

@@ -38,8 +38,9 @@ use crate::{
 pub const QUEUE_WAIT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
-/// The `outcome` label of `slotd_leases_released_total`, in [`Outcome`] order plus a closed stream.
-const RELEASE_OUTCOMES: [&str; 5] = ["ok", "error", "cancelled", "rate_limited", "stream_closed"];
+/// The `outcome` label of `slotd_leases_released_total`: [`Outcome::LABELS`] plus a closed stream.
+const RELEASE_OUTCOMES: [&str; 7] =
+    ["ok", "error", "cancelled", "rate_limited", "overloaded", "quota_exhausted", "stream_closed"];
 /// The `reason` label of `slotd_leases_expired_total`.
 const EXPIRY_REASONS: [&str; 3] = ["ttl", "revoked", "pool_removed"];
 /// The `reason` label of `slotd_rejections_total`.
@@ -252,16 +253,8 @@ impl Recorder {
             Fact::Ended { lease, end } => {
                 let h = self.pool(&lease.pool);
                 match end {
-                    LeaseEnd::Released(outcome) => {
-                        let i = match outcome {
-                            Outcome::Ok => 0,
-                            Outcome::Error => 1,
-                            Outcome::Cancelled => 2,
-                            Outcome::RateLimited(_) => 3,
-                        };
-                        h.released[i].inc();
-                    }
-                    LeaseEnd::StreamClosed => h.released[4].inc(),
+                    LeaseEnd::Released(outcome) => h.released[outcome.index()].inc(),
+                    LeaseEnd::StreamClosed => h.released[Outcome::LABELS.len()].inc(),
                     LeaseEnd::Expired(reason) => {
                         let i = match reason {
                             ExpiryReason::Ttl => 0,

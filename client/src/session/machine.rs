@@ -24,7 +24,7 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{Error, Lost, Outcome, command::RequestSpec};
+use crate::{Error, Lost, Outcome, Report, command::RequestSpec};
 
 /// Heartbeats are never sent more often than this, whatever the TTL.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(5);
@@ -68,7 +68,7 @@ pub(crate) enum ToDaemon {
     /// Renew every lease this stream holds.
     Heartbeat,
     /// Give a lease back.
-    Release { lease_id: String, outcome: Outcome },
+    Release { lease_id: String, report: Report },
     /// Re-attach a lease held on an earlier stream.
     Resume {
         lease_id: String,
@@ -140,7 +140,7 @@ pub(crate) enum Input {
     /// The acquire future was dropped before its answer.
     Cancel { request_id: String },
     /// A handle gives a lease back; with a ticket when someone waits for the answer.
-    Release { lease_id: String, outcome: Outcome, ticket: Option<Ticket> },
+    Release { lease_id: String, report: Report, ticket: Option<Ticket> },
     /// The daemon said something.
     Message(FromDaemon),
     /// A new stream is open.
@@ -189,16 +189,16 @@ struct Pending {
     created: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Held on the current stream.
     Held,
     /// Resume sent (or to be sent once connected); not yet confirmed.
     Resuming,
     /// Release sent on the current stream.
-    Releasing { outcome: Outcome, ticket: Option<Ticket> },
+    Releasing { report: Report, ticket: Option<Ticket> },
     /// The holder released it while it still needed a resume: resume, then release.
-    ResumingThenReleasing { outcome: Outcome, ticket: Option<Ticket> },
+    ResumingThenReleasing { report: Report, ticket: Option<Ticket> },
 }
 
 #[derive(Debug)]
@@ -251,7 +251,7 @@ impl Machine {
         match input {
             Input::Acquire { request_id, spec } => self.acquire(now, request_id, spec),
             Input::Cancel { request_id } => self.cancel(request_id),
-            Input::Release { lease_id, outcome, ticket } => self.release(lease_id, outcome, ticket),
+            Input::Release { lease_id, report, ticket } => self.release(lease_id, report, ticket),
             Input::Message(msg) => self.on_message(now, msg),
             Input::Connected => self.on_connected(now),
             Input::Disconnected => self.on_disconnected(),
@@ -328,7 +328,7 @@ impl Machine {
         // releases itself; or we are disconnected and the daemon forgot it.
     }
 
-    fn release(&mut self, lease_id: String, outcome: Outcome, ticket: Option<Ticket>) {
+    fn release(&mut self, lease_id: String, report: Report, ticket: Option<Ticket>) {
         let connected = self.connected;
         let Some(held) = self.leases.get_mut(&lease_id) else {
             self.answer(
@@ -343,12 +343,12 @@ impl Machine {
         };
         let send_now = match held.state {
             State::Held => {
-                held.state = State::Releasing { outcome, ticket };
+                held.state = State::Releasing { report: report.clone(), ticket };
                 connected
             }
             State::Resuming => {
                 // The resume (already sent, or sent on reconnect) goes first; the release follows it.
-                held.state = State::ResumingThenReleasing { outcome, ticket };
+                held.state = State::ResumingThenReleasing { report: report.clone(), ticket };
                 connected
             }
             State::Releasing { .. } | State::ResumingThenReleasing { .. } => {
@@ -364,7 +364,7 @@ impl Machine {
             }
         };
         if send_now {
-            self.send(ToDaemon::Release { lease_id, outcome });
+            self.send(ToDaemon::Release { lease_id, report });
         }
     }
 
@@ -393,7 +393,7 @@ impl Machine {
         for lease_id in held {
             // Its guard, if someone still has it, must stop using the slot.
             self.lose(&lease_id, Lost::SessionClosed);
-            self.release(lease_id, Outcome::Cancelled, None);
+            self.release(lease_id, Report::from(Outcome::Cancelled), None);
         }
     }
 
@@ -435,10 +435,10 @@ impl Machine {
             }
             FromDaemon::LeaseResumed { lease_id, expires_at } => {
                 if let Some(held) = self.leases.get_mut(&lease_id) {
-                    held.state = match held.state {
+                    held.state = match std::mem::replace(&mut held.state, State::Held) {
                         State::Resuming => State::Held,
-                        State::ResumingThenReleasing { outcome, ticket } => {
-                            State::Releasing { outcome, ticket }
+                        State::ResumingThenReleasing { report, ticket } => {
+                            State::Releasing { report, ticket }
                         }
                         other => other,
                     };
@@ -494,10 +494,10 @@ impl Machine {
                         lease,
                         priority: None,
                         holder,
-                        state: State::Releasing { outcome: Outcome::Cancelled, ticket: None },
+                        state: State::Releasing { report: Outcome::Cancelled.into(), ticket: None },
                     },
                 );
-                self.send(ToDaemon::Release { lease_id, outcome: Outcome::Cancelled });
+                self.send(ToDaemon::Release { lease_id, report: Outcome::Cancelled.into() });
             }
         }
         self.reschedule_heartbeat(now);
@@ -613,10 +613,10 @@ impl Machine {
         self.heartbeats_sent.clear();
         self.next_heartbeat = None;
         for held in self.leases.values_mut() {
-            held.state = match held.state {
+            held.state = match std::mem::replace(&mut held.state, State::Resuming) {
                 State::Held | State::Resuming => State::Resuming,
-                State::Releasing { outcome, ticket } | State::ResumingThenReleasing { outcome, ticket } => {
-                    State::ResumingThenReleasing { outcome, ticket }
+                State::Releasing { report, ticket } | State::ResumingThenReleasing { report, ticket } => {
+                    State::ResumingThenReleasing { report, ticket }
                 }
             };
         }
@@ -636,11 +636,11 @@ impl Machine {
                 holder: held.holder.clone(),
                 credential: held.lease.credential.clone(),
             };
-            match held.state {
+            match &held.state {
                 State::Resuming => msgs.push(resume),
-                State::ResumingThenReleasing { outcome, .. } => {
+                State::ResumingThenReleasing { report, .. } => {
                     msgs.push(resume);
-                    msgs.push(ToDaemon::Release { lease_id: lease_id.clone(), outcome });
+                    msgs.push(ToDaemon::Release { lease_id: lease_id.clone(), report: report.clone() });
                 }
                 State::Held | State::Releasing { .. } => {}
             }

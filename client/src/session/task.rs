@@ -269,13 +269,13 @@ impl Session {
                 self.acquirers.remove(&request_id);
                 self.feed(Input::Cancel { request_id });
             }
-            Some(Command::Release { lease_id, outcome, reply }) => {
+            Some(Command::Release { lease_id, report, reply }) => {
                 let ticket = reply.map(|reply| {
                     self.next_ticket += 1;
                     self.releases.insert(self.next_ticket, reply);
                     self.next_ticket
                 });
-                self.feed(Input::Release { lease_id, outcome, ticket });
+                self.feed(Input::Release { lease_id, report, ticket });
             }
             Some(Command::Close { deadline, reply }) => {
                 self.closers.push(reply);
@@ -316,7 +316,7 @@ impl Session {
                 let (Some(reply), Some(tx)) = (reply, owner) else {
                     // Nobody can hold it: the slot goes straight back.
                     let lease_id = lease.lease_id;
-                    self.feed(Input::Release { lease_id, outcome: Outcome::Cancelled, ticket: None });
+                    self.feed(Input::Release { lease_id, report: Outcome::Cancelled.into(), ticket: None });
                     return;
                 };
                 let shared =

@@ -53,7 +53,7 @@ impl Harness {
     }
 
     fn release(&mut self, lease_id: &str, ticket: Option<u64>) -> Step {
-        self.on(Input::Release { lease_id: lease_id.into(), outcome: Outcome::Ok, ticket })
+        self.on(Input::Release { lease_id: lease_id.into(), report: Outcome::Ok.into(), ticket })
     }
 
     /// Acquires and grants `lease_id` on a connected machine.
@@ -93,7 +93,7 @@ fn credential(lease_id: &str) -> Credential {
 }
 
 fn release_msg(lease_id: &str, outcome: Outcome) -> ToDaemon {
-    ToDaemon::Release { lease_id: lease_id.into(), outcome }
+    ToDaemon::Release { lease_id: lease_id.into(), report: outcome.into() }
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn a_release_made_while_disconnected_follows_the_resume() {
     h.on(Input::Disconnected);
     let step = h.on(Input::Release {
         lease_id: "l1".into(),
-        outcome: Outcome::RateLimited { retry_after: None },
+        report: Outcome::RateLimited { retry_after: None }.into(),
         ticket: Some(5),
     });
     assert!(step.send.is_empty() && step.notify.is_empty());
@@ -485,7 +485,7 @@ fn close_releases_what_is_still_held_and_waits_for_the_answer() {
     h.held("l1");
     let step = h.on(Input::Close);
     assert!(
-        matches!(&step.send[..], [ToDaemon::Release { lease_id, outcome: Outcome::Cancelled }] if lease_id == "l1"),
+        matches!(&step.send[..], [ToDaemon::Release { lease_id, report }] if lease_id == "l1" && report.outcome == Outcome::Cancelled),
         "{step:?}"
     );
     assert!(
@@ -513,7 +513,7 @@ fn close_withdraws_queued_requests_and_refuses_new_ones() {
     // The grant raced with the cancel: the slot goes straight back, and close waits for that too.
     let step = h.grant("r1", "l1");
     assert!(
-        matches!(&step.send[..], [ToDaemon::Release { lease_id, outcome: Outcome::Cancelled }] if lease_id == "l1"),
+        matches!(&step.send[..], [ToDaemon::Release { lease_id, report }] if lease_id == "l1" && report.outcome == Outcome::Cancelled),
         "{step:?}"
     );
     assert!(!h.m.is_finished());
@@ -539,8 +539,8 @@ fn close_while_disconnected_releases_after_the_resume() {
     assert!(
         matches!(
             &step.send[..],
-            [ToDaemon::Resume { lease_id: a, .. }, ToDaemon::Release { lease_id: b, outcome: Outcome::Cancelled }]
-                if a == "l1" && b == "l1"
+            [ToDaemon::Resume { lease_id: a, .. }, ToDaemon::Release { lease_id: b, report }]
+                if a == "l1" && b == "l1" && report.outcome == Outcome::Cancelled
         ),
         "{step:?}"
     );

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use slotd_proto::v1::{self as pb, client_message, server_message};
 
 use super::machine::{Credential, Expiry, FromDaemon, LeaseInfo, ToDaemon};
-use crate::Outcome;
+use crate::{LimitKind, Outcome, ProviderLimit, Report};
 
 /// The TTL assumed when a grant names none (the daemon always sends one).
 const FALLBACK_TTL: Duration = Duration::from_secs(30);
@@ -24,19 +24,7 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
         }),
         ToDaemon::Cancel { request_id } => client_message::Msg::Cancel(pb::CancelRequest { request_id }),
         ToDaemon::Heartbeat => client_message::Msg::Heartbeat(pb::Heartbeat { lease_ids: Vec::new() }),
-        ToDaemon::Release { lease_id, outcome } => {
-            let (outcome, retry_after) = match outcome {
-                Outcome::Ok => (pb::Outcome::Ok, None),
-                Outcome::Error => (pb::Outcome::Error, None),
-                Outcome::Cancelled => (pb::Outcome::Cancelled, None),
-                Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
-            };
-            client_message::Msg::Release(pb::ReleaseLease {
-                lease_id,
-                outcome: outcome as i32,
-                retry_after: retry_after.and_then(duration),
-            })
-        }
+        ToDaemon::Release { lease_id, report } => client_message::Msg::Release(release(lease_id, report)),
         ToDaemon::Resume { lease_id, fencing_token, pool, priority, ttl, holder, credential } => {
             client_message::Msg::Resume(pb::ResumeLease {
                 lease_id,
@@ -109,6 +97,47 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
     })
 }
 
+/// The wire form of a release.
+fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
+    let (outcome, retry_after) = match report.outcome {
+        Outcome::Ok => (pb::Outcome::Ok, None),
+        Outcome::Error => (pb::Outcome::Error, None),
+        Outcome::Cancelled => (pb::Outcome::Cancelled, None),
+        Outcome::RateLimited { retry_after } => (pb::Outcome::RateLimited, retry_after),
+        Outcome::Overloaded { retry_after } => (pb::Outcome::Overloaded, retry_after),
+        Outcome::QuotaExhausted { retry_after } => (pb::Outcome::QuotaExhausted, retry_after),
+    };
+    let usage = report.usage.map(|u| pb::Usage {
+        input_tokens: u.input_tokens,
+        output_tokens: u.output_tokens,
+        cache_read_tokens: u.cache_read_tokens,
+        cache_creation_tokens: u.cache_creation_tokens,
+    });
+    let provider_limits = report
+        .limits
+        .into_iter()
+        .take(ProviderLimit::MAX_PER_REPORT)
+        .map(|l| pb::ProviderLimit {
+            kind: match l.kind {
+                LimitKind::Requests => pb::LimitKind::Requests,
+                LimitKind::Tokens => pb::LimitKind::Tokens,
+                LimitKind::InputTokens => pb::LimitKind::InputTokens,
+                LimitKind::OutputTokens => pb::LimitKind::OutputTokens,
+            } as i32,
+            limit: l.limit,
+            remaining: l.remaining.min(l.limit),
+            reset_in: duration(l.reset_in.min(ProviderLimit::MAX_RESET_IN)),
+        })
+        .collect();
+    pb::ReleaseLease {
+        lease_id,
+        outcome: outcome as i32,
+        retry_after: retry_after.and_then(duration),
+        usage,
+        provider_limits,
+    }
+}
+
 fn duration(d: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
@@ -126,11 +155,48 @@ mod tests {
     fn a_rate_limited_release_carries_its_retry_after() {
         let msg = encode(ToDaemon::Release {
             lease_id: "l1".into(),
-            outcome: Outcome::RateLimited { retry_after: Some(Duration::from_secs(7)) },
+            report: Outcome::RateLimited { retry_after: Some(Duration::from_secs(7)) }.into(),
         });
         let Some(client_message::Msg::Release(r)) = msg.msg else { panic!("not a release: {msg:?}") };
         assert_eq!(r.outcome, pb::Outcome::RateLimited as i32);
         assert_eq!(r.retry_after, Some(prost_types::Duration { seconds: 7, nanos: 0 }));
+        assert_eq!((r.usage, r.provider_limits.len()), (None, 0));
+    }
+
+    #[test]
+    fn a_release_carries_usage_and_at_most_eight_capped_limits() {
+        let limit = ProviderLimit {
+            kind: LimitKind::OutputTokens,
+            limit: 10,
+            remaining: 99,
+            reset_in: Duration::from_secs(7 * 24 * 3600),
+        };
+        let report = Report {
+            outcome: Outcome::Overloaded { retry_after: None },
+            usage: Some(crate::Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                cache_read_tokens: 5,
+                cache_creation_tokens: 6,
+            }),
+            limits: vec![limit; 12],
+        };
+        let msg = encode(ToDaemon::Release { lease_id: "l1".into(), report });
+        let Some(client_message::Msg::Release(r)) = msg.msg else { panic!("not a release: {msg:?}") };
+        assert_eq!(r.outcome, pb::Outcome::Overloaded as i32);
+        assert_eq!(
+            r.usage,
+            Some(pb::Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                cache_read_tokens: 5,
+                cache_creation_tokens: 6
+            })
+        );
+        assert_eq!(r.provider_limits.len(), ProviderLimit::MAX_PER_REPORT);
+        let l = &r.provider_limits[0];
+        assert_eq!((l.kind, l.limit, l.remaining), (pb::LimitKind::OutputTokens as i32, 10, 10));
+        assert_eq!(l.reset_in, Some(prost_types::Duration { seconds: 24 * 3600, nanos: 0 }));
     }
 
     #[test]

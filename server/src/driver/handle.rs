@@ -9,8 +9,8 @@ use tokio::{
 
 use super::Shared;
 use crate::scheduler::{
-    Error, Event, Fact, Lease, LeaseId, NewRequest, Outcome, PauseApplied, PoolConfig, PoolDeleted, PoolId,
-    PoolPatch, PoolSnapshot, ResumeRequest, SessionId, Snapshot,
+    Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
+    PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -43,7 +43,7 @@ pub enum StreamOp {
     /// Renew leases (all when empty).
     Heartbeat(Vec<LeaseId>),
     /// Give a lease back.
-    Release(LeaseId, Outcome),
+    Release(LeaseId, Report),
     /// Re-attach a lease.
     Resume(ResumeRequest),
     /// Input that failed conversion: deliver this event (in order with the others) and change nothing.

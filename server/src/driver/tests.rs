@@ -169,7 +169,7 @@ async fn events_go_to_their_own_session_and_a_closed_stream_frees_its_slot() {
     a.quiet_for(Duration::from_secs(1)).await;
 
     // A release from the wrong session is refused there, and changes nothing.
-    b.send(StreamOp::Release(lease, Outcome::Ok)).await;
+    b.send(StreamOp::Release(lease, Outcome::Ok.into())).await;
     assert!(matches!(b.next().await, Event::LeaseError { error: Error::NotYourLease(_), .. }));
 
     facts.take();
@@ -215,9 +215,9 @@ async fn drain_follows_the_counts_until_the_last_lease_ends() {
 
     let mut progress = watch::drain(driver.clone(), None).await.unwrap();
     assert_eq!(progress.recv().await.unwrap().unwrap().leases, 2);
-    a.send(StreamOp::Release(l1, Outcome::Ok)).await;
+    a.send(StreamOp::Release(l1, Outcome::Ok.into())).await;
     assert_eq!(progress.recv().await.unwrap().unwrap().leases, 1);
-    a.send(StreamOp::Release(l2, Outcome::Ok)).await;
+    a.send(StreamOp::Release(l2, Outcome::Ok.into())).await;
     assert_eq!(progress.recv().await.unwrap().unwrap().leases, 0);
     assert!(progress.recv().await.is_none(), "the stream ends once no lease is held");
 }

@@ -21,9 +21,9 @@ use crate::{
     driver::{Published, StreamOp},
     grpc::status::code,
     scheduler::{
-        Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, NewRequest, Outcome,
-        Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, RequestId, ResumeCredential,
-        ResumeRequest, SchedulerConfig, Snapshot,
+        Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, LimitKind, NewRequest,
+        Outcome, Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, ProviderLimit, Report,
+        RequestId, ResumeCredential, ResumeRequest, SchedulerConfig, Snapshot, Usage,
     },
 };
 
@@ -202,18 +202,81 @@ fn request(r: pb::LeaseRequest) -> Result<NewRequest, Error> {
     })
 }
 
-fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Outcome), Error> {
+fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Report), Error> {
     let id = r.lease_id.parse()?;
-    let outcome = match pb::Outcome::try_from(r.outcome) {
+    let outcome = outcome(r.outcome, r.retry_after)?;
+    let usage = r.usage.map(usage).transpose()?;
+    if r.provider_limits.len() > ProviderLimit::MAX_PER_REPORT {
+        return Err(Error::InvalidArgument(format!(
+            "provider_limits has {} entries; at most {} are accepted",
+            r.provider_limits.len(),
+            ProviderLimit::MAX_PER_REPORT
+        )));
+    }
+    let limits = r
+        .provider_limits
+        .into_iter()
+        .filter_map(|l| provider_limit(l).transpose())
+        .collect::<Result<_, _>>()?;
+    Ok((id, Report { outcome, usage, limits }))
+}
+
+/// An outcome class from the wire, with the Retry-After of the classes that pause.
+pub fn outcome(code: i32, retry_after: Option<prost_types::Duration>) -> Result<Outcome, Error> {
+    Ok(match pb::Outcome::try_from(code) {
         Ok(pb::Outcome::Unspecified | pb::Outcome::Ok) => Outcome::Ok,
         Ok(pb::Outcome::Error) => Outcome::Error,
         Ok(pb::Outcome::Cancelled) => Outcome::Cancelled,
-        Ok(pb::Outcome::RateLimited) => Outcome::RateLimited(duration("retry_after", r.retry_after)?),
-        Err(_) => {
-            return Err(Error::InvalidArgument(format!("unknown outcome {}", r.outcome)));
+        Ok(pb::Outcome::RateLimited) => Outcome::RateLimited(duration("retry_after", retry_after)?),
+        Ok(pb::Outcome::Overloaded) => Outcome::Overloaded(duration("retry_after", retry_after)?),
+        Ok(pb::Outcome::QuotaExhausted) => Outcome::QuotaExhausted(duration("retry_after", retry_after)?),
+        Err(_) => return Err(Error::InvalidArgument(format!("unknown outcome {code}"))),
+    })
+}
+
+/// Token usage from the wire; each count is bounded by [`Usage::MAX_TOKENS`].
+pub fn usage(u: pb::Usage) -> Result<Usage, Error> {
+    let check = |field: &str, n: u64| {
+        if n > Usage::MAX_TOKENS {
+            return Err(Error::InvalidArgument(format!(
+                "usage.{field} is {n}; at most {} tokens are accepted",
+                Usage::MAX_TOKENS
+            )));
         }
+        Ok(n)
     };
-    Ok((id, outcome))
+    Ok(Usage {
+        input_tokens: check("input_tokens", u.input_tokens)?,
+        output_tokens: check("output_tokens", u.output_tokens)?,
+        cache_read_tokens: check("cache_read_tokens", u.cache_read_tokens)?,
+        cache_creation_tokens: check("cache_creation_tokens", u.cache_creation_tokens)?,
+    })
+}
+
+/// One provider limit from the wire; an entry of unknown kind is skipped (`None`), as newer clients
+/// may send kinds this daemon does not know.
+pub fn provider_limit(l: pb::ProviderLimit) -> Result<Option<ProviderLimit>, Error> {
+    let kind = match pb::LimitKind::try_from(l.kind) {
+        Ok(pb::LimitKind::Requests) => LimitKind::Requests,
+        Ok(pb::LimitKind::Tokens) => LimitKind::Tokens,
+        Ok(pb::LimitKind::InputTokens) => LimitKind::InputTokens,
+        Ok(pb::LimitKind::OutputTokens) => LimitKind::OutputTokens,
+        Ok(pb::LimitKind::Unspecified) | Err(_) => return Ok(None),
+    };
+    if l.remaining > l.limit {
+        return Err(Error::InvalidArgument(format!(
+            "provider limit {kind:?}: remaining {} exceeds limit {}",
+            l.remaining, l.limit
+        )));
+    }
+    let reset_in = duration("provider_limits.reset_in", l.reset_in)?.unwrap_or_default();
+    if reset_in > ProviderLimit::MAX_RESET_IN {
+        return Err(Error::InvalidArgument(format!(
+            "provider limit {kind:?}: reset_in {reset_in:?} exceeds {:?}",
+            ProviderLimit::MAX_RESET_IN
+        )));
+    }
+    Ok(Some(ProviderLimit { kind, limit: l.limit, remaining: l.remaining, reset_in }))
 }
 
 fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
@@ -232,9 +295,12 @@ fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
 pub fn server_message(event: Event) -> pb::ServerMessage {
     use pb::server_message::Msg;
     let msg = match event {
-        Event::Queued { request_id, position, blocked } => {
-            Msg::Queued(pb::Queued { request_id: request_id.to_string(), position, blocked })
-        }
+        Event::Queued { request_id, position, blocked } => Msg::Queued(pb::Queued {
+            request_id: request_id.to_string(),
+            position,
+            blocked,
+            ..Default::default()
+        }),
         Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
@@ -433,10 +499,7 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
 fn lease_end_detail(end: LeaseEnd) -> &'static str {
     match end {
         LeaseEnd::StreamClosed => "stream closed",
-        LeaseEnd::Released(Outcome::Ok) => "ok",
-        LeaseEnd::Released(Outcome::Error) => "error",
-        LeaseEnd::Released(Outcome::Cancelled) => "cancelled",
-        LeaseEnd::Released(Outcome::RateLimited(_)) => "rate_limited",
+        LeaseEnd::Released(outcome) => outcome.label(),
         LeaseEnd::Expired(ExpiryReason::Ttl) => "ttl",
         LeaseEnd::Expired(ExpiryReason::Revoked) => "revoked",
         LeaseEnd::Expired(ExpiryReason::PoolRemoved) => "pool_removed",

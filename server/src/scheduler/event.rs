@@ -9,17 +9,64 @@ use super::{
     Error, FencingToken, Lease, LeaseId, PoolId, RequestId, ResumeCredential, SessionId, lease::Ended,
 };
 
-/// How the call covered by a lease ended.
+/// How the call covered by a lease ended: its outcome class.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Success.
     Ok,
-    /// A non-rate-limit failure.
+    /// A failure that is not about capacity: a 5xx, a transport error.
     Error,
     /// The caller gave up.
     Cancelled,
-    /// A 429: pause the pool for `retry_after` (or the pool's default).
+    /// A 429 (this key's rate limit): pause the pool for `retry_after` (or the pool's default).
     RateLimited(Option<Duration>),
+    /// The provider is overloaded (529, 503): a provider-wide signal, not about this key's quota.
+    Overloaded(Option<Duration>),
+    /// The key is out of credit (402, `insufficient_quota`): retrying does not help.
+    QuotaExhausted(Option<Duration>),
+}
+
+impl Outcome {
+    /// Every class's label, in a fixed order (metrics index by [`Outcome::index`]).
+    pub const LABELS: [&'static str; 6] =
+        ["ok", "error", "cancelled", "rate_limited", "overloaded", "quota_exhausted"];
+
+    /// The class's index in [`Outcome::LABELS`].
+    pub fn index(&self) -> usize {
+        match self {
+            Outcome::Ok => 0,
+            Outcome::Error => 1,
+            Outcome::Cancelled => 2,
+            Outcome::RateLimited(_) => 3,
+            Outcome::Overloaded(_) => 4,
+            Outcome::QuotaExhausted(_) => 5,
+        }
+    }
+
+    /// The class's snake_case name, as in metrics labels, Watch and logs.
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    /// How a pause reason names the class, for example "rate limited (429)".
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+            Outcome::RateLimited(_) => "rate limited (429)",
+            Outcome::Overloaded(_) => "provider overloaded (529/503)",
+            Outcome::QuotaExhausted(_) => "quota exhausted (402)",
+        }
+    }
+
+    /// For the classes that pause the pool: the provider's Retry-After, if it gave one.
+    pub fn pause_hint(&self) -> Option<Option<Duration>> {
+        match self {
+            Outcome::RateLimited(r) | Outcome::Overloaded(r) | Outcome::QuotaExhausted(r) => Some(*r),
+            Outcome::Ok | Outcome::Error | Outcome::Cancelled => None,
+        }
+    }
 }
 
 /// Why a lease ended without a release.

@@ -37,6 +37,7 @@ pub mod pool;
 #[cfg(test)]
 mod proptests;
 pub mod queue;
+pub mod report;
 mod resume;
 mod snapshot;
 #[cfg(test)]
@@ -61,6 +62,7 @@ pub use self::{
     lease::{Ended, Lease},
     pool::{Closed, Overflow, PoolConfig},
     queue::{WaitKey, WaiterId},
+    report::{LimitKind, ProviderLimit, Report, Usage},
     resume::ResumeRequest,
     snapshot::{InheritedPause, PoolSnapshot, Snapshot},
 };
@@ -448,8 +450,17 @@ impl Scheduler {
         out
     }
 
-    /// Gives a lease back. A rate-limited outcome pauses its pool.
-    pub fn release(&mut self, now: Instant, session: SessionId, id: LeaseId, outcome: Outcome) -> Decisions {
+    /// Gives a lease back with the report of the call it covered. A rate-limited, overloaded or
+    /// quota-exhausted outcome pauses its pool.
+    pub fn release(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        id: LeaseId,
+        report: impl Into<Report>,
+    ) -> Decisions {
+        let report = report.into();
+        let outcome = report.outcome;
         let mut out = Decisions::default();
         self.advance(now, &mut out);
         match self.own_lease(session, &id) {
@@ -457,8 +468,8 @@ impl Scheduler {
                 let end = LeaseEnd::Released(outcome);
                 let lease = self.end_lease(now, &id, end, &mut out).expect("owned lease exists");
                 out.push(session, Event::Released { lease_id: id, pool: lease.pool.clone(), outcome });
-                if let Outcome::RateLimited(retry_after) = outcome {
-                    let reason = format!("rate limited (429) reported on release of lease {id}");
+                if let Some(retry_after) = outcome.pause_hint() {
+                    let reason = format!("{} reported on release of lease {id}", outcome.describe());
                     self.pause(now, &lease.pool, retry_after, reason, true, &mut out);
                 }
             }

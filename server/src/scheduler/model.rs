@@ -743,9 +743,11 @@ pub fn run(case: &Case) {
                     0 | 1 => Outcome::Ok,
                     2 => Outcome::Error,
                     3 => Outcome::Cancelled,
+                    4 => Outcome::Overloaded(retry.map(ms)),
+                    5 => Outcome::QuotaExhausted(retry.map(ms)),
                     _ => Outcome::RateLimited(retry.map(ms)),
                 };
-                lowered = matches!(outcome, Outcome::RateLimited(_));
+                lowered = outcome.pause_hint().is_some();
                 (s.release(now, sess, id, outcome), true)
             }
             Op::Move { s: i, which, good_token, forged } => {

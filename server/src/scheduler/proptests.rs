@@ -48,7 +48,7 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         2 => (s.clone(), 0..8usize).prop_map(|(s, which)| Op::Cancel { s, which }),
         2 => (s.clone(), prop::option::of(0..8usize)).prop_map(|(s, which)| Op::Heartbeat { s, which }),
-        5 => (s.clone(), 0..8usize, 0..6u8, prop::option::of(0..800u64))
+        5 => (s.clone(), 0..8usize, 0..8u8, prop::option::of(0..800u64))
             .prop_map(|(s, which, outcome, retry)| Op::Release { s, which, outcome, retry }),
         1 => (s.clone(), 0..8usize, prop::bool::weighted(0.8), prop::bool::weighted(0.3))
             .prop_map(|(s, which, good_token, forged)| Op::Move { s, which, good_token, forged }),

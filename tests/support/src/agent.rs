@@ -125,6 +125,7 @@ impl Agent {
             lease_id: lease_id.into(),
             outcome: outcome as i32,
             retry_after: retry_after.map(dur),
+            ..Default::default()
         }))
     }
 
@@ -399,7 +400,7 @@ impl Agent {
             self.send_raw(Some(Up::Release(pb::ReleaseLease {
                 lease_id: lease_id.into(),
                 outcome: pb::Outcome::Ok as i32,
-                retry_after: None,
+                ..Default::default()
             })))
             .await;
             match self.next_at(at).await {
