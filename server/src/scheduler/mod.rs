@@ -40,6 +40,7 @@ pub mod queue;
 pub mod report;
 mod resume;
 mod snapshot;
+mod term;
 #[cfg(test)]
 mod tests;
 pub mod time;
@@ -193,6 +194,9 @@ pub struct Scheduler {
     shutting_down: bool,
     /// An operator's drain: nothing new is granted; waiters stay queued until undrained.
     draining: bool,
+    /// Nothing is granted from this instant on (high availability: the leader's lease on its
+    /// leadership runs out then; see [`term`]).
+    grant_until: Option<Instant>,
 }
 
 impl Scheduler {
@@ -222,6 +226,7 @@ impl Scheduler {
             retired_tokens: HashMap::new(),
             shutting_down: false,
             draining: false,
+            grant_until: None,
             cfg,
         };
         s.sessions.insert(ORPHANS, Session::default());

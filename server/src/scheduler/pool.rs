@@ -189,6 +189,8 @@ pub enum Closed {
     Learning,
     /// The daemon is draining or shutting down: nothing new is granted.
     Draining,
+    /// High availability: this leader's grant deadline passed (it may no longer be the leader).
+    Fenced,
 }
 
 /// A pool's live state.
