@@ -68,6 +68,11 @@ impl Slotd {
         self.child.id()
     }
 
+    /// The exit code once the child has exited (`Some(None)`: killed by a signal), without waiting.
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().expect("wait").map(|s| s.code())
+    }
+
     /// Sends SIGTERM and waits (up to [`PROCESS_TIMEOUT`]) for a successful exit.
     #[track_caller]
     pub fn terminate(mut self) {
@@ -92,6 +97,28 @@ impl Drop for Slotd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `slotd` binary for test suites outside the `slotd` package (where `CARGO_BIN_EXE_slotd` is
+/// not set): built first with the cargo running the tests, so it is never stale, and found next to
+/// the test executable's `deps/` directory. `$SLOTD_TEST_BIN` names another binary instead.
+#[track_caller]
+pub fn slotd_binary() -> String {
+    if let Ok(p) = std::env::var("SLOTD_TEST_BIN") {
+        return p;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "slotd", "--bin", "slotd"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cargo} build -p slotd does not run: {e}"));
+    assert!(out.status.success(), "building slotd failed:\n{}", text(&out.stderr));
+    let exe = std::env::current_exe().expect("the test executable");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
+    let bin = dir.join(format!("slotd{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "no slotd binary at {}", bin.display());
+    bin.to_str().expect("utf-8 path").to_owned()
 }
 
 /// Runs `cmd` to completion and collects its output, failing after [`PROCESS_TIMEOUT`]. Set

@@ -1,0 +1,416 @@
+//! High availability: one leader among several members, elected through etcd's v3 election API.
+//!
+//! # Roles
+//! Every member campaigns under `[ha] election` with a candidacy key bound to its own etcd lease
+//! (`[ha] lease_ttl`). The one whose key etcd names leader serves; the others are standbys and answer
+//! every agent and admin call with UNAVAILABLE and the leader's advertised address in the
+//! `slotd-leader` metadata (one check, in the services' interceptor: [`RoleReader::admit`]). Health
+//! reports the role: `slotd.v1.Slotd` and `slotd.v1.Admin` are SERVING on the leader only, `""`
+//! (the process) is SERVING on every member.
+//!
+//! # Epochs and fencing tokens
+//! A term's epoch is its leader key's create revision, which etcd increases with every write, so a
+//! later leader always has a larger epoch. Fencing tokens of a term start at `epoch << 32`
+//! ([`token_base`]): the epoch in the high 31 bits, a per-pool counter in the low 32. A pool's tokens
+//! therefore strictly increase across failovers, as long as one term hands out fewer than 2^32
+//! tokens per pool and etcd's revision stays below 2^31 (a member refuses to lead beyond that).
+//!
+//! # Self-fencing
+//! The leader stops granting at its last successful keepalive (the instant the request was sent) +
+//! the lease TTL etcd granted − `[ha] margin`: the core is fed that instant as data
+//! ([`crate::scheduler::Scheduler::set_grant_deadline`]) and refuses to grant from then on, even
+//! while this task is stalled (SIGSTOP) or cut from etcd. When that deadline passes without a
+//! renewal, when etcd says the lease is gone, or when the leader key is deleted (watched), the
+//! member is deposed: it ends all its streams at once and [`run`] returns, so the daemon exits and
+//! its supervisor starts it again as a standby.
+//!
+//! # Taking over
+//! A new leader starts its term ([`crate::scheduler::Scheduler::begin_term`]) with a learning period
+//! covering the longest lease TTL of its pools: clients re-present their leases with their resume
+//! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
+//! waiters queue.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
+use tokio::{sync::watch, time::Instant};
+use tonic::{Status, metadata::MetadataValue};
+use tonic_health::server::HealthReporter;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::HaSection,
+    driver::DriverHandle,
+    grpc::{admin::AdminService, service::SlotdService},
+};
+
+/// The metadata key naming the leader's advertised address on a standby's UNAVAILABLE.
+pub use slotd_proto::LEADER_HEADER;
+
+/// Bits of a fencing token below the epoch (see the module docs).
+pub const EPOCH_SHIFT: u32 = 32;
+/// Largest epoch a member leads with: `epoch << EPOCH_SHIFT` must stay below
+/// [`crate::scheduler::SchedulerConfig::MAX_RESUME_TOKEN`] so that re-presented tokens are accepted.
+pub const MAX_EPOCH: u64 = (1 << 31) - 1;
+/// Longest wait between two attempts to reach etcd.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// This member's role.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Serving agents and operators.
+    Leader,
+    /// Redirecting every call to the leader.
+    Standby,
+}
+
+impl Role {
+    /// `leader` or `standby`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// What the services and metrics read about the election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleState {
+    /// This member's role.
+    pub role: Role,
+    /// The current term's epoch as far as this member knows (0: none yet).
+    pub epoch: u64,
+    /// The leader's advertised address, when known.
+    pub leader: Option<String>,
+    /// Terms this member has led.
+    pub terms: u64,
+}
+
+impl RoleState {
+    /// A standby that knows no leader yet.
+    pub fn standby() -> Self {
+        Self { role: Role::Standby, epoch: 0, leader: None, terms: 0 }
+    }
+}
+
+/// The services' view of the role (cheap to clone, read without waiting).
+#[derive(Clone, Debug)]
+pub struct RoleReader(watch::Receiver<RoleState>);
+
+impl RoleReader {
+    /// A reader of `rx`.
+    pub fn new(rx: watch::Receiver<RoleState>) -> Self {
+        Self(rx)
+    }
+
+    /// The role now.
+    pub fn get(&self) -> RoleState {
+        self.0.borrow().clone()
+    }
+
+    /// Lets a call through on the leader; on a standby, UNAVAILABLE with the leader's address (when
+    /// known) in `slotd-leader`.
+    pub fn admit(&self) -> Result<(), Status> {
+        let st = self.0.borrow();
+        if st.role == Role::Leader {
+            return Ok(());
+        }
+        let mut status = match &st.leader {
+            Some(addr) => Status::unavailable(format!("this slotd is a standby; the leader is {addr}")),
+            None => Status::unavailable("this slotd is a standby and knows no leader yet; retry shortly"),
+        };
+        if let Some(v) = st.leader.as_deref().and_then(|a| MetadataValue::try_from(a).ok()) {
+            status.metadata_mut().insert(LEADER_HEADER, v);
+        }
+        Err(status)
+    }
+}
+
+/// The first fencing token of a term, or `None` when the epoch is out of range.
+pub fn token_base(epoch: i64) -> Option<u64> {
+    u64::try_from(epoch).ok().filter(|e| (1..=MAX_EPOCH).contains(e)).map(|e| e << EPOCH_SHIFT)
+}
+
+/// Why the member stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    /// It led and can no longer be sure it does.
+    #[error("deposed as leader: {0}")]
+    Deposed(String),
+    /// It cannot lead at all.
+    #[error("cannot lead: {0}")]
+    Fatal(String),
+}
+
+/// What the election task needs from the daemon.
+pub struct Member {
+    /// `[ha]`.
+    pub cfg: HaSection,
+    /// The address clients reach this member at (`[ha] advertise`, or the bound listen address).
+    pub advertise: String,
+    /// The scheduler.
+    pub handle: DriverHandle,
+    /// Where the role is published.
+    pub role: watch::Sender<RoleState>,
+    /// Health, to report the role.
+    pub health: HealthReporter,
+    /// A new term's learning period (the longest lease TTL of the pools).
+    pub learning: Duration,
+}
+
+/// Runs this member's candidacy until it is deposed (or cannot lead at all): as a standby it follows
+/// the leader's address; once elected it starts a term, renews its lease and fences itself.
+///
+/// # Cancel safety
+/// Dropping it stops campaigning and renewing: a leader's grants stop at its current grant deadline
+/// and etcd elects another member once the lease runs out.
+pub async fn run(m: Member) -> HaError {
+    set_health(&m.health, Role::Standby).await;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match term(&m).await {
+            Ok(e) => return e,
+            Err(e) => {
+                warn!(error = %e, "etcd unreachable or candidacy lost while standing by; retrying");
+                m.role.send_modify(|s| s.leader = None);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One candidacy: `Err` when it ended while standing by (retry), `Ok` when the member led and was
+/// deposed or cannot lead.
+async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
+    let ttl = m.cfg.lease_ttl;
+    let call = ttl / 3;
+    // No HTTP/2 keep-alive pings: etcd answers pings more often than every 5 s with GOAWAY; the
+    // lease keepalives below are the liveness check.
+    let opts = ConnectOptions::new().with_connect_timeout(call);
+    let mut client = Client::connect(&m.cfg.etcd, Some(opts)).await?;
+    debug!("connected to etcd");
+    let granted = within(call, client.lease_grant(ttl.as_secs() as i64, None)).await??;
+    let lease = granted.id();
+    // etcd may raise a TTL below its minimum: fence on what it granted.
+    let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)).max(ttl);
+    debug!(lease, ?ttl, "etcd lease granted");
+    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
+    let mut renewed = Instant::now();
+
+    // Follow the leader's address while standing by. Its own task: etcd answers Observe only once
+    // there is a leader, so the call itself may wait for a long time.
+    let follow = AbortOnDrop(tokio::spawn(follow(client.clone(), m.cfg.election.clone(), m.role.clone())));
+    let mut election = client.election_client();
+    let campaign = election.campaign(m.cfg.election.clone(), m.advertise.clone(), lease);
+    tokio::pin!(campaign);
+    let mut tick = tokio::time::interval(call);
+    let won = loop {
+        tokio::select! {
+            res = &mut campaign => break res?,
+            _ = tick.tick() => {
+                renewed = keepalive(&mut keeper, &mut acks, call).await?.unwrap_or(renewed);
+                if renewed.elapsed() >= ttl {
+                    return Err(etcd_client::Error::LeaseKeepAliveError("candidacy lease expired".into()));
+                }
+            }
+        }
+    };
+    drop(follow);
+    let Some(key) = won.leader() else {
+        return Err(etcd_client::Error::InvalidArgs("campaign answered without a leader key".into()));
+    };
+    let (epoch, key) = (key.rev(), key.key().to_vec());
+    let Some(first_token) = token_base(epoch) else {
+        return Ok(HaError::Fatal(format!("epoch {epoch} is beyond {MAX_EPOCH}")));
+    };
+    Ok(lead(m, &mut client, keeper, acks, renewed, ttl, epoch, first_token, key).await)
+}
+
+/// The leader's loop: renew, fence, watch the leader key; returns why it was deposed.
+#[allow(clippy::too_many_arguments)]
+async fn lead(
+    m: &Member,
+    client: &mut Client,
+    mut keeper: LeaseKeeper,
+    mut acks: LeaseKeepAliveStream,
+    mut renewed: Instant,
+    ttl: Duration,
+    epoch: i64,
+    first_token: u64,
+    key: Vec<u8>,
+) -> HaError {
+    let margin = m.cfg.margin;
+    let call = ttl / 3;
+    let deadline = |at: Instant| at + ttl.saturating_sub(margin);
+    let mut deletions = match client.watch(key, Some(WatchOptions::new())).await {
+        Ok(w) => w,
+        Err(e) => return depose(m, format!("cannot watch the leader key: {e}")).await,
+    };
+    // Renew once more before serving, so the term starts with a full grant window.
+    match keepalive(&mut keeper, &mut acks, call).await {
+        Ok(Some(at)) => renewed = at,
+        Ok(None) => {}
+        Err(e) => return depose(m, format!("keepalive failed on taking over: {e}")).await,
+    }
+    if Instant::now() >= deadline(renewed) {
+        return depose(m, "elected too late to serve before the lease could lapse".into()).await;
+    }
+    let epoch = epoch as u64;
+    if m.handle.begin_term(first_token, m.learning).await.is_err()
+        || m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err()
+    {
+        return HaError::Fatal("the scheduler stopped".into());
+    }
+    m.role.send_modify(|s| {
+        s.role = Role::Leader;
+        s.epoch = epoch;
+        s.leader = Some(m.advertise.clone());
+        s.terms += 1;
+    });
+    set_health(&m.health, Role::Leader).await;
+    info!(epoch, first_token, learning_secs = m.learning.as_secs_f64(), "elected leader: term started");
+    let mut tick = tokio::time::interval(call);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if Instant::now() >= deadline(renewed) {
+                    return depose(m, "no successful keepalive within the lease TTL minus the margin".into()).await;
+                }
+                match keepalive(&mut keeper, &mut acks, call).await {
+                    Ok(Some(at)) => {
+                        renewed = at;
+                        if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
+                            return HaError::Fatal("the scheduler stopped".into());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return depose(m, format!("etcd says the lease is gone: {e}")).await,
+                }
+            }
+            event = deletions.message(), if watching => match event {
+                Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => {
+                    return depose(m, "the leader key was deleted".into()).await;
+                }
+                Ok(Some(_)) => {}
+                // The watch broke (etcd restarting, cut off): keepalives decide from here.
+                Ok(None) | Err(_) => {
+                    warn!("watch on the leader key ended; relying on keepalives");
+                    watching = false;
+                }
+            },
+        }
+    }
+}
+
+/// Publishes the leader's advertised address as etcd reports it, until aborted.
+async fn follow(client: Client, election: String, role: watch::Sender<RoleState>) {
+    let mut observe = match client.election_client().observe(election).await {
+        Ok(o) => o,
+        Err(e) => return warn!(error = %e, "cannot observe the election"),
+    };
+    while let Ok(Some(seen)) = observe.message().await {
+        let addr = seen.kv().and_then(|kv| kv.value_str().ok()).filter(|a| !a.is_empty()).map(str::to_owned);
+        role.send_if_modified(|s| {
+            let changed = s.role == Role::Standby && s.leader != addr;
+            if changed {
+                s.leader = addr.clone();
+            }
+            changed
+        });
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One keepalive round: `Ok(Some(sent))` renewed (the instant the request was sent), `Ok(None)` no
+/// answer in time (etcd slow or unreachable; retried at the next tick), `Err` when etcd says the lease
+/// is gone or the stream broke.
+async fn keepalive(
+    keeper: &mut LeaseKeeper,
+    acks: &mut LeaseKeepAliveStream,
+    wait: Duration,
+) -> Result<Option<Instant>, etcd_client::Error> {
+    let sent = Instant::now();
+    keeper.keep_alive().await?;
+    match tokio::time::timeout(wait, acks.message()).await {
+        Ok(Ok(Some(ack))) if ack.ttl() > 0 => Ok(Some(sent)),
+        Ok(Ok(Some(_))) => Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
+        Ok(Ok(None)) => Err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into())),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Stops granting, turns standby, ends every stream at once.
+async fn depose(m: &Member, why: String) -> HaError {
+    warn!(reason = %why, "deposed: no more grants; ending every stream");
+    let _ = m.handle.set_grant_deadline(Some(Instant::now())).await;
+    m.role.send_modify(|s| {
+        s.role = Role::Standby;
+        s.leader = None;
+    });
+    set_health(&m.health, Role::Standby).await;
+    let held = m.handle.shutdown().await;
+    info!(leases = held, "streams ended; the clients resume their leases on the next leader");
+    HaError::Deposed(why)
+}
+
+async fn within<F: std::future::Future>(d: Duration, f: F) -> Result<F::Output, etcd_client::Error> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| etcd_client::Error::LeaseKeepAliveError(format!("etcd did not answer within {d:?}")))
+}
+
+async fn set_health(health: &HealthReporter, role: Role) {
+    match role {
+        Role::Leader => {
+            health.set_serving::<SlotdServer<SlotdService>>().await;
+            health.set_serving::<AdminServer<AdminService>>().await;
+        }
+        Role::Standby => {
+            health.set_not_serving::<SlotdServer<SlotdService>>().await;
+            health.set_not_serving::<AdminServer<AdminService>>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_of_a_later_epoch_are_above_every_token_of_an_earlier_one() {
+        let a = token_base(41).unwrap();
+        let b = token_base(42).unwrap();
+        assert!(b > a + u64::from(u32::MAX));
+        assert_eq!(token_base(0), None);
+        assert_eq!(token_base(-1), None);
+        assert_eq!(token_base(MAX_EPOCH as i64 + 1), None);
+        assert!(token_base(MAX_EPOCH as i64).unwrap() <= crate::scheduler::SchedulerConfig::MAX_RESUME_TOKEN);
+    }
+
+    #[test]
+    fn a_standby_answers_unavailable_with_the_leader() {
+        let (tx, rx) = watch::channel(RoleState::standby());
+        let r = RoleReader::new(rx);
+        let s = r.admit().unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.metadata().get(LEADER_HEADER).is_none());
+        tx.send_modify(|s| s.leader = Some("http://127.0.0.1:7001".into()));
+        let s = r.admit().unwrap_err();
+        assert_eq!(s.metadata().get(LEADER_HEADER).unwrap(), "http://127.0.0.1:7001");
+        tx.send_modify(|s| s.role = Role::Leader);
+        assert!(r.admit().is_ok());
+    }
+}

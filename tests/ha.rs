@@ -1,0 +1,280 @@
+//! High availability on etcd: three `slotd` processes and one real etcd on loopback.
+//!
+//! - A standby answers UNAVAILABLE with the leader's address in `slotd-leader`.
+//! - SIGKILL the leader: a standby takes over; the clients re-present their leases there; nothing new
+//!   is granted while the re-presented leases hold the limit; the new term's fencing tokens are above
+//!   every earlier one. The time from the kill to the first new grant is printed.
+//! - SIGSTOP the leader past its lease TTL: after SIGCONT it grants nothing, ends its streams and
+//!   exits, while a standby took over meanwhile.
+//!
+//! Skipped (with a message) when no `etcd` binary is installed; `.ci/run` installs Debian's
+//! `etcd-server`.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use slotd_proto::v1::{self as pb, server_message::Msg, slotd_client::SlotdClient};
+use slotd_test_support::{
+    Agent,
+    etcd::Etcd,
+    process::{PROCESS_TIMEOUT, Slotd, slotd_binary},
+    resume_of,
+};
+use tonic::{Code, transport::Channel};
+
+/// The etcd lease TTL of every member (etcd's own minimum is about 2 s).
+const LEASE_TTL: &str = "2s";
+/// Longest a lease can live: also the new leader's learning period.
+const MAX_TTL: Duration = Duration::from_secs(3);
+/// How long a failover may take before a test fails: TTL + learning + a margin for a loaded machine.
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A temp dir with the shared resume-credential key and the members' config.
+struct Cluster {
+    _etcd: Etcd,
+    dir: PathBuf,
+    members: Vec<Option<Slotd>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.members.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+/// Starts etcd and three members, or `None` (after saying why) when etcd is not installed.
+#[track_caller]
+fn cluster(limit: u32) -> Option<Cluster> {
+    let Some(etcd) = Etcd::start() else {
+        eprintln!("SKIPPED: no `etcd` binary on PATH (apt-get install etcd-server; .ci/run installs it)");
+        return None;
+    };
+    let dir = std::env::temp_dir().join(format!("slotd-ha-{}", unique()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let key = dir.join("lease.key");
+    write_key(&key);
+    let config = dir.join("slotd.toml");
+    let ttl = format!("{}s", MAX_TTL.as_secs());
+    let toml = format!(
+        "key_file = {key:?}\n\
+         [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
+         [ha]\netcd = [\"{}\"]\nelection = \"e-{}\"\nlease_ttl = \"{LEASE_TTL}\"\nmargin = \"500ms\"\n",
+        etcd.url,
+        unique()
+    );
+    std::fs::write(&config, toml).expect("write config");
+    let path = config.to_str().expect("utf-8 path").to_owned();
+    let exe = slotd_binary();
+    let members = (0..3).map(|_| Some(Slotd::start(&exe, &["--config", &path]))).collect();
+    Some(Cluster { _etcd: etcd, dir, members })
+}
+
+/// The shared key file: 32 random bytes, mode 0600 (what every member is given).
+fn write_key(path: &Path) {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let bytes: [u8; 32] = rand::random();
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).expect("key file");
+    std::io::Write::write_all(&mut f, &bytes).expect("write key");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+async fn client(url: &str) -> Option<SlotdClient<Channel>> {
+    let ch = Channel::from_shared(url.to_owned()).ok()?.connect_timeout(Duration::from_millis(500));
+    tokio::time::timeout(Duration::from_secs(1), ch.connect()).await.ok()?.ok().map(SlotdClient::new)
+}
+
+/// What a member answers to Status: `Ok` on the leader, the `slotd-leader` metadata on a standby.
+async fn probe(url: &str) -> Result<pb::StatusResponse, Option<String>> {
+    let Some(mut c) = client(url).await else { return Err(None) };
+    match tokio::time::timeout(Duration::from_secs(1), c.status(pb::StatusRequest::default())).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => {
+            assert_eq!(s.code(), Code::Unavailable, "a standby refuses with UNAVAILABLE: {s}");
+            Err(s.metadata().get(slotd_proto::LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned))
+        }
+        Err(_) => Err(None),
+    }
+}
+
+impl Cluster {
+    fn url(&self, i: usize) -> &str {
+        &self.members[i].as_ref().expect("a live member").url
+    }
+
+    /// Waits until exactly one live member serves and every other live one names it; returns it.
+    async fn leader(&self) -> usize {
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        loop {
+            let mut serving = Vec::new();
+            let mut named = Vec::new();
+            for (i, m) in self.members.iter().enumerate() {
+                let Some(m) = m else { continue };
+                match probe(&m.url).await {
+                    Ok(_) => serving.push(i),
+                    Err(leader) => named.push(leader),
+                }
+            }
+            if let [i] = serving[..]
+                && named.iter().all(|n| n.as_deref() == Some(self.url(i)))
+            {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single leader within {FAILOVER_TIMEOUT:?}: {serving:?} {named:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, i: usize, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.members[i].as_ref().expect("live").id()).expect("pid");
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+}
+
+async fn agent(url: &str, name: &str) -> Agent {
+    Agent::connect(url, name, Some("5s")).await.unwrap_or_else(|s| panic!("{name}: Acquire on {url}: {s}"))
+}
+
+/// Reads `a`'s stream until a grant for `request_id`, renewing `holders`' leases meanwhile so they
+/// outlive the wait. Fails on any other grant.
+async fn granted_while_renewing(a: &mut Agent, request_id: &str, holders: &[(&Agent, &str)]) -> pb::Granted {
+    let deadline = Instant::now() + FAILOVER_TIMEOUT;
+    loop {
+        for (h, lease) in holders {
+            h.heartbeat(&[lease]).await;
+        }
+        match a.next_within(Duration::from_millis(300)).await {
+            Some(Msg::Granted(g)) if g.request_id == request_id => return g,
+            Some(Msg::Queued(_)) | None => {}
+            Some(other) => panic!("{}: expected a grant for {request_id}, got {other:?}", a.name),
+        }
+        assert!(Instant::now() < deadline, "{request_id} not granted within {FAILOVER_TIMEOUT:?}");
+    }
+}
+
+/// SIGKILL the leader: a standby takes over, standbys redirect to it, the old leases are re-adopted,
+/// nothing beyond the limit is granted, and tokens keep increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_without_over_grant() {
+    let Some(mut c) = cluster(2) else { return };
+    let first = c.leader().await;
+    let url = c.url(first).to_owned();
+
+    let mut a = agent(&url, "a").await;
+    let mut b = agent(&url, "b").await;
+    let ga = a.acquire("ra", "p").await;
+    let gb = b.acquire("rb", "p").await;
+    let mut w = agent(&url, "w").await;
+    w.request(w.req("rw", "p")).await;
+    let _ = w.expect_queued("rw").await;
+    let old_top = ga.fencing_token.max(gb.fencing_token);
+    // The epoch (etcd's revision of the leader key: small on a fresh etcd) in the high bits, a
+    // per-pool counter from 0 in the low ones.
+    let epoch = ga.fencing_token >> 32;
+    assert!((1..1 << 20).contains(&epoch), "token {} has no epoch in its high bits", ga.fencing_token);
+    assert_eq!(gb.fencing_token, ga.fencing_token + 1);
+
+    c.signal(first, libc::SIGKILL);
+    let killed = Instant::now();
+    c.members[first] = None;
+    let next = c.leader().await;
+    let elected = killed.elapsed();
+    let url = c.url(next).to_owned();
+
+    // The clients re-present their leases on the new leader; a new waiter queues meanwhile.
+    let mut w2 = agent(&url, "w").await;
+    w2.request(w2.req("rw2", "p")).await;
+    let q = w2.expect_queued("rw2").await;
+    assert_eq!(q.position, 0);
+    let mut a2 = agent(&url, "a").await;
+    let mut b2 = agent(&url, "b").await;
+    a2.resume(resume_of(&ga, "a")).await;
+    b2.resume(resume_of(&gb, "b")).await;
+    let ra = a2.expect_lease_resumed(&ga.lease_id).await;
+    let rb = b2.expect_lease_resumed(&gb.lease_id).await;
+    assert_eq!((ra.fencing_token, rb.fencing_token), (ga.fencing_token, gb.fencing_token));
+
+    // Both re-adopted leases hold the limit: nothing is granted, learning or not, until one goes.
+    let st = probe(&url).await.expect("the leader serves");
+    let p = st.pools.iter().find(|p| p.name == "p").expect("pool p");
+    assert_eq!(p.in_flight, 2);
+    let wait_learning = Instant::now() + FAILOVER_TIMEOUT;
+    while probe(&url).await.expect("serving").learning {
+        a2.heartbeat(&[&ga.lease_id]).await;
+        b2.heartbeat(&[&gb.lease_id]).await;
+        assert!(Instant::now() < wait_learning, "learning never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b2.heartbeat(&[&gb.lease_id]).await;
+    a2.release(&ga.lease_id).await;
+    let g = granted_while_renewing(&mut w2, "rw2", &[(&b2, &gb.lease_id)]).await;
+    let first_grant = killed.elapsed();
+    assert!(g.fencing_token > old_top, "token {} not above the old term's {old_top}", g.fencing_token);
+    assert!(g.fencing_token >> 32 > old_top >> 32, "the new term's epoch is higher");
+    eprintln!(
+        "failover: kill -> new leader serving {:?}, kill -> first new grant {:?} (lease_ttl {LEASE_TTL}, learning {:?})",
+        elected, first_grant, MAX_TTL
+    );
+
+    // A standby sends clients to the new leader.
+    let standby = (0..3).find(|&i| i != next && c.members[i].is_some()).expect("a standby");
+    assert_eq!(probe(c.url(standby)).await.err().flatten().as_deref(), Some(url.as_str()));
+    drop((a, b, w));
+}
+
+/// SIGSTOP the leader past its lease TTL: a standby takes over; after SIGCONT the old leader grants
+/// nothing (its slot freed while it was stopped stays unused), ends its streams and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_leader_grants_nothing_after_it_resumes() {
+    let Some(mut c) = cluster(1) else { return };
+    let first = c.leader().await;
+    let url = c.url(first).to_owned();
+    let mut x = agent(&url, "x").await;
+    let gx = x.acquire("rx", "p").await;
+    let mut y = agent(&url, "y").await;
+    y.request(y.req("ry", "p")).await;
+    let _ = y.expect_queued("ry").await;
+
+    c.signal(first, libc::SIGSTOP);
+    let stopped = c.members[first].take().expect("live");
+    let next = c.leader().await;
+    assert_ne!(next, first);
+    // Sent while the old leader is stopped: freeing the slot would grant `ry` were it not fenced.
+    x.release(&gx.lease_id).await;
+    c.members[first] = Some(stopped);
+    c.signal(first, libc::SIGCONT);
+
+    let (seen, status) = y.until_end().await;
+    assert!(
+        !seen.iter().any(|m| matches!(m, Msg::Granted(_))),
+        "the stalled leader granted after it resumed: {seen:?}"
+    );
+    assert!(
+        status.as_ref().is_some_and(|s| s.code() == Code::Unavailable),
+        "stream ends with UNAVAILABLE: {status:?}"
+    );
+    // The deposed member exits (its supervisor would start it again as a standby).
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    let mut old = c.members[first].take().expect("live");
+    let code = loop {
+        if let Some(code) = old.try_exit() {
+            break code;
+        }
+        assert!(Instant::now() < deadline, "the deposed leader did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(code, Some(0), "a deposed leader exits non-zero");
+}
