@@ -9,6 +9,10 @@
 //!
 //! Skipped (with a message) when no `etcd` binary is installed; `.ci/run` installs Debian's
 //! `etcd-server`.
+//!
+//! Each member is this test binary run again (`current_exe() --exact ha_member --nocapture`, as in
+//! chaos.rs) with `SLOTD_HA_CONFIG` set: [`ha_member`] then serves that config on 127.0.0.1:0 and
+//! exits 1 when `serve` fails (a deposed leader), like the `slotd` binary.
 
 use std::{
     path::{Path, PathBuf},
@@ -19,7 +23,7 @@ use slotd_proto::v1::{self as pb, server_message::Msg, slotd_client::SlotdClient
 use slotd_test_support::{
     Agent,
     etcd::Etcd,
-    process::{PROCESS_TIMEOUT, Slotd, slotd_binary},
+    process::{PROCESS_TIMEOUT, Slotd},
     resume_of,
 };
 use tonic::{Code, transport::Channel};
@@ -72,10 +76,42 @@ fn cluster(limit: u32) -> Option<Cluster> {
         unique()
     );
     std::fs::write(&config, toml).expect("write config");
-    let path = config.to_str().expect("utf-8 path").to_owned();
-    let exe = slotd_binary();
-    let members = (0..3).map(|_| Some(Slotd::start(&exe, &["--config", &path]))).collect();
+    let members = (0..3).map(|_| Some(member(&config))).collect();
     Some(Cluster { _etcd: etcd, dir, members })
+}
+
+/// The env var that makes [`ha_member`] a member serving this config file.
+const MEMBER_CONFIG: &str = "SLOTD_HA_CONFIG";
+
+/// Starts one member: this test binary, running [`ha_member`].
+#[track_caller]
+fn member(config: &Path) -> Slotd {
+    let mut cmd = std::process::Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args(["--exact", "ha_member", "--nocapture", "--test-threads", "1"]).env(MEMBER_CONFIG, config);
+    Slotd::spawn(cmd)
+}
+
+/// Not a test of its own: a no-op unless `SLOTD_HA_CONFIG` is set, when it is a member serving that
+/// config on 127.0.0.1:0 (JSON logs on stderr, the address in the first line).
+#[test]
+fn ha_member() {
+    let Some(path) = std::env::var_os(MEMBER_CONFIG) else { return };
+    tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter("info").init();
+    let cfg = slotd_test_support::Config::from_file(Path::new(&path)).expect("a valid member config");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let code = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        tracing::info!(addr = %listener.local_addr().expect("addr"), "slotd serving");
+        match slotd::serve(cfg, listener, std::future::pending()).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "slotd failed");
+                1
+            }
+        }
+    });
+    std::process::exit(code);
 }
 
 /// The shared key file: 32 random bytes, mode 0600 (what every member is given).

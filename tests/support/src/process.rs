@@ -32,10 +32,18 @@ impl Slotd {
     /// [`Slotd::start`], letting `configure` adjust the command first (environment, limits).
     #[track_caller]
     pub fn start_with(exe: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Slotd {
-        let at = Location::caller();
         let mut cmd = Command::new(exe);
         cmd.args(["--listen", "127.0.0.1:0", "--restart-marker", "none", "--log-format", "json"]).args(args);
         configure(&mut cmd);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd`, a daemon that logs JSON lines to stderr (a test binary serving in a child, say),
+    /// and waits for the line carrying its address (`fields.addr`).
+    #[track_caller]
+    pub fn spawn(mut cmd: Command) -> Slotd {
+        let at = Location::caller();
+        let exe = cmd.get_program().to_string_lossy().into_owned();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -97,28 +105,6 @@ impl Drop for Slotd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The `slotd` binary for test suites outside the `slotd` package (where `CARGO_BIN_EXE_slotd` is
-/// not set): built first with the cargo running the tests, so it is never stale, and found next to
-/// the test executable's `deps/` directory. `$SLOTD_TEST_BIN` names another binary instead.
-#[track_caller]
-pub fn slotd_binary() -> String {
-    if let Ok(p) = std::env::var("SLOTD_TEST_BIN") {
-        return p;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .args(["build", "--quiet", "-p", "slotd", "--bin", "slotd"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cargo} build -p slotd does not run: {e}"));
-    assert!(out.status.success(), "building slotd failed:\n{}", text(&out.stderr));
-    let exe = std::env::current_exe().expect("the test executable");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>");
-    let bin = dir.join(format!("slotd{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.is_file(), "no slotd binary at {}", bin.display());
-    bin.to_str().expect("utf-8 path").to_owned()
 }
 
 /// Runs `cmd` to completion and collects its output, failing after [`PROCESS_TIMEOUT`]. Set
