@@ -314,3 +314,100 @@ async fn a_stalled_leader_grants_nothing_after_it_resumes() {
     };
     assert_ne!(code, Some(0), "a deposed leader exits non-zero");
 }
+
+/// One claim on a slot, as an agent saw it: from the grant to just before the release.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    token: u64,
+    from: Instant,
+    to: Instant,
+}
+
+/// Agents cycle leases through `slotd-client` given every member; SIGKILL the leader. An auditor
+/// checks that no instant had more claims than the limit, that tokens only grow (every token after
+/// the failover is above every token before it), and that every agent is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_follow_the_leader_through_a_failover() {
+    const AGENTS: usize = 4;
+    const LIMIT: u32 = 2;
+    let Some(mut c) = cluster(LIMIT) else { return };
+    let first = c.leader().await;
+    let urls: Vec<String> = (0..3).map(|i| c.url(i).to_owned()).collect();
+    let claims = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(usize, Claim)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for n in 0..AGENTS {
+        let (urls, claims, stop) = (urls.clone(), claims.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = slotd_client::Client::builder()
+                .holder(format!("agent-{n}"))
+                .resume_grace(Some(Duration::from_secs(5)))
+                .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+                .connect_any(urls)
+                .await
+                .expect("client");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let lease = client.acquire("p").await.expect("acquire");
+                let from = Instant::now();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let claim = Claim { token: lease.fencing_token(), from, to: Instant::now() };
+                claims.lock().expect("claims").push((n, claim));
+                let _ = lease.release(slotd_client::Outcome::Ok).await;
+            }
+        }));
+    }
+    let served = |after: Instant| {
+        let claims = claims.lock().expect("claims");
+        (0..AGENTS).all(|n| claims.iter().any(|(m, cl)| *m == n && cl.from > after))
+    };
+    let start = Instant::now();
+    while !served(start) {
+        assert!(start.elapsed() < FAILOVER_TIMEOUT, "agents not served before the failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    c.signal(first, libc::SIGKILL);
+    let killed = Instant::now();
+    c.members[first] = None;
+    while !served(killed) {
+        assert!(
+            killed.elapsed() < FAILOVER_TIMEOUT * 2,
+            "not every agent was served again after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        tokio::time::timeout(FAILOVER_TIMEOUT, t).await.expect("agents stop").expect("agent task");
+    }
+
+    let claims = claims.lock().expect("claims").clone();
+    // Never more claims at once than the limit.
+    let mut edges: Vec<(Instant, i32)> = claims.iter().flat_map(|(_, c)| [(c.from, 1), (c.to, -1)]).collect();
+    edges.sort_by_key(|&(at, d)| (at, d));
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert!(most <= LIMIT as i32, "{most} claims at once, limit {LIMIT}");
+    // Tokens are unique, and every grant after the failover is above every grant before it.
+    let mut tokens: Vec<u64> = claims.iter().map(|(_, c)| c.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), claims.len(), "a fencing token was granted twice");
+    let before =
+        claims.iter().filter(|(_, c)| c.from < killed).map(|(_, c)| c.token).max().expect("claims before");
+    let after: Vec<&Claim> = claims.iter().filter(|(_, c)| c.token > before).map(|(_, c)| c).collect();
+    assert!(
+        claims.iter().filter(|(_, c)| c.from > killed && c.token <= before).count() <= AGENTS,
+        "only leases held across the kill may be claimed after it with an old token"
+    );
+    let first_grant = after.iter().map(|c| c.from).min().expect("grants after the failover");
+    eprintln!(
+        "clients: kill -> first grant on the new leader {:?} ({} claims, {} after the failover)",
+        first_grant - killed,
+        claims.len(),
+        after.len()
+    );
+}

@@ -302,13 +302,22 @@ pub async fn serve_with_metrics(
         }
         None => (None, None),
     };
-    let ha_ended = async move {
-        match ha_task {
-            Some(t) => match t.await {
-                Ok(e) => ServeError::Ha(e),
-                Err(e) => ServeError::Ha(ha::HaError::Fatal(format!("the election task failed: {e}"))),
-            },
-            None => std::future::pending().await,
+    // Deposed (or unable to lead): shut down gracefully, so that every stream's UNAVAILABLE reaches
+    // its client, then fail `serve` so that the process exits.
+    let deposed = Arc::new(std::sync::Mutex::new(None::<ha::HaError>));
+    let ha_ended = {
+        let deposed = deposed.clone();
+        async move {
+            let e = match ha_task {
+                Some(t) => match t.await {
+                    Ok(e) => e,
+                    Err(e) => ha::HaError::Fatal(format!("the election task failed: {e}")),
+                },
+                None => std::future::pending().await,
+            };
+            if let Ok(mut d) = deposed.lock() {
+                *d = Some(e);
+            }
         }
     };
 
@@ -348,7 +357,10 @@ pub async fn serve_with_metrics(
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = ha_ended => {}
+        }
         notify_systemd(ServiceState::Stopping);
         info!("shutting down: health NOT_SERVING, grants stopped, streams told");
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
@@ -409,8 +421,11 @@ pub async fn serve_with_metrics(
         // Without the driver every call would fail with "shutting down" while health said SERVING:
         // stop instead, so the process exits non-zero and its supervisor restarts it.
         e = driver_died => Err(e),
-        // Deposed: every stream was ended; exit so the supervisor starts a fresh standby.
-        e = ha_ended => Err(e),
+    };
+    // Deposed: every stream was ended; exit so the supervisor starts a fresh standby.
+    let res = match deposed.lock().ok().and_then(|mut d| d.take()) {
+        Some(e) => res.and(Err(ServeError::Ha(e))),
+        None => res,
     };
     if let Some(t) = metrics_task {
         t.abort();
