@@ -19,9 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use slotd_proto::v1::{self as pb, server_message::Msg, slotd_client::SlotdClient};
+use slotd_proto::v1::{
+    self as pb, admin_client::AdminClient, server_message::Msg, slotd_client::SlotdClient,
+};
 use slotd_test_support::{
-    Agent,
+    Agent, dur,
     etcd::Etcd,
     process::{PROCESS_TIMEOUT, Slotd},
     resume_of,
@@ -217,6 +219,18 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
     w.request(w.req("rw", "p")).await;
     let _ = w.expect_queued("rw").await;
     let old_top = ga.fencing_token.max(gb.fencing_token);
+    // An operator's change on this leader, stored in etcd under its epoch.
+    let admin_channel =
+        Channel::from_shared(url.clone()).expect("url").connect().await.expect("admin connection");
+    let mut admin = AdminClient::new(admin_channel);
+    let spec = pb::PoolSpec {
+        name: "q".into(),
+        max_concurrent: Some(3),
+        default_ttl: Some(dur(MAX_TTL)),
+        max_ttl: Some(dur(MAX_TTL)),
+        ..Default::default()
+    };
+    admin.upsert_pool(pb::UpsertPoolRequest { pool: Some(spec) }).await.expect("upsert on the leader");
     // The epoch (etcd's revision of the leader key: small on a fresh etcd) in the high bits, a
     // per-pool counter from 0 in the low ones.
     let epoch = ga.fencing_token >> 32;
@@ -264,6 +278,10 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
         "failover: kill -> new leader serving {:?}, kill -> first new grant {:?} (lease_ttl {LEASE_TTL}, learning {:?})",
         elected, first_grant, MAX_TTL
     );
+
+    // The operator's change is in force on the new leader.
+    let q = st.pools.iter().find(|p| p.name == "q").expect("pool q carried over through etcd");
+    assert_eq!(q.limit, 3);
 
     // A standby sends clients to the new leader.
     let standby = (0..3).find(|&i| i != next && c.members[i].is_some()).expect("a standby");

@@ -30,9 +30,12 @@
 //! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
 //! waiters queue.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use etcd_client::{Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
+    WatchOptions,
+};
 use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Status, metadata::MetadataValue};
@@ -41,8 +44,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::HaSection,
-    driver::DriverHandle,
+    driver::{DriverHandle, Pools},
     grpc::{admin::AdminService, service::SlotdService},
+    state,
 };
 
 /// The metadata key naming the leader's advertised address on a standby's UNAVAILABLE.
@@ -144,6 +148,65 @@ pub enum HaError {
     Fatal(String),
 }
 
+/// The leader's durable state in etcd (the pool set Admin changes), written in transactions that
+/// only succeed while this term's leader key exists with this term's create revision: a deposed
+/// leader's writes fail. Shared by the election task (which opens and closes the term) and the
+/// Admin service.
+#[derive(Clone, Default)]
+pub struct Durable(Arc<tokio::sync::Mutex<Option<TermStore>>>);
+
+struct TermStore {
+    client: Client,
+    leader_key: Vec<u8>,
+    epoch: i64,
+    pools_key: String,
+    timeout: Duration,
+}
+
+/// The etcd key of the pool set of `election`.
+pub fn pools_key(election: &str) -> String {
+    format!("/slotd/{election}/pools")
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Durable")
+    }
+}
+
+impl Durable {
+    /// Writes the pool set under this term's epoch.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have written the pool set.
+    pub async fn save_pools(&self, pools: &Pools) -> Result<(), String> {
+        let term = self.0.lock().await;
+        let Some(t) = term.as_ref() else {
+            return Err("this member is not the leader".into());
+        };
+        let text = state::encode(pools)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(t.leader_key.clone(), CompareOp::Equal, t.epoch)])
+            .and_then([TxnOp::put(t.pools_key.clone(), text, None)]);
+        let resp = tokio::time::timeout(t.timeout, t.client.clone().txn(txn))
+            .await
+            .map_err(|_| "etcd did not answer in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !resp.succeeded() {
+            return Err(format!("epoch {} is over: this member was deposed", t.epoch));
+        }
+        Ok(())
+    }
+
+    async fn open(&self, t: TermStore) {
+        *self.0.lock().await = Some(t);
+    }
+
+    async fn close(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
 /// What the election task needs from the daemon.
 pub struct Member {
     /// `[ha]`.
@@ -158,6 +221,8 @@ pub struct Member {
     pub health: HealthReporter,
     /// A new term's learning period (the longest lease TTL of the pools).
     pub learning: Duration,
+    /// The durable state, opened for each term.
+    pub durable: Durable,
 }
 
 /// Runs this member's candidacy until it is deposed (or cannot lead at all): as a standby it follows
@@ -245,6 +310,7 @@ async fn lead(
     let margin = m.cfg.margin;
     let call = ttl / 3;
     let deadline = |at: Instant| at + ttl.saturating_sub(margin);
+    let key_bytes = key.clone();
     let mut deletions = match client.watch(key, Some(WatchOptions::new())).await {
         Ok(w) => w,
         Err(e) => return depose(m, format!("cannot watch the leader key: {e}")).await,
@@ -258,8 +324,39 @@ async fn lead(
     if Instant::now() >= deadline(renewed) {
         return depose(m, "elected too late to serve before the lease could lapse".into()).await;
     }
+    // The pools the previous leaders' operators left, stored under their epochs.
+    let pools_key = pools_key(&m.cfg.election);
+    let mut learning = m.learning;
+    match tokio::time::timeout(call, client.get(pools_key.clone(), None)).await {
+        Ok(Ok(resp)) => {
+            if let Some(kv) = resp.kvs().first() {
+                match kv.value_str().map_err(|e| e.to_string()).and_then(state::decode) {
+                    Ok(pools) => {
+                        let n = pools.len();
+                        // Leases of the stored pools may live as long as their max_ttl.
+                        learning = pools.values().map(|p| p.max_ttl).fold(learning, Duration::max);
+                        if let Err(e) = m.handle.set_pools(pools).await {
+                            warn!(error = %e, "the pools stored in etcd were refused; keeping the configured ones");
+                        } else {
+                            info!(
+                                pools = n,
+                                "serving the pools stored in etcd (Admin changes of earlier leaders)"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the pools stored in etcd are unreadable; keeping the configured ones")
+                    }
+                }
+            }
+        }
+        _ => return depose(m, "cannot read the stored pools from etcd".into()).await,
+    }
+    m.durable
+        .open(TermStore { client: client.clone(), leader_key: key_bytes, epoch, pools_key, timeout: call })
+        .await;
     let epoch = epoch as u64;
-    if m.handle.begin_term(first_token, m.learning).await.is_err()
+    if m.handle.begin_term(first_token, learning).await.is_err()
         || m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err()
     {
         return HaError::Fatal("the scheduler stopped".into());
@@ -271,7 +368,7 @@ async fn lead(
         s.terms += 1;
     });
     set_health(&m.health, Role::Leader).await;
-    info!(epoch, first_token, learning_secs = m.learning.as_secs_f64(), "elected leader: term started");
+    info!(epoch, first_token, learning_secs = learning.as_secs_f64(), "elected leader: term started");
     let mut tick = tokio::time::interval(call);
     let mut watching = true;
     loop {
@@ -356,6 +453,7 @@ async fn keepalive(
 async fn depose(m: &Member, why: String) -> HaError {
     warn!(reason = %why, "deposed: no more grants; ending every stream");
     let _ = m.handle.set_grant_deadline(Some(Instant::now())).await;
+    m.durable.close().await;
     m.role.send_modify(|s| {
         s.role = Role::Standby;
         s.leader = None;

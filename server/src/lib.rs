@@ -277,6 +277,7 @@ pub async fn serve_with_metrics(
         health.set_serving::<AdminServer<AdminService>>().await;
     }
     health.set_service_status("", ServingStatus::Serving).await;
+    let durable = cfg.ha.as_ref().map(|_| ha::Durable::default());
     let (role, ha_task) = match cfg.ha.clone() {
         Some(ha_cfg) => {
             let advertise = match &ha_cfg.advertise {
@@ -297,6 +298,7 @@ pub async fn serve_with_metrics(
                 role: tx,
                 health: health.clone(),
                 learning: ha_learning,
+                durable: durable.clone().unwrap_or_default(),
             };
             (Some(ha::RoleReader::new(rx)), Some(tokio::spawn(ha::run(member))))
         }
@@ -347,8 +349,10 @@ pub async fn serve_with_metrics(
         slotd,
         RequireToken::agent(cfg.agent_token.clone()).with_role(role.clone()),
     ));
-    let admin = AdminServer::new(AdminService::new(handle.clone(), state_file, cfg.limits.max_pools))
-        .max_decoding_message_size(max_msg);
+    let admin = AdminServer::new(
+        AdminService::new(handle.clone(), state_file, cfg.limits.max_pools).with_durable(durable),
+    )
+    .max_decoding_message_size(max_msg);
     let admin = OversizeAsExhausted::new(InterceptedService::new(
         admin,
         RequireToken::admin(cfg.admin_token.clone()).with_role(role),
