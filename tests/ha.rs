@@ -26,7 +26,7 @@ use slotd_test_support::{
     Agent, dur,
     etcd::Etcd,
     process::{PROCESS_TIMEOUT, Slotd},
-    resume_of,
+    resume_of, scrape,
 };
 use tonic::{Code, transport::Channel};
 
@@ -104,8 +104,13 @@ fn ha_member() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let code = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        tracing::info!(addr = %listener.local_addr().expect("addr"), "slotd serving");
-        match slotd::serve(cfg, listener, std::future::pending()).await {
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind metrics");
+        tracing::info!(
+            addr = %listener.local_addr().expect("addr"),
+            metrics = %metrics.local_addr().expect("metrics addr"),
+            "slotd serving"
+        );
+        match slotd::serve_with_metrics(cfg, listener, Some(metrics), std::future::pending(), None).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(error = %e, "slotd failed");
@@ -173,6 +178,11 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    fn metrics(&self, i: usize) -> std::net::SocketAddr {
+        let m = self.members[i].as_ref().expect("a live member").metrics.as_deref().expect("metrics address");
+        m.parse().expect("a socket address")
     }
 
     fn signal(&self, i: usize, sig: libc::c_int) {
@@ -279,12 +289,26 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
         elected, first_grant, MAX_TTL
     );
 
+    // Metrics: the new leader says so, with its epoch above the old one and its learning period.
+    let text = scrape(c.metrics(next)).await;
+    assert!(text.contains("slotd_ha_leader 1"), "{text}");
+    assert!(text.contains("slotd_ha_terms_total 1"), "{text}");
+    assert!(text.contains(&format!("slotd_ha_learning_seconds {}", MAX_TTL.as_secs())), "{text}");
+    let epoch_now: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("slotd_ha_epoch "))
+        .and_then(|v| v.parse().ok())
+        .expect("slotd_ha_epoch");
+    assert_eq!(epoch_now, g.fencing_token >> 32, "the token's high bits are the epoch");
+    let standby = (0..3).find(|&i| i != next && c.members[i].is_some()).expect("a standby");
+    let text = scrape(c.metrics(standby)).await;
+    assert!(text.contains("slotd_ha_leader 0"), "{text}");
+
     // The operator's change is in force on the new leader.
     let q = st.pools.iter().find(|p| p.name == "q").expect("pool q carried over through etcd");
     assert_eq!(q.limit, 3);
 
     // A standby sends clients to the new leader.
-    let standby = (0..3).find(|&i| i != next && c.members[i].is_some()).expect("a standby");
     assert_eq!(probe(c.url(standby)).await.err().flatten().as_deref(), Some(url.as_str()));
     drop((a, b, w));
 }
@@ -414,13 +438,20 @@ async fn clients_follow_the_leader_through_a_failover() {
     tokens.sort_unstable();
     tokens.dedup();
     assert_eq!(tokens.len(), claims.len(), "a fencing token was granted twice");
-    let before =
-        claims.iter().filter(|(_, c)| c.from < killed).map(|(_, c)| c.token).max().expect("claims before");
-    let after: Vec<&Claim> = claims.iter().filter(|(_, c)| c.token > before).map(|(_, c)| c).collect();
+    // The new term's tokens carry a higher epoch, so they are above every token of the old term.
+    let old_epoch = claims
+        .iter()
+        .filter(|(_, c)| c.from < killed)
+        .map(|(_, c)| c.token >> 32)
+        .max()
+        .expect("claims before");
+    let after: Vec<&Claim> =
+        claims.iter().filter(|(_, c)| c.token >> 32 > old_epoch).map(|(_, c)| c).collect();
     assert!(
-        claims.iter().filter(|(_, c)| c.from > killed && c.token <= before).count() <= AGENTS,
-        "only leases held across the kill may be claimed after it with an old token"
+        claims.iter().filter(|(_, c)| c.token >> 32 == old_epoch && c.from > killed).count() <= AGENTS,
+        "only leases granted before the kill may carry the old epoch"
     );
+    assert!(after.iter().all(|c| c.from > killed), "a new-term grant before the kill");
     let first_grant = after.iter().map(|c| c.from).min().expect("grants after the failover");
     eprintln!(
         "clients: kill -> first grant on the new leader {:?} ({} claims, {} after the failover)",

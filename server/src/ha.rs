@@ -88,14 +88,16 @@ pub struct RoleState {
     pub epoch: u64,
     /// The leader's advertised address, when known.
     pub leader: Option<String>,
-    /// Terms this member has led.
+    /// Terms this member has led (each one a failover onto it, or the first election).
     pub terms: u64,
+    /// The learning period of the term this member leads (or last led).
+    pub learning: Duration,
 }
 
 impl RoleState {
     /// A standby that knows no leader yet.
     pub fn standby() -> Self {
-        Self { role: Role::Standby, epoch: 0, leader: None, terms: 0 }
+        Self { role: Role::Standby, epoch: 0, leader: None, terms: 0, learning: Duration::ZERO }
     }
 }
 
@@ -112,6 +114,47 @@ impl RoleReader {
     /// The role now.
     pub fn get(&self) -> RoleState {
         self.0.borrow().clone()
+    }
+
+    /// Registers the election's metrics (`slotd_ha_leader`, `slotd_ha_epoch`,
+    /// `slotd_ha_terms_total`, `slotd_ha_learning_seconds`) and keeps them current.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let leader = prometheus::IntGauge::new(
+            "slotd_ha_leader",
+            "1 while this member is the leader, 0 on a standby.",
+        )?;
+        let epoch = prometheus::IntGauge::new(
+            "slotd_ha_epoch",
+            "Epoch of the term this member leads or last led (the etcd leader key's create revision).",
+        )?;
+        let terms = prometheus::IntCounter::new(
+            "slotd_ha_terms_total",
+            "Terms this member took over as leader (its first election and every failover onto it).",
+        )?;
+        let learning = prometheus::Gauge::new(
+            "slotd_ha_learning_seconds",
+            "Learning period of the term this member leads or last led: no new grants, only resumes.",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(epoch.clone()))?;
+        registry.register(Box::new(terms.clone()))?;
+        registry.register(Box::new(learning.clone()))?;
+        let mut rx = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let st = rx.borrow_and_update();
+                    leader.set(i64::from(st.role == Role::Leader));
+                    epoch.set(i64::try_from(st.epoch).unwrap_or(i64::MAX));
+                    terms.inc_by(st.terms.saturating_sub(terms.get()));
+                    learning.set(st.learning.as_secs_f64());
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Lets a call through on the leader; on a standby, UNAVAILABLE with the leader's address (when
@@ -366,6 +409,7 @@ async fn lead(
         s.epoch = epoch;
         s.leader = Some(m.advertise.clone());
         s.terms += 1;
+        s.learning = learning;
     });
     set_health(&m.health, Role::Leader).await;
     info!(epoch, first_token, learning_secs = learning.as_secs_f64(), "elected leader: term started");

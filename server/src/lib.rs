@@ -248,6 +248,7 @@ pub async fn serve_with_metrics(
         None => driver,
     };
     let driver_task = tokio::spawn(driver.run());
+    let metrics_registry = metrics.as_ref().map(|(_, m)| m.registry().clone());
     // Aborted when serving ends (below): a scrape during shutdown has nothing useful to say.
     let metrics_task = metrics.map(|(l, m)| {
         if let Ok(addr) = l.local_addr() {
@@ -278,6 +279,7 @@ pub async fn serve_with_metrics(
     }
     health.set_service_status("", ServingStatus::Serving).await;
     let durable = cfg.ha.as_ref().map(|_| ha::Durable::default());
+    let ha_registry = metrics_registry;
     let (role, ha_task) = match cfg.ha.clone() {
         Some(ha_cfg) => {
             let advertise = match &ha_cfg.advertise {
@@ -300,7 +302,13 @@ pub async fn serve_with_metrics(
                 learning: ha_learning,
                 durable: durable.clone().unwrap_or_default(),
             };
-            (Some(ha::RoleReader::new(rx)), Some(tokio::spawn(ha::run(member))))
+            let reader = ha::RoleReader::new(rx);
+            if let Some(r) = &ha_registry
+                && let Err(e) = reader.register_metrics(r)
+            {
+                warn!(error = %e, "cannot register the high-availability metrics");
+            }
+            (Some(reader), Some(tokio::spawn(ha::run(member))))
         }
         None => (None, None),
     };

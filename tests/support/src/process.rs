@@ -19,6 +19,8 @@ pub struct Slotd {
     child: Child,
     /// The daemon's URL (`http://127.0.0.1:PORT`), from the address it logged.
     pub url: String,
+    /// The metrics address (`127.0.0.1:PORT`), when the line with the address also had `metrics`.
+    pub metrics: Option<String>,
 }
 
 impl Slotd {
@@ -52,7 +54,7 @@ impl Slotd {
             .unwrap_or_else(|e| panic!("{at}: {exe} does not start: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
         // From here on a panic kills the child.
-        let mut running = Slotd { child, url: String::new() };
+        let mut running = Slotd { child, url: String::new(), metrics: None };
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
             let line = lines
@@ -62,6 +64,7 @@ impl Slotd {
             let v: serde_json::Value = serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("{at}: not a JSON log line ({e}): {line}"));
             if let Some(a) = v["fields"]["addr"].as_str() {
+                running.metrics = v["fields"]["metrics"].as_str().map(str::to_owned);
                 break a.to_owned();
             }
         };
