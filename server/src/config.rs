@@ -621,6 +621,34 @@ mod tests {
         }
     }
 
+    /// `[ha]` is bounded and needs the shared key file; without it nothing HA is configured.
+    #[test]
+    fn ha_section_is_validated() {
+        let base = "key_file = \"/k\"\n[pools.p]\nmax_concurrent = 1\n";
+        let ok = format!("{base}[ha]\netcd = [\"http://127.0.0.1:2379\"]\n");
+        let cfg = Config::from_toml_str(&ok).unwrap();
+        let ha = cfg.ha.expect("[ha] parsed");
+        assert_eq!(
+            (ha.election.as_str(), ha.lease_ttl, ha.margin),
+            ("slotd", HaSection::DEFAULT_LEASE_TTL, HaSection::DEFAULT_MARGIN)
+        );
+        assert!(Config::from_toml_str(base).unwrap().ha.is_none());
+        let refused = |extra: &str, want: &str| {
+            let text = format!("{base}[ha]\n{extra}\n");
+            let e = Config::from_toml_str(&text).expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        };
+        refused("etcd = []", "ha.etcd");
+        refused("etcd = [\"127.0.0.1:2379\"]", "ha.etcd");
+        refused("etcd = [\"http://e\"]\nelection = \"a b\"", "ha.election");
+        refused("etcd = [\"http://e\"]\nlease_ttl = \"1500ms\"", "ha.lease_ttl");
+        refused("etcd = [\"http://e\"]\nlease_ttl = \"10m\"", "ha.lease_ttl");
+        refused("etcd = [\"http://e\"]\nmargin = \"5s\"", "ha.margin");
+        refused("etcd = [\"http://e\"]\nadvertise = \"\"", "ha.advertise");
+        let no_key = "[pools.p]\nmax_concurrent = 1\n[ha]\netcd = [\"http://e\"]\n";
+        assert!(Config::from_toml_str(no_key).unwrap_err().to_string().contains("key_file"));
+    }
+
     #[test]
     fn embedded_default_has_one_pool_of_four_on_50051() {
         let cfg = Config::embedded();
