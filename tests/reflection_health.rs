@@ -99,7 +99,7 @@ macro_rules! reflection_checks {
             let slotd = files.iter().find(|f| f.package() == "slotd.v1").expect("slotd.v1 file");
             let svc = slotd.service.iter().find(|s| s.name() == "Slotd").expect("service Slotd");
             let methods: Vec<&str> = svc.method.iter().map(|m| m.name()).collect();
-            assert_eq!(methods, ["Acquire", "ReportRateLimit", "Status"]);
+            assert_eq!(methods, ["Acquire", "ReportRateLimit", "Status", "ReportUsage"]);
             let acquire = &svc.method[0];
             assert!(acquire.client_streaming() && acquire.server_streaming());
             // Its imports (well-known types) are resolvable too.

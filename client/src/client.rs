@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
-    Error, Lease, LeaseHandle, Outcome,
+    Error, Lease, LeaseHandle, Outcome, ProviderLimit, Report, Usage,
     command::{Command, RequestSpec},
     connect::{AuthChannel, BearerAuth, Connector},
     members::Members,
@@ -295,6 +295,7 @@ impl Client {
                 ttl: self.inner.default_ttl,
                 max_wait: None,
                 holder: self.inner.holder.clone(),
+                tokens: None,
             },
         }
     }
@@ -384,6 +385,32 @@ impl Client {
         };
         let resp = self.unary(call).await?;
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
+    }
+
+    /// Reports a provider call made outside a lease: its usage is charged to `pool`'s rate budgets and
+    /// the provider's rate-limit headers (see [`provider::provider_limits`](crate::provider)) clamp
+    /// them. Returns the pool's budgets after (`None` when it has none).
+    ///
+    /// # Cancel safety
+    /// Dropping the future may or may not have delivered the report.
+    pub async fn report_usage(
+        &self,
+        pool: impl Into<String>,
+        usage: Option<Usage>,
+        limits: Vec<ProviderLimit>,
+    ) -> Result<Option<pb::BudgetStatus>, Error> {
+        let report = Report { outcome: Outcome::Ok, usage, limits };
+        let wire = crate::session::wire::release(String::new(), report);
+        let req = pb::ReportUsageRequest {
+            pool: pool.into(),
+            usage: wire.usage,
+            provider_limits: wire.provider_limits,
+        };
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.report_usage(req).await }
+        };
+        Ok(self.unary(call).await?.into_inner().budget)
     }
 
     /// Closes the client: withdraws queued acquires, releases every lease still held (as
@@ -483,6 +510,16 @@ impl AcquireBuilder {
     /// The holder name shown in Status for this lease.
     pub fn holder(mut self, name: impl Into<String>) -> Self {
         self.spec.holder = name.into();
+        self
+    }
+
+    /// The call's token estimate, reserved from the pool's rate budgets at grant: the input tokens
+    /// it sends and its `max_tokens`. Without it the pool's default estimate applies. Settle the
+    /// real usage with [`Lease::settle`](crate::Lease::settle) (or a release carrying usage) so the
+    /// unused part goes back. An estimate above a budget's burst is refused with
+    /// [`Error::Rejected`](crate::Error) (INVALID_ARGUMENT).
+    pub fn tokens(mut self, input: u64, max_output: u64) -> Self {
+        self.spec.tokens = Some((input, max_output));
         self
     }
 }

@@ -19,6 +19,8 @@ pub(crate) struct RequestSpec {
     pub(crate) ttl: Option<Duration>,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) holder: String,
+    /// The call's token estimate for the daemon's rate budgets: input tokens, max output tokens.
+    pub(crate) tokens: Option<(u64, u64)>,
 }
 
 /// A message from a handle to the session task. `L` is the lease guard an acquire is answered with.

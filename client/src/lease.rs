@@ -266,6 +266,21 @@ impl Lease {
         rx.await.unwrap_or(Err(Error::SessionClosed))
     }
 
+    /// Releases the lease reporting the tokens the call used, with the outcome set before (default
+    /// [`Outcome::Ok`]) and any provider limits set before. The daemon settles the reservation made
+    /// at grant: the unused part of the estimate goes back to the pool's budgets, usage above it is
+    /// charged as debt. For a report with the provider's rate-limit headers, use
+    /// [`release_with`](Self::release_with) with a [`Report`] whose `limits` come from
+    /// [`provider::provider_limits`](crate::provider).
+    ///
+    /// # Cancel safety
+    /// As for [`release`](Self::release).
+    pub async fn settle(self, usage: Usage) -> Result<(), Error> {
+        let mut report = self.handle.take_report(Outcome::Ok);
+        report.usage = Some(usage);
+        self.release_with(report).await
+    }
+
     /// Releases the lease reporting a provider 429 (pauses the pool for `retry_after`, or the pool's
     /// default when `None`).
     ///

@@ -147,6 +147,13 @@ impl Slotd for FakeSlotd {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         Err(Status::unimplemented("not scripted"))
     }
+
+    async fn report_usage(
+        &self,
+        _: Request<pb::ReportUsageRequest>,
+    ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
 }
 
 /// What a working daemon says to `msg`.

@@ -1,64 +1,16 @@
 //! Connection loss while the daemon stays up: the client reconnects, resumes its held leases within the
 //! resume grace (same id and fencing token, `lost()` never fires) and re-sends its queued requests.
 //!
-//! A small TCP proxy sits between the client and the daemon so the test can cut every connection.
+//! A small TCP proxy (the support crate's `Proxy`) sits between the client and the daemon so the test can cut every connection.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use slotd_client::Client;
 use slotd_test_support::{
-    Daemon,
+    Daemon, Proxy,
     client::{idle, one_pool, pool, wait_until},
     within,
 };
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
-
-/// Forwards 127.0.0.1:<port> to the daemon; `cut()` drops every live connection (new ones still work).
-struct Proxy {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let c = conns.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let Ok(mut outbound) = TcpStream::connect(target).await else { continue };
-                let task = tokio::spawn(async move {
-                    let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-                c.lock().unwrap().push(task);
-            }
-        });
-        Proxy { addr, conns, accept }
-    }
-
-    fn cut(&self) {
-        for task in self.conns.lock().unwrap().drain(..) {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
 
 async fn client_via(proxy: &Proxy) -> Client {
     Client::builder()

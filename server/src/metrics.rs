@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::{
     driver::{DriverHandle, Observer},
-    scheduler::{Error, ExpiryReason, Fact, LeaseEnd, Outcome, PoolId},
+    scheduler::{BudgetFact, BudgetKind, Error, ExpiryReason, Fact, LeaseEnd, Outcome, PoolId},
 };
 
 /// Upper bounds (seconds) of the queue-wait histogram: from an immediate grant to a ten-minute wait.
@@ -75,6 +75,21 @@ pub struct Metrics {
     limit: IntGaugeVec,
     paused: IntGaugeVec,
     blocked_by_ancestor: IntGaugeVec,
+    budget: BudgetMetrics,
+}
+
+/// The rate budgets' metrics: levels from the snapshot, counters from the facts.
+#[derive(Clone, Debug)]
+struct BudgetMetrics {
+    level: IntGaugeVec,
+    debt: IntGaugeVec,
+    reserved: IntGaugeVec,
+    refill: IntGaugeVec,
+    reserved_total: IntCounterVec,
+    settled_total: IntCounterVec,
+    estimate_error: IntCounterVec,
+    shadow_waits: IntCounterVec,
+    shadow_wait_seconds: prometheus::CounterVec,
 }
 
 impl Default for Metrics {
@@ -107,7 +122,63 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(queue_wait.clone())).expect("metric names are unique");
+        let budget_gauge = |name: &str, help: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["pool", "budget"])
+                .expect("valid metric definition");
+            registry.register(Box::new(g.clone())).expect("metric names are unique");
+            g
+        };
+        let shadow_wait_seconds = prometheus::CounterVec::new(
+            Opts::new(
+                "slotd_budget_shadow_wait_seconds_total",
+                "Shadow mode: total time grants would have waited.",
+            ),
+            &["pool", "budget"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(shadow_wait_seconds.clone())).expect("metric names are unique");
+        let budget = BudgetMetrics {
+            level: budget_gauge(
+                "slotd_budget_level",
+                "Units available in the budget now (negative while in debt).",
+            ),
+            debt: budget_gauge("slotd_budget_debt", "Debt of the budget still to be paid back by refill."),
+            reserved: budget_gauge(
+                "slotd_budget_reserved",
+                "Units held by open reservations of leases on the pool.",
+            ),
+            refill: budget_gauge(
+                "slotd_budget_refill_per_window",
+                "Refill per window in force (provider-clamped).",
+            ),
+            reserved_total: counter(
+                &registry,
+                "slotd_budget_reserved_total",
+                "Units reserved at grant on the lease's pool (requests, input_tokens, output_tokens).",
+                &["pool", "budget"],
+            ),
+            settled_total: counter(
+                &registry,
+                "slotd_budget_settled_total",
+                "Units finally charged at settlement (the reservation when no usage came back).",
+                &["pool", "budget"],
+            ),
+            estimate_error: counter(
+                &registry,
+                "slotd_budget_estimate_error_tokens_total",
+                "Sum of |usage - estimate| over settlements that carried usage.",
+                &["pool", "budget"],
+            ),
+            shadow_waits: counter(
+                &registry,
+                "slotd_budget_shadow_waits_total",
+                "Shadow mode: grants let through that the budget would have held.",
+                &["pool", "budget"],
+            ),
+            shadow_wait_seconds,
+        };
         Self {
+            budget,
             granted: counter(&registry, "slotd_leases_granted_total", "Leases granted.", &["pool"]),
             released: counter(
                 &registry,
@@ -171,6 +242,10 @@ impl Metrics {
             &self.limit,
             &self.paused,
             &self.blocked_by_ancestor,
+            &self.budget.level,
+            &self.budget.debt,
+            &self.budget.reserved,
+            &self.budget.refill,
         ] {
             g.reset();
         }
@@ -182,6 +257,13 @@ impl Metrics {
             self.limit.with_label_values(&l).set(i64::from(p.config.max_concurrent));
             self.paused.with_label_values(&l).set(i64::from(p.paused_until.is_some()));
             self.blocked_by_ancestor.with_label_values(&l).set(i64::from(p.blocked_by.is_some()));
+            for b in p.budget.iter().flat_map(|b| &b.levels) {
+                let l = [p.id.as_str(), b.kind.label()];
+                self.budget.level.with_label_values(&l).set(b.level);
+                self.budget.debt.with_label_values(&l).set(i64::try_from(b.debt).unwrap_or(i64::MAX));
+                self.budget.reserved.with_label_values(&l).set(i64::try_from(b.reserved).unwrap_or(i64::MAX));
+                self.budget.refill.with_label_values(&l).set(i64::try_from(b.rate).unwrap_or(i64::MAX));
+            }
         }
         let mut buf = Vec::with_capacity(8192);
         TextEncoder::new()
@@ -268,10 +350,40 @@ impl Recorder {
             // Every 429 and operator pause counts, whether or not it moved the pause's end.
             Fact::Paused { pool, .. } => self.pool(pool).pauses.inc(),
             Fact::Rejected { error, .. } => self.rejection(error),
+            Fact::Budget { pool, fact } => self.budget(pool, fact),
             Fact::Resumed { .. }
             | Fact::Effective { .. }
             | Fact::PoolChanged { .. }
             | Fact::LeaseRefused { .. } => {}
+        }
+    }
+
+    /// Budget counters, labelled by budget. Rare enough (once per grant and release) that resolving
+    /// the label set each time costs nothing next to the grant itself.
+    fn budget(&mut self, pool: &PoolId, fact: &BudgetFact) {
+        let m = &self.metrics.budget;
+        let p = pool.as_str();
+        match fact {
+            BudgetFact::Reserved { cost, .. } => {
+                for k in BudgetKind::ALL {
+                    m.reserved_total.with_label_values(&[p, k.label()]).inc_by(cost.0[k.index()]);
+                }
+            }
+            BudgetFact::Settled { reserved, charged, .. } => {
+                for k in BudgetKind::ALL {
+                    let i = k.index();
+                    m.settled_total.with_label_values(&[p, k.label()]).inc_by(charged.0[i]);
+                    m.estimate_error
+                        .with_label_values(&[p, k.label()])
+                        .inc_by(charged.0[i].abs_diff(reserved.0[i]));
+                }
+            }
+            BudgetFact::ShadowWait { kind, level, would_wait } => {
+                let l = [level.as_str(), kind.label()];
+                m.shadow_waits.with_label_values(&l).inc();
+                m.shadow_wait_seconds.with_label_values(&l).inc_by(would_wait.as_secs_f64());
+            }
+            BudgetFact::ProviderWord { .. } | BudgetFact::Charged { .. } => {}
         }
     }
 

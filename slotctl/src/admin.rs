@@ -39,6 +39,11 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
         adaptive: args.adaptive,
         headroom_recovery: wire_opt(args.headroom_recovery)?,
         max_agent_retry_after: wire_opt(args.max_agent_retry_after)?,
+        requests_per_minute: args.requests_per_minute,
+        input_tokens_per_minute: args.input_tokens_per_minute,
+        output_tokens_per_minute: args.output_tokens_per_minute,
+        budget_shadow: args.budget_shadow,
+        ..Default::default()
     })
 }
 

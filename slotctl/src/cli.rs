@@ -121,7 +121,7 @@ pub enum Command {
 pub enum PoolCommand {
     /// Create a pool or change one; options left out keep their current value (or the default for
     /// a new pool).
-    Set(PoolSetArgs),
+    Set(Box<PoolSetArgs>),
     /// Remove a pool that has no children: its waiters are rejected and its leases expire.
     Rm {
         /// The pool.
@@ -193,6 +193,18 @@ pub struct PoolSetArgs {
     /// Longest pause an agent's 429 report can cause (operators' pauses are not capped).
     #[arg(long, value_parser = parse_duration)]
     pub max_agent_retry_after: Option<Duration>,
+    /// Requests-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub requests_per_minute: Option<u64>,
+    /// Input-tokens-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output-tokens-per-minute budget (0 removes it).
+    #[arg(long, value_name = "N")]
+    pub output_tokens_per_minute: Option<u64>,
+    /// Budget shadow mode: track and report, never block.
+    #[arg(long)]
+    pub budget_shadow: Option<bool>,
 }
 
 /// `slotctl run`.
@@ -214,6 +226,13 @@ pub struct RunArgs {
     /// pauses too).
     #[arg(long, value_parser = parse_duration)]
     pub max_wait: Option<Duration>,
+    /// The command's input-token estimate, reserved from the pool's rate budgets while it runs
+    /// (default: the pool's default estimate). Refused if above a budget's burst.
+    #[arg(long, value_name = "N")]
+    pub tokens: Option<u64>,
+    /// The command's output-token estimate (its max_tokens), with `--tokens`; default 0.
+    #[arg(long, value_name = "N", requires = "tokens")]
+    pub max_output_tokens: Option<u64>,
     /// The command exit code that means "the provider rate-limited me".
     #[arg(long, env = "SLOTCTL_RATE_LIMIT_EXIT_CODE", default_value_t = DEFAULT_RATE_LIMIT_EXIT_CODE)]
     pub rate_limit_exit_code: i32,

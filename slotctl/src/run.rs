@@ -132,6 +132,9 @@ async fn wait_for_lease(client: &Client, args: &RunArgs) -> Result<Wait, CtlErro
     if let Some(t) = args.ttl {
         acquire = acquire.ttl(t);
     }
+    if let Some(n) = args.tokens {
+        acquire = acquire.tokens(n, args.max_output_tokens.unwrap_or(0));
+    }
     let acquire = std::future::IntoFuture::into_future(acquire);
     tokio::pin!(acquire);
     let deadline = args.max_wait.map(|d| Instant::now() + d);

@@ -173,6 +173,10 @@ impl App {
             WatchKind::Resumed(c) => (EventKind::Resumed, pool(&c, "resumed"), Some(c)),
             WatchKind::LimitChanged(c) => (EventKind::Limit, pool(&c, "changed"), Some(c)),
             WatchKind::Rejected(c) => (EventKind::Rejected, pool(&c, "rejected on"), Some(c)),
+            WatchKind::Budget(c) => {
+                self.push_event(at, EventKind::Limit, format!("budget {}: {}", c.pool, c.detail));
+                return;
+            }
         };
         if let Some(c) = change {
             self.update_pool(&c.pool, c.status);
@@ -340,13 +344,19 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
             break;
         }
         let line = Rect { y: inner.y + row, height: 1, ..inner };
-        let [name_area, bar_area, queue_area, pause_area] = Layout::horizontal([
+        let budget = budget_label(p);
+        let [name_area, bar_area, queue_area, pause_area, budget_area] = Layout::horizontal([
             Constraint::Length(name_width),
             Constraint::Min(10),
             Constraint::Length(11),
             Constraint::Length(PAUSE_WIDTH),
+            Constraint::Length(budget.as_ref().map_or(0, |b| b.chars().count() as u16)),
         ])
         .areas(line);
+        if let Some(b) = budget {
+            let colour = if b.contains("debt") { Color::Red } else { Color::Reset };
+            frame.render_widget(Paragraph::new(Span::styled(b, Style::default().fg(colour))), budget_area);
+        }
         frame.render_widget(Paragraph::new(name.as_str()), name_area);
 
         let paused = pause_label(p, app.now);
@@ -376,6 +386,42 @@ fn draw_pools(frame: &mut Frame<'_>, area: Rect, app: &App) {
             None => Span::raw(""),
         };
         frame.render_widget(Paragraph::new(Line::from(pause)), pause_area);
+    }
+}
+
+/// A pool row's budget cell: each budget's level / refill per window, its debt while in debt, the
+/// open reservations, and "shadow" in shadow mode; for example ` req 3/20 in 1.2k/4k out debt 300 res 2`.
+pub fn budget_label(p: &pb::PoolStatus) -> Option<String> {
+    let b = p.budget.as_ref().filter(|b| !b.levels.is_empty())?;
+    let mut out = String::new();
+    for l in &b.levels {
+        let name = match pb::BudgetKind::try_from(l.kind) {
+            Ok(pb::BudgetKind::Requests) => "req",
+            Ok(pb::BudgetKind::InputTokens) => "in",
+            Ok(pb::BudgetKind::OutputTokens) => "out",
+            _ => continue,
+        };
+        if l.debt > 0 {
+            out.push_str(&format!(" {name} debt {}", si(l.debt)));
+        } else {
+            out.push_str(&format!(" {name} {}/{}", si(l.level.max(0).unsigned_abs()), si(l.refill)));
+        }
+    }
+    if b.reservations > 0 {
+        out.push_str(&format!(" res {}", b.reservations));
+    }
+    if b.shadow {
+        out.push_str(" shadow");
+    }
+    Some(out)
+}
+
+/// `1234` as `1.2k`, `2500000` as `2.5M`: budget figures in a narrow cell.
+fn si(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
     }
 }
 

@@ -704,3 +704,55 @@ async fn tokens_go_to_the_right_service() {
     let out = output_within(&mut cmd).await;
     assert_exit_code(&out, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reserves_its_tokens_and_refuses_an_estimate_above_the_burst() {
+    let toml = "[pools.llm]\nmax_concurrent = 2\n\n[pools.llm.budget]\ninput_tokens_per_minute = 1000\n\
+                output_tokens_per_minute = 1000\ndefault_input_tokens = 10\ndefault_output_tokens = 10\n";
+    let d = Daemon::start(toml).await;
+    let out = run_ctl(
+        &d.url(),
+        &["run", "--pool", "llm", "--tokens", "300", "--max-output-tokens", "50", "--", "true"],
+    )
+    .await;
+    assert_exit_code(&out, 0);
+    let s = d.status().await;
+    let b = s.pools[0].budget.clone().expect("budget in Status");
+    let c = b.counters.expect("counters");
+    assert_eq!((c.reserved_input_tokens, c.reserved_output_tokens), (300, 50));
+    // Released without usage: the estimate stays charged.
+    assert_eq!((c.settled_input_tokens, b.reservations), (300, 0));
+
+    let out = run_ctl(&d.url(), &["run", "--pool", "llm", "--tokens", "2000", "--", "true"]).await;
+    assert_exit_code(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("burst 1000") && stderr.contains("(INVALID_ARGUMENT)"), "{stderr}");
+}
+
+#[test]
+fn top_shows_each_budget_level_refill_debt_and_reservations() {
+    let level = |kind: pb::BudgetKind, level: i64, refill: u64, debt: u64| pb::BudgetLevelStatus {
+        kind: kind as i32,
+        refill,
+        burst: refill,
+        level,
+        debt,
+        ..Default::default()
+    };
+    let p = pb::PoolStatus {
+        name: "llm".into(),
+        budget: Some(pb::BudgetStatus {
+            levels: vec![
+                level(pb::BudgetKind::Requests, 3, 20, 0),
+                level(pb::BudgetKind::InputTokens, 1234, 4000, 0),
+                level(pb::BudgetKind::OutputTokens, -300, 2000, 300),
+            ],
+            reservations: 2,
+            shadow: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    assert_eq!(top::budget_label(&p).as_deref(), Some(" req 3/20 in 1.2k/4.0k out debt 300 res 2 shadow"));
+    assert_eq!(top::budget_label(&pb::PoolStatus::default()), None);
+}

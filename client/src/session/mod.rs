@@ -11,7 +11,7 @@ mod machine;
 mod task;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
 
 pub use self::machine::{PauseInfo, Pauses};
 pub(crate) use self::task::{Backoff, Session, SessionConfig};

@@ -74,6 +74,7 @@ fn spec(max_wait: Option<Duration>) -> RequestSpec {
         ttl: None,
         max_wait,
         holder: "agent".into(),
+        tokens: None,
     }
 }
 

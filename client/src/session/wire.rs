@@ -21,6 +21,10 @@ pub(crate) fn encode(msg: ToDaemon) -> pb::ClientMessage {
             ttl: spec.ttl.and_then(duration),
             max_wait: max_wait.and_then(duration),
             holder: spec.holder,
+            estimate: spec.tokens.map(|(input_tokens, max_output_tokens)| pb::TokenEstimate {
+                input_tokens,
+                max_output_tokens,
+            }),
         }),
         ToDaemon::Cancel { request_id } => client_message::Msg::Cancel(pb::CancelRequest { request_id }),
         ToDaemon::Heartbeat => client_message::Msg::Heartbeat(pb::Heartbeat { lease_ids: Vec::new() }),
@@ -98,7 +102,7 @@ pub(crate) fn decode(msg: pb::ServerMessage, now: SystemTime) -> Option<FromDaem
 }
 
 /// The wire form of a release.
-fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
+pub(crate) fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
     let (outcome, retry_after) = match report.outcome {
         Outcome::Ok => (pb::Outcome::Ok, None),
         Outcome::Error => (pb::Outcome::Error, None),
@@ -208,6 +212,7 @@ mod tests {
             ttl: None,
             max_wait: Some(Duration::from_secs(10)),
             holder: "h".into(),
+            tokens: None,
         };
         let msg = encode(ToDaemon::Request {
             request_id: "r1".into(),

@@ -10,7 +10,7 @@ use tokio::{
 use super::Shared;
 use crate::scheduler::{
     Error, Event, Fact, Lease, LeaseId, NewRequest, PauseApplied, PoolConfig, PoolDeleted, PoolId, PoolPatch,
-    PoolSnapshot, Report, ResumeRequest, SessionId, Snapshot,
+    PoolSnapshot, ProviderLimit, Report, ResumeRequest, SessionId, Snapshot, Usage, budget::BudgetSnapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -120,6 +120,23 @@ impl DriverHandle {
         tracing::info!(%pool, ?retry_after, %reason, "rate limit reported");
         self.shared.with(|st, now| {
             let res = st.sched.report_rate_limit(now, &pool, retry_after, &reason);
+            st.routed(res)
+        })?
+    }
+
+    /// Charges usage seen outside a lease to a pool's budgets and applies the provider's rate-limit
+    /// headers; returns the pool's budgets after.
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll: either nothing was applied or all of it was.
+    pub async fn report_usage(
+        &self,
+        pool: PoolId,
+        usage: Option<Usage>,
+        limits: Vec<ProviderLimit>,
+    ) -> Result<Option<BudgetSnapshot>, Error> {
+        self.shared.with(|st, now| {
+            let res = st.sched.report_usage(now, &pool, usage, &limits);
             st.routed(res)
         })?
     }

@@ -290,7 +290,10 @@ impl State {
             }
             if watching && watched(&fact) {
                 let status = match &fact {
-                    Fact::Granted { .. } | Fact::Ended { .. } | Fact::Rejected { .. } => None,
+                    Fact::Granted { .. }
+                    | Fact::Ended { .. }
+                    | Fact::Rejected { .. }
+                    | Fact::Budget { .. } => None,
                     _ => fact.pool().and_then(|p| self.pool_status(p)),
                 };
                 let _ = self.watch.send(Published { at: now, fact, status });
@@ -314,6 +317,10 @@ fn watched(fact: &Fact) -> bool {
     match fact {
         Fact::Paused { extended, .. } => *extended,
         Fact::LeaseRefused { .. } => false,
+        Fact::Budget { fact, .. } => !matches!(
+            fact,
+            crate::scheduler::BudgetFact::Reserved { .. } | crate::scheduler::BudgetFact::Settled { .. }
+        ),
         _ => true,
     }
 }
@@ -343,6 +350,10 @@ fn log_fact(fact: &Fact, now: Instant) {
         Fact::Resumed { pool } => info!(%pool, "pool pause ended"),
         Fact::Effective { pool, limit } => info!(%pool, limit, "effective limit moved (adaptive headroom)"),
         Fact::PoolChanged { pool, change, reload } => info!(%pool, ?change, reload, "pool changed"),
+        Fact::Budget { pool, fact: crate::scheduler::BudgetFact::ShadowWait { kind, level, would_wait } } => {
+            info!(%pool, budget = kind.label(), %level, would_wait_secs = would_wait.as_secs_f64(), "shadow budget would have held a grant");
+        }
+        Fact::Budget { pool, fact } => debug!(%pool, ?fact, "budget"),
         // Logged through `Refusals` (route).
         Fact::Rejected { .. } | Fact::LeaseRefused { .. } => {}
     }

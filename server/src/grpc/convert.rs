@@ -24,6 +24,8 @@ use crate::{
         Error, Event, ExpiryReason, Fact, FencingToken, Lease, LeaseEnd, LeaseId, LimitKind, NewRequest,
         Outcome, Overflow, PoolChange, PoolId, PoolPatch, PoolSnapshot, Priority, ProviderLimit, Report,
         RequestId, ResumeCredential, ResumeRequest, SchedulerConfig, Snapshot, Usage,
+        budget::{BudgetFact, BudgetKind, BudgetPatch, BudgetSnapshot, TokenEstimate},
+        pool::Closed,
     },
 };
 
@@ -199,25 +201,41 @@ fn request(r: pb::LeaseRequest) -> Result<NewRequest, Error> {
         ttl: duration("ttl", r.ttl)?,
         max_wait: duration("max_wait", r.max_wait)?,
         holder: holder(r.holder)?,
+        estimate: r.estimate.map(token_estimate).transpose()?,
     })
+}
+
+/// A request's token estimate from the wire; each count is bounded by [`Usage::MAX_TOKENS`].
+pub fn token_estimate(e: pb::TokenEstimate) -> Result<TokenEstimate, Error> {
+    for (field, n) in [("input_tokens", e.input_tokens), ("max_output_tokens", e.max_output_tokens)] {
+        if n > Usage::MAX_TOKENS {
+            return Err(Error::InvalidArgument(format!(
+                "estimate.{field} is {n}; at most {} tokens are accepted",
+                Usage::MAX_TOKENS
+            )));
+        }
+    }
+    Ok(TokenEstimate { input_tokens: e.input_tokens, max_output_tokens: e.max_output_tokens })
+}
+
+/// A list of provider limits from the wire: at most [`ProviderLimit::MAX_PER_REPORT`], unknown kinds
+/// skipped.
+pub fn provider_limits(limits: Vec<pb::ProviderLimit>) -> Result<Vec<ProviderLimit>, Error> {
+    if limits.len() > ProviderLimit::MAX_PER_REPORT {
+        return Err(Error::InvalidArgument(format!(
+            "provider_limits has {} entries; at most {} are accepted",
+            limits.len(),
+            ProviderLimit::MAX_PER_REPORT
+        )));
+    }
+    limits.into_iter().filter_map(|l| provider_limit(l).transpose()).collect()
 }
 
 fn release(r: pb::ReleaseLease) -> Result<(LeaseId, Report), Error> {
     let id = r.lease_id.parse()?;
     let outcome = outcome(r.outcome, r.retry_after)?;
     let usage = r.usage.map(usage).transpose()?;
-    if r.provider_limits.len() > ProviderLimit::MAX_PER_REPORT {
-        return Err(Error::InvalidArgument(format!(
-            "provider_limits has {} entries; at most {} are accepted",
-            r.provider_limits.len(),
-            ProviderLimit::MAX_PER_REPORT
-        )));
-    }
-    let limits = r
-        .provider_limits
-        .into_iter()
-        .filter_map(|l| provider_limit(l).transpose())
-        .collect::<Result<_, _>>()?;
+    let limits = provider_limits(r.provider_limits)?;
     Ok((id, Report { outcome, usage, limits }))
 }
 
@@ -295,12 +313,17 @@ fn resume(r: pb::ResumeLease) -> Result<ResumeRequest, Error> {
 pub fn server_message(event: Event) -> pb::ServerMessage {
     use pb::server_message::Msg;
     let msg = match event {
-        Event::Queued { request_id, position, blocked } => Msg::Queued(pb::Queued {
-            request_id: request_id.to_string(),
-            position,
-            blocked,
-            ..Default::default()
-        }),
+        Event::Queued { request_id, position, blocked, gate: closed } => {
+            let (gate, gate_until, gate_pool) = closed.as_ref().map(gate).unwrap_or_default();
+            Msg::Queued(pb::Queued {
+                request_id: request_id.to_string(),
+                position,
+                blocked,
+                gate: gate as i32,
+                gate_until: gate_until.map(timestamp),
+                gate_pool,
+            })
+        }
         Event::Granted { request_id, lease_id, pool, token, ttl, expires_at, credential, .. } => {
             Msg::Granted(pb::Granted {
                 request_id: request_id.to_string(),
@@ -389,6 +412,7 @@ pub fn status_response(s: Snapshot) -> pb::StatusResponse {
 
 /// One pool's state on the wire.
 pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
+    let gate_of = p.gate.as_ref().map(gate).unwrap_or_default();
     pb::PoolStatus {
         name: p.id.to_string(),
         parent: p.config.parent.map(|p| p.to_string()).unwrap_or_default(),
@@ -405,6 +429,99 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
             pool: b.pool.to_string(),
             until: Some(timestamp(b.until)),
             reason: b.reason.to_string(),
+        }),
+        budget: p.budget.map(budget_status),
+        gate: gate_of.0 as i32,
+        gate_until: gate_of.1.map(timestamp),
+        gate_pool: gate_of.2,
+    }
+}
+
+/// A closed gate on the wire: which gate, until when (when known), on which pool of the chain.
+pub fn gate(c: &Closed) -> (pb::Gate, Option<Instant>, String) {
+    match c {
+        Closed::Full(p) => (pb::Gate::Slots, None, p.to_string()),
+        Closed::Cooling(p, at) => (pb::Gate::Cooldown, Some(*at), p.to_string()),
+        Closed::Paused(p, at) => (pb::Gate::Pause, Some(*at), p.to_string()),
+        Closed::Learning => (pb::Gate::Learning, None, String::new()),
+        Closed::Draining => (pb::Gate::Draining, None, String::new()),
+        // A leader past its grant deadline is about to be deposed: like a drain, nothing new is
+        // granted here (the wire has no gate of its own for it).
+        Closed::Fenced => (pb::Gate::Draining, None, String::new()),
+        Closed::Budget { pool, kind, until } => {
+            let g = match kind {
+                BudgetKind::Requests => pb::Gate::RequestsBudget,
+                BudgetKind::InputTokens => pb::Gate::InputTokensBudget,
+                BudgetKind::OutputTokens => pb::Gate::OutputTokensBudget,
+            };
+            (g, Some(*until), pool.to_string())
+        }
+    }
+}
+
+fn budget_kind(k: BudgetKind) -> pb::BudgetKind {
+    match k {
+        BudgetKind::Requests => pb::BudgetKind::Requests,
+        BudgetKind::InputTokens => pb::BudgetKind::InputTokens,
+        BudgetKind::OutputTokens => pb::BudgetKind::OutputTokens,
+    }
+}
+
+fn limit_kind(k: LimitKind) -> pb::LimitKind {
+    match k {
+        LimitKind::Requests => pb::LimitKind::Requests,
+        LimitKind::Tokens => pb::LimitKind::Tokens,
+        LimitKind::InputTokens => pb::LimitKind::InputTokens,
+        LimitKind::OutputTokens => pb::LimitKind::OutputTokens,
+    }
+}
+
+/// A pool's budgets on the wire.
+pub fn budget_status(b: BudgetSnapshot) -> pb::BudgetStatus {
+    let now = Instant::now();
+    let c = b.counters;
+    pb::BudgetStatus {
+        window: Some(pb_duration(b.window)),
+        shadow: b.shadow,
+        reservations: b.reservations,
+        levels: b
+            .levels
+            .into_iter()
+            .map(|l| pb::BudgetLevelStatus {
+                kind: budget_kind(l.kind) as i32,
+                refill: l.rate,
+                burst: l.burst,
+                level: l.level,
+                debt: l.debt,
+                reserved: l.reserved,
+                full_at: l.full_at.map(timestamp),
+            })
+            .collect(),
+        provider: b
+            .provider
+            .into_iter()
+            .map(|v| pb::BudgetProviderView {
+                limit: Some(pb::ProviderLimit {
+                    kind: limit_kind(v.limit.kind) as i32,
+                    limit: v.limit.limit,
+                    remaining: v.limit.remaining,
+                    reset_in: Some(pb_duration(v.limit.reset_in)),
+                }),
+                age: Some(pb_duration(now.saturating_duration_since(v.seen_at))),
+            })
+            .collect(),
+        counters: Some(pb::BudgetCounters {
+            reserved_requests: c.reserved[0],
+            reserved_input_tokens: c.reserved[1],
+            reserved_output_tokens: c.reserved[2],
+            settled_requests: c.settled[0],
+            settled_input_tokens: c.settled[1],
+            settled_output_tokens: c.settled[2],
+            estimate_error_input_tokens: c.estimate_error[0],
+            estimate_error_output_tokens: c.estimate_error[1],
+            settled_with_usage: c.settled_with_usage,
+            shadow_waits: c.shadow_waits,
+            shadow_wait: Some(pb_duration(c.shadow_wait)),
         }),
     }
 }
@@ -446,8 +563,25 @@ pub fn pool_patch(spec: pb::PoolSpec) -> Result<(PoolId, PoolPatch), Error> {
             adaptive: spec.adaptive,
             headroom_recovery: duration("headroom_recovery", spec.headroom_recovery)?,
             max_agent_retry_after: duration("max_agent_retry_after", spec.max_agent_retry_after)?,
+            budget: BudgetPatch {
+                // Zero clears: no budget, or a burst equal to the per-minute figure.
+                requests_per_minute: spec.requests_per_minute.map(nonzero),
+                requests_burst: spec.requests_burst.map(nonzero),
+                input_tokens_per_minute: spec.input_tokens_per_minute.map(nonzero),
+                input_tokens_burst: spec.input_tokens_burst.map(nonzero),
+                output_tokens_per_minute: spec.output_tokens_per_minute.map(nonzero),
+                output_tokens_burst: spec.output_tokens_burst.map(nonzero),
+                window: duration("budget_window", spec.budget_window)?,
+                default_input_tokens: spec.default_input_tokens,
+                default_output_tokens: spec.default_output_tokens,
+                shadow: spec.budget_shadow,
+            },
         },
     ))
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n != 0).then_some(n)
 }
 
 /// A published fact as a Watch message (`None` for a fact Watch does not show).
@@ -490,6 +624,33 @@ pub fn watch_event(p: Published) -> Option<pb::WatchEvent> {
             detail: error.to_string(),
             status: None,
         }),
+        Fact::Budget { pool: id, fact } => {
+            let (detail, would_wait) = match fact {
+                BudgetFact::ShadowWait { kind, level, would_wait } => (
+                    format!(
+                        "shadow: {} budget of pool {level} would have held a grant for {:.3}s",
+                        kind.label(),
+                        would_wait.as_secs_f64()
+                    ),
+                    Some(pb_duration(would_wait)),
+                ),
+                BudgetFact::ProviderWord { limits } => {
+                    let said: Vec<String> =
+                        limits.iter().map(|l| format!("{:?} {}/{}", l.kind, l.remaining, l.limit)).collect();
+                    (format!("provider limits applied: {}", said.join(", ")), None)
+                }
+                BudgetFact::Charged { cost } => (
+                    format!(
+                        "usage reported outside a lease: {} input, {} output tokens",
+                        cost.0[1], cost.0[2]
+                    ),
+                    None,
+                ),
+                // Reservations and settlements ride on each lease's grant and end.
+                BudgetFact::Reserved { .. } | BudgetFact::Settled { .. } => return None,
+            };
+            E::Budget(pb::BudgetChange { pool: id.to_string(), detail, would_wait })
+        }
         Fact::LeaseRefused { .. } => return None,
     };
     Some(pb::WatchEvent { at: Some(timestamp(p.at)), event: Some(event) })

@@ -86,6 +86,18 @@ impl Slotd for SlotdService {
         }))
     }
 
+    async fn report_usage(
+        &self,
+        req: Request<pb::ReportUsageRequest>,
+    ) -> Result<Response<pb::ReportUsageResponse>, Status> {
+        let r = req.into_inner();
+        let pool = PoolId::parse(&r.pool)?;
+        let usage = r.usage.map(convert::usage).transpose()?;
+        let limits = convert::provider_limits(r.provider_limits)?;
+        let budget = self.driver.report_usage(pool, usage, limits).await?;
+        Ok(Response::new(pb::ReportUsageResponse { budget: budget.map(convert::budget_status) }))
+    }
+
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let r = req.into_inner();
         let pool = if r.pool.is_empty() { None } else { Some(PoolId::parse(&r.pool)?) };

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::{
     Decisions, Error, Event, ExpiryReason, Fact, Lease, LeaseEnd, LeaseId, PoolChange, PoolConfig, PoolId,
-    Scheduler, SchedulerConfig, SessionId, WaiterId, ids,
+    Scheduler, SchedulerConfig, SessionId, WaiterId,
+    budget::BudgetPatch,
+    ids,
     pool::{Overflow, Pool},
 };
 
@@ -42,6 +44,8 @@ pub struct PoolPatch {
     pub headroom_recovery: Option<Duration>,
     /// See [`PoolConfig::max_agent_retry_after`].
     pub max_agent_retry_after: Option<Duration>,
+    /// See [`PoolConfig::budget`].
+    pub budget: BudgetPatch,
 }
 
 impl PoolPatch {
@@ -64,6 +68,7 @@ impl PoolPatch {
         set(&mut base.adaptive, &self.adaptive);
         set(&mut base.headroom_recovery, &self.headroom_recovery);
         set(&mut base.max_agent_retry_after, &self.max_agent_retry_after);
+        base.budget = self.budget.apply(base.budget);
         base
     }
 }

@@ -92,6 +92,7 @@ impl Scheduler {
             self.pools.get_mut(&p).expect("chain pools exist").in_flight += 1;
         }
         let expires_at = time::after(now, w.ttl);
+        self.budget_reserve(now, id, &w.pool, w.cost, out);
         self.sessions.get_mut(&w.session).expect("waiter sessions exist").leases.insert(id);
         let lease = Lease {
             id,
@@ -134,6 +135,8 @@ impl Scheduler {
         out: &mut Decisions,
     ) -> Option<Lease> {
         let lease = self.leases.remove(id, end.tombstone())?;
+        // Without a settlement before (a release with usage), the whole reservation stays charged.
+        self.budget_settle(now, *id, &lease.pool, None, out);
         out.facts.push(Fact::Ended { lease: lease.clone(), end });
         if let Some(s) = self.sessions.get_mut(&lease.session) {
             s.leases.remove(id);
@@ -221,6 +224,7 @@ impl Scheduler {
 
     /// Applies timers due by `now`, without granting.
     pub(super) fn advance(&mut self, now: Instant, out: &mut Decisions) {
+        self.last_now = self.last_now.max(now);
         if self.learning_until.is_some_and(|t| t <= now) {
             self.learning_until = None;
         }
@@ -270,7 +274,8 @@ impl Scheduler {
                 if best.is_some_and(|b| b <= head) {
                     continue;
                 }
-                if self.chain_gate(pool, now).is_ok() {
+                let cost = self.waiters[&head.1].cost;
+                if self.grant_gate(pool, &cost, now).is_ok() {
                     best = Some(head);
                 }
             }

@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use super::{
-    Error, FencingToken, Lease, LeaseId, PoolId, RequestId, ResumeCredential, SessionId, lease::Ended,
+    BudgetFact, Error, FencingToken, Lease, LeaseId, PoolId, RequestId, ResumeCredential, SessionId,
+    lease::Ended, pool::Closed,
 };
 
 /// How the call covered by a lease ended: its outcome class.
@@ -91,6 +92,8 @@ pub enum Event {
         position: u32,
         /// Waiting outside a full queue (`on_overflow = "block"`).
         blocked: bool,
+        /// The gate that holds the pool's queue (closed for its head), when one does.
+        gate: Option<Closed>,
     },
     /// A request got its lease.
     Granted {
@@ -257,6 +260,13 @@ pub enum Fact {
         /// Why.
         error: Error,
     },
+    /// A rate budget moved: a reservation, a settlement, a shadow-mode wait, the provider's word.
+    Budget {
+        /// The pool.
+        pool: PoolId,
+        /// What happened.
+        fact: BudgetFact,
+    },
     /// A lease-addressed message was refused; nothing changed.
     LeaseRefused {
         /// The session it came from.
@@ -276,7 +286,8 @@ impl Fact {
             Fact::Paused { pool, .. }
             | Fact::Resumed { pool }
             | Fact::Effective { pool, .. }
-            | Fact::PoolChanged { pool, .. } => Some(pool),
+            | Fact::PoolChanged { pool, .. }
+            | Fact::Budget { pool, .. } => Some(pool),
             Fact::Rejected { error, .. } | Fact::LeaseRefused { error, .. } => error.pool(),
         }
     }

@@ -25,6 +25,7 @@
 //!    credential its grant carried, so only tokens this daemon issued ever reach a pool's counter.
 
 mod admin;
+pub mod budget;
 pub mod credential;
 mod dispatch;
 pub mod error;
@@ -56,6 +57,7 @@ use tokio::time::Instant;
 
 pub use self::{
     admin::{PauseApplied, PoolDeleted, PoolPatch, validate_tree},
+    budget::{BudgetConfig, BudgetFact, BudgetKind, BudgetSnapshot, TokenEstimate},
     credential::{LeaseKey, ResumeCredential},
     error::Error,
     event::{Decisions, Event, ExpiryReason, Fact, LeaseEnd, Outcome, PoolChange},
@@ -138,6 +140,8 @@ pub struct NewRequest {
     pub max_wait: Option<Duration>,
     /// Holder name.
     pub holder: Arc<str>,
+    /// Token estimate for the rate budgets; `None` means the pool's default estimate.
+    pub estimate: Option<TokenEstimate>,
 }
 
 impl NewRequest {
@@ -151,6 +155,7 @@ impl NewRequest {
             ttl: None,
             max_wait: None,
             holder: Arc::from(""),
+            estimate: None,
         }
     }
 }
@@ -166,6 +171,8 @@ struct Waiter {
     enqueued_at: Instant,
     deadline: Option<Instant>,
     holder: Arc<str>,
+    /// What a grant takes from the rate budgets.
+    cost: budget::Cost,
 }
 
 #[derive(Debug, Default)]
@@ -197,6 +204,8 @@ pub struct Scheduler {
     /// Nothing is granted from this instant on (high availability: the leader's lease on its
     /// leadership runs out then; see [`term`]).
     grant_until: Option<Instant>,
+    /// The latest instant any operation was given (budget wake-ups are computed from it).
+    last_now: Instant,
 }
 
 impl Scheduler {
@@ -227,6 +236,7 @@ impl Scheduler {
             shutting_down: false,
             draining: false,
             grant_until: None,
+            last_now: now,
             cfg,
         };
         s.sessions.insert(ORPHANS, Session::default());
@@ -331,7 +341,8 @@ impl Scheduler {
         let started = started.max(now.checked_sub(SchedulerConfig::MAX_TURN_AGE).unwrap_or(started));
         let key = self.key_of(started, req.priority);
         let deadline = max_wait.map(|w| time::after(now, w.min(SchedulerConfig::MAX_WAIT)));
-        let gate = self.chain_gate(pool, now);
+        let cost = self.budget_cost(pool, req.estimate)?;
+        let gate = self.grant_gate(pool, &cost, now);
         let queue_empty = pool.queue.is_empty();
 
         self.next_waiter += 1;
@@ -346,6 +357,7 @@ impl Scheduler {
             enqueued_at: now,
             deadline,
             holder: req.holder,
+            cost,
         };
         if queue_empty && gate.is_ok() {
             // Fast path: nobody waits here and every level has room (invariant 3 says no other
@@ -386,7 +398,8 @@ impl Scheduler {
             (pool.queue.push(key, wid), false)
         };
         self.insert_waiter(wid, waiter);
-        out.push(session, Event::Queued { request_id: req.request_id, position, blocked });
+        let gate = self.queue_gate(&req.pool, now);
+        out.push(session, Event::Queued { request_id: req.request_id, position, blocked, gate });
         // A waiter that arrives during a pause learns of it now, not only when it ends.
         for level in &self.pools[&req.pool].chain {
             let p = &self.pools[level];
@@ -470,6 +483,9 @@ impl Scheduler {
         self.advance(now, &mut out);
         match self.own_lease(session, &id) {
             Ok(()) => {
+                let pool = self.leases.get(&id).expect("owned lease exists").pool.clone();
+                self.budget_settle(now, id, &pool, report.usage.as_ref(), &mut out);
+                self.budget_provider_word(now, &pool, &report.limits, &mut out);
                 let end = LeaseEnd::Released(outcome);
                 let lease = self.end_lease(now, &id, end, &mut out).expect("owned lease exists");
                 out.push(session, Event::Released { lease_id: id, pool: lease.pool.clone(), outcome });
@@ -511,11 +527,20 @@ impl Scheduler {
     }
 
     /// When [`Scheduler::tick`] next has something to do.
+    /// A waiter blocked only by a rate budget becomes grantable at an instant computed (exact refill)
+    /// from the state as of the last operation; it is included.
     pub fn next_deadline(&self) -> Option<Instant> {
         let pools = self.pools.values().filter_map(Pool::next_deadline).min();
-        [self.leases.next_expiry(), self.deadlines.first().map(|(t, _)| *t), pools, self.learning_until]
-            .into_iter()
-            .flatten()
-            .min()
+        let budgets = self.budget_deadline(self.last_now);
+        [
+            self.leases.next_expiry(),
+            self.deadlines.first().map(|(t, _)| *t),
+            pools,
+            self.learning_until,
+            budgets,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }

@@ -186,6 +186,8 @@ fn pool_set(case: &Case, limits: [u32; 4], depth: [u32; 4], without_b: bool) -> 
                 adaptive: case.adaptive,
                 headroom_recovery: ms(300),
                 max_agent_retry_after: MAX_AGENT_RETRY_AFTER,
+                // Rate budgets have their own property test (proptests.rs, "Rate budgets").
+                budget: BudgetConfig::default(),
             };
             (pid(i), cfg)
         })
@@ -317,7 +319,7 @@ impl Model {
         let mut shed = false;
         for (s, e) in &d.events {
             match e {
-                Event::Queued { request_id, position, blocked } => {
+                Event::Queued { request_id, position, blocked, .. } => {
                     let p = pending.expect("only a request queues");
                     assert_eq!((p.session, p.id.as_str()), (*s, request_id.as_str()));
                     let want = if *blocked {
@@ -656,6 +658,7 @@ pub fn run(case: &Case) {
                     ttl,
                     max_wait,
                     holder: HOLDER.into(),
+                    estimate: None,
                 };
                 pending = Some(Pending {
                     session: sess,
@@ -1150,11 +1153,15 @@ impl Invariants {
                     let l = by_id[level];
                     l.paused_until.is_some_and(|u| u > now) || l.in_flight + l.cooling >= l.effective_limit
                 });
+                // --- Rate budgets: a head short of a budget keeps its queue closed. ---
+                let closed = closed || matches!(p.gate, Some(Closed::Budget { .. }));
                 assert!(closed, "pool {} could grant but has {} waiters", p.id, p.queued);
             }
             queued += p.queued as usize;
         }
         assert_eq!(queued, s.waiter_count(), "queued waiters vs waiter_count");
+        // --- Rate budgets: no level below its debt cap; no reservation outlives its lease. ---
+        s.check_budgets(now);
         assert_eq!(snap.leases.len(), s.lease_count(), "listed leases vs lease_count");
         self.in_flight = snap.pools.iter().map(|p| (p.id.clone(), p.in_flight)).collect();
     }

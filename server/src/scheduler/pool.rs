@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     SchedulerConfig,
+    budget::{BudgetConfig, BudgetKind, BudgetState},
     ids::{PoolId, SessionId},
     queue::Queue,
 };
@@ -68,6 +69,8 @@ pub struct PoolConfig {
     /// effective limit (adaptive headroom) without pausing anything.
     #[serde(with = "humantime_serde")]
     pub max_agent_retry_after: Duration,
+    /// Rate budgets (requests, input and output tokens per window); none by default.
+    pub budget: BudgetConfig,
 }
 
 impl PoolConfig {
@@ -152,6 +155,7 @@ impl PoolConfig {
                 humantime::format_duration(SchedulerConfig::MAX_PAUSE)
             ));
         }
+        self.budget.validate(name)?;
         if self.parent.as_ref() == Some(name) {
             return Err(format!("pool {name}: a pool cannot be its own parent"));
         }
@@ -174,6 +178,7 @@ impl Default for PoolConfig {
             adaptive: true,
             headroom_recovery: Self::DEFAULT_HEADROOM_RECOVERY,
             max_agent_retry_after: Self::DEFAULT_MAX_AGENT_RETRY_AFTER,
+            budget: BudgetConfig::default(),
         }
     }
 }
@@ -191,6 +196,17 @@ pub enum Closed {
     Draining,
     /// High availability: this leader's grant deadline passed (it may no longer be the leader).
     Fenced,
+    /// Every slot of this level not held is cooling down; the first enough of them cool at the instant.
+    Cooling(PoolId, Instant),
+    /// A rate budget of this level is short of the head's cost until the instant (exact refill).
+    Budget {
+        /// The level whose budget is short.
+        pool: PoolId,
+        /// Which budget.
+        kind: BudgetKind,
+        /// When every budget of the chain holds the cost.
+        until: Instant,
+    },
 }
 
 /// A pool's live state.
@@ -214,12 +230,15 @@ pub(crate) struct Pool {
     pub(crate) queue: Queue,
     /// Sessions with a waiter or a lease on this pool itself, with how many (for pause fan-out).
     pub(crate) interest: HashMap<SessionId, u32>,
+    /// Rate budgets' live state (see [`super::budget`]).
+    pub(crate) budget: BudgetState,
 }
 
 impl Pool {
     pub(crate) fn new(id: PoolId, cfg: PoolConfig, first_token: u64) -> Self {
         Self {
             id,
+            budget: BudgetState::new(&cfg.budget),
             effective: cfg.max_concurrent,
             cfg,
             chain: Vec::new(),
@@ -239,8 +258,13 @@ impl Pool {
         if let Some(until) = self.paused_until.filter(|u| *u > now) {
             return Err(Closed::Paused(self.id.clone(), until));
         }
-        if self.in_flight as usize + self.cooling.len() >= self.effective as usize {
+        if self.in_flight >= self.effective {
             return Err(Closed::Full(self.id.clone()));
+        }
+        if self.in_flight as usize + self.cooling.len() >= self.effective as usize {
+            // Enough cooling slots must finish for one to be free: the n-th oldest's instant.
+            let n = self.in_flight as usize + self.cooling.len() - self.effective as usize;
+            return Err(Closed::Cooling(self.id.clone(), self.cooling[n]));
         }
         Ok(())
     }
@@ -279,6 +303,7 @@ impl Pool {
             self.effective = cfg.max_concurrent;
             self.recover_at = None;
         }
+        self.budget.reconfigure(&cfg.budget);
         self.cfg = cfg;
     }
 }

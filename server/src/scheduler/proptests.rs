@@ -102,6 +102,15 @@ proptest! {
         model::run(&case);
     }
 
+    /// Rate budgets: see [`run_budgets`].
+    #[test]
+    fn budgets_keep_debt_cap_order_and_leak_nothing(
+        pools in budget_tree(),
+        ops in prop::collection::vec((prop_oneof![2 => Just(0u64), 3 => 1..300u64], budget_op()), 1..80),
+    ) {
+        run_budgets(pools, ops);
+    }
+
     /// Under a steady stream of priority-9 arrivals that keeps the queue from ever draining, a
     /// priority-0 waiter is granted once the newcomers' turns start more than 9 aging steps after
     /// its own, and no such newcomer goes before it.
@@ -167,5 +176,189 @@ proptest! {
             t += ms(1);
         }
         prop_assert!(done, "low priority starved until {:?}", t - t0);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rate budgets
+// ------------------------------------------------------------------------------------------------
+
+/// One step of the budget property test.
+#[derive(Clone, Debug)]
+enum BudgetOp {
+    Request { s: usize, pool: usize, estimate: Option<(u64, u64)> },
+    Release { which: usize, usage: Option<(u64, u64)> },
+    Provider { pool: usize, kind: u8, limit: u64, remaining: u64 },
+    Close { s: usize },
+    Tick,
+}
+
+fn budget_op() -> impl Strategy<Value = BudgetOp> {
+    let tokens = (0..400u64, 0..400u64);
+    prop_oneof![
+        6 => (0..3usize, 0..4usize, prop::option::weighted(0.8, tokens.clone()))
+            .prop_map(|(s, pool, estimate)| BudgetOp::Request { s, pool, estimate }),
+        4 => (0..8usize, prop::option::weighted(0.7, (0..900u64, 0..900u64)))
+            .prop_map(|(which, usage)| BudgetOp::Release { which, usage }),
+        1 => (0..4usize, 0..4u8, 1..400u64, 0..400u64).prop_map(|(pool, kind, limit, remaining)| {
+            BudgetOp::Provider { pool, kind, limit, remaining: remaining.min(limit) }
+        }),
+        1 => (0..3usize).prop_map(|s| BudgetOp::Close { s }),
+        2 => Just(BudgetOp::Tick),
+    ]
+}
+
+/// A pool tree `g` over `a` and `b`, `a1` under `a`, with budgets on `g`, `a` and `a1`.
+fn budget_tree() -> impl Strategy<Value = BTreeMap<PoolId, PoolConfig>> {
+    let bucket = |lo: u64, hi: u64| (lo..hi, lo..hi);
+    (bucket(1, 12), bucket(100, 600), bucket(100, 600), bucket(100, 900), any::<bool>(), 1..5u32).prop_map(
+        |(rq, inp, outp, a_in, shadow, limit)| {
+            let g = BudgetConfig {
+                requests_per_minute: Some(rq.0),
+                requests_burst: Some(rq.1),
+                input_tokens_per_minute: Some(inp.0),
+                input_tokens_burst: Some(inp.1.max(100)),
+                output_tokens_per_minute: Some(outp.0),
+                output_tokens_burst: Some(outp.1.max(100)),
+                window: Duration::from_secs(1),
+                default_input_tokens: 50,
+                default_output_tokens: 50,
+                shadow: false,
+            };
+            let a = BudgetConfig {
+                input_tokens_per_minute: Some(a_in.0),
+                input_tokens_burst: Some(a_in.1),
+                window: Duration::from_millis(500),
+                default_input_tokens: 50,
+                shadow,
+                ..BudgetConfig::default()
+            };
+            let a1 = BudgetConfig {
+                requests_per_minute: Some(2),
+                window: Duration::from_secs(1),
+                ..BudgetConfig::default()
+            };
+            let pool = |parent: Option<&str>, budget| PoolConfig {
+                parent: parent.map(PoolId::new),
+                budget,
+                default_ttl: ms(400),
+                ..PoolConfig::with_limit(limit + 2)
+            };
+            BTreeMap::from([
+                (PoolId::new("g"), pool(None, g)),
+                (PoolId::new("a"), pool(Some("g"), a)),
+                (PoolId::new("b"), pool(Some("g"), BudgetConfig::default())),
+                (PoolId::new("a1"), pool(Some("a"), a1)),
+            ])
+        },
+    )
+}
+
+/// Runs budget operations and checks after every step: no budget below its debt cap, no reservation
+/// outliving its lease, the core's invariants (fixpoint included), and order within each pool; at
+/// the end, nothing leaks: no reservation is left and every bucket refills to its burst.
+fn run_budgets(pools: BTreeMap<PoolId, PoolConfig>, ops: Vec<(u64, BudgetOp)>) {
+    const NAMES: [&str; 4] = ["g", "a", "b", "a1"];
+    let t0 = Instant::now();
+    let mut s = Scheduler::new(SchedulerConfig { seed: Some(5), ..Default::default() }, pools, t0).unwrap();
+    let sessions: Vec<SessionId> = (0..3).map(|_| s.open_session()).collect();
+    let mut open = [true; 3];
+    let mut now = t0;
+    let mut next = 0u64;
+    // Waiting requests by pool, in arrival order (same priority, turn start = arrival).
+    let mut waiting: HashMap<PoolId, Vec<(SessionId, String)>> = HashMap::new();
+    let mut leases: Vec<(SessionId, LeaseId)> = Vec::new();
+    for (dt, op) in ops {
+        now += ms(dt);
+        let d = match op {
+            BudgetOp::Request { s: i, pool, estimate } => {
+                if !open[i] {
+                    continue;
+                }
+                next += 1;
+                let id = format!("r{next}");
+                let pool = PoolId::new(NAMES[pool]);
+                let req = NewRequest {
+                    started_at: Some(now),
+                    estimate: estimate.map(|(i, o)| TokenEstimate { input_tokens: i, max_output_tokens: o }),
+                    ..NewRequest::new(RequestId::parse(&id).unwrap(), pool.clone())
+                };
+                let d = s.request(now, sessions[i], req);
+                if d.events
+                    .iter()
+                    .any(|(_, e)| matches!(e, Event::Queued { request_id, .. } if request_id.as_str() == id))
+                {
+                    waiting.entry(pool).or_default().push((sessions[i], id));
+                }
+                d
+            }
+            BudgetOp::Release { which, usage } => {
+                if leases.is_empty() {
+                    continue;
+                }
+                let (sess, id) = leases.remove(which % leases.len());
+                let usage =
+                    usage.map(|(i, o)| Usage { input_tokens: i, output_tokens: o, ..Default::default() });
+                s.release(now, sess, id, Report { outcome: Outcome::Ok, usage, limits: Vec::new() })
+            }
+            BudgetOp::Provider { pool, kind, limit, remaining } => {
+                let kind =
+                    [LimitKind::Requests, LimitKind::Tokens, LimitKind::InputTokens, LimitKind::OutputTokens]
+                        [usize::from(kind) % 4];
+                let l = ProviderLimit { kind, limit, remaining, reset_in: ms(500) };
+                s.report_usage(now, &PoolId::new(NAMES[pool]), None, &[l]).unwrap().1
+            }
+            BudgetOp::Close { s: i } => {
+                open[i] = false;
+                s.close_session(now, sessions[i], Duration::ZERO)
+            }
+            BudgetOp::Tick => s.tick(now),
+        };
+        // A closed stream's waiters and leases leave silently.
+        for (i, sess) in sessions.iter().enumerate() {
+            if !open[i] {
+                for q in waiting.values_mut() {
+                    q.retain(|(s, _)| s != sess);
+                }
+                leases.retain(|(s, _)| s != sess);
+            }
+        }
+        for (sess, e) in &d.events {
+            match e {
+                Event::Granted { request_id, lease_id, pool, .. } => {
+                    leases.push((*sess, *lease_id));
+                    let q = waiting.entry(pool.clone()).or_default();
+                    if let Some(pos) = q.iter().position(|(_, r)| r == request_id.as_str()) {
+                        assert_eq!(pos, 0, "{request_id} overtook {:?} on {pool}", &q[..pos]);
+                        q.remove(0);
+                    }
+                }
+                Event::Rejected { request_id, .. } => {
+                    for q in waiting.values_mut() {
+                        q.retain(|(_, r)| r != request_id);
+                    }
+                }
+                Event::Expired { lease_id, .. } => leases.retain(|(_, l)| l != lease_id),
+                _ => {}
+            }
+        }
+        s.check_invariants(now);
+        s.check_budgets(now);
+    }
+    for (i, sess) in sessions.iter().enumerate() {
+        if open[i] {
+            s.close_session(now, *sess, Duration::ZERO);
+        }
+    }
+    s.check_budgets(now);
+    now += Duration::from_secs(3600);
+    s.tick(now);
+    for p in s.snapshot(None).unwrap().pools {
+        if let Some(b) = p.budget {
+            assert_eq!(b.reservations, 0, "reservations left on {}", p.id);
+            for l in b.levels {
+                assert_eq!(l.level, l.burst as i64, "{:?} of {} did not refill to its burst", l.kind, p.id);
+            }
+        }
     }
 }

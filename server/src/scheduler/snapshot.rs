@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::{Error, Lease, PoolConfig, PoolId, Scheduler};
+use super::{BudgetSnapshot, Closed, Error, Lease, PoolConfig, PoolId, Scheduler};
 
 /// One pool in a [`Snapshot`].
 #[derive(Clone, Debug)]
@@ -32,6 +32,10 @@ pub struct PoolSnapshot {
     pub next_token: u64,
     /// The ancestor whose pause blocks this pool, while one does.
     pub blocked_by: Option<InheritedPause>,
+    /// The gate that holds its queue (closed for its head), while it has waiters.
+    pub gate: Option<Closed>,
+    /// Its rate budgets, when it has any (or the provider spoke about it).
+    pub budget: Option<BudgetSnapshot>,
 }
 
 /// A pause a pool inherits from an ancestor: which one, until when, and why.
@@ -81,6 +85,8 @@ impl Scheduler {
                 cooling: p.cooling.len() as u32,
                 next_token: p.next_token,
                 blocked_by: self.inherited_pause(&p.id),
+                gate: self.queue_gate(&p.id, self.last_now),
+                budget: p.budget.snapshot(self.last_now),
             })
             .collect();
         pools.sort_by(|a, b| {
@@ -147,8 +153,8 @@ impl Scheduler {
         }
         for p in self.pools.values() {
             assert_eq!(p.in_flight, counted.get(&p.id).copied().unwrap_or(0), "in_flight of {}", p.id);
-            if p.queue.head().is_some() {
-                assert!(self.chain_gate(p, now).is_err(), "pool {} could grant but has waiters", p.id);
+            if let Some(cost) = self.head_cost(p) {
+                assert!(self.grant_gate(p, &cost, now).is_err(), "pool {} could grant but has waiters", p.id);
             }
         }
         let queued: usize = self.pools.values().map(|p| p.queue.len()).sum();

@@ -19,10 +19,12 @@ mod daemon;
 pub mod etcd;
 mod http;
 pub mod process;
+mod proxy;
 
 pub use agent::{Agent, resume_of};
 pub use daemon::{Daemon, pool_in};
 pub use http::{http_get, scrape};
+pub use proxy::Proxy;
 /// The daemon's configuration and token types, for a [`Config`] built by hand (TLS files, tokens) and
 /// served with [`Daemon::serve`], so that a test suite needs no direct dependency on `slotd`.
 pub use slotd::{config::Config, grpc::auth::Token};

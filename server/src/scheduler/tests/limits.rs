@@ -107,7 +107,7 @@ fn a_slot_freed_by_expiry_goes_to_the_queued_waiter_before_a_newcomer() {
     let t1 = t0 + secs(1);
     let d = s.request(t1, z, req_p("late", "c", 0));
     assert_eq!(
-        d.events,
+        ungated(&d.events),
         vec![
             (x, Event::Expired { lease_id: h, pool: pid("p"), reason: ExpiryReason::Ttl }),
             d.events[1].clone(),
