@@ -60,6 +60,12 @@ fn unique() -> String {
 /// Starts etcd and three members, or `None` (after saying why) when etcd is not installed.
 #[track_caller]
 fn cluster(limit: u32) -> Option<Cluster> {
+    cluster_with(limit, LEASE_TTL)
+}
+
+/// [`cluster`] with another etcd lease TTL.
+#[track_caller]
+fn cluster_with(limit: u32, lease_ttl: &str) -> Option<Cluster> {
     let Some(etcd) = Etcd::start() else {
         eprintln!("SKIPPED: no `etcd` binary on PATH (apt-get install etcd-server; .ci/run installs it)");
         return None;
@@ -73,7 +79,7 @@ fn cluster(limit: u32) -> Option<Cluster> {
     let toml = format!(
         "key_file = {key:?}\n\
          [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
-         [ha]\netcd = [\"{}\"]\nelection = \"e-{}\"\nlease_ttl = \"{LEASE_TTL}\"\nmargin = \"500ms\"\n",
+         [ha]\netcd = [\"{}\"]\nelection = \"e-{}\"\nlease_ttl = \"{lease_ttl}\"\nmargin = \"500ms\"\n",
         etcd.url,
         unique()
     );
@@ -110,7 +116,13 @@ fn ha_member() {
             metrics = %metrics.local_addr().expect("metrics addr"),
             "slotd serving"
         );
-        match slotd::serve_with_metrics(cfg, listener, Some(metrics), std::future::pending(), None).await {
+        // SIGTERM stops it gracefully, as it does the binary.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        let shutdown = async move {
+            term.recv().await;
+        };
+        match slotd::serve_with_metrics(cfg, listener, Some(metrics), shutdown, None).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(error = %e, "slotd failed");
@@ -459,4 +471,18 @@ async fn clients_follow_the_leader_through_a_failover() {
         claims.len(),
         after.len()
     );
+}
+
+/// SIGTERM the leader: it stops granting, revokes its etcd lease and exits 0, and a standby takes
+/// over at once. The lease TTL here (60 s) is far beyond the wait for a new leader, so only the
+/// revocation can explain the takeover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_gracefully_hands_over_at_once() {
+    let Some(mut c) = cluster_with(1, "60s") else { return };
+    let first = c.leader().await;
+    let stopping = Instant::now();
+    c.members[first].take().expect("live").terminate();
+    let next = c.leader().await;
+    assert_ne!(next, first);
+    eprintln!("graceful: SIGTERM -> new leader serving {:?}", stopping.elapsed());
 }

@@ -196,7 +196,14 @@ pub enum HaError {
 /// leader's writes fail. Shared by the election task (which opens and closes the term) and the
 /// Admin service.
 #[derive(Clone, Default)]
-pub struct Durable(Arc<tokio::sync::Mutex<Option<TermStore>>>);
+pub struct Durable(Arc<tokio::sync::Mutex<Option<TermStore>>>, Arc<std::sync::Mutex<Option<Candidacy>>>);
+
+/// This member's etcd lease, revoked on a graceful stop (see [`Durable::resign`]).
+struct Candidacy {
+    client: Client,
+    lease: i64,
+    timeout: Duration,
+}
 
 struct TermStore {
     client: Client,
@@ -239,6 +246,35 @@ impl Durable {
             return Err(format!("epoch {} is over: this member was deposed", t.epoch));
         }
         Ok(())
+    }
+
+    /// On a graceful stop, after granting stopped: revokes this member's etcd lease, so that its
+    /// candidacy key (and leadership) goes at once and the next member takes over without waiting
+    /// out the lease TTL.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have revoked the lease; etcd expires it after its TTL anyway.
+    pub async fn resign(&self) {
+        *self.0.lock().await = None;
+        let candidacy = self.1.lock().ok().and_then(|mut c| c.take());
+        if let Some(c) = candidacy {
+            let mut client = c.client;
+            match tokio::time::timeout(c.timeout, client.lease_revoke(c.lease)).await {
+                Ok(Ok(_)) => info!("resigned: etcd lease revoked, another member takes over now"),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot revoke the etcd lease; another member takes over after its TTL")
+                }
+                Err(_) => {
+                    warn!("etcd did not answer the lease revoke; another member takes over after its TTL")
+                }
+            }
+        }
+    }
+
+    fn candidacy(&self, c: Option<Candidacy>) {
+        if let Ok(mut slot) = self.1.lock() {
+            *slot = c;
+        }
     }
 
     async fn open(&self, t: TermStore) {
@@ -305,6 +341,7 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
     // etcd may raise a TTL below its minimum: fence on what it granted.
     let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)).max(ttl);
     debug!(lease, ?ttl, "etcd lease granted");
+    m.durable.candidacy(Some(Candidacy { client: client.clone(), lease, timeout: call }));
     let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
     let mut renewed = Instant::now();
 

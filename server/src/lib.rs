@@ -279,6 +279,7 @@ pub async fn serve_with_metrics(
     }
     health.set_service_status("", ServingStatus::Serving).await;
     let durable = cfg.ha.as_ref().map(|_| ha::Durable::default());
+    let durable_for_resign = durable.clone();
     let ha_registry = metrics_registry;
     let (role, ha_task) = match cfg.ha.clone() {
         Some(ha_cfg) => {
@@ -366,6 +367,7 @@ pub async fn serve_with_metrics(
         RequireToken::admin(cfg.admin_token.clone()).with_role(role),
     ));
 
+    let resign = durable_for_resign;
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
@@ -379,6 +381,10 @@ pub async fn serve_with_metrics(
         health.set_not_serving::<AdminServer<AdminService>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
         let held = handle.shutdown().await;
+        // Granting has stopped: hand the leadership over now rather than after the lease TTL.
+        if let Some(d) = &resign {
+            d.resign().await;
+        }
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.
             Some(m) if held == 0 => m.remove(),
