@@ -312,6 +312,14 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
         .and_then(|v| v.parse().ok())
         .expect("slotd_ha_epoch");
     assert_eq!(epoch_now, g.fencing_token >> 32, "the token's high bits are the epoch");
+    // Status says the same in its metadata (what `slotctl status` prints).
+    let resp =
+        client(&url).await.expect("leader").status(pb::StatusRequest::default()).await.expect("status");
+    assert_eq!(resp.metadata().get(slotd_proto::ROLE_HEADER).expect("role"), "leader");
+    assert_eq!(
+        resp.metadata().get(slotd_proto::EPOCH_HEADER).expect("epoch"),
+        epoch_now.to_string().as_str()
+    );
     let standby = (0..3).find(|&i| i != next && c.members[i].is_some()).expect("a standby");
     let text = scrape(c.metrics(standby)).await;
     assert!(text.contains("slotd_ha_leader 0"), "{text}");

@@ -349,7 +349,8 @@ pub async fn serve_with_metrics(
     let stream_limits = StreamLimits::new(cfg.limits.max_streams, cfg.limits.max_streams_per_connection);
     let slotd = SlotdServer::new(
         SlotdService::new(handle.clone(), cfg.limits.stream_buffer, cfg.limits.max_resume_grace)
-            .with_stream_limits(stream_limits),
+            .with_stream_limits(stream_limits)
+            .with_role(role.clone()),
     )
     .max_decoding_message_size(max_msg);
     // Each service checks its own token before any handler runs; health and reflection stay open. An
