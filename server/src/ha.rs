@@ -30,7 +30,7 @@
 //! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
 //! waiters queue.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
@@ -344,6 +344,7 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
     m.durable.candidacy(Some(Candidacy { client: client.clone(), lease, timeout: call }));
     let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
     let mut renewed = Instant::now();
+    let mut outstanding = VecDeque::new();
 
     // Follow the leader's address while standing by. Its own task: etcd answers Observe only once
     // there is a leader, so the call itself may wait for a long time.
@@ -356,7 +357,7 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
         tokio::select! {
             res = &mut campaign => break res?,
             _ = tick.tick() => {
-                renewed = keepalive(&mut keeper, &mut acks, call).await?.unwrap_or(renewed);
+                renewed = keepalive(&mut keeper, &mut acks, &mut outstanding, call).await?.unwrap_or(renewed);
                 if renewed.elapsed() >= ttl {
                     return Err(etcd_client::Error::LeaseKeepAliveError("candidacy lease expired".into()));
                 }
@@ -371,22 +372,30 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
     let Some(first_token) = token_base(epoch) else {
         return Ok(HaError::Fatal(format!("epoch {epoch} is beyond {MAX_EPOCH}")));
     };
-    Ok(lead(m, &mut client, keeper, acks, renewed, ttl, epoch, first_token, key).await)
+    let renewal = Renewal { keeper, acks, outstanding, renewed };
+    Ok(lead(m, &mut client, renewal, ttl, epoch, first_token, key).await)
+}
+
+/// The lease keepalive state carried from the candidacy into the term.
+struct Renewal {
+    keeper: LeaseKeeper,
+    acks: LeaseKeepAliveStream,
+    outstanding: VecDeque<Instant>,
+    /// The send instant of the last request etcd answered.
+    renewed: Instant,
 }
 
 /// The leader's loop: renew, fence, watch the leader key; returns why it was deposed.
-#[allow(clippy::too_many_arguments)]
 async fn lead(
     m: &Member,
     client: &mut Client,
-    mut keeper: LeaseKeeper,
-    mut acks: LeaseKeepAliveStream,
-    mut renewed: Instant,
+    renewal: Renewal,
     ttl: Duration,
     epoch: i64,
     first_token: u64,
     key: Vec<u8>,
 ) -> HaError {
+    let Renewal { mut keeper, mut acks, mut outstanding, mut renewed } = renewal;
     let margin = m.cfg.margin;
     let call = ttl / 3;
     let deadline = |at: Instant| at + ttl.saturating_sub(margin);
@@ -396,7 +405,7 @@ async fn lead(
         Err(e) => return depose(m, format!("cannot watch the leader key: {e}")).await,
     };
     // Renew once more before serving, so the term starts with a full grant window.
-    match keepalive(&mut keeper, &mut acks, call).await {
+    match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
         Ok(Some(at)) => renewed = at,
         Ok(None) => {}
         Err(e) => return depose(m, format!("keepalive failed on taking over: {e}")).await,
@@ -458,7 +467,7 @@ async fn lead(
                 if Instant::now() >= deadline(renewed) {
                     return depose(m, "no successful keepalive within the lease TTL minus the margin".into()).await;
                 }
-                match keepalive(&mut keeper, &mut acks, call).await {
+                match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
                     Ok(Some(at)) => {
                         renewed = at;
                         if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
@@ -511,23 +520,35 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// One keepalive round: `Ok(Some(sent))` renewed (the instant the request was sent), `Ok(None)` no
-/// answer in time (etcd slow or unreachable; retried at the next tick), `Err` when etcd says the lease
-/// is gone or the stream broke.
+/// One keepalive round: `Ok(Some(sent))` renewed (the instant the request that etcd answered was
+/// sent), `Ok(None)` no answer in time (etcd slow or unreachable; retried at the next tick), `Err`
+/// when etcd says the lease is gone or the stream broke.
+///
+/// `outstanding` holds the send instants of requests not answered yet, oldest first: etcd answers
+/// in order, so a late answer proves a renewal at its own request's instant, never a later one.
 async fn keepalive(
     keeper: &mut LeaseKeeper,
     acks: &mut LeaseKeepAliveStream,
+    outstanding: &mut VecDeque<Instant>,
     wait: Duration,
 ) -> Result<Option<Instant>, etcd_client::Error> {
     let sent = Instant::now();
     keeper.keep_alive().await?;
-    match tokio::time::timeout(wait, acks.message()).await {
-        Ok(Ok(Some(ack))) if ack.ttl() > 0 => Ok(Some(sent)),
-        Ok(Ok(Some(_))) => Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
-        Ok(Ok(None)) => Err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into())),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Ok(None),
+    outstanding.push_back(sent);
+    let until = sent + wait;
+    let mut proven = None;
+    while !outstanding.is_empty() {
+        match tokio::time::timeout_at(until, acks.message()).await {
+            Ok(Ok(Some(ack))) if ack.ttl() > 0 => proven = outstanding.pop_front(),
+            Ok(Ok(Some(_))) => return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
+            Ok(Ok(None)) => {
+                return Err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into()));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
     }
+    Ok(proven)
 }
 
 /// Stops granting, turns standby, ends every stream at once.
