@@ -20,6 +20,17 @@ pub mod report;
 /// on the `Acquire` stream (the daemon caps it at its `max_resume_grace`).
 pub const RESUME_GRACE_HEADER: &str = "slotd-resume-grace";
 
+/// The metadata key naming the leader's address (`http://host:port`) on a standby's UNAVAILABLE, when
+/// slotd runs with high availability (`[ha]`): clients reconnect there.
+pub const LEADER_HEADER: &str = "slotd-leader";
+
+/// Response metadata of `Status` with high availability: this member's role (`leader`).
+pub const ROLE_HEADER: &str = "slotd-role";
+
+/// Response metadata of `Status` with high availability: the leader's epoch (its etcd leader key's
+/// create revision; the high bits of its fencing tokens).
+pub const EPOCH_HEADER: &str = "slotd-epoch";
+
 /// The metadata key of the bearer token, sent as `authorization: Bearer <token>` when the daemon
 /// requires one (each service checks its own token).
 pub const AUTHORIZATION_HEADER: &str = "authorization";

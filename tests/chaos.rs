@@ -1020,5 +1020,8 @@ async fn frozen_client() {
     let status = agent.exit_status(TIMEOUT).await.expect("the agent exits");
     assert!(status.success(), "the agent exited with {status}");
     d.wait_for("idle", |st| st.leases.is_empty() && st.pools.iter().all(|p| p.in_flight == 0)).await;
+    // Close the waiter's connection: an idle client left open holds a graceful stop for the whole
+    // drain timeout.
+    waiter.close().await.expect("the waiter closes");
     d.stop().await;
 }

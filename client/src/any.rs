@@ -2,9 +2,9 @@
 
 use std::time::SystemTime;
 
-use slotd_proto::v1 as pb;
+use slotd_proto::v1::{self as pb, slotd_client::SlotdClient};
 
-use crate::{AcquireBuilder, Client, Error, Outcome};
+use crate::{AcquireBuilder, AuthChannel, Client, Error, Outcome};
 
 impl Client {
     /// Asks for one slot on any of `pools`, in order of preference: for example two API keys, or two
@@ -57,7 +57,11 @@ impl Client {
             reason: reason.into(),
             outcome: code as i32,
         };
-        let resp = self.grpc().report_rate_limit(req).await?.into_inner();
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.report_rate_limit(req).await }
+        };
+        let resp = self.unary(call).await?.into_inner();
         Ok(resp.paused_until.and_then(|t| SystemTime::try_from(t).ok()))
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     Error, Lease, LeaseHandle, Outcome, ProviderLimit, Report, Usage,
     command::{Command, RequestSpec},
     connect::{AuthChannel, BearerAuth, Connector},
+    members::Members,
     session::{Backoff, Pauses, Session, SessionConfig},
 };
 
@@ -36,8 +37,8 @@ pub struct Client {
 
 struct Inner {
     cmd: mpsc::UnboundedSender<Command<Lease>>,
-    /// Unary calls; the token rides in the channel's interceptor.
-    grpc: SlotdClient<AuthChannel>,
+    /// Unary calls go to the current member; the token rides in the channels' interceptor.
+    members: Members,
     pauses: watch::Receiver<Pauses>,
     holder: String,
     default_ttl: Option<Duration>,
@@ -196,12 +197,44 @@ impl ClientBuilder {
     /// a tokio runtime.
     pub fn connect_channel(self, channel: Channel) -> Result<Client, Error> {
         let auth = BearerAuth::new(self.bearer_token.as_deref())?;
-        let grpc = SlotdClient::new(auth.wrap(channel));
+        let members = Members::single(SlotdClient::new(auth.wrap(channel)));
+        self.start(members)
+    }
+
+    /// Connects to a highly available deployment (slotd's `[ha]`): `endpoints` are its members, in
+    /// any order. The client talks to one at a time: a standby's UNAVAILABLE with `slotd-leader`
+    /// sends it to the leader at once, any other failure to the next endpoint (with the usual
+    /// backoff). After a failover the session re-presents its leases to the new leader, which
+    /// re-adopts them during its learning period. Connections are made lazily, so a member that is
+    /// down does not fail this call.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: nothing is started until it returns.
+    pub async fn connect_any<I, S>(self, endpoints: I) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let auth = BearerAuth::new(self.bearer_token.as_deref())?;
+        let list = endpoints
+            .into_iter()
+            .map(|e| {
+                Ok(SlotdClient::new(auth.clone().wrap(self.connector.endpoint(&e.into())?.connect_lazy())))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        if list.is_empty() {
+            return Err(Error::Config("connect_any needs at least one endpoint".into()));
+        }
+        let members = Members::new(list, Some((self.connector.clone(), auth)));
+        self.start(members)
+    }
+
+    fn start(self, members: Members) -> Result<Client, Error> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (pauses_tx, pauses_rx) = watch::channel(Pauses::new());
         let session = Session::new(
             SessionConfig {
-                grpc: grpc.clone(),
+                members: members.clone(),
                 resume_grace: self.resume_grace,
                 heartbeat_interval: self.heartbeat_interval,
                 backoff: self.backoff,
@@ -215,7 +248,7 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 cmd: cmd_tx,
-                grpc,
+                members,
                 pauses: pauses_rx,
                 holder: self.holder.unwrap_or_else(default_holder),
                 default_ttl: self.default_ttl,
@@ -299,6 +332,20 @@ impl Client {
         }
     }
 
+    /// Runs a unary call on the current member; once more on the leader when a standby names one.
+    pub(crate) async fn unary<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(SlotdClient<AuthChannel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        match call(self.inner.members.current()).await {
+            Err(status) if self.inner.members.failed(Some(&status)) => {
+                call(self.inner.members.current()).await
+            }
+            res => res,
+        }
+    }
+
     /// The pause state of every pool this client waits on or holds, as pushed by the daemon.
     pub fn pauses(&self) -> watch::Receiver<Pauses> {
         self.inner.pauses.clone()
@@ -310,7 +357,11 @@ impl Client {
     /// Cancel safe: a read-only call.
     pub async fn status(&self, pool: Option<&str>) -> Result<pb::StatusResponse, Error> {
         let req = pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() };
-        Ok(self.inner.grpc.clone().status(req).await?.into_inner())
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.status(req).await }
+        };
+        Ok(self.unary(call).await?.into_inner())
     }
 
     /// Reports a provider 429 seen outside a lease; pauses `pool` for `retry_after` (or the pool's
@@ -330,7 +381,11 @@ impl Client {
             reason: reason.into(),
             ..Default::default()
         };
-        let resp = self.inner.grpc.clone().report_rate_limit(req).await?;
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.report_rate_limit(req).await }
+        };
+        let resp = self.unary(call).await?;
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
     }
 
@@ -353,7 +408,11 @@ impl Client {
             usage: wire.usage,
             provider_limits: wire.provider_limits,
         };
-        Ok(self.inner.grpc.clone().report_usage(req).await?.into_inner().budget)
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.report_usage(req).await }
+        };
+        Ok(self.unary(call).await?.into_inner().budget)
     }
 
     /// Closes the client: withdraws queued acquires, releases every lease still held (as
@@ -387,11 +446,6 @@ impl Client {
         }
         // The session answers every close it received; no answer means the runtime dropped it.
         rx.await.unwrap_or(Err(Error::SessionClosed))
-    }
-
-    /// The unary gRPC client (the token rides in its interceptor).
-    pub(crate) fn grpc(&self) -> SlotdClient<AuthChannel> {
-        self.inner.grpc.clone()
     }
 
     fn next_request_id(&self) -> String {

@@ -87,6 +87,7 @@ mod error;
 mod hold;
 mod layer;
 mod lease;
+mod members;
 pub mod provider;
 mod report;
 mod session;

@@ -115,7 +115,11 @@ fn op(u: &mut Unstructured) -> Result<Op> {
             2 => Op::Revoke { which },
             _ => Op::Shutdown,
         },
-        15 => Op::Drain(u.arbitrary()?),
+        15 => match u.int_in_range(0..=2u8)? {
+            0 => Op::Fence { ms: if u.arbitrary()? { Some(u.int_in_range(0..=399)?) } else { None } },
+            1 => Op::BeginTerm { bump: u.int_in_range(1..=1_000_000)? },
+            _ => Op::Drain(u.arbitrary()?),
+        },
         16 | 17 => Op::Extreme {
             s,
             pool,

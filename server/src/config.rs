@@ -148,6 +148,9 @@ pub struct Config {
     /// docs/BENCHMARKS.md).
     #[serde(default)]
     pub worker_threads: usize,
+    /// High availability through etcd (`[ha]`); `None` (the default) serves as a single node.
+    #[serde(default)]
+    pub ha: Option<HaSection>,
     /// The token slotd.v1.Slotd requires, read by [`Config::load`] from `agent_token_file` or
     /// `$SLOTD_AGENT_TOKEN`; `None` leaves the service open.
     #[serde(skip)]
@@ -212,6 +215,103 @@ impl Default for SchedulerSection {
             learning_period: Duration::ZERO,
             max_per_stream: SchedulerConfig::DEFAULT_MAX_PER_SESSION,
         }
+    }
+}
+
+/// `[ha]`: active/standby through etcd's v3 election API (see README "High availability").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// etcd endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    pub etcd: Vec<String>,
+    /// The election's name: members with the same name elect one leader among them. Also the
+    /// prefix of slotd's keys in etcd (`/slotd/<election>/...`).
+    #[serde(default = "HaSection::default_election")]
+    pub election: String,
+    /// The address clients use to reach this member (`http://host:port`), handed to them by the
+    /// standbys in `slotd-leader` while this member leads. Default: `http://<the bound listen
+    /// address>`, which needs a concrete (not unspecified) listen IP.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// TTL of the etcd lease behind this member's candidacy: a dead leader is replaced after about
+    /// this long. Whole seconds (etcd's unit).
+    #[serde(default = "HaSection::default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The leader stops granting at its last successful keepalive + `lease_ttl` − `margin`, so that
+    /// it is silent before etcd can elect another (covers clock-rate drift and the keepalive's
+    /// round trip).
+    #[serde(default = "HaSection::default_margin", with = "humantime_serde")]
+    pub margin: Duration,
+}
+
+impl HaSection {
+    /// Default `election`.
+    pub const DEFAULT_ELECTION: &str = "slotd";
+    /// Default `lease_ttl`.
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+    /// Shortest `lease_ttl` (etcd rounds shorter ones up to its own minimum anyway).
+    pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+    /// Longest `lease_ttl`.
+    pub const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+    /// Default `margin`.
+    pub const DEFAULT_MARGIN: Duration = Duration::from_secs(1);
+    /// Most etcd endpoints.
+    pub const MAX_ENDPOINTS: usize = 16;
+    /// Longest endpoint, election name or advertised address, in bytes.
+    pub const MAX_NAME_BYTES: usize = 256;
+
+    fn default_election() -> String {
+        Self::DEFAULT_ELECTION.to_owned()
+    }
+
+    fn default_lease_ttl() -> Duration {
+        Self::DEFAULT_LEASE_TTL
+    }
+
+    fn default_margin() -> Duration {
+        Self::DEFAULT_MARGIN
+    }
+
+    /// Checks the bounds of `[ha]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.etcd.is_empty() || self.etcd.len() > Self::MAX_ENDPOINTS {
+            return bad(format!("ha.etcd must list 1 to {} endpoints", Self::MAX_ENDPOINTS));
+        }
+        let visible = |s: &str| {
+            !s.is_empty() && s.len() <= Self::MAX_NAME_BYTES && s.bytes().all(|b| b.is_ascii_graphic())
+        };
+        for e in &self.etcd {
+            if !visible(e) || !(e.starts_with("http://") || e.starts_with("https://")) {
+                return bad(format!("ha.etcd: {e:?} is not an http:// or https:// URL"));
+            }
+        }
+        if !visible(&self.election)
+            || !self.election.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return bad(format!(
+                "ha.election = {:?}: use 1 to {} letters, digits, '-', '_' or '.'",
+                self.election,
+                Self::MAX_NAME_BYTES
+            ));
+        }
+        if let Some(advertise) = self.advertise.as_deref()
+            && !visible(advertise)
+        {
+            return bad(format!(
+                "ha.advertise = {:?}: the address clients reach this member at (visible ASCII, at most {} bytes)",
+                advertise,
+                Self::MAX_NAME_BYTES
+            ));
+        }
+        if self.lease_ttl < Self::MIN_LEASE_TTL || self.lease_ttl.subsec_nanos() != 0 {
+            return bad("ha.lease_ttl must be a whole number of seconds, at least 1s".into());
+        }
+        check_max("ha.lease_ttl", self.lease_ttl, Self::MAX_LEASE_TTL)?;
+        if self.margin.is_zero() || self.margin >= self.lease_ttl {
+            return bad("ha.margin must be > 0 and shorter than ha.lease_ttl".into());
+        }
+        Ok(())
     }
 }
 
@@ -485,6 +585,15 @@ impl Config {
         if self.scheduler.aging_step.is_zero() {
             return Err(ConfigError::Invalid("scheduler.aging_step must be > 0".into()));
         }
+        if let Some(ha) = &self.ha {
+            ha.validate()?;
+            // Resume credentials must verify on whichever member leads next.
+            if self.key_file.is_none() {
+                return Err(ConfigError::Invalid(
+                    "[ha] needs key_file: the same resume-credential key file on every member".into(),
+                ));
+            }
+        }
         for (key, path) in [("state_dir", &self.state_dir), ("key_file", &self.key_file)] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(ConfigError::Invalid(format!("{key} is empty: name a path or leave it out")));
@@ -510,6 +619,34 @@ mod tests {
                 panic!("README config example is invalid: {e}\n{b}");
             }
         }
+    }
+
+    /// `[ha]` is bounded and needs the shared key file; without it nothing HA is configured.
+    #[test]
+    fn ha_section_is_validated() {
+        let base = "key_file = \"/k\"\n[pools.p]\nmax_concurrent = 1\n";
+        let ok = format!("{base}[ha]\netcd = [\"http://127.0.0.1:2379\"]\n");
+        let cfg = Config::from_toml_str(&ok).unwrap();
+        let ha = cfg.ha.expect("[ha] parsed");
+        assert_eq!(
+            (ha.election.as_str(), ha.lease_ttl, ha.margin),
+            ("slotd", HaSection::DEFAULT_LEASE_TTL, HaSection::DEFAULT_MARGIN)
+        );
+        assert!(Config::from_toml_str(base).unwrap().ha.is_none());
+        let refused = |extra: &str, want: &str| {
+            let text = format!("{base}[ha]\n{extra}\n");
+            let e = Config::from_toml_str(&text).expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        };
+        refused("etcd = []", "ha.etcd");
+        refused("etcd = [\"127.0.0.1:2379\"]", "ha.etcd");
+        refused("etcd = [\"http://e\"]\nelection = \"a b\"", "ha.election");
+        refused("etcd = [\"http://e\"]\nlease_ttl = \"1500ms\"", "ha.lease_ttl");
+        refused("etcd = [\"http://e\"]\nlease_ttl = \"10m\"", "ha.lease_ttl");
+        refused("etcd = [\"http://e\"]\nmargin = \"5s\"", "ha.margin");
+        refused("etcd = [\"http://e\"]\nadvertise = \"\"", "ha.advertise");
+        let no_key = "[pools.p]\nmax_concurrent = 1\n[ha]\netcd = [\"http://e\"]\n";
+        assert!(Config::from_toml_str(no_key).unwrap_err().to_string().contains("key_file"));
     }
 
     #[test]

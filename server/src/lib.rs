@@ -6,6 +6,7 @@
 pub mod config;
 pub mod driver;
 pub mod grpc;
+pub mod ha;
 pub mod key_file;
 pub mod metrics;
 pub mod net;
@@ -78,6 +79,10 @@ pub enum ServeError {
     /// supervisor restarts the process.
     #[error("the scheduler task stopped unexpectedly: {0}")]
     DriverStopped(String),
+    /// High availability: this member was deposed as leader (it ended every stream), or cannot lead.
+    /// It exits so that its supervisor starts it again, as a standby.
+    #[error("{0}")]
+    Ha(#[from] ha::HaError),
     /// A listener could not be bound or inspected.
     #[error("{what}: {source}")]
     Listen {
@@ -153,7 +158,11 @@ pub async fn serve_with_metrics(
     };
     // Fencing tokens start at the wall clock in microseconds, so they keep increasing across restarts
     // (a pool would need more than a million grants per second to catch up with the clock).
-    let first_token = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    // With high availability, each term sets its own first token from its epoch instead (see `ha`).
+    let first_token = match cfg.ha {
+        Some(_) => 1,
+        None => SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64),
+    };
     if let Some(dir) = &cfg.state_dir {
         key_file::ensure_state_dir(dir)?;
     }
@@ -209,7 +218,15 @@ pub async fn serve_with_metrics(
         lease_key,
     };
     grpc::convert::init_clock_anchor();
-    let sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
+    // A new leader learns for the longest TTL a lease of the previous leader may still have.
+    let ha_learning =
+        pools.values().map(|p| p.max_ttl).max().unwrap_or_default().max(cfg.scheduler.learning_period);
+    let mut sched = Scheduler::new(sched_cfg, pools, Instant::now())?;
+    if cfg.ha.is_some() {
+        // A standby grants nothing; winning the election sets the first deadline.
+        let now = Instant::now();
+        let _ = sched.set_grant_deadline(now, Some(now));
+    }
     let (driver, handle) = Driver::new(sched);
     let metrics = metrics_listener.map(|l| (l, Metrics::new()));
     let conn_counts = Arc::new(net::ConnectionCounts::default());
@@ -231,6 +248,7 @@ pub async fn serve_with_metrics(
         None => driver,
     };
     let driver_task = tokio::spawn(driver.run());
+    let metrics_registry = metrics.as_ref().map(|(_, m)| m.registry().clone());
     // Aborted when serving ends (below): a scrape during shutdown has nothing useful to say.
     let metrics_task = metrics.map(|(l, m)| {
         if let Ok(addr) = l.local_addr() {
@@ -255,9 +273,64 @@ pub async fn serve_with_metrics(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let driver_died = driver_stopped(driver_task, health.clone());
-    health.set_serving::<SlotdServer<SlotdService>>().await;
-    health.set_serving::<AdminServer<AdminService>>().await;
+    if cfg.ha.is_none() {
+        health.set_serving::<SlotdServer<SlotdService>>().await;
+        health.set_serving::<AdminServer<AdminService>>().await;
+    }
     health.set_service_status("", ServingStatus::Serving).await;
+    let durable = cfg.ha.as_ref().map(|_| ha::Durable::default());
+    let durable_for_resign = durable.clone();
+    let ha_registry = metrics_registry;
+    let (role, ha_task) = match cfg.ha.clone() {
+        Some(ha_cfg) => {
+            let advertise = match &ha_cfg.advertise {
+                Some(a) => a.clone(),
+                None if local.ip().is_unspecified() => {
+                    return Err(ServeError::Ha(ha::HaError::Fatal(format!(
+                        "listening on {local}: set ha.advertise to the address clients reach this member at"
+                    ))));
+                }
+                None => format!("http://{local}"),
+            };
+            let (tx, rx) = tokio::sync::watch::channel(ha::RoleState::standby());
+            info!(election = %ha_cfg.election, %advertise, "high availability: standing by for the election");
+            let member = ha::Member {
+                cfg: ha_cfg,
+                advertise,
+                handle: handle.clone(),
+                role: tx,
+                health: health.clone(),
+                learning: ha_learning,
+                durable: durable.clone().unwrap_or_default(),
+            };
+            let reader = ha::RoleReader::new(rx);
+            if let Some(r) = &ha_registry
+                && let Err(e) = reader.register_metrics(r)
+            {
+                warn!(error = %e, "cannot register the high-availability metrics");
+            }
+            (Some(reader), Some(tokio::spawn(ha::run(member))))
+        }
+        None => (None, None),
+    };
+    // Deposed (or unable to lead): shut down gracefully, so that every stream's UNAVAILABLE reaches
+    // its client, then fail `serve` so that the process exits.
+    let deposed = Arc::new(std::sync::Mutex::new(None::<ha::HaError>));
+    let ha_ended = {
+        let deposed = deposed.clone();
+        async move {
+            let e = match ha_task {
+                Some(t) => match t.await {
+                    Ok(e) => e,
+                    Err(e) => ha::HaError::Fatal(format!("the election task failed: {e}")),
+                },
+                None => std::future::pending().await,
+            };
+            if let Ok(mut d) = deposed.lock() {
+                *d = Some(e);
+            }
+        }
+    };
 
     // Both reflection versions list both reflection services: by default each lists only its own, so
     // `grpcurl list` (which asks v1alpha) did not show v1.
@@ -276,32 +349,43 @@ pub async fn serve_with_metrics(
     let stream_limits = StreamLimits::new(cfg.limits.max_streams, cfg.limits.max_streams_per_connection);
     let slotd = SlotdServer::new(
         SlotdService::new(handle.clone(), cfg.limits.stream_buffer, cfg.limits.max_resume_grace)
-            .with_stream_limits(stream_limits),
+            .with_stream_limits(stream_limits)
+            .with_role(role.clone()),
     )
     .max_decoding_message_size(max_msg);
     // Each service checks its own token before any handler runs; health and reflection stay open. An
     // oversized message is RESOURCE_EXHAUSTED (tonic says OUT_OF_RANGE), as for every bound.
     let slotd = OversizeAsExhausted::new(InterceptedService::new(
         slotd,
-        RequireToken::agent(cfg.agent_token.clone()),
+        RequireToken::agent(cfg.agent_token.clone()).with_role(role.clone()),
     ));
-    let admin = AdminServer::new(AdminService::new(handle.clone(), state_file, cfg.limits.max_pools))
-        .max_decoding_message_size(max_msg);
+    let admin = AdminServer::new(
+        AdminService::new(handle.clone(), state_file, cfg.limits.max_pools).with_durable(durable),
+    )
+    .max_decoding_message_size(max_msg);
     let admin = OversizeAsExhausted::new(InterceptedService::new(
         admin,
-        RequireToken::admin(cfg.admin_token.clone()),
+        RequireToken::admin(cfg.admin_token.clone()).with_role(role),
     ));
 
+    let resign = durable_for_resign;
     let drain = cfg.limits.drain_timeout;
     let (signalled, drain_started) = oneshot::channel::<()>();
     let graceful = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            () = ha_ended => {}
+        }
         notify_systemd(ServiceState::Stopping);
         info!("shutting down: health NOT_SERVING, grants stopped, streams told");
         health.set_not_serving::<SlotdServer<SlotdService>>().await;
         health.set_not_serving::<AdminServer<AdminService>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
         let held = handle.shutdown().await;
+        // Granting has stopped: hand the leadership over now rather than after the lease TTL.
+        if let Some(d) = &resign {
+            d.resign().await;
+        }
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.
             Some(m) if held == 0 => m.remove(),
@@ -356,6 +440,11 @@ pub async fn serve_with_metrics(
         // Without the driver every call would fail with "shutting down" while health said SERVING:
         // stop instead, so the process exits non-zero and its supervisor restarts it.
         e = driver_died => Err(e),
+    };
+    // Deposed: every stream was ended; exit so the supervisor starts a fresh standby.
+    let res = match deposed.lock().ok().and_then(|mut d| d.take()) {
+        Some(e) => res.and(Err(ServeError::Ha(e))),
+        None => res,
     };
     if let Some(t) = metrics_task {
         t.abort();

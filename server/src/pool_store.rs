@@ -22,6 +22,10 @@ pub enum ChangeError {
     /// It was applied, but the state file could not be read or written.
     #[error("{0}")]
     State(#[from] StateError),
+    /// It was applied, but could not be written to etcd under this leader's epoch (high
+    /// availability: it may have been deposed).
+    #[error("{0}")]
+    Durable(String),
     /// The task applying it failed.
     #[error("pool change task failed: {0}")]
     Task(String),
@@ -32,12 +36,20 @@ pub enum ChangeError {
 pub struct PoolStore {
     driver: DriverHandle,
     state: Option<Arc<StateFile>>,
+    /// With high availability: the leader's durable state in etcd.
+    durable: Option<crate::ha::Durable>,
 }
 
 impl PoolStore {
     /// A store that applies changes through `driver` and persists them to `state` (when set).
     pub fn new(driver: DriverHandle, state: Option<Arc<StateFile>>) -> Self {
-        Self { driver, state }
+        Self { driver, state, durable: None }
+    }
+
+    /// Also writes every Admin change's pool set to etcd, under the leader's epoch.
+    pub fn with_durable(mut self, durable: Option<crate::ha::Durable>) -> Self {
+        self.durable = durable;
+        self
     }
 
     /// Creates a pool or changes some of its settings; a new pool may not take the count above
@@ -102,13 +114,16 @@ impl PoolStore {
         F: FnOnce(DriverHandle, Option<Arc<StateFile>>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(T, Option<Pools>), ChangeError>> + Send + 'static,
     {
-        let (driver, state) = (self.driver.clone(), self.state.clone());
+        let (driver, state, durable) = (self.driver.clone(), self.state.clone(), self.durable.clone());
         let task = tokio::spawn(async move {
             let _guard = match &state {
                 Some(s) => Some(s.lock().await),
                 None => None,
             };
             let (out, pools) = apply(driver, state.clone()).await?;
+            if let (Some(d), Some(pools)) = (&durable, &pools) {
+                d.save_pools(pools).await.map_err(ChangeError::Durable)?;
+            }
             if let (Some(s), Some(pools)) = (&state, pools) {
                 s.save(pools).await?;
             }

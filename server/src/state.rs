@@ -88,6 +88,26 @@ pub fn load(path: &Path) -> Result<Option<Pools>, StateError> {
     Ok(Some(state.pools))
 }
 
+/// The pool set as slotd stores it (the state file's TOML, versioned), for a store other than a file
+/// (etcd, with high availability).
+pub fn encode(pools: &Pools) -> Result<String, String> {
+    toml::to_string_pretty(&StateToml { version: Some(STATE_VERSION), pools: pools.clone() })
+        .map_err(|e| e.to_string())
+}
+
+/// Reads what [`encode`] wrote; refuses another version and an invalid pool tree.
+pub fn decode(text: &str) -> Result<Pools, String> {
+    let state: StateToml = toml::from_str(text).map_err(|e| e.to_string())?;
+    if state.version != Some(STATE_VERSION) {
+        return Err(format!(
+            "version {:?} is not supported (this slotd reads {STATE_VERSION})",
+            state.version
+        ));
+    }
+    validate_tree(&state.pools).map_err(|e| e.to_string())?;
+    Ok(state.pools)
+}
+
 /// Writes the pool set to `path` atomically (see the module docs).
 pub fn write(path: &Path, pools: &Pools) -> Result<(), StateError> {
     let io = |source| StateError::Io { path: path.to_owned(), source };

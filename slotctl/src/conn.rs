@@ -101,6 +101,25 @@ impl Conn {
         self.admin.clone()
     }
 
+    /// A Status snapshot, with the member's role and epoch when the daemon runs with high
+    /// availability (`slotd-role` / `slotd-epoch` response metadata).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a read-only call.
+    pub async fn status_ha(
+        &self,
+        pool: Option<&str>,
+    ) -> Result<(pb::StatusResponse, Option<HaRole>), CtlError> {
+        let req = pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() };
+        let resp = self.slotd().status(req).await?;
+        let md = resp.metadata();
+        let role = md.get(slotd_proto::ROLE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let epoch =
+            md.get(slotd_proto::EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let ha = role.map(|role| HaRole { role, epoch: epoch.unwrap_or(0) });
+        Ok((resp.into_inner(), ha))
+    }
+
     /// A Status snapshot (of one pool, or all).
     ///
     /// # Cancel safety
@@ -109,4 +128,13 @@ impl Conn {
         let req = pb::StatusRequest { pool: pool.unwrap_or_default().to_owned() };
         Ok(self.slotd().status(req).await?.into_inner())
     }
+}
+
+/// A member's role in a highly available deployment, as Status reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaRole {
+    /// `leader` (a standby refuses Status with UNAVAILABLE and names the leader).
+    pub role: String,
+    /// The term's epoch: the high 32 bits of its fencing tokens.
+    pub epoch: u64,
 }

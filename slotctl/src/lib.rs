@@ -60,11 +60,11 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
         }
         Command::Status { pool } => {
             let conn = conn().await?;
-            let status = conn.status(pool.as_deref()).await?;
+            let (status, ha) = conn.status_ha(pool.as_deref()).await?;
             let now = std::time::SystemTime::now();
             let text = match cli.output {
-                Output::Table => table::render_status(&status, now),
-                Output::Json => table::status_json(&status, now),
+                Output::Table => table::render_ha(ha.as_ref()) + &table::render_status(&status, now),
+                Output::Json => table::with_ha(&table::status_json(&status, now), ha.as_ref()),
             };
             print!("{text}");
             Ok(0)

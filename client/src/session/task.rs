@@ -24,7 +24,7 @@ use super::{
     machine::{Input, Machine, Notify, Now, Pauses, Ticket},
     wire,
 };
-use crate::{AuthChannel, Error, Lease, Lost, Outcome, command::Command, lease::Shared};
+use crate::{AuthChannel, Error, Lease, Lost, Outcome, command::Command, lease::Shared, members::Members};
 
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,8 +39,9 @@ pub(crate) struct Backoff {
 /// Everything the task needs from the builder.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionConfig {
-    /// The token rides in the channel's interceptor.
-    pub(crate) grpc: SlotdClient<AuthChannel>,
+    /// The daemon (or, with high availability, the members) to open streams on; the token rides in
+    /// the channels' interceptor.
+    pub(crate) members: Members,
     pub(crate) resume_grace: Option<Duration>,
     pub(crate) heartbeat_interval: Option<Duration>,
     pub(crate) backoff: Backoff,
@@ -151,7 +152,7 @@ impl Session {
             }
             // Owns what it needs, so commands can be served while it runs.
             let attempt = {
-                let (grpc, grace, wake) = (self.cfg.grpc.clone(), self.cfg.resume_grace, *wake);
+                let (grpc, grace, wake) = (self.cfg.members.current(), self.cfg.resume_grace, *wake);
                 async move {
                     if let Some(wake) = wake {
                         sleep_until(wake).await;
@@ -169,8 +170,22 @@ impl Session {
                             self.out = Some(tx);
                             return Some(inbound);
                         }
-                        Ok(Err(e)) => break format!("slotd stream failed to open: {e}"),
-                        Err(_) => break "slotd stream open timed out".to_owned(),
+                        Ok(Err(e)) => {
+                            let status = match &e {
+                                Error::Rpc(status) => Some(status),
+                                _ => None,
+                            };
+                            if self.cfg.members.failed(status) {
+                                // A standby named the leader: go there at once.
+                                *wake = None;
+                                break String::new();
+                            }
+                            break format!("slotd stream failed to open: {e}");
+                        }
+                        Err(_) => {
+                            self.cfg.members.failed(None);
+                            break "slotd stream open timed out".to_owned();
+                        }
                     },
                     cmd = self.cmd_rx.recv(), if reading => {
                         self.on_command(cmd);
@@ -181,6 +196,9 @@ impl Session {
                     _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return None,
                 }
             };
+            if failed.is_empty() {
+                continue;
+            }
             tracing::debug!("{failed}");
             // Full jitter: spread reconnecting clients over the whole window.
             let delay = rand::rng().random_range(Duration::ZERO..=*backoff);
@@ -242,10 +260,12 @@ impl Session {
                     }
                     Ok(None) => {
                         tracing::debug!("slotd stream ended by the daemon");
+                        self.cfg.members.failed(None);
                         return Exit::Disconnected;
                     }
                     Err(status) => {
                         tracing::debug!(%status, "slotd stream broke");
+                        self.cfg.members.failed(Some(&status));
                         return Exit::Disconnected;
                     }
                 },

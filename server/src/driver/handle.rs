@@ -300,6 +300,29 @@ impl DriverHandle {
         })
     }
 
+    /// Grants only before `until` (`None`: no deadline): an HA leader's lease on its leadership (see
+    /// [`crate::ha`]).
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll: either nothing was applied or all of it was.
+    pub async fn set_grant_deadline(&self, until: Option<Instant>) -> Result<(), Error> {
+        self.shared.with(|st, now| {
+            let d = st.sched.set_grant_deadline(now, until);
+            st.route(d);
+        })
+    }
+
+    /// Starts a leadership term: fencing tokens from `first_token` on, and a learning period.
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll: either nothing was applied or all of it was.
+    pub async fn begin_term(&self, first_token: u64, learning: Duration) -> Result<(), Error> {
+        self.shared.with(|st, now| {
+            let d = st.sched.begin_term(now, first_token, learning);
+            st.route(d);
+        })
+    }
+
     /// Leases held and requests queued, in all, as last published (after every operation and
     /// deadline). `changed()` on the receiver waits for the next change.
     pub fn counts(&self) -> watch::Receiver<DrainCounts> {

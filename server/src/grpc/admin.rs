@@ -43,12 +43,19 @@ impl AdminService {
     pub fn new(driver: DriverHandle, state: Option<Arc<StateFile>>, max_pools: usize) -> Self {
         Self { store: PoolStore::new(driver.clone(), state), driver, max_pools }
     }
+
+    /// With high availability: pool changes are also written to etcd under the leader's epoch.
+    pub fn with_durable(mut self, durable: Option<crate::ha::Durable>) -> Self {
+        self.store = self.store.with_durable(durable);
+        self
+    }
 }
 
 fn change_status(e: ChangeError) -> Status {
     match e {
         ChangeError::Refused(e) => status::to_status(&e),
         ChangeError::State(e) => status::persist_failed(&e),
+        ChangeError::Durable(e) => status::not_stored(&e),
         ChangeError::Task(e) => status::internal(&format!("admin task failed: {e}")),
     }
 }

@@ -4,6 +4,9 @@
 //! - no `authorization` metadata (or not a `Bearer` one) -> UNAUTHENTICATED
 //! - a token that is not this service's (an agent token on the admin service included) -> PERMISSION_DENIED
 //!
+//! With high availability the same interceptor answers every call on a standby with UNAVAILABLE and
+//! the leader's address (see [`crate::ha`]).
+//!
 //! A service whose token is not configured is open; [`crate::serve`] refuses to listen beyond
 //! loopback in that case unless `allow_insecure_remote` is set.
 
@@ -49,12 +52,20 @@ impl fmt::Debug for Token {
 pub struct RequireToken {
     token: Option<Token>,
     service: &'static str,
+    /// With high availability: only the leader serves (see [`crate::ha`]).
+    role: Option<crate::ha::RoleReader>,
 }
 
 impl RequireToken {
     /// Requires `token` (when `Some`) on calls to `service` (named in refusals).
     pub fn new(token: Option<Token>, service: &'static str) -> Self {
-        Self { token, service }
+        Self { token, service, role: None }
+    }
+
+    /// Also refuses every call while this member is not the leader (UNAVAILABLE + `slotd-leader`).
+    pub fn with_role(mut self, role: Option<crate::ha::RoleReader>) -> Self {
+        self.role = role;
+        self
     }
 
     /// The agent service's check (`slotd.v1.Slotd`).
@@ -100,6 +111,9 @@ impl RequireToken {
 impl Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         self.check(&req)?;
+        if let Some(role) = &self.role {
+            role.admit()?;
+        }
         Ok(req)
     }
 }

@@ -503,6 +503,9 @@ pub fn gate(c: &Closed) -> (pb::Gate, Option<Instant>, String) {
         Closed::Paused(p, at) => (pb::Gate::Pause, Some(*at), p.to_string()),
         Closed::Learning => (pb::Gate::Learning, None, String::new()),
         Closed::Draining => (pb::Gate::Draining, None, String::new()),
+        // A leader past its grant deadline is about to be deposed: like a drain, nothing new is
+        // granted here (the wire has no gate of its own for it).
+        Closed::Fenced => (pb::Gate::Draining, None, String::new()),
         Closed::Budget { pool, kind, until } => {
             let g = match kind {
                 BudgetKind::Requests => pb::Gate::RequestsBudget,

@@ -23,12 +23,20 @@ pub struct SlotdService {
     stream_buffer: usize,
     max_resume_grace: Duration,
     limits: Option<StreamLimits>,
+    /// With high availability: the role and epoch Status reports in its metadata.
+    role: Option<crate::ha::RoleReader>,
 }
 
 impl SlotdService {
     /// A service that talks to this driver.
     pub fn new(driver: DriverHandle, stream_buffer: usize, max_resume_grace: Duration) -> Self {
-        Self { driver, stream_buffer, max_resume_grace, limits: None }
+        Self { driver, stream_buffer, max_resume_grace, limits: None, role: None }
+    }
+
+    /// Reports the role and epoch (`slotd-role`, `slotd-epoch`) in Status's response metadata.
+    pub fn with_role(mut self, role: Option<crate::ha::RoleReader>) -> Self {
+        self.role = role;
+        self
     }
 
     /// Bounds the open Acquire streams (in all and per connection).
@@ -114,6 +122,13 @@ impl Slotd for SlotdService {
         let resp = tokio::task::spawn_blocking(move || convert::status_response(snap))
             .await
             .map_err(|e| Status::internal(format!("building the status failed: {e}")))?;
-        Ok(Response::new(resp))
+        let mut resp = Response::new(resp);
+        if let Some(role) = &self.role {
+            let st = role.get();
+            let md = resp.metadata_mut();
+            md.insert(slotd_proto::ROLE_HEADER, tonic::metadata::MetadataValue::from_static(st.role.label()));
+            md.insert(slotd_proto::EPOCH_HEADER, st.epoch.into());
+        }
+        Ok(resp)
     }
 }

@@ -67,6 +67,12 @@ pub fn persist_failed(e: &crate::state::StateError) -> Status {
     Status::internal(format!("the change is applied but was not persisted: {e}"))
 }
 
+/// A pool change applied on a leader that could not store it in etcd under its epoch (high
+/// availability): UNAVAILABLE, since this member may have been deposed; retry on the leader.
+pub fn not_stored(what: &str) -> Status {
+    Status::unavailable(format!("the change is applied here but was not stored in etcd: {what}"))
+}
+
 /// A failure inside the daemon that no input explains.
 pub fn internal(what: &str) -> Status {
     Status::internal(what.to_owned())

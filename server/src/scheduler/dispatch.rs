@@ -36,6 +36,7 @@ impl Scheduler {
         if self.learning_until.is_some() {
             return Err(Closed::Learning);
         }
+        self.fence_gate(now)?;
         pool.chain.iter().try_for_each(|p| self.pools[p].gate(now))
     }
 

@@ -42,6 +42,7 @@ pub mod queue;
 pub mod report;
 mod resume;
 mod snapshot;
+mod term;
 #[cfg(test)]
 mod tests;
 pub mod time;
@@ -222,6 +223,9 @@ pub struct Scheduler {
     shutting_down: bool,
     /// An operator's drain: nothing new is granted; waiters stay queued until undrained.
     draining: bool,
+    /// Nothing is granted from this instant on (high availability: the leader's lease on its
+    /// leadership runs out then; see [`term`]).
+    grant_until: Option<Instant>,
     /// The latest instant any operation was given (budget wake-ups are computed from it).
     last_now: Instant,
 }
@@ -253,6 +257,7 @@ impl Scheduler {
             retired_tokens: HashMap::new(),
             shutting_down: false,
             draining: false,
+            grant_until: None,
             last_now: now,
             cfg,
         };

@@ -140,6 +140,14 @@ pub enum Op {
     },
     Drain(bool),
     Shutdown,
+    /// Grants only before `now + ms` (`None`: no grant deadline), as an HA leader's keepalive feeds.
+    Fence {
+        ms: Option<u64>,
+    },
+    /// A new leadership term whose first token is `bump` above the highest token seen so far.
+    BeginTerm {
+        bump: u64,
+    },
     /// One of [`EXTREMES`] (by `value`, modulo) in one duration field, by `target`: 0 a request's
     /// ttl, 1 a request's max_wait, 2 a rate-limited release's retry_after, 3 a ReportRateLimit's
     /// retry_after, 4 an operator pause, 5 a closing stream's grace, 6 every pool's cooldown, 7 every
@@ -868,6 +876,19 @@ pub fn run(case: &Case) {
                 }
             }
             Op::Drain(on) => (s.set_draining(now, on), false),
+            Op::Fence { ms: at } => (s.set_grant_deadline(now, at.map(|m| time::after(now, ms(m)))), false),
+            Op::BeginTerm { bump } => {
+                let top =
+                    s.snapshot(None).expect("snapshot").leases.iter().map(|l| l.token.0).max().unwrap_or(0);
+                (
+                    s.begin_term(
+                        now,
+                        top.saturating_add(bump).min(SchedulerConfig::MAX_RESUME_TOKEN),
+                        Duration::ZERO,
+                    ),
+                    false,
+                )
+            }
             Op::Shutdown => (s.shutdown(now), false),
             Op::Extreme { s: i, pool, target, value } => {
                 let v = EXTREMES[value % EXTREMES.len()];
@@ -948,6 +969,10 @@ pub fn run(case: &Case) {
         m.apply(seen, &d, pending.as_ref(), recreate_pool.as_ref());
         m.revoking = None;
         m.check(&s, seen);
+        if s.grant_deadline().is_some_and(|t| seen >= t) {
+            let granted = d.events.iter().any(|(_, e)| matches!(e, Event::Granted { .. }));
+            assert!(!granted, "granted at or after the grant deadline");
+        }
         inv.grants(&d);
         inv.check(&s, seen);
 
@@ -1054,8 +1079,8 @@ fn fingerprint(s: &Scheduler) -> String {
 /// counters), so that the fuzz targets check them in builds without `cfg(test)`:
 /// - accounting: every pool's `in_flight` is the number of leases on it and its descendants;
 /// - limit: an operation never takes a pool above its limit (only a lowered limit leaves it above);
-/// - fixpoint: a pool with waiters is closed (learning, draining, shutting down, paused, or full on
-///   some level);
+/// - fixpoint: a pool with waiters is closed (learning, draining, shutting down, past the grant
+///   deadline, paused, or full on some level);
 /// - timers: no lease is still listed at or after its expiry;
 /// - fencing: a grant's token is above every token its pool has seen, and no two granted leases of a
 ///   pool share a token.
@@ -1125,7 +1150,8 @@ impl Invariants {
                 p.config.max_concurrent
             );
             assert!(p.effective_limit <= p.config.max_concurrent && p.effective_limit >= 1);
-            if p.queued > 0 && !snap.learning && !snap.shutting_down && !snap.draining {
+            let fenced = s.grant_deadline().is_some_and(|t| now >= t);
+            if p.queued > 0 && !snap.learning && !snap.shutting_down && !snap.draining && !fenced {
                 let closed = chain(&p.id).iter().any(|level| {
                     let l = by_id[level];
                     l.paused_until.is_some_and(|u| u > now) || l.in_flight + l.cooling >= l.effective_limit

@@ -199,6 +199,8 @@ pub enum Closed {
     Learning,
     /// The daemon is draining or shutting down: nothing new is granted.
     Draining,
+    /// High availability: this leader's grant deadline passed (it may no longer be the leader).
+    Fenced,
     /// Every slot of this level not held is cooling down; the first enough of them cool at the instant.
     Cooling(PoolId, Instant),
     /// A rate budget of this level is short of the head's cost until the instant (exact refill).

@@ -35,6 +35,24 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An agent on the daemon at `url` (a child process, say), on its own connection, with an
+    /// optional resume grace; the error when the daemon refuses the stream.
+    #[track_caller]
+    pub fn connect<'a>(
+        url: &'a str,
+        name: &'a str,
+        grace: Option<&'a str>,
+    ) -> impl Future<Output = Result<Agent, Status>> + 'a {
+        let at = Location::caller();
+        async move {
+            let endpoint = Channel::from_shared(url.to_owned()).expect("valid url");
+            let channel = bounded(at, "connect", endpoint.connect())
+                .await
+                .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
+            Agent::open(at, SlotdClient::new(channel), name, grace).await
+        }
+    }
+
     pub(crate) async fn open(
         at: &'static Location<'static>,
         mut client: SlotdClient<Channel>,
@@ -183,6 +201,28 @@ impl Agent {
             if let Ok(r) = tokio::time::timeout(d, self.rx.message()).await {
                 panic!("{at}: {}: expected no message for {d:?}, got {r:?}", self.name);
             }
+        }
+    }
+
+    /// Reads until the stream ends (within [`TIMEOUT`]); returns the messages before the end and its
+    /// error status (None if clean).
+    #[track_caller]
+    pub fn until_end(&mut self) -> impl Future<Output = (Vec<Msg>, Option<Status>)> + '_ {
+        let at = Location::caller();
+        async move {
+            let what = format!("{}'s stream to end", self.name);
+            let rx = &mut self.rx;
+            bounded(at, &what, async move {
+                let mut seen = Vec::new();
+                loop {
+                    match rx.message().await {
+                        Ok(Some(m)) => seen.extend(m.msg),
+                        Ok(None) => return (seen, None),
+                        Err(s) => return (seen, Some(s)),
+                    }
+                }
+            })
+            .await
         }
     }
 

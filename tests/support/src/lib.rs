@@ -16,6 +16,7 @@ mod agent;
 #[cfg(feature = "client")]
 pub mod client;
 mod daemon;
+pub mod etcd;
 mod http;
 pub mod process;
 mod proxy;

@@ -19,6 +19,8 @@ pub struct Slotd {
     child: Child,
     /// The daemon's URL (`http://127.0.0.1:PORT`), from the address it logged.
     pub url: String,
+    /// The metrics address (`127.0.0.1:PORT`), when the line with the address also had `metrics`.
+    pub metrics: Option<String>,
 }
 
 impl Slotd {
@@ -32,10 +34,18 @@ impl Slotd {
     /// [`Slotd::start`], letting `configure` adjust the command first (environment, limits).
     #[track_caller]
     pub fn start_with(exe: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Slotd {
-        let at = Location::caller();
         let mut cmd = Command::new(exe);
         cmd.args(["--listen", "127.0.0.1:0", "--restart-marker", "none", "--log-format", "json"]).args(args);
         configure(&mut cmd);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd`, a daemon that logs JSON lines to stderr (a test binary serving in a child, say),
+    /// and waits for the line carrying its address (`fields.addr`).
+    #[track_caller]
+    pub fn spawn(mut cmd: Command) -> Slotd {
+        let at = Location::caller();
+        let exe = cmd.get_program().to_string_lossy().into_owned();
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -44,7 +54,7 @@ impl Slotd {
             .unwrap_or_else(|e| panic!("{at}: {exe} does not start: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
         // From here on a panic kills the child.
-        let mut running = Slotd { child, url: String::new() };
+        let mut running = Slotd { child, url: String::new(), metrics: None };
         let mut lines = BufReader::new(stderr).lines();
         let addr = loop {
             let line = lines
@@ -54,6 +64,7 @@ impl Slotd {
             let v: serde_json::Value = serde_json::from_str(&line)
                 .unwrap_or_else(|e| panic!("{at}: not a JSON log line ({e}): {line}"));
             if let Some(a) = v["fields"]["addr"].as_str() {
+                running.metrics = v["fields"]["metrics"].as_str().map(str::to_owned);
                 break a.to_owned();
             }
         };
@@ -66,6 +77,11 @@ impl Slotd {
     /// The child's process id.
     pub fn id(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The exit code once the child has exited (`Some(None)`: killed by a signal), without waiting.
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().expect("wait").map(|s| s.code())
     }
 
     /// Sends SIGTERM and waits (up to [`PROCESS_TIMEOUT`]) for a successful exit.

@@ -1,0 +1,616 @@
+//! High availability: one leader among several members, elected through etcd's v3 election API.
+//!
+//! # Roles
+//! Every member campaigns under `[ha] election` with a candidacy key bound to its own etcd lease
+//! (`[ha] lease_ttl`). The one whose key etcd names leader serves; the others are standbys and answer
+//! every agent and admin call with UNAVAILABLE and the leader's advertised address in the
+//! `slotd-leader` metadata (one check, in the services' interceptor: [`RoleReader::admit`]). Health
+//! reports the role: `slotd.v1.Slotd` and `slotd.v1.Admin` are SERVING on the leader only, `""`
+//! (the process) is SERVING on every member.
+//!
+//! # Epochs and fencing tokens
+//! A term's epoch is its leader key's create revision, which etcd increases with every write, so a
+//! later leader always has a larger epoch. Fencing tokens of a term start at `epoch << 32`
+//! ([`token_base`]): the epoch in the high 31 bits, a per-pool counter in the low 32. A pool's tokens
+//! therefore strictly increase across failovers, as long as one term hands out fewer than 2^32
+//! tokens per pool and etcd's revision stays below 2^31 (a member refuses to lead beyond that).
+//!
+//! # Self-fencing
+//! The leader stops granting at its last successful keepalive (the instant the request was sent) +
+//! the lease TTL etcd granted − `[ha] margin`: the core is fed that instant as data
+//! ([`crate::scheduler::Scheduler::set_grant_deadline`]) and refuses to grant from then on, even
+//! while this task is stalled (SIGSTOP) or cut from etcd. When that deadline passes without a
+//! renewal, when etcd says the lease is gone, or when the leader key is deleted (watched), the
+//! member is deposed: it ends all its streams at once and [`run`] returns, so the daemon exits and
+//! its supervisor starts it again as a standby.
+//!
+//! # Taking over
+//! A new leader starts its term ([`crate::scheduler::Scheduler::begin_term`]) with a learning period
+//! covering the longest lease TTL of its pools: clients re-present their leases with their resume
+//! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
+//! waiters queue.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
+    WatchOptions,
+};
+use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
+use tokio::{sync::watch, time::Instant};
+use tonic::{Status, metadata::MetadataValue};
+use tonic_health::server::HealthReporter;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::HaSection,
+    driver::{DriverHandle, Pools},
+    grpc::{admin::AdminService, service::SlotdService},
+    state,
+};
+
+/// The metadata key naming the leader's advertised address on a standby's UNAVAILABLE.
+pub use slotd_proto::LEADER_HEADER;
+
+/// Bits of a fencing token below the epoch (see the module docs).
+pub const EPOCH_SHIFT: u32 = 32;
+/// Largest epoch a member leads with: `epoch << EPOCH_SHIFT` must stay below
+/// [`crate::scheduler::SchedulerConfig::MAX_RESUME_TOKEN`] so that re-presented tokens are accepted.
+pub const MAX_EPOCH: u64 = (1 << 31) - 1;
+/// Longest wait between two attempts to reach etcd.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
+/// This member's role.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Serving agents and operators.
+    Leader,
+    /// Redirecting every call to the leader.
+    Standby,
+}
+
+impl Role {
+    /// `leader` or `standby`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// What the services and metrics read about the election.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleState {
+    /// This member's role.
+    pub role: Role,
+    /// The current term's epoch as far as this member knows (0: none yet).
+    pub epoch: u64,
+    /// The leader's advertised address, when known.
+    pub leader: Option<String>,
+    /// Terms this member has led (each one a failover onto it, or the first election).
+    pub terms: u64,
+    /// The learning period of the term this member leads (or last led).
+    pub learning: Duration,
+}
+
+impl RoleState {
+    /// A standby that knows no leader yet.
+    pub fn standby() -> Self {
+        Self { role: Role::Standby, epoch: 0, leader: None, terms: 0, learning: Duration::ZERO }
+    }
+}
+
+/// The services' view of the role (cheap to clone, read without waiting).
+#[derive(Clone, Debug)]
+pub struct RoleReader(watch::Receiver<RoleState>);
+
+impl RoleReader {
+    /// A reader of `rx`.
+    pub fn new(rx: watch::Receiver<RoleState>) -> Self {
+        Self(rx)
+    }
+
+    /// The role now.
+    pub fn get(&self) -> RoleState {
+        self.0.borrow().clone()
+    }
+
+    /// Registers the election's metrics (`slotd_ha_leader`, `slotd_ha_epoch`,
+    /// `slotd_ha_terms_total`, `slotd_ha_learning_seconds`) and keeps them current.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let leader = prometheus::IntGauge::new(
+            "slotd_ha_leader",
+            "1 while this member is the leader, 0 on a standby.",
+        )?;
+        let epoch = prometheus::IntGauge::new(
+            "slotd_ha_epoch",
+            "Epoch of the term this member leads or last led (the etcd leader key's create revision).",
+        )?;
+        let terms = prometheus::IntCounter::new(
+            "slotd_ha_terms_total",
+            "Terms this member took over as leader (its first election and every failover onto it).",
+        )?;
+        let learning = prometheus::Gauge::new(
+            "slotd_ha_learning_seconds",
+            "Learning period of the term this member leads or last led: no new grants, only resumes.",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(epoch.clone()))?;
+        registry.register(Box::new(terms.clone()))?;
+        registry.register(Box::new(learning.clone()))?;
+        let mut rx = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let st = rx.borrow_and_update();
+                    leader.set(i64::from(st.role == Role::Leader));
+                    epoch.set(i64::try_from(st.epoch).unwrap_or(i64::MAX));
+                    terms.inc_by(st.terms.saturating_sub(terms.get()));
+                    learning.set(st.learning.as_secs_f64());
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Lets a call through on the leader; on a standby, UNAVAILABLE with the leader's address (when
+    /// known) in `slotd-leader`.
+    pub fn admit(&self) -> Result<(), Status> {
+        let st = self.0.borrow();
+        if st.role == Role::Leader {
+            return Ok(());
+        }
+        let mut status = match &st.leader {
+            Some(addr) => Status::unavailable(format!("this slotd is a standby; the leader is {addr}")),
+            None => Status::unavailable("this slotd is a standby and knows no leader yet; retry shortly"),
+        };
+        if let Some(v) = st.leader.as_deref().and_then(|a| MetadataValue::try_from(a).ok()) {
+            status.metadata_mut().insert(LEADER_HEADER, v);
+        }
+        Err(status)
+    }
+}
+
+/// The first fencing token of a term, or `None` when the epoch is out of range.
+pub fn token_base(epoch: i64) -> Option<u64> {
+    u64::try_from(epoch).ok().filter(|e| (1..=MAX_EPOCH).contains(e)).map(|e| e << EPOCH_SHIFT)
+}
+
+/// Why the member stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    /// It led and can no longer be sure it does.
+    #[error("deposed as leader: {0}")]
+    Deposed(String),
+    /// It cannot lead at all.
+    #[error("cannot lead: {0}")]
+    Fatal(String),
+}
+
+/// The leader's durable state in etcd (the pool set Admin changes), written in transactions that
+/// only succeed while this term's leader key exists with this term's create revision: a deposed
+/// leader's writes fail. Shared by the election task (which opens and closes the term) and the
+/// Admin service.
+#[derive(Clone, Default)]
+pub struct Durable(Arc<tokio::sync::Mutex<Option<TermStore>>>, Arc<std::sync::Mutex<Option<Candidacy>>>);
+
+/// This member's etcd lease, revoked on a graceful stop (see [`Durable::resign`]).
+struct Candidacy {
+    client: Client,
+    lease: i64,
+    timeout: Duration,
+}
+
+struct TermStore {
+    client: Client,
+    leader_key: Vec<u8>,
+    epoch: i64,
+    pools_key: String,
+    timeout: Duration,
+}
+
+/// The etcd key of the pool set of `election`.
+pub fn pools_key(election: &str) -> String {
+    format!("/slotd/{election}/pools")
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Durable")
+    }
+}
+
+impl Durable {
+    /// Writes the pool set under this term's epoch.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have written the pool set.
+    pub async fn save_pools(&self, pools: &Pools) -> Result<(), String> {
+        let term = self.0.lock().await;
+        let Some(t) = term.as_ref() else {
+            return Err("this member is not the leader".into());
+        };
+        let text = state::encode(pools)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(t.leader_key.clone(), CompareOp::Equal, t.epoch)])
+            .and_then([TxnOp::put(t.pools_key.clone(), text, None)]);
+        let resp = tokio::time::timeout(t.timeout, t.client.clone().txn(txn))
+            .await
+            .map_err(|_| "etcd did not answer in time".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !resp.succeeded() {
+            return Err(format!("epoch {} is over: this member was deposed", t.epoch));
+        }
+        Ok(())
+    }
+
+    /// On a graceful stop, after granting stopped: revokes this member's etcd lease, so that its
+    /// candidacy key (and leadership) goes at once and the next member takes over without waiting
+    /// out the lease TTL.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have revoked the lease; etcd expires it after its TTL anyway.
+    pub async fn resign(&self) {
+        *self.0.lock().await = None;
+        let candidacy = self.1.lock().ok().and_then(|mut c| c.take());
+        if let Some(c) = candidacy {
+            let mut client = c.client;
+            match tokio::time::timeout(c.timeout, client.lease_revoke(c.lease)).await {
+                Ok(Ok(_)) => info!("resigned: etcd lease revoked, another member takes over now"),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot revoke the etcd lease; another member takes over after its TTL")
+                }
+                Err(_) => {
+                    warn!("etcd did not answer the lease revoke; another member takes over after its TTL")
+                }
+            }
+        }
+    }
+
+    fn candidacy(&self, c: Option<Candidacy>) {
+        if let Ok(mut slot) = self.1.lock() {
+            *slot = c;
+        }
+    }
+
+    async fn open(&self, t: TermStore) {
+        *self.0.lock().await = Some(t);
+    }
+
+    async fn close(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
+/// What the election task needs from the daemon.
+pub struct Member {
+    /// `[ha]`.
+    pub cfg: HaSection,
+    /// The address clients reach this member at (`[ha] advertise`, or the bound listen address).
+    pub advertise: String,
+    /// The scheduler.
+    pub handle: DriverHandle,
+    /// Where the role is published.
+    pub role: watch::Sender<RoleState>,
+    /// Health, to report the role.
+    pub health: HealthReporter,
+    /// A new term's learning period (the longest lease TTL of the pools).
+    pub learning: Duration,
+    /// The durable state, opened for each term.
+    pub durable: Durable,
+}
+
+/// Runs this member's candidacy until it is deposed (or cannot lead at all): as a standby it follows
+/// the leader's address; once elected it starts a term, renews its lease and fences itself.
+///
+/// # Cancel safety
+/// Dropping it stops campaigning and renewing: a leader's grants stop at its current grant deadline
+/// and etcd elects another member once the lease runs out.
+pub async fn run(m: Member) -> HaError {
+    set_health(&m.health, Role::Standby).await;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match term(&m).await {
+            Ok(e) => return e,
+            Err(e) => {
+                warn!(error = %e, "etcd unreachable or candidacy lost while standing by; retrying");
+                m.role.send_modify(|s| s.leader = None);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+            }
+        }
+    }
+}
+
+/// One candidacy: `Err` when it ended while standing by (retry), `Ok` when the member led and was
+/// deposed or cannot lead.
+async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
+    let ttl = m.cfg.lease_ttl;
+    let call = ttl / 3;
+    // No HTTP/2 keep-alive pings: etcd answers pings more often than every 5 s with GOAWAY; the
+    // lease keepalives below are the liveness check.
+    let opts = ConnectOptions::new().with_connect_timeout(call);
+    let mut client = Client::connect(&m.cfg.etcd, Some(opts)).await?;
+    debug!("connected to etcd");
+    let granted = within(call, client.lease_grant(ttl.as_secs() as i64, None)).await??;
+    let lease = granted.id();
+    // etcd may raise a TTL below its minimum: fence on what it granted.
+    let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)).max(ttl);
+    debug!(lease, ?ttl, "etcd lease granted");
+    m.durable.candidacy(Some(Candidacy { client: client.clone(), lease, timeout: call }));
+    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
+    let mut renewed = Instant::now();
+    let mut outstanding = VecDeque::new();
+
+    // Follow the leader's address while standing by. Its own task: etcd answers Observe only once
+    // there is a leader, so the call itself may wait for a long time.
+    let follow = AbortOnDrop(tokio::spawn(follow(client.clone(), m.cfg.election.clone(), m.role.clone())));
+    let mut election = client.election_client();
+    let campaign = election.campaign(m.cfg.election.clone(), m.advertise.clone(), lease);
+    tokio::pin!(campaign);
+    let mut tick = tokio::time::interval(call);
+    let won = loop {
+        tokio::select! {
+            res = &mut campaign => break res?,
+            _ = tick.tick() => {
+                renewed = keepalive(&mut keeper, &mut acks, &mut outstanding, call).await?.unwrap_or(renewed);
+                if renewed.elapsed() >= ttl {
+                    return Err(etcd_client::Error::LeaseKeepAliveError("candidacy lease expired".into()));
+                }
+            }
+        }
+    };
+    drop(follow);
+    let Some(key) = won.leader() else {
+        return Err(etcd_client::Error::InvalidArgs("campaign answered without a leader key".into()));
+    };
+    let (epoch, key) = (key.rev(), key.key().to_vec());
+    let Some(first_token) = token_base(epoch) else {
+        return Ok(HaError::Fatal(format!("epoch {epoch} is beyond {MAX_EPOCH}")));
+    };
+    let renewal = Renewal { keeper, acks, outstanding, renewed };
+    Ok(lead(m, &mut client, renewal, ttl, epoch, first_token, key).await)
+}
+
+/// The lease keepalive state carried from the candidacy into the term.
+struct Renewal {
+    keeper: LeaseKeeper,
+    acks: LeaseKeepAliveStream,
+    outstanding: VecDeque<Instant>,
+    /// The send instant of the last request etcd answered.
+    renewed: Instant,
+}
+
+/// The leader's loop: renew, fence, watch the leader key; returns why it was deposed.
+async fn lead(
+    m: &Member,
+    client: &mut Client,
+    renewal: Renewal,
+    ttl: Duration,
+    epoch: i64,
+    first_token: u64,
+    key: Vec<u8>,
+) -> HaError {
+    let Renewal { mut keeper, mut acks, mut outstanding, mut renewed } = renewal;
+    let margin = m.cfg.margin;
+    let call = ttl / 3;
+    let deadline = |at: Instant| at + ttl.saturating_sub(margin);
+    let key_bytes = key.clone();
+    let mut deletions = match client.watch(key, Some(WatchOptions::new())).await {
+        Ok(w) => w,
+        Err(e) => return depose(m, format!("cannot watch the leader key: {e}")).await,
+    };
+    // Renew once more before serving, so the term starts with a full grant window.
+    match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
+        Ok(Some(at)) => renewed = at,
+        Ok(None) => {}
+        Err(e) => return depose(m, format!("keepalive failed on taking over: {e}")).await,
+    }
+    if Instant::now() >= deadline(renewed) {
+        return depose(m, "elected too late to serve before the lease could lapse".into()).await;
+    }
+    // The pools the previous leaders' operators left, stored under their epochs.
+    let pools_key = pools_key(&m.cfg.election);
+    let mut learning = m.learning;
+    match tokio::time::timeout(call, client.get(pools_key.clone(), None)).await {
+        Ok(Ok(resp)) => {
+            if let Some(kv) = resp.kvs().first() {
+                match kv.value_str().map_err(|e| e.to_string()).and_then(state::decode) {
+                    Ok(pools) => {
+                        let n = pools.len();
+                        // Leases of the stored pools may live as long as their max_ttl.
+                        learning = pools.values().map(|p| p.max_ttl).fold(learning, Duration::max);
+                        if let Err(e) = m.handle.set_pools(pools).await {
+                            warn!(error = %e, "the pools stored in etcd were refused; keeping the configured ones");
+                        } else {
+                            info!(
+                                pools = n,
+                                "serving the pools stored in etcd (Admin changes of earlier leaders)"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the pools stored in etcd are unreadable; keeping the configured ones")
+                    }
+                }
+            }
+        }
+        _ => return depose(m, "cannot read the stored pools from etcd".into()).await,
+    }
+    m.durable
+        .open(TermStore { client: client.clone(), leader_key: key_bytes, epoch, pools_key, timeout: call })
+        .await;
+    let epoch = epoch as u64;
+    if m.handle.begin_term(first_token, learning).await.is_err()
+        || m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err()
+    {
+        return HaError::Fatal("the scheduler stopped".into());
+    }
+    m.role.send_modify(|s| {
+        s.role = Role::Leader;
+        s.epoch = epoch;
+        s.leader = Some(m.advertise.clone());
+        s.terms += 1;
+        s.learning = learning;
+    });
+    set_health(&m.health, Role::Leader).await;
+    info!(epoch, first_token, learning_secs = learning.as_secs_f64(), "elected leader: term started");
+    let mut tick = tokio::time::interval(call);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if Instant::now() >= deadline(renewed) {
+                    return depose(m, "no successful keepalive within the lease TTL minus the margin".into()).await;
+                }
+                match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
+                    Ok(Some(at)) => {
+                        renewed = at;
+                        if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
+                            return HaError::Fatal("the scheduler stopped".into());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return depose(m, format!("etcd says the lease is gone: {e}")).await,
+                }
+            }
+            event = deletions.message(), if watching => match event {
+                Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => {
+                    return depose(m, "the leader key was deleted".into()).await;
+                }
+                Ok(Some(_)) => {}
+                // The watch broke (etcd restarting, cut off): keepalives decide from here.
+                Ok(None) | Err(_) => {
+                    warn!("watch on the leader key ended; relying on keepalives");
+                    watching = false;
+                }
+            },
+        }
+    }
+}
+
+/// Publishes the leader's advertised address as etcd reports it, until aborted.
+async fn follow(client: Client, election: String, role: watch::Sender<RoleState>) {
+    let mut observe = match client.election_client().observe(election).await {
+        Ok(o) => o,
+        Err(e) => return warn!(error = %e, "cannot observe the election"),
+    };
+    while let Ok(Some(seen)) = observe.message().await {
+        let addr = seen.kv().and_then(|kv| kv.value_str().ok()).filter(|a| !a.is_empty()).map(str::to_owned);
+        role.send_if_modified(|s| {
+            let changed = s.role == Role::Standby && s.leader != addr;
+            if changed {
+                s.leader = addr.clone();
+            }
+            changed
+        });
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One keepalive round: `Ok(Some(sent))` renewed (the instant the request that etcd answered was
+/// sent), `Ok(None)` no answer in time (etcd slow or unreachable; retried at the next tick), `Err`
+/// when etcd says the lease is gone or the stream broke.
+///
+/// `outstanding` holds the send instants of requests not answered yet, oldest first: etcd answers
+/// in order, so a late answer proves a renewal at its own request's instant, never a later one.
+async fn keepalive(
+    keeper: &mut LeaseKeeper,
+    acks: &mut LeaseKeepAliveStream,
+    outstanding: &mut VecDeque<Instant>,
+    wait: Duration,
+) -> Result<Option<Instant>, etcd_client::Error> {
+    let sent = Instant::now();
+    keeper.keep_alive().await?;
+    outstanding.push_back(sent);
+    let until = sent + wait;
+    let mut proven = None;
+    while !outstanding.is_empty() {
+        match tokio::time::timeout_at(until, acks.message()).await {
+            Ok(Ok(Some(ack))) if ack.ttl() > 0 => proven = outstanding.pop_front(),
+            Ok(Ok(Some(_))) => return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
+            Ok(Ok(None)) => {
+                return Err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into()));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(proven)
+}
+
+/// Stops granting, turns standby, ends every stream at once.
+async fn depose(m: &Member, why: String) -> HaError {
+    warn!(reason = %why, "deposed: no more grants; ending every stream");
+    let _ = m.handle.set_grant_deadline(Some(Instant::now())).await;
+    m.durable.close().await;
+    m.role.send_modify(|s| {
+        s.role = Role::Standby;
+        s.leader = None;
+    });
+    set_health(&m.health, Role::Standby).await;
+    let held = m.handle.shutdown().await;
+    info!(leases = held, "streams ended; the clients resume their leases on the next leader");
+    HaError::Deposed(why)
+}
+
+async fn within<F: std::future::Future>(d: Duration, f: F) -> Result<F::Output, etcd_client::Error> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| etcd_client::Error::LeaseKeepAliveError(format!("etcd did not answer within {d:?}")))
+}
+
+async fn set_health(health: &HealthReporter, role: Role) {
+    match role {
+        Role::Leader => {
+            health.set_serving::<SlotdServer<SlotdService>>().await;
+            health.set_serving::<AdminServer<AdminService>>().await;
+        }
+        Role::Standby => {
+            health.set_not_serving::<SlotdServer<SlotdService>>().await;
+            health.set_not_serving::<AdminServer<AdminService>>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_of_a_later_epoch_are_above_every_token_of_an_earlier_one() {
+        let a = token_base(41).unwrap();
+        let b = token_base(42).unwrap();
+        assert!(b > a + u64::from(u32::MAX));
+        assert_eq!(token_base(0), None);
+        assert_eq!(token_base(-1), None);
+        assert_eq!(token_base(MAX_EPOCH as i64 + 1), None);
+        assert!(token_base(MAX_EPOCH as i64).unwrap() <= crate::scheduler::SchedulerConfig::MAX_RESUME_TOKEN);
+    }
+
+    #[test]
+    fn a_standby_answers_unavailable_with_the_leader() {
+        let (tx, rx) = watch::channel(RoleState::standby());
+        let r = RoleReader::new(rx);
+        let s = r.admit().unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.metadata().get(LEADER_HEADER).is_none());
+        tx.send_modify(|s| s.leader = Some("http://127.0.0.1:7001".into()));
+        let s = r.admit().unwrap_err();
+        assert_eq!(s.metadata().get(LEADER_HEADER).unwrap(), "http://127.0.0.1:7001");
+        tx.send_modify(|s| s.role = Role::Leader);
+        assert!(r.admit().is_ok());
+    }
+}
