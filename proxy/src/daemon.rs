@@ -34,6 +34,9 @@ pub fn client(cfg: &Config, files: &Files) -> Result<Client, ConfigError> {
 pub fn is_down(e: &Error) -> bool {
     match e {
         Error::Transport(_) | Error::SessionClosed => true,
+        // An answer with retry info (a circuit breaker open with `when_open = "fail_fast"`) comes
+        // from a live daemon, whatever its code.
+        Error::Rejected { retry_after: Some(_), .. } => false,
         // A transport failure, or a daemon that is shutting down.
         _ => {
             matches!(e.code(), Some(tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled))

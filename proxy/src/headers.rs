@@ -14,6 +14,12 @@ pub const STARTED_AT: &str = "x-slotd-started-at";
 pub const HOLDER: &str = "x-slotd-holder";
 /// The pool, where the route allows it.
 pub const POOL: &str = "x-slotd-pool";
+/// The call's input tokens, for the pool's rate budgets (with [`MAX_OUTPUT_TOKENS`]).
+pub const INPUT_TOKENS: &str = "x-slotd-input-tokens";
+/// The call's `max_tokens`, for the pool's rate budgets (with [`INPUT_TOKENS`]).
+pub const MAX_OUTPUT_TOKENS: &str = "x-slotd-max-output-tokens";
+/// Largest token figure accepted in a header (the daemon's bound).
+pub const MAX_TOKENS: u64 = 1 << 40;
 /// On a local refusal: why (`queue_full`, `max_wait`, `paused`, `daemon_down`, ...).
 pub const REASON: &str = "x-slotd-reason";
 /// Every header with this prefix is removed before forwarding.
@@ -32,6 +38,9 @@ pub struct AgentHeaders {
     pub holder: Option<String>,
     /// `x-slotd-pool`.
     pub pool: Option<String>,
+    /// `x-slotd-input-tokens` and `x-slotd-max-output-tokens`: the estimate reserved from the pool's
+    /// rate budgets (unset: the pool's default estimate).
+    pub tokens: Option<(u64, u64)>,
 }
 
 /// A header the proxy cannot use; answered with 400.
@@ -92,7 +101,22 @@ impl AgentHeaders {
             Some(s) if route.allowed_pools.iter().any(|p| p == s) => Some(s.to_owned()),
             Some(_) => return Err(bad(POOL, "this route does not allow that pool")),
         };
-        Ok(AgentHeaders { priority, started_at, holder, pool })
+        let count = |name: &'static str| -> Result<Option<u64>, BadHeader> {
+            match text(h, name)? {
+                None => Ok(None),
+                Some(s) => match s.parse::<u64>() {
+                    Ok(n) if n <= MAX_TOKENS => Ok(Some(n)),
+                    _ => Err(bad(name, format!("an integer 0..={MAX_TOKENS}"))),
+                },
+            }
+        };
+        let tokens = match (count(INPUT_TOKENS)?, count(MAX_OUTPUT_TOKENS)?) {
+            (None, None) => None,
+            (Some(input), Some(output)) => Some((input, output)),
+            (Some(_), None) => return Err(bad(MAX_OUTPUT_TOKENS, "required with x-slotd-input-tokens")),
+            (None, Some(_)) => return Err(bad(INPUT_TOKENS, "required with x-slotd-max-output-tokens")),
+        };
+        Ok(AgentHeaders { priority, started_at, holder, pool, tokens })
     }
 }
 
@@ -175,7 +199,31 @@ mod tests {
         assert_eq!(a.started_at, Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)));
         assert_eq!(a.holder.as_deref(), Some("agent-1"));
         assert_eq!(a.pool.as_deref(), Some("batch"));
+        assert_eq!(a.tokens, None);
         assert_eq!(h.len(), 1, "only x-api-key stays: {h:?}");
+    }
+
+    #[test]
+    fn token_estimate_headers_come_in_pairs() {
+        let mut h = HeaderMap::new();
+        h.insert(INPUT_TOKENS, "1200".parse().unwrap());
+        h.insert(MAX_OUTPUT_TOKENS, "4096".parse().unwrap());
+        let a = AgentHeaders::take(&mut h, &route(&[])).unwrap();
+        assert_eq!(a.tokens, Some((1200, 4096)));
+        assert!(h.is_empty());
+        for (pairs, refused) in [
+            (vec![(INPUT_TOKENS, "5")], MAX_OUTPUT_TOKENS),
+            (vec![(MAX_OUTPUT_TOKENS, "5")], INPUT_TOKENS),
+            (vec![(INPUT_TOKENS, "-1"), (MAX_OUTPUT_TOKENS, "5")], INPUT_TOKENS),
+            (vec![(INPUT_TOKENS, "1"), (MAX_OUTPUT_TOKENS, "1099511627777")], MAX_OUTPUT_TOKENS),
+        ] {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(k, v.parse().unwrap());
+            }
+            assert_eq!(AgentHeaders::take(&mut h, &route(&[])).unwrap_err().header, refused);
+            assert!(h.is_empty());
+        }
     }
 
     #[test]

@@ -242,6 +242,9 @@ impl Proxy {
         if let Some(ttl) = route.cfg.ttl {
             acquire = acquire.ttl(ttl);
         }
+        if let Some((input, max_output)) = agent.tokens {
+            acquire = acquire.tokens(input, max_output);
+        }
         let result = tokio::select! {
             r = acquire => r,
             _ = up.wait_for(|up| !*up) => return self.daemon_down(route),
@@ -296,6 +299,11 @@ fn refusal_of(pool: &str, e: &Error) -> Refusal {
             (Reason::MaxWait, format!("no slot on pool {pool} within the route's max_wait"))
         }
         Some(tonic::Code::NotFound) => (Reason::UnknownPool, format!("slotd has no pool {pool}")),
+        Some(tonic::Code::Unavailable) if retry.is_some() => {
+            (Reason::BreakerOpen, format!("pool {pool}'s circuit breaker is open: the provider is failing"))
+        }
+        // The only agent-set input slotd can refuse here is the token estimate of the headers.
+        Some(tonic::Code::InvalidArgument) => (Reason::BadHeader, format!("slotd refused the request: {e}")),
         _ if matches!(e, Error::SessionClosed) => {
             (Reason::ShuttingDown, "the proxy is shutting down".to_owned())
         }

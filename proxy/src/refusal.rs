@@ -34,6 +34,8 @@ pub enum Reason {
     BodyTooLarge,
     /// The upstream could not be reached or failed before answering.
     UpstreamError,
+    /// The pool's circuit breaker is open and the pool fails fast (`when_open = "fail_fast"`).
+    BreakerOpen,
     /// The proxy is shutting down.
     ShuttingDown,
     /// The lease was lost before the answer came, on a `strict` route.
@@ -42,7 +44,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metric labels.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::QueueFull,
         Reason::MaxWait,
         Reason::Paused,
@@ -54,6 +56,7 @@ impl Reason {
         Reason::UnknownCredential,
         Reason::BodyTooLarge,
         Reason::UpstreamError,
+        Reason::BreakerOpen,
         Reason::ShuttingDown,
         Reason::LeaseLost,
     ];
@@ -72,6 +75,7 @@ impl Reason {
             Reason::UnknownCredential => "unknown_credential",
             Reason::BodyTooLarge => "body_too_large",
             Reason::UpstreamError => "upstream_error",
+            Reason::BreakerOpen => "breaker_open",
             Reason::ShuttingDown => "shutting_down",
             Reason::LeaseLost => "lease_lost",
         }
@@ -82,6 +86,7 @@ impl Reason {
         match self {
             Reason::QueueFull | Reason::MaxWait | Reason::Paused => StatusCode::TOO_MANY_REQUESTS,
             Reason::DaemonDown
+            | Reason::BreakerOpen
             | Reason::UnknownPool
             | Reason::Rejected
             | Reason::ShuttingDown
@@ -97,7 +102,12 @@ impl Reason {
     fn retryable(self) -> bool {
         matches!(
             self,
-            Reason::QueueFull | Reason::MaxWait | Reason::Paused | Reason::DaemonDown | Reason::ShuttingDown
+            Reason::QueueFull
+                | Reason::MaxWait
+                | Reason::Paused
+                | Reason::DaemonDown
+                | Reason::BreakerOpen
+                | Reason::ShuttingDown
         )
     }
 }

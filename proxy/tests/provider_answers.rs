@@ -27,6 +27,16 @@ default_retry_after = "50ms"
 max_concurrent = 4
 [pools.c]
 max_concurrent = 4
+[pools.f]
+max_concurrent = 4
+[pools.f.health.breaker]
+enabled = true
+when_open = "fail_fast"
+[pools.b]
+max_concurrent = 4
+[pools.b.budget]
+input_tokens_per_minute = 1000
+output_tokens_per_minute = 1000
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -192,4 +202,50 @@ async fn local_refusals_look_like_the_providers_and_are_marked() {
     assert_eq!(h["x-slotd-reason"], "paused");
     let secs: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((15..=20).contains(&secs), "retry-after {secs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_fail_fast_breaker_is_a_local_refusal_not_a_dead_daemon() {
+    let fake = Fake::start().await;
+    let d = Daemon::start(POOLS).await;
+    // fail_open: were the breaker's refusal taken for a dead daemon, the request would go through.
+    let proxy =
+        Proxy::start(&config(&d.url(), &route("f", &fake.url(), "f", "on_daemon_down = \"fail_open\"")))
+            .await;
+    let mut admin = d.admin().await;
+    admin
+        .force_breaker(slotd_client::proto::BreakerForceRequest {
+            pool: "f".into(),
+            to: slotd_client::proto::BreakerForce::Open as i32,
+            reason: "test".into(),
+        })
+        .await
+        .expect("forced open");
+    let before = fake.total();
+    let (status, h, body) = send(&http1(), post(&proxy.url("/f/v1/messages"), &[])).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(h["x-slotd-reason"], "breaker_open");
+    assert!(h.contains_key("retry-after"), "{h:?}");
+    assert_eq!(fake.total(), before, "nothing reached the provider while the breaker is open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_estimate_headers_reserve_from_the_budget() {
+    let fake = Fake::start().await;
+    let d = Daemon::start(POOLS).await;
+    let proxy = Proxy::start(&config(&d.url(), &route("b", &fake.url(), "b", ""))).await;
+    let c = http1();
+    let url = proxy.url("/b/v1/messages");
+    // An estimate above the burst can never be granted: refused at once as a bad header.
+    let headers = [("x-slotd-input-tokens", "5000"), ("x-slotd-max-output-tokens", "10")];
+    let (status, h, _) = send(&c, post(&url, &headers)).await;
+    assert_eq!(status, 400);
+    assert_eq!(h["x-slotd-reason"], "bad_header");
+    // A fitting one is reserved at grant, and the reservation is what the budget counted.
+    let headers = [("x-slotd-input-tokens", "300"), ("x-slotd-max-output-tokens", "200")];
+    let (status, _, _) = send(&c, post(&url, &headers)).await;
+    assert_eq!(status, 200);
+    let s = d.status().await;
+    let counters = pool_in(&s, "b").budget.as_ref().and_then(|b| b.counters).expect("budget counters");
+    assert_eq!((counters.reserved_input_tokens, counters.reserved_output_tokens), (300, 200));
 }

@@ -515,8 +515,11 @@ impl Machine {
         if self.cancelling.remove(&request_id).is_some() {
             return;
         }
-        if code == tonic::Code::Unavailable && self.pending.contains_key(&request_id) {
-            // The daemon is shutting down: keep waiting and re-send on the next stream.
+        if code == tonic::Code::Unavailable && retry_after.is_none() && self.pending.contains_key(&request_id)
+        {
+            // The daemon is shutting down: keep waiting and re-send on the next stream. (An open
+            // circuit breaker failing fast is UNAVAILABLE too, but always says when to retry: that
+            // refusal is the caller's.)
             return;
         }
         if self.pending.remove(&request_id).is_some() {

@@ -459,6 +459,29 @@ fn an_unavailable_rejection_keeps_the_request_for_the_next_stream() {
 }
 
 #[test]
+fn an_open_breaker_failing_fast_is_the_callers_refusal() {
+    let mut h = Harness::connected();
+    h.acquire("r1", None);
+    let step = h.msg(FromDaemon::Rejected {
+        request_id: "r1".into(),
+        code: tonic::Code::Unavailable,
+        message: "circuit breaker of pool p is open for another 5s".into(),
+        retry_after: Some(Duration::from_secs(5)),
+    });
+    assert!(
+        matches!(
+            &step.notify[..],
+            [Notify::Refused { request_id, error: Error::Rejected { code: tonic::Code::Unavailable, retry_after: Some(_), .. } }]
+                if request_id == "r1"
+        ),
+        "{step:?}"
+    );
+    // Not re-sent on the next stream: the request is over.
+    h.on(Input::Disconnected);
+    assert!(h.on(Input::Connected).send.is_empty());
+}
+
+#[test]
 fn close_waits_for_pending_releases() {
     let mut h = Harness::connected();
     h.held("l1");

@@ -103,7 +103,8 @@ pub enum Error {
     BreakerOpen {
         /// The pool whose breaker is open (the requested pool or an ancestor).
         pool: PoolId,
-        /// How long until it turns half-open, unless an operator forced it open.
+        /// How long until it turns half-open; for a breaker an operator forced open, its first open
+        /// timeout (a hint to check back). Always set on a fail-fast refusal.
         retry_after: Option<Duration>,
     },
     /// The daemon is shutting down.

@@ -878,9 +878,14 @@ impl Scheduler {
         }
     }
 
+    /// The retry hint of a fail-fast refusal: the time until half-open, or for a breaker forced open
+    /// (no end is known) its first open timeout. Always set, so that clients tell this refusal from
+    /// a daemon that is shutting down (also UNAVAILABLE, without a hint).
     fn breaker_retry_after(&self, level: &PoolId, now: Instant) -> Option<Duration> {
-        match self.pools.get(level)?.health.breaker.state {
+        let p = self.pools.get(level)?;
+        match p.health.breaker.state {
             BreakerState::Open { until: Some(u) } => Some(u.saturating_duration_since(now)),
+            BreakerState::Open { until: None } => Some(p.cfg.health.breaker.open_base),
             _ => None,
         }
     }
