@@ -292,8 +292,10 @@ class Machine:
     def _rejected(self, request_id: str, code: grpc.StatusCode, message: str, retry: float | None) -> None:
         if self.cancelling.pop(request_id, None) is not None:
             return
-        if code == grpc.StatusCode.UNAVAILABLE and request_id in self.pending:
-            return  # the daemon is shutting down: keep waiting, re-send on the next stream
+        if code == grpc.StatusCode.UNAVAILABLE and retry is None and request_id in self.pending:
+            # The daemon is shutting down: keep waiting, re-send on the next stream. (An open circuit
+            # breaker failing fast is UNAVAILABLE too, but always says when to retry.)
+            return
         if self.pending.pop(request_id, None) is not None:
             self.events.append(("refused", request_id, Rejected(code, message, retry)))
 

@@ -91,3 +91,35 @@ def test_grant_crossing_a_cancel_is_released() -> None:
     grant(m, 0.0, "r1", "L1", 3.0)
     assert [msg.release.outcome for msg in m.out] == [pb.OUTCOME_CANCELLED]
     assert not [e for e in m.events if e[0] == "granted"]
+
+
+def test_an_unavailable_rejection_without_retry_info_waits_for_the_next_stream() -> None:
+    m = Machine()
+    m.connected_(0.0)
+    m.acquire(0.0, "r1", spec())
+    rejected = pb.Rejected(request_id="r1", code=14, message="shutting down")  # UNAVAILABLE
+    m.message(0.0, 1e9, pb.ServerMessage(rejected=rejected))
+    assert not [e for e in m.events if e[0] == "refused"]
+    m.out.clear()
+    m.disconnected()
+    m.connected_(1.0)
+    assert [msg.WhichOneof("msg") for msg in m.out] == ["request"]
+
+
+def test_an_open_breaker_failing_fast_is_the_callers_refusal() -> None:
+    m = Machine()
+    m.connected_(0.0)
+    m.acquire(0.0, "r1", spec())
+    rejected = pb.Rejected(
+        request_id="r1",
+        code=14,  # UNAVAILABLE
+        message="circuit breaker of pool p is open for another 5s",
+        retry_after=duration_pb2.Duration(seconds=5),
+    )
+    m.message(0.0, 1e9, pb.ServerMessage(rejected=rejected))
+    refused = [e for e in m.events if e[0] == "refused"]
+    assert len(refused) == 1 and refused[0][1] == "r1" and refused[0][2].retry_after == 5.0
+    m.out.clear()
+    m.disconnected()
+    m.connected_(1.0)
+    assert m.out == []  # not re-sent: the request is over
