@@ -3,39 +3,14 @@
 
 mod support;
 
-use std::{
-    io::Write,
-    sync::{Mutex, OnceLock},
-    time::Instant,
-};
+use std::{sync::Mutex, time::Instant};
 
 use slotd_test_support::{Daemon, client::one_pool, http_get};
 use support::{Fake, Proxy, config, http1, post, route, sample, send};
 
-static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        logs().lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
+/// Everything this suite logs (the proxy at debug).
 fn logs() -> &'static Mutex<Vec<u8>> {
-    LOGS.get_or_init(|| {
-        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("slotd_proxy=debug,warn"))
-            .with_writer(|| Capture)
-            .with_ansi(false)
-            .try_init();
-        buf
-    })
+    support::captured_logs("slotd_proxy=debug,warn")
 }
 
 /// An address where nothing listens.

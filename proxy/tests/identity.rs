@@ -5,8 +5,7 @@
 mod support;
 
 use std::{
-    io::Write,
-    sync::{Mutex, OnceLock},
+    sync::Mutex,
     time::{Duration, SystemTime},
 };
 
@@ -16,31 +15,9 @@ use slotd_test_support::{Daemon, client::one_pool, pool_in, within};
 use support::{Fake, Proxy, config, http1, post, route, send};
 
 /// Every log line the proxy wrote in this test binary.
-static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
-
-struct Capture;
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        logs().lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
+/// Everything this suite logs (the proxy and the client, at every level).
 fn logs() -> &'static Mutex<Vec<u8>> {
-    LOGS.get_or_init(|| {
-        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
-        // Everything the proxy and the client log, at every level.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("slotd_proxy=trace,slotd_client=trace,info"))
-            .with_writer(|| Capture)
-            .with_ansi(false)
-            .try_init();
-        buf
-    })
+    support::captured_logs("slotd_proxy=trace,slotd_client=trace,info")
 }
 
 fn captured() -> String {

@@ -27,6 +27,34 @@ use slotd_test_support::{TIMEOUT, bounded};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every log line this test binary writes, captured from the first call on with that call's
+/// `filter` (an `EnvFilter` directive), for tests that check what is (and is never) logged.
+pub fn captured_logs(filter: &str) -> &'static Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(move || Capture(buf))
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+}
+
+/// A log writer into a captured buffer.
+struct Capture(&'static Mutex<Vec<u8>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 /// Chunk size of `x-fake: bulk` answers.
 pub const BULK_CHUNK: usize = 16 * 1024;
 type FakeBody = UnsyncBoxBody<Bytes, BoxError>;
