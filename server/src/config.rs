@@ -6,8 +6,8 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::{
-    grpc::auth::Token,
     scheduler::{PoolConfig, PoolId, SchedulerConfig, validate_tree},
+    token::Token,
 };
 
 /// The env var holding the agent token (an alternative to `agent_token_file`).

@@ -36,16 +36,15 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
     WatchOptions,
 };
-use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
+use slotd_proto::v1::{admin_server, slotd_server};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Status, metadata::MetadataValue};
-use tonic_health::server::HealthReporter;
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{debug, info, warn};
 
 use crate::{
     config::HaSection,
     driver::{DriverHandle, Pools},
-    grpc::{admin::AdminService, service::SlotdService},
     state,
 };
 
@@ -573,15 +572,12 @@ async fn within<F: std::future::Future>(d: Duration, f: F) -> Result<F::Output, 
 }
 
 async fn set_health(health: &HealthReporter, role: Role) {
-    match role {
-        Role::Leader => {
-            health.set_serving::<SlotdServer<SlotdService>>().await;
-            health.set_serving::<AdminServer<AdminService>>().await;
-        }
-        Role::Standby => {
-            health.set_not_serving::<SlotdServer<SlotdService>>().await;
-            health.set_not_serving::<AdminServer<AdminService>>().await;
-        }
+    let status = match role {
+        Role::Leader => ServingStatus::Serving,
+        Role::Standby => ServingStatus::NotServing,
+    };
+    for service in [slotd_server::SERVICE_NAME, admin_server::SERVICE_NAME] {
+        health.set_service_status(service, status).await;
     }
 }
 

@@ -14,6 +14,7 @@ pub mod pool_store;
 pub mod restart;
 pub mod scheduler;
 pub mod state;
+pub mod token;
 
 use std::{
     future::Future,
