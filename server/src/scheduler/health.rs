@@ -860,19 +860,22 @@ impl Scheduler {
         out.facts.push(Fact::Breaker { pool: t.pool, view: t.view, reason: t.reason });
     }
 
-    /// A fail-fast breaker opened on `level`: the single-pool waiters under it are refused.
+    /// A fail-fast breaker opened on `level`: the waiters under it are refused, an `acquire_any`
+    /// waiter only once every pool it lists has a fail-fast breaker open on its chain (as for a new
+    /// request, see [`Scheduler::fail_fast`]).
     fn fail_fast_waiters(&mut self, now: Instant, level: &PoolId, out: &mut Decisions) {
-        let victims: Vec<WaiterId> = self
-            .pools
-            .values()
-            .filter(|p| p.chain.contains(level))
-            .flat_map(|p| p.queue.iter())
-            .filter(|w| self.waiters.get(w).is_some_and(|w| w.others.is_empty()))
+        let queued: BTreeSet<WaiterId> =
+            self.pools.values().filter(|p| p.chain.contains(level)).flat_map(|p| p.queue.iter()).collect();
+        let victims: Vec<(WaiterId, Error)> = queued
+            .into_iter()
+            .filter_map(|wid| {
+                let w = self.waiters.get(&wid)?;
+                let pools: Vec<&PoolId> = w.pools().map(|(p, _)| p).collect();
+                self.fail_fast(&pools, now).map(|error| (wid, error))
+            })
             .collect();
-        let retry_after = self.breaker_retry_after(level, now);
-        for w in victims {
-            if let Some(w) = self.drop_waiter(w) {
-                let error = Error::BreakerOpen { pool: level.clone(), retry_after };
+        for (wid, error) in victims {
+            if let Some(w) = self.drop_waiter(wid) {
                 out.push(w.session, Event::Rejected { request_id: w.request_id.to_string(), error });
             }
         }

@@ -332,3 +332,26 @@ fn a_waiter_arriving_while_it_is_open_is_told_at_once() {
         "{told:#?}"
     );
 }
+
+#[test]
+fn an_acquire_any_waiter_is_failed_fast_only_when_every_listed_pool_is() {
+    let t0 = Instant::now();
+    let fast = BreakerConfig { when_open: WhenOpen::FailFast, ..breaker(1, secs(10)) };
+    let mut s = sched(&[("a", pool_with(1, fast.clone())), ("b", pool_with(1, fast))], t0);
+    let (h, w) = (s.open_session(), s.open_session());
+    granted(&s.request(t0, h, req("ha", "a")), h, "ha");
+    granted(&s.request(t0, h, req("hb", "b")), h, "hb");
+    let any = NewRequest { any_of: vec![pid("b")], ..req("any", "a") };
+    assert!(grants(&s.request(t0, w, any)).is_empty(), "both pools are full: it waits");
+    // One listed pool fails fast: the waiter may still be served by the other.
+    let d = s.force_breaker(t0, &pid("a"), ForceBreaker::Open, "").unwrap().1;
+    assert!(events_of(&d, w).iter().all(|e| !matches!(e, Event::Rejected { .. })), "{:#?}", d.events);
+    // Both do: it is refused, with retry info, like a new request would be.
+    let d = s.force_breaker(t0, &pid("b"), ForceBreaker::Open, "").unwrap().1;
+    let refused = events_of(&d, w).into_iter().find_map(|e| match e {
+        Event::Rejected { request_id, error } if request_id == "any" => Some(error),
+        _ => None,
+    });
+    assert!(matches!(refused, Some(Error::BreakerOpen { retry_after: Some(_), .. })), "{:#?}", d.events);
+    s.check_invariants(t0);
+}
