@@ -54,3 +54,14 @@ impl ProviderLimit {
     /// Longest `reset_in` accepted: providers' windows are a minute to a day.
     pub const MAX_RESET_IN: Duration = Duration::from_secs(24 * 3600);
 }
+
+impl From<LimitKind> for crate::v1::LimitKind {
+    fn from(k: LimitKind) -> Self {
+        match k {
+            LimitKind::Requests => Self::Requests,
+            LimitKind::Tokens => Self::Tokens,
+            LimitKind::InputTokens => Self::InputTokens,
+            LimitKind::OutputTokens => Self::OutputTokens,
+        }
+    }
+}

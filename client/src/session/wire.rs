@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use slotd_proto::v1::{self as pb, client_message, server_message};
 
 use super::machine::{Credential, Expiry, FromDaemon, LeaseInfo, ToDaemon};
-use crate::{LimitKind, Outcome, ProviderLimit, Report};
+use crate::{Outcome, ProviderLimit, Report};
 
 /// The TTL assumed when a grant names none (the daemon always sends one).
 const FALLBACK_TTL: Duration = Duration::from_secs(30);
@@ -131,12 +131,7 @@ pub(crate) fn release(lease_id: String, report: Report) -> pb::ReleaseLease {
         .into_iter()
         .take(ProviderLimit::MAX_PER_REPORT)
         .map(|l| pb::ProviderLimit {
-            kind: match l.kind {
-                LimitKind::Requests => pb::LimitKind::Requests,
-                LimitKind::Tokens => pb::LimitKind::Tokens,
-                LimitKind::InputTokens => pb::LimitKind::InputTokens,
-                LimitKind::OutputTokens => pb::LimitKind::OutputTokens,
-            } as i32,
+            kind: pb::LimitKind::from(l.kind) as i32,
             limit: l.limit,
             remaining: l.remaining.min(l.limit),
             reset_in: duration(l.reset_in.min(ProviderLimit::MAX_RESET_IN)),
@@ -162,6 +157,7 @@ fn timestamp(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::LimitKind;
     use crate::command::RequestSpec;
 
     #[test]

@@ -525,15 +525,6 @@ fn budget_kind(k: BudgetKind) -> pb::BudgetKind {
     }
 }
 
-fn limit_kind(k: LimitKind) -> pb::LimitKind {
-    match k {
-        LimitKind::Requests => pb::LimitKind::Requests,
-        LimitKind::Tokens => pb::LimitKind::Tokens,
-        LimitKind::InputTokens => pb::LimitKind::InputTokens,
-        LimitKind::OutputTokens => pb::LimitKind::OutputTokens,
-    }
-}
-
 /// A pool's budgets on the wire.
 pub fn budget_status(b: BudgetSnapshot) -> pb::BudgetStatus {
     let now = Instant::now();
@@ -560,7 +551,7 @@ pub fn budget_status(b: BudgetSnapshot) -> pb::BudgetStatus {
             .into_iter()
             .map(|v| pb::BudgetProviderView {
                 limit: Some(pb::ProviderLimit {
-                    kind: limit_kind(v.limit.kind) as i32,
+                    kind: pb::LimitKind::from(v.limit.kind) as i32,
                     limit: v.limit.limit,
                     remaining: v.limit.remaining,
                     reset_in: Some(pb_duration(v.limit.reset_in)),
