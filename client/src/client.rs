@@ -389,6 +389,34 @@ impl Client {
         Ok(resp.into_inner().paused_until.and_then(|t| SystemTime::try_from(t).ok()))
     }
 
+    /// Reports a provider answer seen outside a lease: [`Outcome::RateLimited`], [`Outcome::Overloaded`]
+    /// or [`Outcome::QuotaExhausted`] (the daemon refuses the other classes with INVALID_ARGUMENT). The
+    /// pool's policy for the class applies (by default a pause; an overload also counts as a failure
+    /// for the pool's circuit breaker). Returns when the pool's pause now ends, if it is paused.
+    ///
+    /// # Cancel safety
+    /// Dropping the future may or may not have delivered the report.
+    pub async fn report_outcome(
+        &self,
+        pool: impl Into<String>,
+        outcome: Outcome,
+        reason: impl Into<String>,
+    ) -> Result<Option<SystemTime>, Error> {
+        let (code, retry_after) = crate::session::wire::outcome(outcome);
+        let req = pb::ReportRateLimitRequest {
+            pool: pool.into(),
+            retry_after: retry_after.and_then(|d| prost_types::Duration::try_from(d).ok()),
+            reason: reason.into(),
+            outcome: code as i32,
+        };
+        let call = |mut c: SlotdClient<AuthChannel>| {
+            let req = req.clone();
+            async move { c.report_rate_limit(req).await }
+        };
+        let resp = self.unary(call).await?.into_inner();
+        Ok(resp.paused_until.and_then(|t| SystemTime::try_from(t).ok()))
+    }
+
     /// Reports a provider call made outside a lease: its usage is charged to `pool`'s rate budgets and
     /// the provider's rate-limit headers (see [`provider::provider_limits`](crate::provider)) clamp
     /// them. Returns the pool's budgets after (`None` when it has none).
