@@ -4,6 +4,7 @@
 //! - Cut the leader from etcd (a `slotd_test_support::TcpProxy` between them, cut) while its clients still reach it:
 //!   it keeps serving until its grant deadline, grants nothing from then on, ends its streams and
 //!   exits; a standby (with its own, unaffected path to etcd) takes over.
+//! - Cut it briefly (healed well before its deadline): it reconnects and keeps its term.
 //! - Restart etcd quickly (well within the lease TTL): the leader keeps serving, or steps down
 //!   cleanly; either way the agents are served again.
 //! - Stop etcd past the lease TTL: the leader steps down (no grant after its deadline, streams
@@ -244,6 +245,40 @@ async fn a_leader_cut_from_etcd_fences_itself_and_a_standby_takes_over() {
          {serving:?}, -> first grant of the new term {first_new:?} (lease_ttl {LEASE_TTL}, margin {MARGIN:?})"
     );
 }
+
+/// Cut the leader from etcd briefly (healed well before its grant deadline): it reconnects, renews
+/// and keeps its term; nobody else is elected and the auditor holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_from_etcd_briefly_keeps_its_term() {
+    let Some(mut c) = cluster_via_proxies(LIMIT, LEASE_TTL, "") else { return };
+    let first = c.leader().await;
+    let epoch = epoch_of(c.url(first)).await;
+    let mut watcher = agent(c.url(first), "watcher").await;
+    let agents = Agents::start(urls(&c)).await;
+    agents.served_since(Instant::now(), "before the cut").await;
+
+    let cut = Instant::now();
+    c.proxies[first].cut();
+    tokio::time::sleep(BRIEF_CUT).await;
+    c.proxies[first].heal();
+    // Past every deadline a keepalive before the cut could give: grants of its term from here on
+    // prove that it renewed after the heal.
+    tokio::time::sleep((cut + TTL).saturating_duration_since(Instant::now())).await;
+    let after = Instant::now();
+    agents.served_since(after, "after the heal").await;
+    let claims = agents.stop().await;
+    let late: Vec<&Claim> = claims.iter().filter(|c| c.from > after).collect();
+    assert!(late.iter().all(|c| c.epoch() == epoch), "another term granted: {late:?}");
+    assert!(c.members[first].as_mut().expect("live").try_exit().is_none(), "the leader exited");
+    assert_eq!(c.leader().await, first);
+    assert_eq!(epoch_of(c.url(first)).await, epoch);
+    assert!(watcher.next_within(Duration::from_millis(50)).await.is_none(), "the watcher heard something");
+    audit(&claims);
+}
+
+/// How long [`a_leader_cut_from_etcd_briefly_keeps_its_term`] cuts: well within the grant window
+/// (TTL − margin − a keepalive period = 0.83 s at worst).
+const BRIEF_CUT: Duration = Duration::from_millis(300);
 
 /// Restart etcd at once (its outage well within the lease TTL): the leader keeps serving (same
 /// term) or steps down cleanly; the agents are served again and the auditor holds.
