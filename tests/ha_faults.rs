@@ -1,9 +1,10 @@
 //! High availability when etcd fails under the leader: three `slotd` members, one real etcd, and
 //! agents cycling leases through `slotd-client` given every member.
 //!
-//! - Cut the leader from etcd (a `slotd_test_support::TcpProxy` between them, cut) while its clients still reach it:
-//!   it keeps serving until its grant deadline, grants nothing from then on, ends its streams and
-//!   exits; a standby (with its own, unaffected path to etcd) takes over.
+//! - Cut the leader from etcd (a `slotd_test_support::TcpProxy` between them, cut or silenced)
+//!   while its clients still reach it: it keeps serving until its grant deadline, grants nothing
+//!   from then on, ends its streams and exits; a standby (with its own, unaffected path to etcd)
+//!   takes over.
 //! - Cut it briefly (healed well before its deadline): it reconnects and keeps its term.
 //! - Restart etcd quickly (well within the lease TTL): the leader keeps serving, or steps down
 //!   cleanly; either way the agents are served again.
@@ -207,6 +208,27 @@ fn urls(c: &Cluster) -> Vec<String> {
 /// takes over and every agent is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_from_etcd_fences_itself_and_a_standby_takes_over() {
+    partition_the_leader(Partition::Cut).await;
+}
+
+/// [`a_leader_cut_from_etcd_fences_itself_and_a_standby_takes_over`] when the link goes silent
+/// instead: its connections to etcd stay open and nothing gets through, so no error tells the
+/// leader; only its deadline does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_silently_partitioned_from_etcd_fences_itself_and_a_standby_takes_over() {
+    partition_the_leader(Partition::Silent).await;
+}
+
+/// How the leader loses etcd.
+#[derive(Clone, Copy, Debug)]
+enum Partition {
+    /// Its connections to etcd are closed, new ones blackholed (`TcpProxy::cut`).
+    Cut,
+    /// Its connections to etcd stay open and drop every byte (`TcpProxy::silence`).
+    Silent,
+}
+
+async fn partition_the_leader(how: Partition) {
     let Some(mut c) = cluster_via_proxies(LIMIT, LEASE_TTL, "") else { return };
     let first = c.leader().await;
     let epoch = epoch_of(c.url(first)).await;
@@ -215,7 +237,10 @@ async fn a_leader_cut_from_etcd_fences_itself_and_a_standby_takes_over() {
     agents.served_since(Instant::now(), "before the cut").await;
 
     let (cut_at, cut_wall) = (Instant::now(), SystemTime::now());
-    c.proxies[first].cut();
+    match how {
+        Partition::Cut => c.proxies[first].cut(),
+        Partition::Silent => c.proxies[first].silence(),
+    }
     let (ended, _) = streams_end(&mut watcher).await;
     let fenced = ended - cut_at;
     let code = c.wait_exit(first).await;
@@ -241,7 +266,7 @@ async fn a_leader_cut_from_etcd_fences_itself_and_a_standby_takes_over() {
     let first_new = claims.iter().filter(|c| c.epoch() == next_epoch).map(|c| c.from).min();
     let first_new = first_new.expect("grants of the new term") - cut_at;
     eprintln!(
-        "etcd cut: cut -> streams ended {fenced:?}, -> exited {exited:?}, -> new leader serving \
+        "etcd cut ({how:?}): cut -> streams ended {fenced:?}, -> exited {exited:?}, -> new leader serving \
          {serving:?}, -> first grant of the new term {first_new:?} (lease_ttl {LEASE_TTL}, margin {MARGIN:?})"
     );
 }

@@ -24,9 +24,11 @@ const CHUNK: usize = 16 * 1024;
 ///
 /// [`cut`](Self::cut) shuts every relayed connection down at once and blackholes new ones: they are
 /// accepted (a connect succeeds, as it does towards a host behind a dead link) and then never
-/// answered, so the peer only notices through its own timeouts. [`heal`](Self::heal) relays again
-/// and closes the blackholed connections, so their peers reconnect. Dropping the proxy closes
-/// everything.
+/// answered, so the peer only notices through its own timeouts. [`silence`](Self::silence) is the
+/// quieter partition: the relayed connections stay open but every byte on them is dropped, and new
+/// ones are blackholed, so nothing tells either side that the link is gone. [`heal`](Self::heal)
+/// relays again and closes the blackholed (and silenced) connections, so their peers reconnect.
+/// Dropping the proxy closes everything.
 pub struct TcpProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -35,6 +37,8 @@ pub struct TcpProxy {
 #[derive(Default)]
 struct Shared {
     cut: AtomicBool,
+    /// Relayed connections drop every byte (set with `cut`).
+    silent: AtomicBool,
     stopped: AtomicBool,
     /// Both ends of every relayed connection (clones), shut down on a cut.
     relayed: Mutex<Vec<TcpStream>>,
@@ -71,17 +75,10 @@ impl TcpProxy {
                     continue;
                 }
                 let shared = accepting.clone();
-                thread::spawn(move || relay(conn, upstream, &shared));
+                thread::spawn(move || relay(conn, upstream, shared));
             }
         });
         TcpProxy { addr, shared }
-    }
-
-    /// Relays to the host and port of `url` (`http://127.0.0.1:PORT`).
-    #[track_caller]
-    pub fn to_url(url: &str) -> TcpProxy {
-        let hostport = url.split("://").last().unwrap_or(url).trim_end_matches('/');
-        Self::start(hostport.parse().unwrap_or_else(|e| panic!("{url} is not host:port: {e}")))
     }
 
     /// The address the proxy listens on.
@@ -100,8 +97,19 @@ impl TcpProxy {
         close_all(&self.shared.relayed);
     }
 
-    /// Relays new connections again and closes the blackholed ones.
+    /// Drops every byte on the relayed connections, without closing them, and blackholes new ones
+    /// until [`heal`](Self::heal).
+    pub fn silence(&self) {
+        self.shared.silent.store(true, Ordering::SeqCst);
+        self.shared.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Relays new connections again and closes the blackholed ones (and, after
+    /// [`silence`](Self::silence), the silenced ones: bytes were lost on them).
     pub fn heal(&self) {
+        if self.shared.silent.swap(false, Ordering::SeqCst) {
+            close_all(&self.shared.relayed);
+        }
         self.shared.cut.store(false, Ordering::SeqCst);
         close_all(&self.shared.blackholed);
     }
@@ -123,7 +131,7 @@ impl Drop for TcpProxy {
 }
 
 /// Pipes `down` <-> a new connection to `upstream` until either side ends or the proxy is cut.
-fn relay(down: TcpStream, upstream: SocketAddr, shared: &Shared) {
+fn relay(down: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
     let Ok(up) = TcpStream::connect_timeout(&upstream, UPSTREAM_CONNECT_TIMEOUT) else {
         // Nothing listens upstream (etcd stopped, say): the peer sees its connection closed.
         return;
@@ -140,17 +148,22 @@ fn relay(down: TcpStream, upstream: SocketAddr, shared: &Shared) {
         relayed.push(d1);
         relayed.push(u1);
     }
-    let back = thread::spawn(move || pipe(u2, d2));
-    pipe(down, up);
+    let back = {
+        let shared = shared.clone();
+        thread::spawn(move || pipe(u2, d2, &shared))
+    };
+    pipe(down, up, &shared);
     let _ = back.join();
 }
 
-/// Copies `from` to `to` until `from` ends or fails, then shuts both down.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` (dropping the bytes while silenced) until `from` ends or fails, then shuts
+/// both down.
+fn pipe(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
     let mut buf = vec![0; CHUNK];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
+            Ok(_) if shared.silent.load(Ordering::SeqCst) => {}
             Ok(n) => {
                 if to.write_all(&buf[..n]).is_err() {
                     break;
@@ -213,5 +226,15 @@ mod tests {
         let mut fresh = TcpStream::connect(proxy.addr()).expect("connect");
         fresh.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
         assert_eq!(round_trip(&mut fresh).expect("relayed after heal"), b"ping");
+
+        // Silenced: the connection stays open, nothing gets through.
+        proxy.silence();
+        fresh.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        let e = round_trip(&mut fresh).expect_err("a silenced connection answered");
+        assert!(matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{e}");
+        proxy.heal();
+        let mut again = TcpStream::connect(proxy.addr()).expect("connect");
+        again.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        assert_eq!(round_trip(&mut again).expect("relayed after heal"), b"ping");
     }
 }
