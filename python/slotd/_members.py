@@ -127,7 +127,9 @@ class Members:
                     self._at = self.endpoints.index(leader)
                 self._redirects += 1
                 return self._redirects <= MAX_REDIRECTS
-            if self.several:
+            # A dead leader that was reached by a redirect: back to the configured endpoints, even
+            # when there is only one (it will name the next leader).
+            if self.several or self._current not in self.endpoints:
                 self._at = (self._at + 1) % len(self.endpoints)
                 self._current = self.endpoints[self._at]
             return False

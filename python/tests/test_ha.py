@@ -169,3 +169,22 @@ def test_unary_calls_through_a_standby_are_answered_by_the_leader(cluster: Clust
     with slotd.Client(cluster.addr(lead)) as c:
         pool = c.status("p").pools[0]
         assert pool.pause_reason and pool.paused_until.seconds > time.time()
+
+
+def test_a_client_given_one_standby_follows_the_leader_and_comes_back_after_it_dies(
+    cluster: Cluster,
+) -> None:
+    lead = cluster.leader()
+    standby = next(i for i in cluster.live() if i != lead)
+    with slotd.Client(cluster.addr(standby), **HA) as c:  # type: ignore[arg-type]
+        lease = c.acquire("p", max_wait=FAILOVER_TIMEOUT)
+        assert held(cluster.addr(lead)) == [lease.id]
+        cluster.kill(lead)
+        new = cluster.leader()
+        # Through the one configured member again, to whichever leads now.
+        eventually(lambda: held(cluster.addr(new)) == [lease.id], "the lease resumed on the new leader",
+                   timeout=FAILOVER_TIMEOUT)  # fmt: skip
+        assert c._core.session.members.current()[0] == cluster.addr(new)
+        assert not lease.lost.is_set()
+        lease.release()
+        eventually(lambda: held(cluster.addr(new)) == [], "released on the new leader")
