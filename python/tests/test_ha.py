@@ -99,7 +99,9 @@ def test_lease_held_across_a_leader_kill_is_resumed_on_the_new_leader(
     assert not lost, lost
 
 
-def test_cycling_threads_are_served_again_after_a_failover_never_over_the_limit(cluster: Cluster) -> None:
+def test_clients_follow_the_leader_through_a_failover(cluster: Cluster) -> None:
+    """Conformance (docs/CLIENTS.md): threads cycling leases are all served again after a SIGKILL of
+    the leader, never more holders than the limit by fencing token, new-term tokens above the old."""
     limit, workers = 2, 4
     lead = cluster.leader()
     endpoints = others_first(cluster, lead)
