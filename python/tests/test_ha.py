@@ -171,6 +171,14 @@ def test_unary_calls_through_a_standby_are_answered_by_the_leader(cluster: Clust
     with slotd.Client(cluster.addr(lead)) as c:
         pool = c.status("p").pools[0]
         assert pool.pause_reason and pool.paused_until.seconds > time.time()
+    # Through an election: the standbys name the dead leader, then none, then the new one; the call
+    # goes round them (with a jittered pause after each round) until the new leader answers.
+    standbys = [cluster.addr(i) for i in cluster.live() if i != lead]
+    with slotd.Client(endpoints=standbys, backoff_initial=0.02, backoff_max=0.2) as c:
+        cluster.kill(lead)
+        status = c.status("p", timeout=FAILOVER_TIMEOUT)
+        assert [p.name for p in status.pools] == ["p"]
+        assert c._core.session.members.current()[0] == cluster.addr(cluster.leader())
 
 
 def test_a_client_given_one_standby_follows_the_leader_and_comes_back_after_it_dies(
