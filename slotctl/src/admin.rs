@@ -245,7 +245,7 @@ pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Re
     let req = pb::DrainRequest { timeout: wire_opt(timeout)? };
     let mut stream = conn
         .call(|_, mut a| {
-            let r = req.clone();
+            let r = req;
             async move { a.drain(r).await }
         })
         .await?
