@@ -57,6 +57,11 @@ impl Members {
         Self(Arc::new(Mutex::new(State { endpoints, at: 0, current, redirect })))
     }
 
+    /// How many endpoints are configured.
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().map_or(1, |s| s.endpoints.len())
+    }
+
     /// The endpoint to use now.
     pub(crate) fn current(&self) -> SlotdClient<AuthChannel> {
         self.0.lock().map(|s| s.current.clone()).unwrap_or_else(|p| p.into_inner().current.clone())

@@ -306,3 +306,38 @@ pub struct HaRole {
     /// The endpoint that answered: a configured one, or the leader a standby named.
     pub member: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    #[test]
+    fn endpoints_repeat_or_come_as_a_comma_list() {
+        let cli = Cli::try_parse_from([
+            "slotctl",
+            "--endpoint",
+            "http://10.0.0.1:50051",
+            "--endpoint",
+            "10.0.0.2:50051,10.0.0.3:50051",
+            "status",
+        ])
+        .expect("parses");
+        assert_eq!(cli.endpoint, ["http://10.0.0.1:50051", "10.0.0.2:50051", "10.0.0.3:50051"]);
+        let cli = Cli::try_parse_from(["slotctl", "status"]).expect("parses");
+        assert_eq!(cli.endpoint, [crate::cli::DEFAULT_ENDPOINT]);
+    }
+
+    #[test]
+    fn the_endpoint_list_is_bounded_and_checked() {
+        let target = |endpoints: Vec<String>| Target { endpoints, ..Target::default() };
+        assert!(target(vec!["127.0.0.1:1".into(), "http://[::1]:2".into()]).validate().is_ok());
+        let too_many = (0..=Target::MAX_ENDPOINTS).map(|i| format!("10.0.0.{i}:1")).collect();
+        for bad in [vec![], too_many, vec!["127.0.0.1:1".into(), "no-port".into()]] {
+            let e = target(bad.clone()).validate().expect_err(&format!("{bad:?} accepted"));
+            assert_eq!(e.code, Some(Code::InvalidArgument), "{e}");
+        }
+    }
+}
