@@ -182,11 +182,12 @@ impl Conn {
         self.current().admin
     }
 
-    /// Runs `call` on the member in use and returns its answer, or the endpoint that answered and
-    /// the answer. A standby's refusal naming the leader moves to that leader and calls again (at
+    /// Runs `call` on the member in use; returns the answer and the endpoint that gave it. A
+    /// standby's refusal naming the leader moves to that leader and calls again (at
     /// most [`Target::MAX_REDIRECTS`] times); any other UNAVAILABLE (a member that is down or
     /// stepping down) moves to the next configured endpoint and calls again, until each was tried
-    /// once. A refused call changed nothing, so calling again is safe for every command.
+    /// once. A refused call changed nothing, so calling again is safe for every command. A stream
+    /// that breaks later (Watch, Drain) is the caller's to call again.
     ///
     /// # Cancel safety
     /// Cancel safe when `call` is: dropping it abandons the call in flight.
