@@ -283,11 +283,12 @@ fn goaway_frame() -> Vec<u8> {
 /// streams of one connection, each stream task that queues its frame therefore hands over to the
 /// connection task at once, which wrote that single frame: one `writev` per message. Here
 /// `poll_write` only copies into `out`, and when the runtime has a backlog of ready tasks (see
-/// `backlog`), the first `poll_flush` of a batch returns `Pending` instead of writing, with the connection task's wake-up deferred until the worker has run the other
-/// ready tasks (`tokio::task::yield_now`): the woken stream tasks queue their frames meanwhile, and the
-/// next `poll_flush` writes them all at once, unless more arrived during that turn: then it holds
-/// them for another, up to [`COALESCE_MAX_TURNS`]. Without a backlog a flush writes at once, as
-/// holding back would only cost a poll and delay the write.
+/// `backlog`), the first `poll_flush` of a batch returns `Pending` instead of writing, with the
+/// connection task's wake-up deferred until the worker has run the other ready tasks
+/// (`tokio::task::yield_now`): the woken stream tasks queue their frames meanwhile, and the next
+/// `poll_flush` writes them all at once, unless more arrived during that turn: then it holds them
+/// for another, up to [`COALESCE_MAX_TURNS`]. Without a backlog a flush writes at once, as holding
+/// back would only cost a poll and delay the write.
 ///
 /// `out` is bounded by [`COALESCE_MAX`] (beyond it `poll_write` drains to the socket first, waiting
 /// as a socket write would) and freed once written, so an idle connection holds no buffer.
@@ -334,7 +335,8 @@ impl Conn {
     /// Whether the runtime has a backlog of ready tasks: tasks in its global queue, where tokio puts
     /// what overflows a worker's local queue (256) and what is woken from outside it. Only then may
     /// other streams of this connection be about to queue frames; otherwise holding back costs a poll
-    /// and delays the write (measured: 8 % more daemon CPU per contended cycle, +29 µs hand-off).
+    /// and delays the write (holding always, measured uncontended: +7 µs round trip, +4 µs of daemon
+    /// CPU per acquire + release; see docs/BENCHMARKS.md).
     fn backlog(&self) -> bool {
         self.runtime.as_ref().is_some_and(|rt| rt.metrics().global_queue_depth() > 0)
     }
