@@ -24,18 +24,22 @@
 //! member is deposed: it ends all its streams at once and [`run`] returns, so the daemon exits and
 //! its supervisor starts it again as a standby.
 //!
+//! # Durable state
+//! In etcd, written only in transactions guarded by the term's epoch (a deposed leader's writes fail):
+//! the pool set (Admin changes, `/slotd/{election}/pools`) and the runtime state (pauses, adaptive
+//! headroom, breakers and per-pool held counts, `/slotd/{election}/runtime`, see [`runtime`]).
+//!
 //! # Taking over
-//! A new leader starts its term ([`crate::scheduler::Scheduler::begin_term`]) with a learning period
-//! covering the longest lease TTL of its pools: clients re-present their leases with their resume
-//! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
-//! waiters queue.
+//! A new leader reads the pool set and the runtime state, then starts its term
+//! ([`crate::scheduler::Scheduler::begin_term`] and [`crate::scheduler::Scheduler::take_over`]) with a
+//! learning period covering the longest lease TTL of its pools: clients re-present their leases with
+//! their resume credentials (the key file is shared by every member), and new waiters queue. Pauses
+//! merge with max, headroom and breakers are restored, and each pool grants again as soon as every
+//! lease the previous leader last reported on it is back (or when the period ends).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
-    WatchOptions,
-};
+use etcd_client::{Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
 use slotd_proto::v1::{admin_server, slotd_server};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Status, metadata::MetadataValue};
@@ -47,6 +51,8 @@ use crate::{
     driver::{DriverHandle, Pools},
     state,
 };
+
+pub mod runtime;
 
 /// The metadata key naming the leader's advertised address on a standby's UNAVAILABLE.
 pub use slotd_proto::LEADER_HEADER;
@@ -209,6 +215,7 @@ struct TermStore {
     leader_key: Vec<u8>,
     epoch: i64,
     pools_key: String,
+    runtime_key: String,
     timeout: Duration,
 }
 
@@ -234,17 +241,21 @@ impl Durable {
             return Err("this member is not the leader".into());
         };
         let text = state::encode(pools)?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(t.leader_key.clone(), CompareOp::Equal, t.epoch)])
-            .and_then([TxnOp::put(t.pools_key.clone(), text, None)]);
-        let resp = tokio::time::timeout(t.timeout, t.client.clone().txn(txn))
+        runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.pools_key, text, t.timeout)
             .await
-            .map_err(|_| "etcd did not answer in time".to_owned())?
-            .map_err(|e| e.to_string())?;
-        if !resp.succeeded() {
-            return Err(format!("epoch {} is over: this member was deposed", t.epoch));
-        }
-        Ok(())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes the runtime state document under this term's epoch.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have written the document.
+    pub async fn save_runtime(&self, text: String) -> Result<(), runtime::PutError> {
+        let term = self.0.lock().await;
+        let Some(t) = term.as_ref() else {
+            return Err(runtime::PutError::Deposed(0));
+        };
+        runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.runtime_key, text, t.timeout).await
     }
 
     /// On a graceful stop, after granting stopped: revokes this member's etcd lease, so that its
@@ -440,15 +451,31 @@ async fn lead(
         }
         _ => return depose(m, "cannot read the stored pools from etcd".into()).await,
     }
+    // The previous leaders' pauses, headroom, breakers and held counts.
+    let state = match runtime::read(client, &m.cfg.election, call).await {
+        Ok(s) => s,
+        Err(e) => return depose(m, format!("cannot read the runtime state from etcd: {e}")).await,
+    };
+    let runtime_key = runtime::runtime_key(&m.cfg.election);
     m.durable
-        .open(TermStore { client: client.clone(), leader_key: key_bytes, epoch, pools_key, timeout: call })
+        .open(TermStore {
+            client: client.clone(),
+            leader_key: key_bytes,
+            epoch,
+            pools_key,
+            runtime_key,
+            timeout: call,
+        })
         .await;
     let epoch = epoch as u64;
-    if m.handle.begin_term(first_token, learning).await.is_err()
+    let inherited = state.is_some();
+    if m.handle.begin_term(first_token, learning, state).await.is_err()
         || m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err()
     {
         return HaError::Fatal("the scheduler stopped".into());
     }
+    let mut publisher =
+        AbortOnDrop(tokio::spawn(runtime::publish(m.handle.clone(), m.durable.clone(), epoch)));
     m.role.send_modify(|s| {
         s.role = Role::Leader;
         s.epoch = epoch;
@@ -457,7 +484,13 @@ async fn lead(
         s.learning = learning;
     });
     set_health(&m.health, Role::Leader).await;
-    info!(epoch, first_token, learning_secs = learning.as_secs_f64(), "elected leader: term started");
+    info!(
+        epoch,
+        first_token,
+        learning_secs = learning.as_secs_f64(),
+        inherited,
+        "elected leader: term started"
+    );
     let mut tick = tokio::time::interval(call);
     let mut watching = true;
     loop {
@@ -476,6 +509,10 @@ async fn lead(
                     Ok(None) => {}
                     Err(e) => return depose(m, format!("etcd says the lease is gone: {e}")).await,
                 }
+            }
+            why = &mut publisher.0 => {
+                let why = why.unwrap_or_else(|e| format!("the runtime publisher failed: {e}"));
+                return depose(m, format!("runtime state write refused: {why}")).await;
             }
             event = deletions.message(), if watching => match event {
                 Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => {
@@ -511,9 +548,9 @@ async fn follow(client: Client, election: String, role: watch::Sender<RoleState>
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
