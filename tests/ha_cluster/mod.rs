@@ -183,6 +183,13 @@ impl Cluster {
         }
     }
 
+    /// The election name every member campaigns under (from the shared config).
+    pub fn election(&self) -> String {
+        let toml = std::fs::read_to_string(self.dir.join("slotd.toml")).expect("the members' config");
+        let line = toml.lines().find_map(|l| l.strip_prefix("election = ")).expect("an election name");
+        line.trim_matches('"').to_owned()
+    }
+
     pub fn metrics(&self, i: usize) -> std::net::SocketAddr {
         let m = self.members[i].as_ref().expect("a live member").metrics.as_deref().expect("metrics address");
         m.parse().expect("a socket address")

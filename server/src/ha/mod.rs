@@ -138,7 +138,8 @@ impl RoleReader {
         )?;
         let learning = prometheus::Gauge::new(
             "slotd_ha_learning_seconds",
-            "Learning period of the term this member leads or last led: no new grants, only resumes.",
+            "Learning period of the term this member leads or last led: the longest a pool grants nothing \
+             new (each pool ends it once its leases are back; see slotd_ha_learning_pool_seconds).",
         )?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(epoch.clone()))?;
@@ -469,13 +470,19 @@ async fn lead(
         .await;
     let epoch = epoch as u64;
     let inherited = state.is_some();
-    if m.handle.begin_term(first_token, learning, state).await.is_err()
-        || m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err()
-    {
+    if m.handle.begin_term(first_token, learning, state).await.is_err() {
+        return HaError::Fatal("the scheduler stopped".into());
+    }
+    // Published before serving: a missing document then means no leader served since.
+    let published = match runtime::publish_now(&m.handle, &m.durable, epoch).await {
+        Ok(s) => s,
+        Err(e) => return depose(m, format!("cannot write the runtime state on taking over: {e}")).await,
+    };
+    if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
         return HaError::Fatal("the scheduler stopped".into());
     }
     let mut publisher =
-        AbortOnDrop(tokio::spawn(runtime::publish(m.handle.clone(), m.durable.clone(), epoch)));
+        AbortOnDrop(tokio::spawn(runtime::publish(m.handle.clone(), m.durable.clone(), epoch, published)));
     m.role.send_modify(|s| {
         s.role = Role::Leader;
         s.epoch = epoch;

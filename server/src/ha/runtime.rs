@@ -7,7 +7,7 @@
 //! open, half-open; the open count `k`) and the held count (leases on the pool and its descendants).
 //!
 //! # Writes
-//! The leader publishes it at most every [`PUBLISH_INTERVAL`], and only when it changed since the
+//! A new leader writes it once before it serves ([`publish_now`]), then at most every [`PUBLISH_INTERVAL`], and only when it changed since the
 //! last successful write: a new pause or a breaker opening goes out at the next tick. Each write is
 //! an etcd transaction guarded by the term's epoch ([`put_guarded`]: the leader key must still
 //! exist with the term's create revision), so a deposed leader's write fails, and the publisher
@@ -121,7 +121,9 @@ struct StoredPool {
     #[serde(skip_serializing_if = "Option::is_none")]
     breaker_until_unix_ms: Option<u64>,
     breaker_opens: u32,
-    held: u32,
+    /// Absent: the publisher was learning without a count (its successor learns fully).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,8 +180,8 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
     for (name, p) in doc.pools {
         let id = PoolId::parse(&name).map_err(|e| e.to_string())?;
         let max = PoolConfig::MAX_CONCURRENT_LIMIT;
-        if p.held > max {
-            return Err(format!("pool {id}: held {} above {max}", p.held));
+        if p.held.is_some_and(|h| h > max) {
+            return Err(format!("pool {id}: held count above {max}"));
         }
         if p.effective.is_some_and(|e| e == 0 || e > max) {
             return Err(format!("pool {id}: effective limit out of range 1..={max}"));
@@ -290,15 +292,32 @@ pub async fn read(
     }
 }
 
-/// Publishes the runtime state while this member leads (see the module docs); returns why the term
-/// is over when a write was refused by the epoch guard.
+/// Writes the runtime state once, now: a new term does so before it serves, so that a document
+/// missing from etcd means no leader served since (a successor then learns fully).
+///
+/// # Cancel safety
+/// Dropping it may or may not have written the document.
+pub async fn publish_now(
+    handle: &DriverHandle,
+    durable: &Durable,
+    epoch: u64,
+) -> Result<RuntimeState, PutError> {
+    let (_, state) = handle.runtime_state().await.map_err(|e| PutError::Unreachable(e.to_string()))?;
+    let text = encode(&state, epoch, Clock::now()).map_err(PutError::Unreachable)?;
+    durable.save_runtime(text).await?;
+    Ok(state)
+}
+
+/// Publishes the runtime state while this member leads (see the module docs), from `last` (what
+/// [`publish_now`] wrote) on; returns why the term is over when a write was refused by the epoch
+/// guard.
 ///
 /// # Cancel safety
 /// Dropping it stops publishing; a write in flight may or may not land.
-pub async fn publish(handle: DriverHandle, durable: Durable, epoch: u64) -> String {
+pub async fn publish(handle: DriverHandle, durable: Durable, epoch: u64, last: RuntimeState) -> String {
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<RuntimeState> = None;
+    let mut last = Some(last);
     let mut failing = false;
     loop {
         tick.tick().await;
@@ -359,14 +378,15 @@ mod tests {
                 recover_at: Some(c.at + ms(9_000)),
                 breaker: BreakerRuntime::Open { until: Some(c.at + ms(5_000)) },
                 opens: 3,
-                held: 7,
+                held: Some(7),
             },
         );
         state.pools.insert(
             PoolId::new("forced"),
             PoolRuntime { breaker: BreakerRuntime::Open { until: None }, ..PoolRuntime::default() },
         );
-        state.pools.insert(PoolId::new("q"), PoolRuntime { held: 1, ..PoolRuntime::default() });
+        state.pools.insert(PoolId::new("q"), PoolRuntime { held: Some(1), ..PoolRuntime::default() });
+        state.pools.insert(PoolId::new("unknown"), PoolRuntime { held: None, ..PoolRuntime::default() });
         let text = encode(&state, 42, c).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["pools"]["p"]["paused_until_unix_ms"], 1_800_000_004_000u64);
@@ -381,9 +401,10 @@ mod tests {
         assert_eq!(p.pause_reason.as_ref(), "429 from the provider");
         assert_eq!(p.recover_at, Some(later.at + ms(7_500)));
         assert_eq!(p.breaker, BreakerRuntime::Open { until: Some(later.at + ms(3_500)) });
-        assert_eq!((p.effective, p.opens, p.held), (Some(2), 3, 7));
+        assert_eq!((p.effective, p.opens, p.held), (Some(2), 3, Some(7)));
         assert_eq!(back.pools[&PoolId::new("forced")].breaker, BreakerRuntime::Open { until: None });
-        assert_eq!(back.pools[&PoolId::new("q")], PoolRuntime { held: 1, ..PoolRuntime::default() });
+        assert_eq!(back.pools[&PoolId::new("q")], PoolRuntime { held: Some(1), ..PoolRuntime::default() });
+        assert_eq!(back.pools[&PoolId::new("unknown")].held, None, "no count stays no count");
 
         // Read after everything ran out: the pause is gone, the breaker is half-open.
         let much_later = Clock { at: later.at, unix_ms: c.unix_ms + 10_000 };

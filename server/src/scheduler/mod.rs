@@ -28,7 +28,8 @@
 //!    or any descendant during the period) reaches the held count the previous leader last published
 //!    for `P` (its `in_flight`: leases on `P` and every descendant), or until the period ends. With a
 //!    published state that lists no (or 0) leases for `P`, `P` does not learn; with no published
-//!    state, every pool learns for the whole period. So a learning pool always has `back < expected`
+//!    state (or none for `P`: its publisher was learning without a count), `P` learns for the whole
+//!    period. So a learning pool always has `back < expected`
 //!    (or no expected count). See [`takeover`].
 
 mod admin;
@@ -231,7 +232,7 @@ pub struct Scheduler {
     /// When the current learning period began.
     learning_since: Instant,
     /// The previous leader's held counts, once its runtime state was applied during this period.
-    learning_expected: Option<BTreeMap<PoolId, u32>>,
+    learning_expected: Option<BTreeMap<PoolId, Option<u32>>>,
     /// The next fencing token of each removed pool, so that a pool added again under the same name
     /// never reissues a token (invariant 6).
     retired_tokens: HashMap<PoolId, u64>,

@@ -26,6 +26,9 @@
 //! - `P` leaves learning once `back ≥ expected`; a snapshot that does not list `P` (or lists 0)
 //!   means the old leader held nothing there: `P` leaves learning at once;
 //! - without any published state (none in etcd, or unreadable), every pool learns for the whole period;
+//! - a leader publishes, for a pool still learning, its `in_flight` plus the reported leases not back
+//!   yet (`expected − back`), or no count at all when it learns without one: a successor taking over
+//!   during learning waits for the earlier leader's leases too;
 //! - a pool created during the period learns with the same rule (its count from the snapshot, 0 when
 //!   absent, the whole period without a snapshot).
 //!
@@ -75,8 +78,10 @@ pub struct PoolRuntime {
     pub breaker: BreakerRuntime,
     /// Consecutive opens without a success (`k` of `open_base·2^k`).
     pub opens: u32,
-    /// Leases held on this pool and its descendants (its `in_flight`).
-    pub held: u32,
+    /// Leases held on this pool and its descendants (its `in_flight`), plus, while it learns, those
+    /// the previous leader reported that are not back yet. `None` while it learns without a count
+    /// (its successor must then learn for its whole period too).
+    pub held: Option<u32>,
 }
 
 impl Default for PoolRuntime {
@@ -88,7 +93,7 @@ impl Default for PoolRuntime {
             recover_at: None,
             breaker: BreakerRuntime::Closed,
             opens: 0,
-            held: 0,
+            held: Some(0),
         }
     }
 }
@@ -133,7 +138,10 @@ impl Scheduler {
                     recover_at: if reduced { p.recover_at } else { None },
                     breaker,
                     opens: view.opens,
-                    held: p.in_flight,
+                    held: match p.learning {
+                        None => Some(p.in_flight),
+                        Some(l) => l.expected.map(|e| p.in_flight.saturating_add(e.saturating_sub(l.back))),
+                    },
                 };
                 (p.id.clone(), rt)
             })
@@ -152,12 +160,12 @@ impl Scheduler {
             for (id, rt) in &state.pools {
                 self.restore_pool(now, id, rt, &mut out);
             }
-            let expected: BTreeMap<PoolId, u32> =
+            let expected: BTreeMap<PoolId, Option<u32>> =
                 state.pools.iter().map(|(id, rt)| (id.clone(), rt.held)).collect();
             if self.learning_until.is_some() {
                 for p in self.pools.values_mut() {
                     if let Some(l) = p.learning.as_mut() {
-                        l.expected = Some(expected.get(&p.id).copied().unwrap_or(0));
+                        l.expected = expected.get(&p.id).copied().unwrap_or(Some(0));
                     }
                 }
                 self.learning_expected = Some(expected);
@@ -205,7 +213,7 @@ impl Scheduler {
     /// The learning a pool created now starts with (see the module docs).
     pub(super) fn learning_for(&self, id: &PoolId) -> Option<Learning> {
         self.learning_until?;
-        let expected = self.learning_expected.as_ref().map(|m| m.get(id).copied().unwrap_or(0));
+        let expected = self.learning_expected.as_ref().and_then(|m| m.get(id).copied().unwrap_or(Some(0)));
         Some(Learning { expected, back: 0 })
     }
 

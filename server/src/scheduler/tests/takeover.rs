@@ -35,7 +35,7 @@ fn counts(list: &[(&str, u32)]) -> RuntimeState {
     RuntimeState {
         pools: list
             .iter()
-            .map(|(p, n)| (pid(p), PoolRuntime { held: *n, ..PoolRuntime::default() }))
+            .map(|(p, n)| (pid(p), PoolRuntime { held: Some(*n), ..PoolRuntime::default() }))
             .collect(),
     }
 }
@@ -56,7 +56,7 @@ fn the_runtime_state_lists_pauses_headroom_breakers_and_subtree_counts() {
 
     let st = s.runtime_state(t0 + secs(1));
     let (g, a, b) = (&st.pools[&pid("g")], &st.pools[&pid("a")], &st.pools[&pid("b")]);
-    assert_eq!((g.held, a.held, b.held), (3, 2, 1), "a parent's count is its subtree's");
+    assert_eq!((g.held, a.held, b.held), (Some(3), Some(2), Some(1)), "a parent's count is its subtree's");
     assert_eq!(b.paused_until, Some(t0 + secs(5)));
     assert_eq!(&*b.pause_reason, "paused by an operator: maintenance");
     assert_eq!(a.paused_until, None, "a pause that ended is not published");
@@ -246,4 +246,33 @@ fn without_a_published_state_every_pool_learns_the_whole_period() {
     s.set_pools(t0 + ms(1), pools(&[("p", limit(2)), ("q", limit(2)), ("n", limit(1))])).unwrap();
     assert_eq!(learning(&s, "n"), None);
     assert_eq!(s.learning_took(), None, "p still learns");
+}
+
+/// A leader taking over during learning publishes what its successor must still wait for: its own
+/// leases plus those reported but not back yet, or no count when it learns without one.
+#[test]
+fn a_learning_leader_publishes_the_leases_still_missing() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(4)), ("q", limit(4))], t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    assert_eq!(s.runtime_state(t0).pools[&pid("p")].held, None, "learning without a count: no count");
+    s.take_over(t0, Some(&counts(&[("p", 3)])));
+    readopt(&mut s, t0, x, 1, 1, "p");
+    let st = s.runtime_state(t0);
+    assert_eq!(st.pools[&pid("p")].held, Some(3), "1 back and held, 2 still missing");
+    assert_eq!(st.pools[&pid("q")].held, Some(0));
+
+    // Its successor waits for all three.
+    let mut next = sched(&[("p", limit(4)), ("q", limit(4))], t0);
+    next.begin_term(t0 + ms(1), 2 << 32, secs(10));
+    next.take_over(t0 + ms(1), Some(&st));
+    assert_eq!(learning(&next, "p").and_then(|l| l.expected), Some(3));
+    // A state with no count for a pool: it learns for the whole period.
+    let mut unknown = st.clone();
+    unknown.pools.get_mut(&pid("p")).unwrap().held = None;
+    let mut next = sched(&[("p", limit(4))], t0);
+    next.begin_term(t0, 2 << 32, secs(10));
+    next.take_over(t0, Some(&unknown));
+    assert_eq!(learning(&next, "p"), Some(PoolLearning { until: t0 + secs(10), expected: None, back: 0 }));
 }
