@@ -27,34 +27,6 @@ const PAUSE_POOLS: &str = "[pools.r]\nmax_concurrent = 2\ndefault_ttl = \"3s\"\n
 /// A pool whose leases may live 30 s: a new leader's learning period is 30 s.
 const LONG_TTL: Duration = Duration::from_secs(30);
 
-async fn etcd(c: &Cluster) -> Etcd {
-    Etcd::connect([c.etcd.url.as_str()], None).await.expect("etcd client")
-}
-
-/// The runtime document stored in etcd, parsed, or `None`.
-async fn stored(e: &Etcd, c: &Cluster) -> Option<serde_json::Value> {
-    let resp = e.clone().get(runtime::runtime_key(&c.election()), None).await.expect("etcd get");
-    let kv = resp.kvs().first()?;
-    serde_json::from_slice(kv.value()).ok()
-}
-
-/// Waits until the stored runtime document satisfies `ok`; returns it.
-async fn published(
-    e: &Etcd,
-    c: &Cluster,
-    what: &str,
-    ok: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + FAILOVER_TIMEOUT;
-    loop {
-        if let Some(doc) = stored(e, c).await.filter(|d| ok(d)) {
-            return doc;
-        }
-        assert!(Instant::now() < deadline, "runtime state never showed {what}: {:?}", stored(e, c).await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The leader's epoch, from Status metadata.
 async fn epoch_of(url: &str) -> i64 {
     let resp = client(url).await.expect("leader").status(pb::StatusRequest::default()).await.expect("status");
@@ -132,8 +104,8 @@ async fn pauses_and_breakers_survive_a_failover() {
         wall(pool(&before, "r").paused_until.as_ref().expect("r paused")),
     );
     let old_epoch = epoch_of(&url).await;
-    let e = etcd(&c).await;
-    published(&e, &c, "the pauses and the open breaker", |d| {
+    let e = c.etcd_client().await;
+    c.published("the pauses and the open breaker", |d| {
         d["pools"]["p"]["paused_until_unix_ms"].is_u64()
             && d["pools"]["r"]["paused_until_unix_ms"].is_u64()
             && d["pools"]["s"]["breaker"] == "open"
@@ -163,12 +135,12 @@ async fn pauses_and_breakers_survive_a_failover() {
     // The new leader publishes under its epoch; the deposed leader's epoch no longer writes.
     let new_epoch = epoch_of(&url).await;
     assert!(new_epoch > old_epoch);
-    let doc = published(&e, &c, "the new epoch", |d| d["epoch"] == new_epoch).await;
+    let doc = c.published("the new epoch", |d| d["epoch"] == new_epoch).await;
     let key = runtime::runtime_key(&c.election());
     let refused =
         runtime::put_guarded(&e, &old_key, old_epoch, &key, "{}".into(), Duration::from_secs(2)).await;
     assert!(matches!(refused, Err(PutError::Deposed(ep)) if ep == old_epoch), "{refused:?}");
-    assert_eq!(stored(&e, &c).await.expect("still stored")["epoch"], new_epoch, "unchanged");
+    assert_eq!(c.runtime_doc(&e).await.expect("still stored")["epoch"], new_epoch, "unchanged");
     // The same write under the live term's key and epoch goes through: the guard is what refused.
     let new_key = leader_key(&e, &c, new_epoch).await;
     runtime::put_guarded(&e, &new_key, new_epoch, &key, doc.to_string(), Duration::from_secs(2))
@@ -206,8 +178,7 @@ async fn learning_ends_once_every_lease_is_back() {
         let g = a.acquire(&format!("r{i}"), "long").await;
         held.push((name, g, a));
     }
-    let e = etcd(&c).await;
-    published(&e, &c, "the held count", |d| d["pools"]["long"]["held"] == N as u64).await;
+    c.published("the held count", |d| d["pools"]["long"]["held"] == N as u64).await;
 
     c.signal(first, libc::SIGKILL);
     let killed = Instant::now();

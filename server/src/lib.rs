@@ -385,7 +385,7 @@ pub async fn serve_with_metrics(
         let held = handle.shutdown().await;
         // Granting has stopped: hand the leadership over now rather than after the lease TTL.
         if let Some(d) = &resign {
-            d.resign().await;
+            d.resign(&handle).await;
         }
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.

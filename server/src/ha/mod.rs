@@ -254,19 +254,36 @@ impl Durable {
     pub async fn save_runtime(&self, text: String) -> Result<(), runtime::PutError> {
         let term = self.0.lock().await;
         let Some(t) = term.as_ref() else {
-            return Err(runtime::PutError::Deposed(0));
+            return Err(runtime::PutError::Closed);
         };
         runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.runtime_key, text, t.timeout).await
     }
 
-    /// On a graceful stop, after granting stopped: revokes this member's etcd lease, so that its
+    /// On a graceful stop, after granting stopped: writes the runtime state a last time, then revokes
+    /// this member's etcd lease, so that its
     /// candidacy key (and leadership) goes at once and the next member takes over without waiting
     /// out the lease TTL.
     ///
     /// # Cancel safety
     /// Dropping it may or may not have revoked the lease; etcd expires it after its TTL anyway.
-    pub async fn resign(&self) {
-        *self.0.lock().await = None;
+    pub async fn resign(&self, handle: &DriverHandle) {
+        // Last, the exact held counts (nothing is granted any more), so that the next leader's pools
+        // leave learning as soon as these leases are back.
+        if let Some(t) = self.0.lock().await.take()
+            && let Ok((_, st)) = handle.runtime_state().await
+        {
+            let written = match runtime::encode(&st, t.epoch as u64, runtime::Clock::now()) {
+                Ok(text) => {
+                    runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.runtime_key, text, t.timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                warn!(error = %e, "cannot write the final runtime state; the next leader uses the last one");
+            }
+        }
         let candidacy = self.1.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = candidacy {
             let mut client = c.client;

@@ -234,6 +234,9 @@ pub enum PutError {
     /// etcd did not answer (in time).
     #[error("{0}")]
     Unreachable(String),
+    /// This member's term was closed (it resigned or was deposed): nothing is written any more.
+    #[error("this member is not the leader")]
+    Closed,
 }
 
 /// Writes `value` under `key` in a transaction that succeeds only while `leader_key` exists with
@@ -343,6 +346,8 @@ pub async fn publish(handle: DriverHandle, durable: Durable, epoch: u64, last: R
                 last = Some(state);
             }
             Err(e @ PutError::Deposed(_)) => return e.to_string(),
+            // Resigning (a graceful stop): the election task ends the term itself.
+            Err(PutError::Closed) => {}
             Err(PutError::Unreachable(e)) => {
                 if !failing {
                     warn!(error = %e, "cannot write the runtime state to etcd; retrying every tick");
