@@ -197,7 +197,8 @@ pub enum HaError {
     Fatal(String),
 }
 
-/// The leader's durable state in etcd (the pool set Admin changes), written in transactions that
+/// The leader's durable state in etcd (the pool set Admin changes, and the runtime state of
+/// [`runtime`]), written in transactions that
 /// only succeed while this term's leader key exists with this term's create revision: a deposed
 /// leader's writes fail. Shared by the election task (which opens and closes the term) and the
 /// Admin service.

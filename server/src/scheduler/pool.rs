@@ -195,7 +195,8 @@ pub enum Closed {
     Full(PoolId),
     /// This level is paused until then.
     Paused(PoolId, Instant),
-    /// The daemon is in its post-restart learning period: only resumes are accepted.
+    /// A level of the chain is in its learning period (after a restart or a takeover): only resumes
+    /// are accepted until its leases are back or the period ends (see `takeover`).
     Learning,
     /// The daemon is draining or shutting down: nothing new is granted.
     Draining,
