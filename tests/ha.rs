@@ -58,6 +58,8 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
     assert!((1..1 << 20).contains(&epoch), "token {} has no epoch in its high bits", ga.fencing_token);
     assert_eq!(gb.fencing_token, ga.fencing_token + 1);
 
+    // What the next leader inherits (published at most every 250 ms): both leases.
+    c.published("p held 2", |d| d["pools"]["p"]["held"] == 2).await;
     c.signal(first, libc::SIGKILL);
     let killed = Instant::now();
     c.members[first] = None;

@@ -339,10 +339,39 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         match call(self.inner.members.current()).await {
-            Err(status) if self.inner.members.failed(Some(&status)) => {
+            // Any other code is the daemon's answer: the member is alive and stays in use.
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && self.inner.members.failed(Some(&status)) =>
+            {
                 call(self.inner.members.current()).await
             }
             res => res,
+        }
+    }
+
+    /// Runs a read-only unary call: as [`unary`](Self::unary), and with several members a member that
+    /// is down (UNAVAILABLE naming no leader) moves the call on to the next one. Bounded: each
+    /// member at most once, plus one redirect from each.
+    pub(crate) async fn unary_read<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(SlotdClient<AuthChannel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let members = &self.inner.members;
+        let mut tries = members.len().saturating_mul(2);
+        loop {
+            let status = match call(members.current()).await {
+                Err(status) => status,
+                ok => return ok,
+            };
+            // Any other code is the daemon's answer: the member is alive and stays in use.
+            if status.code() != tonic::Code::Unavailable || tries == 0 {
+                return Err(status);
+            }
+            if !members.failed(Some(&status)) && members.len() == 1 {
+                return Err(status);
+            }
+            tries -= 1;
         }
     }
 
@@ -361,7 +390,7 @@ impl Client {
             let req = req.clone();
             async move { c.status(req).await }
         };
-        Ok(self.unary(call).await?.into_inner())
+        Ok(self.unary_read(call).await?.into_inner())
     }
 
     /// Reports a provider 429 seen outside a lease; pauses `pool` for `retry_after` (or the pool's

@@ -25,10 +25,24 @@ struct State {
     redirect: Option<(Connector, BearerAuth)>,
 }
 
-impl Members {
-    /// Longest leader address followed (the daemon caps `[ha] advertise` at the same length).
-    const MAX_LEADER_BYTES: usize = 256;
+/// Longest leader address followed (the daemon caps `[ha] advertise` at the same length).
+pub const MAX_LEADER_BYTES: usize = 256;
 
+/// The leader a standby names in a refusal: the `slotd-leader` metadata of an UNAVAILABLE status,
+/// when it is non-empty text of at most [`MAX_LEADER_BYTES`]. `None` for any other status (a leader
+/// that is shutting down, a transport failure, a standby that knows no leader yet).
+///
+/// Every tool that talks to a highly available deployment follows this address with its own
+/// TLS and token settings, a bounded number of times.
+pub fn leader_of(status: &Status) -> Option<&str> {
+    if status.code() != Code::Unavailable {
+        return None;
+    }
+    let leader = status.metadata().get(LEADER_HEADER)?.to_str().ok()?;
+    (!leader.is_empty() && leader.len() <= MAX_LEADER_BYTES).then_some(leader)
+}
+
+impl Members {
     /// One endpoint: never switches.
     pub(crate) fn single(grpc: SlotdClient<AuthChannel>) -> Self {
         Self::new(vec![grpc], None)
@@ -43,6 +57,11 @@ impl Members {
         Self(Arc::new(Mutex::new(State { endpoints, at: 0, current, redirect })))
     }
 
+    /// How many endpoints are configured.
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().map_or(1, |s| s.endpoints.len())
+    }
+
     /// The endpoint to use now.
     pub(crate) fn current(&self) -> SlotdClient<AuthChannel> {
         self.0.lock().map(|s| s.current.clone()).unwrap_or_else(|p| p.into_inner().current.clone())
@@ -53,11 +72,7 @@ impl Members {
     /// the next configured endpoint (returns false: retry after the usual backoff).
     pub(crate) fn failed(&self, status: Option<&Status>) -> bool {
         let Ok(mut s) = self.0.lock() else { return false };
-        let leader = status
-            .filter(|st| st.code() == Code::Unavailable)
-            .and_then(|st| st.metadata().get(LEADER_HEADER))
-            .and_then(|v| v.to_str().ok())
-            .filter(|a| !a.is_empty() && a.len() <= Self::MAX_LEADER_BYTES);
+        let leader = status.and_then(leader_of);
         if let (Some(addr), Some((connector, auth))) = (leader, &s.redirect) {
             match connector.endpoint(addr) {
                 Ok(ep) => {
@@ -75,5 +90,31 @@ impl Members {
             s.current = s.endpoints[s.at].clone();
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+
+    fn refusal(code: Code, leader: Option<&str>) -> Status {
+        let mut s = Status::new(code, "standby");
+        if let Some(l) = leader {
+            s.metadata_mut().insert(LEADER_HEADER, MetadataValue::try_from(l).expect("ascii"));
+        }
+        s
+    }
+
+    #[test]
+    fn only_a_standby_s_unavailable_names_a_leader() {
+        let to = "http://10.0.0.2:50051";
+        assert_eq!(leader_of(&refusal(Code::Unavailable, Some(to))), Some(to));
+        assert_eq!(leader_of(&refusal(Code::Unavailable, None)), None);
+        assert_eq!(leader_of(&refusal(Code::Unavailable, Some(""))), None);
+        assert_eq!(leader_of(&refusal(Code::FailedPrecondition, Some(to))), None);
+        let long = format!("http://{}:1", "a".repeat(MAX_LEADER_BYTES));
+        assert_eq!(leader_of(&refusal(Code::Unavailable, Some(&long))), None);
     }
 }

@@ -115,9 +115,17 @@ fn op(u: &mut Unstructured) -> Result<Op> {
             2 => Op::Revoke { which },
             _ => Op::Shutdown,
         },
-        15 => match u.int_in_range(0..=2u8)? {
+        15 => match u.int_in_range(0..=3u8)? {
             0 => Op::Fence { ms: if u.arbitrary()? { Some(u.int_in_range(0..=399)?) } else { None } },
             1 => Op::BeginTerm { bump: u.int_in_range(1..=1_000_000)? },
+            2 => Op::TakeOver {
+                held: if u.arbitrary()? {
+                    Some([u.int_in_range(0..=3)?, u.int_in_range(0..=3)?, u.int_in_range(0..=3)?, u.int_in_range(0..=3)?])
+                } else {
+                    None
+                },
+                pause: if u.arbitrary()? { Some((pool, u.int_in_range(1..=799)?)) } else { None },
+            },
             _ => Op::Drain(u.arbitrary()?),
         },
         16 | 17 => Op::Extreme {

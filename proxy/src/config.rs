@@ -59,9 +59,10 @@ pub struct Config {
     /// Where the proxy listens (default [`Config::DEFAULT_LISTEN`]).
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// The slotd daemon: `host:port` or a URL (default [`Config::DEFAULT_DAEMON`]).
+    /// The slotd daemon: `host:port` or a URL, or a list of them, every member of a highly
+    /// available deployment (default [`Config::DEFAULT_DAEMON`]).
     #[serde(default = "default_daemon")]
-    pub daemon: String,
+    pub daemon: Daemons,
     /// A file holding the daemon's agent token.
     #[serde(default)]
     pub daemon_token_file: Option<PathBuf>,
@@ -103,6 +104,61 @@ pub struct Config {
     pub fingerprint_key_file: Option<PathBuf>,
     /// The routes, by name (the name labels metrics and logs).
     pub routes: BTreeMap<String, RouteConfig>,
+}
+
+/// The daemon's address, or the addresses of every member of a highly available deployment (the
+/// session follows the leader among them). TOML takes a string or a list of strings; it prints as
+/// the addresses joined with ", ".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "OneOrMany")]
+pub struct Daemons(pub Vec<String>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for Daemons {
+    fn from(v: OneOrMany) -> Self {
+        match v {
+            OneOrMany::One(s) => Daemons(vec![s]),
+            OneOrMany::Many(v) => Daemons(v),
+        }
+    }
+}
+
+impl Daemons {
+    /// Most daemon addresses accepted (a deployment has a handful of members).
+    pub const MAX: usize = 16;
+
+    /// Addresses separated by commas (the `--daemon` flag).
+    pub fn parse_list(list: &str) -> Self {
+        Daemons(list.split(',').map(|s| s.trim().to_owned()).collect())
+    }
+
+    fn validate(&self, tls: bool) -> Result<(), ConfigError> {
+        if self.0.is_empty() || self.0.len() > Self::MAX {
+            return Err(invalid(format!("daemon: 1..={} addresses", Self::MAX)));
+        }
+        for (i, d) in self.0.iter().enumerate() {
+            if d.trim().is_empty() {
+                return Err(invalid("daemon: empty address"));
+            }
+            slotd_client::parse_endpoint(d, tls).map_err(|e| invalid(format!("daemon: {e}")))?;
+            if self.0[..i].contains(d) {
+                return Err(invalid(format!("daemon: {d} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Daemons {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
 }
 
 /// A secret from the configuration: its `Debug` never shows it.
@@ -155,8 +211,8 @@ pub struct RouteConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(Config::DEFAULT_LISTEN)
 }
-fn default_daemon() -> String {
-    Config::DEFAULT_DAEMON.to_owned()
+fn default_daemon() -> Daemons {
+    Daemons(vec![Config::DEFAULT_DAEMON.to_owned()])
 }
 fn default_holder() -> String {
     Config::DEFAULT_HOLDER.to_owned()
@@ -242,11 +298,7 @@ impl Config {
 
     /// Checks every bound and cross-reference.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.daemon.trim().is_empty() {
-            return Err(invalid("daemon: empty address"));
-        }
-        slotd_client::parse_endpoint(&self.daemon, self.daemon_ca_file.is_some())
-            .map_err(|e| invalid(format!("daemon: {e}")))?;
+        self.daemon.validate(self.daemon_ca_file.is_some())?;
         if self.holder.is_empty() || self.holder.len() > Self::MAX_HOLDER_LEN {
             return Err(invalid(format!("holder: 1..={} bytes", Self::MAX_HOLDER_LEN)));
         }
@@ -465,6 +517,29 @@ mod tests {
                 panic!("README slotd-proxy example is invalid: {e}\n{b}");
             }
         }
+    }
+
+    #[test]
+    fn daemon_is_one_address_or_a_bounded_list() {
+        let with = |daemon: &str| DEFAULT_TOML.replacen("daemon = \"http://127.0.0.1:50051\"", daemon, 1);
+        let one = Config::from_toml_str(&with("daemon = \"127.0.0.1:7070\"")).expect("one address");
+        assert_eq!(one.daemon.0, ["127.0.0.1:7070"]);
+        let three = "daemon = [\"http://10.0.0.1:50051\", \"10.0.0.2:50051\", \"10.0.0.3:50051\"]";
+        let cfg = Config::from_toml_str(&with(three)).expect("a list");
+        assert_eq!(cfg.daemon.0.len(), 3);
+        assert_eq!(cfg.daemon.to_string(), "http://10.0.0.1:50051, 10.0.0.2:50051, 10.0.0.3:50051");
+        let many = (0..=Daemons::MAX).map(|i| format!("\"10.0.0.{i}:1\"")).collect::<Vec<_>>().join(",");
+        for bad in [
+            "daemon = []".to_owned(),
+            format!("daemon = [{many}]"),
+            "daemon = [\"10.0.0.1:1\", \"\"]".to_owned(),
+            "daemon = [\"10.0.0.1:1\", \"10.0.0.1:1\"]".to_owned(),
+            "daemon = [\"10.0.0.1\"]".to_owned(),
+            "daemon = 7".to_owned(),
+        ] {
+            assert!(Config::from_toml_str(&with(&bad)).is_err(), "accepted {bad}");
+        }
+        assert_eq!(Daemons::parse_list("a:1, b:2").0, ["a:1", "b:2"]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use slotd_client::{Client, Connector, Error};
+use slotd_client::{Client, Error};
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigError, Files};
@@ -13,24 +13,29 @@ pub const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
 /// Longest reconnect delay: a daemon that comes back is used again within about this long.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
-/// A client whose connection is made lazily: the proxy starts (and fails open or closed) while the
-/// daemon is down.
-pub fn client(cfg: &Config, files: &Files) -> Result<Client, ConfigError> {
-    let mut connector = Connector::new();
-    if let Some(ca) = &files.daemon_ca {
-        connector = connector.tls(ca.clone());
-    }
-    let endpoint =
-        connector.endpoint(&cfg.daemon).map_err(|e| ConfigError::Invalid(format!("daemon: {e}")))?;
+/// A client whose connections are made lazily: the proxy starts (and fails open or closed) while the
+/// daemon is down. With several daemon addresses (the members of a highly available deployment) the
+/// session follows the leader: a standby's `slotd-leader` redirect is followed at once, a member
+/// that is down is skipped, and after a failover the leases of requests in flight are re-presented
+/// to the new leader, so their streams keep their slots.
+///
+/// # Cancel safety
+/// Cancel safe: nothing is started until it returns.
+pub async fn client(cfg: &Config, files: &Files) -> Result<Client, ConfigError> {
     let mut builder =
         Client::builder().holder(cfg.holder.clone()).reconnect_backoff(RECONNECT_INITIAL, RECONNECT_MAX);
+    if let Some(ca) = &files.daemon_ca {
+        builder = builder.tls(ca.clone());
+    }
     if let Some(t) = &files.token {
         builder = builder.bearer_token(t.clone());
     }
-    builder.connect_channel(endpoint.connect_lazy()).map_err(|e| ConfigError::Invalid(format!("daemon: {e}")))
+    builder.connect_any(cfg.daemon.0.clone()).await.map_err(|e| ConfigError::Invalid(format!("daemon: {e}")))
 }
 
-/// True when an answer (or its absence) means the daemon is unreachable.
+/// True when an answer (or its absence) means the daemon is unreachable. A standby's refusal never
+/// gets here on its own: the client follows it to the leader and answers with the leader's reply, so
+/// "a standby answered, the leader is elsewhere" counts as reachable once the leader answers.
 pub fn is_down(e: &Error) -> bool {
     match e {
         Error::Transport(_) | Error::SessionClosed => true,

@@ -16,7 +16,8 @@ struct Cli {
     /// Address to listen on; overrides `listen` in the file.
     #[arg(long, env = "SLOTD_PROXY_LISTEN")]
     listen: Option<SocketAddr>,
-    /// The slotd daemon; overrides `daemon` in the file.
+    /// The slotd daemon; overrides `daemon` in the file. Separate the members of a highly
+    /// available deployment with commas.
     #[arg(long, env = "SLOTD_PROXY_DAEMON")]
     daemon: Option<String>,
     /// Log format.
@@ -50,7 +51,7 @@ fn load(cli: &Cli) -> Result<Config, String> {
         cfg.listen = l;
     }
     if let Some(d) = &cli.daemon {
-        cfg.daemon = d.clone();
+        cfg.daemon = slotd_proxy::config::Daemons::parse_list(d);
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

@@ -82,7 +82,7 @@ impl Proxy {
             upstream,
             metrics,
             daemon_up,
-            daemon_addr: cfg.daemon.clone(),
+            daemon_addr: cfg.daemon.to_string(),
             fingerprinter,
             max_body_bytes: cfg.max_body_bytes,
             epoch: Instant::now(),

@@ -47,7 +47,7 @@ pub async fn serve(
     config.validate()?;
     let files = config.load_files()?;
     let metrics = Metrics::new();
-    let client = daemon::client(&config, &files)?;
+    let client = daemon::client(&config, &files).await?;
     let upstream =
         upstream::client(config.upstream_connect_timeout, config.system_roots, files.extra_ca.as_deref())?;
     let fingerprinter = files.fingerprint_key.as_deref().map(Fingerprinter::new);

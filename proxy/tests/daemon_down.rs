@@ -139,3 +139,47 @@ async fn slotd_going_away_and_coming_back() {
     d.wait_for("idle", |s| s.leases.is_empty()).await;
     assert_eq!(fake.total(), 2, "only the leased requests reached the provider");
 }
+
+/// `daemon` as a list (the members of a highly available deployment): a member that is down is
+/// skipped, requests are served under leases of the one that answers, and the proxy counts the
+/// daemon as up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daemon_list_skips_a_member_that_is_down() {
+    logs();
+    let fake = Fake::start().await;
+    let d = Daemon::start(&one_pool("p", 2, "")).await;
+    let down = nobody().await;
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\ndaemon = [\"{down}\", \"{}\"]\ndaemon_probe_interval = \"50ms\"\n{}",
+        d.url(),
+        route("a", &fake.url(), "p", "")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let c = http1();
+    for _ in 0..3 {
+        let (status, h, body) = send(&c, post(&proxy.url("/a/v1/messages"), &[])).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(h.get("x-slotd-reason").is_none());
+    }
+    assert_eq!(fake.total(), 3);
+    let deadline = Instant::now() + slotd_test_support::TIMEOUT;
+    loop {
+        let (code, health) = http_get(proxy.addr, "/healthz").await;
+        assert_eq!(code, 200);
+        if health.contains("\"daemon\":\"up\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Every lease goes back once its answer ended (released in the background).
+    loop {
+        let s = d.status().await;
+        if s.leases.is_empty() && s.pools.iter().all(|p| p.in_flight == 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still held: {s:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    proxy.stop().await;
+}

@@ -10,10 +10,12 @@ import asyncio
 import atexit
 import logging
 import os
+import random
 import sys
 import threading
+import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +27,7 @@ import grpc
 
 from slotd._errors import ClientClosed, LeaseLost, Rejected, SlotdError, Unavailable
 from slotd._machine import LeaseInfo, RequestSpec
+from slotd._members import parse_endpoints
 from slotd._session import Session, Settings
 from slotd._types import Outcome, Pause, ProviderLimit, Report, Usage, duration, seconds, timestamp
 from slotd.v1 import slotd_pb2 as pb
@@ -249,11 +252,28 @@ def _credentials(tls: bool | str | bytes | grpc.ChannelCredentials | None) -> gr
     return grpc.ssl_channel_credentials(root_certificates=pem)
 
 
-def _target(endpoint: str) -> str:
-    for prefix in ("http://", "https://", "grpc://"):
-        if endpoint.startswith(prefix):
-            return endpoint[len(prefix) :].rstrip("/")
-    return endpoint
+#: One endpoint (``host:port`` or ``http://host:port``), several separated by commas, or a sequence.
+Endpoints = str | Sequence[str]
+#: The daemon's default listen address.
+DEFAULT_ENDPOINT = "127.0.0.1:50051"
+
+
+def _endpoints(endpoint: Endpoints | None, endpoints: Endpoints | None) -> list[str]:
+    if endpoint is not None and endpoints is not None:
+        raise ValueError("give either the endpoint or endpoints=, not both")
+    given = endpoints if endpoints is not None else endpoint
+    return parse_endpoints(DEFAULT_ENDPOINT if given is None else given)
+
+
+#: A ``resume_grace`` (seconds) for clients of a highly available deployment. A failover itself does
+#: not need one (the new leader re-adopts re-presented leases by their credentials during its learning
+#: period, whatever the grace); a cut that is *not* a failover does (the leader stays and would free the
+#: leases of the broken stream at once). A client cannot tell the two apart when its stream breaks, and
+#: may walk through a standby or two (a redirect, a backoff of at most ``backoff_max``) before it is
+#: back on the leader: 10 s covers that with room to spare, and the default ``[ha] lease_ttl`` (5 s).
+#: The price: a dead client's slots come back after at most this long (or its leases' TTL, if
+#: shorter), not at once.
+FAILOVER_RESUME_GRACE = 10.0
 
 
 class _Core:
@@ -273,8 +293,9 @@ class _Core:
 
     def __init__(
         self,
-        endpoint: str = "127.0.0.1:50051",
+        endpoint: Endpoints | None = None,
         *,
+        endpoints: Endpoints | None = None,
         token: str | None = None,
         tls: bool | str | bytes | grpc.ChannelCredentials | None = None,
         holder: str | None = None,
@@ -293,7 +314,7 @@ class _Core:
             raise ValueError("holder must be at most 256 bytes")
         initial = seconds(backoff_initial, "backoff_initial", allow_zero=False) or 0.05
         self.settings = Settings(
-            target=_target(endpoint),
+            endpoints=_endpoints(endpoint, endpoints),
             metadata=metadata,
             credentials=_credentials(tls),
             resume_grace=seconds(resume_grace, "resume_grace"),
@@ -338,15 +359,38 @@ class _Core:
             holder=holder or self.holder,
         )
 
-    def unary(self, call: Callable[..., Any], request: Any, timeout: float) -> Any:
+    def unary(self, method: str, request: Any, timeout: float) -> Any:
+        """Calls ``method`` on the member in use, following a standby's redirect to the leader (at
+        most :data:`~slotd._members.MAX_REDIRECTS` in a row). With several endpoints, an unreachable
+        member, or a standby that knows no leader yet (an election), moves the call to the next one,
+        after a jittered backoff once every endpoint was tried, until ``timeout`` runs out."""
         self.check_usable()
-        try:
-            return call(request, metadata=self.settings.metadata, timeout=timeout)
-        except grpc.RpcError as e:
-            code, details = e.code(), e.details() or ""
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"slotd at {self.settings.target}: {details}") from None
-            raise Rejected(code, details) from None
+        members = self.session.members
+        deadline = time.monotonic() + timeout
+        backoff = self.settings.backoff_initial
+        tried = 0
+        while True:
+            member, stub = members.current()
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                response = getattr(stub, method)(request, metadata=self.settings.metadata, timeout=left)
+                members.succeeded()
+                return response
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise Rejected(code, details) from None
+                trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+                if members.failed(member, code, trailers) and time.monotonic() < deadline:
+                    continue  # a standby named the leader: ask it at once
+                tried += 1
+                if not members.several or time.monotonic() >= deadline:
+                    raise Unavailable(f"slotd at {member}: {details}") from None
+                if tried % len(members.endpoints) == 0:
+                    # Every member refused or was unreachable: wait a little, spread out.
+                    pause = min(random.uniform(0, backoff), max(0.0, deadline - time.monotonic()))
+                    backoff = min(backoff * 2, self.settings.backoff_max)
+                    time.sleep(pause)
 
 
 class Client:
@@ -359,8 +403,19 @@ class Client:
             ...  # call the provider
         client.close()
 
-    Keyword arguments (all optional): ``token`` (sent as ``authorization: Bearer``), ``tls`` (``True``
-    for the system roots, a CA file path or PEM bytes, or ``grpc.ChannelCredentials``), ``holder``
+    **Several members (high availability):** ``Client(endpoints=["10.0.0.1:50051", "10.0.0.2:50051",
+    "10.0.0.3:50051"])`` (or one comma-separated string, or the list as the first argument) talks to
+    one member at a time. A standby's UNAVAILABLE naming the leader (``slotd-leader``) is followed at
+    once, with the same token and TLS; any other failure, or a standby that knows no leader yet (an
+    election), moves to the next member after a jittered backoff. Held leases are resumed on the new
+    leader with their resume credentials during its learning period (the pools' ``max_ttl``): keep
+    ``backoff_max`` well under it, and ``connect_timeout`` above the failover time so that queued
+    acquires wait it out. ``resume_grace`` is not needed for the failover itself, but for the cuts that
+    are not one: set :attr:`FAILOVER_RESUME_GRACE`.
+
+    Keyword arguments (all optional): ``endpoints`` (instead of the positional endpoint), ``token``
+    (sent as ``authorization: Bearer``), ``tls`` (``True`` for the system roots, a CA file path or PEM
+    bytes, or ``grpc.ChannelCredentials``; also used for a leader a standby names), ``holder``
     (shown in Status; default program name and pid), ``resume_grace`` (seconds the daemon keeps this
     client's leases after a connection cut; default none), ``backoff_initial`` / ``backoff_max``
     (reconnect delays, full jitter), ``connect_timeout`` (acquires fail with :class:`Unavailable`
@@ -372,7 +427,10 @@ class Client:
     after forking (in each worker), or use the ``spawn`` start method. Leases stay with the parent.
     """
 
-    def __init__(self, endpoint: str = "127.0.0.1:50051", **kwargs: Any) -> None:
+    #: A ``resume_grace`` (seconds) for clients of a highly available deployment; see the class docs.
+    FAILOVER_RESUME_GRACE = FAILOVER_RESUME_GRACE
+
+    def __init__(self, endpoint: Endpoints | None = None, **kwargs: Any) -> None:
         self._core = _Core(endpoint, **kwargs)
 
     def acquire(
@@ -445,8 +503,7 @@ class Client:
 
     def status(self, pool: str = "", *, timeout: float = 5.0) -> pb.StatusResponse:
         """The daemon's Status snapshot (every pool and lease, or only ``pool``)."""
-        stub = self._core.session.stub
-        return self._core.unary(stub.Status, pb.StatusRequest(pool=pool), timeout)  # type: ignore[no-any-return]
+        return self._core.unary("Status", pb.StatusRequest(pool=pool), timeout)  # type: ignore[no-any-return]
 
     def report_rate_limit(
         self, pool: str, retry_after: float | None = None, reason: str = "", *, timeout: float = 5.0
@@ -455,8 +512,7 @@ class Client:
         req = pb.ReportRateLimitRequest(pool=pool, reason=reason)
         if retry_after is not None:
             req.retry_after.CopyFrom(duration(retry_after, "retry_after"))
-        stub = self._core.session.stub
-        return self._core.unary(stub.ReportRateLimit, req, timeout)  # type: ignore[no-any-return]
+        return self._core.unary("ReportRateLimit", req, timeout)  # type: ignore[no-any-return]
 
     def close(self, timeout: float | None = None) -> bool:
         """Withdraws queued requests, releases every lease still held (as cancelled) and waits
@@ -489,7 +545,7 @@ class AsyncClient:
     :meth:`acquire` withdraws its request; a lease may be released from any task or thread.
     """
 
-    def __init__(self, endpoint: str = "127.0.0.1:50051", **kwargs: Any) -> None:
+    def __init__(self, endpoint: Endpoints | None = None, **kwargs: Any) -> None:
         self._sync = Client(endpoint, **kwargs)
         self._core = self._sync._core
 

@@ -1,5 +1,9 @@
 """The session thread: owns the ``Acquire`` stream, the heartbeats and the reconnects.
 
+With several endpoints (high availability) the stream is opened on one member at a time (see
+:mod:`slotd._members`): a standby's redirect is followed at once, any other failure moves to the next
+member after a jittered backoff, and the held leases are resumed on whichever member leads.
+
 Callers (any thread, any event loop) only put commands in an unbounded queue and wait on
 ``concurrent.futures.Future``s, so nothing a caller does can starve a heartbeat, and a blocked event
 loop cannot lose a lease. One reader thread per stream turns the daemon's messages into queue items
@@ -24,9 +28,9 @@ import grpc
 
 from slotd._errors import ClientClosed, LeaseLost, Rejected, Unavailable
 from slotd._machine import LeaseInfo, Machine, RequestSpec
+from slotd._members import Members
 from slotd._types import Pause, Report
 from slotd.v1 import slotd_pb2 as pb
-from slotd.v1 import slotd_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from slotd._client import Lease
@@ -41,7 +45,7 @@ RESUME_GRACE_HEADER = "slotd-resume-grace"
 class Settings:
     """Everything the session needs from the client's keyword arguments."""
 
-    target: str
+    endpoints: list[str]
     metadata: tuple[tuple[str, str], ...]
     credentials: grpc.ChannelCredentials | None
     resume_grace: float | None
@@ -68,10 +72,10 @@ class Session:
         self._leases: dict[str, Lease] = {}
         self._pauses: dict[str, Pause] = {}
         self._pauses_lock = threading.Lock()
-        self.channel = self._open_channel()
-        self.stub = pb_grpc.SlotdStub(self.channel)  # type: ignore[no-untyped-call]
-        # The current stream: generation, its outgoing queue and its call.
+        self.members = Members(settings.endpoints, settings.credentials, self._channel_options())
+        # The current stream: generation, the member it was opened on, its outgoing queue and its call.
         self._gen = 0
+        self._member = settings.endpoints[0]
         self._out: queue.SimpleQueue[pb.ClientMessage | None] | None = None
         self._call: Any = None
         self._down_since: float | None = time.monotonic()
@@ -121,8 +125,8 @@ class Session:
 
     # -- the session thread ---------------------------------------------------------------------
 
-    def _open_channel(self) -> grpc.Channel:
-        options = [
+    def _channel_options(self) -> list[tuple[str, Any]]:
+        return [
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -130,9 +134,6 @@ class Session:
             ("grpc.max_reconnect_backoff_ms", int(self.settings.backoff_max * 1000)),
             ("grpc.enable_retries", 0),
         ]
-        if self.settings.credentials is not None:
-            return grpc.secure_channel(self.settings.target, self.settings.credentials, options=options)
-        return grpc.insecure_channel(self.settings.target, options=options)
 
     def _run(self) -> None:
         try:
@@ -145,7 +146,7 @@ class Session:
                 if not fut.done():
                     fut.set_exception(ClientClosed("the slotd client is closed"))
             self._acquirers.clear()
-            self.channel.close()
+            self.members.close()
             self._done.set()
 
     def _loop(self) -> None:
@@ -195,6 +196,7 @@ class Session:
             if item[1] == self._gen:
                 self._backoff = self.settings.backoff_initial
                 self._down_since = None
+                self.members.succeeded()
         elif kind == "broken":
             if item[1] == self._gen and m.connected:
                 self._last_error = item[2]
@@ -203,10 +205,16 @@ class Session:
                 m.disconnected()
                 if self._down_since is None:
                     self._down_since = now
-                # Full jitter: anywhere in [0, backoff), then double up to the maximum.
+                code = item[3] if len(item) > 3 else None
+                if self.members.failed(self._member, code, item[4] if len(item) > 4 else None):
+                    # A standby named the leader: go there at once (the leases resume there).
+                    self._reconnect_at = now
+                    return
+                # Full jitter: anywhere in [0, backoff), then double up to the maximum. The same when
+                # no member leads yet (an election): standbys without a leader to name are retried
+                # in turn, spread out.
                 self._reconnect_at = now + random.uniform(0, self._backoff)
                 self._backoff = min(self._backoff * 2, self.settings.backoff_max)
-                code = item[3] if len(item) > 3 else None
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     # A wrong or missing token will not get better by waiting: tell the callers now.
                     self._fail_pending(
@@ -270,9 +278,9 @@ class Session:
 
     def _fail_pending(self, err: Exception | None = None) -> None:
         m = self._machine
+        where = ", ".join(self.settings.endpoints)
         err = err or Unavailable(
-            f"slotd at {self.settings.target} unreachable for {self.settings.connect_timeout:g}s: "
-            f"{self._last_error}"
+            f"slotd at {where} unreachable for {self.settings.connect_timeout:g}s: {self._last_error}"
         )
         for request_id in list(m.pending):
             m.cancel(request_id)
@@ -295,8 +303,9 @@ class Session:
         metadata = list(self.settings.metadata)
         if self.settings.resume_grace:
             metadata.append((RESUME_GRACE_HEADER, f"{int(self.settings.resume_grace * 1000)}ms"))
+        self._member, stub = self.members.current()
         try:
-            call = self.stub.Acquire(requests(), metadata=metadata)
+            call = stub.Acquire(requests(), metadata=metadata)
         except Exception as e:  # pragma: no cover - grpc raises lazily; be safe anyway
             self._inbox.put(("broken", gen, str(e)))
             return
@@ -317,7 +326,9 @@ class Session:
                 self._inbox.put(("msg", gen, msg))
             self._inbox.put(("broken", gen, "the daemon ended the stream"))
         except grpc.RpcError as e:
-            self._inbox.put(("broken", gen, f"{e.code().name.lower()}: {e.details()}", e.code()))
+            # A standby names the leader in the trailing metadata.
+            trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+            self._inbox.put(("broken", gen, f"{e.code().name.lower()}: {e.details()}", e.code(), trailers))
         except Exception as e:  # pragma: no cover
             self._inbox.put(("broken", gen, repr(e)))
 

@@ -385,7 +385,8 @@ pub async fn serve_with_metrics(
         let held = handle.shutdown().await;
         // Granting has stopped: hand the leadership over now rather than after the lease TTL.
         if let Some(d) = &resign {
-            d.resign().await;
+            // Boxed: its etcd calls would otherwise grow `serve`'s own future (run on the caller's stack).
+            Box::pin(d.resign(&handle)).await;
         }
         match &marker {
             // Nothing was held: the next start need not wait for anyone to resume.

@@ -86,6 +86,8 @@ pub struct Metrics {
     breaker_transitions: IntCounterVec,
     held: IntGaugeVec,
     breaker_state: IntGaugeVec,
+    /// How long each pool's learning took (the per-pool side of `slotd_ha_learning_seconds`).
+    learning_pool: prometheus::GaugeVec,
     budget: BudgetMetrics,
 }
 
@@ -248,6 +250,21 @@ impl Metrics {
                 "slotd_breaker_state",
                 "The pool's breaker: 0 closed, 1 open, 2 half-open.",
             ),
+            learning_pool: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "slotd_ha_learning_pool_seconds",
+                        "How long the pool's learning took in the current term (or after a restart): \
+                         0 when the previous leader held nothing there, less than the learning period \
+                         (slotd_ha_learning_seconds) when every lease it held came back earlier, the \
+                         whole period otherwise. Absent while the pool learns.",
+                    ),
+                    &["pool"],
+                )
+                .expect("valid metric definition");
+                registry.register(Box::new(g.clone())).expect("metric names are unique");
+                g
+            },
             registry,
         }
     }
@@ -280,6 +297,7 @@ impl Metrics {
         ] {
             g.reset();
         }
+        self.learning_pool.reset();
         for p in &snap.pools {
             let l = [p.id.as_str()];
             self.in_flight.with_label_values(&l).set(i64::from(p.in_flight));
@@ -297,6 +315,9 @@ impl Metrics {
             }
             self.held.with_label_values(&l).set(i64::from(p.held));
             self.breaker_state.with_label_values(&l).set(breaker_index(&p.breaker.state) as i64);
+            if let Some(took) = p.learned_after {
+                self.learning_pool.with_label_values(&l).set(took.as_secs_f64());
+            }
         }
         let mut buf = Vec::with_capacity(8192);
         TextEncoder::new()

@@ -15,6 +15,9 @@
 //!   [`ACCEPT_BACKOFF_MIN`] to [`ACCEPT_BACKOFF_MAX`].
 //! - Accepted sockets get TCP_NODELAY: without it Nagle holds back the second of two small writes
 //!   (Released, then Granted) for a delayed ACK.
+//! - Writes are coalesced: what HTTP/2 hands over is held back for a turn of the runtime before it
+//!   goes to the socket (see [`Conn`]'s `poll_flush`), so frames that other streams of the same
+//!   connection queue meanwhile leave in the same `write`.
 
 use std::{
     io,
@@ -48,6 +51,10 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The HTTP/2 client connection preface (RFC 9113 §3.4) a client sends first.
 pub const PREFACE_LEN: usize = 24;
+/// Most bytes a connection holds back for coalescing; beyond this a write goes to the socket first.
+pub const COALESCE_MAX: usize = 64 * 1024;
+/// Most turns of the runtime a connection's bytes are held back for, while more keep arriving.
+pub const COALESCE_MAX_TURNS: u8 = 8;
 
 /// What [`incoming`] enforces.
 #[derive(Clone, Debug)]
@@ -268,8 +275,23 @@ fn goaway_frame() -> Vec<u8> {
     out
 }
 
-/// One accepted connection: the socket, its place among `max_connections` (given back on drop), and
-/// the handshake deadline until the preface has arrived.
+/// One accepted connection: the socket, its place among `max_connections` (given back on drop), the
+/// handshake deadline until the preface has arrived, and the bytes held back for coalescing.
+///
+/// # Coalescing
+/// tokio runs a task woken by the running one next (its LIFO slot). When an event fans out to many
+/// streams of one connection, each stream task that queues its frame therefore hands over to the
+/// connection task at once, which wrote that single frame: one `writev` per message. Here
+/// `poll_write` only copies into `out`, and when the runtime has a backlog of ready tasks (see
+/// `backlog`), the first `poll_flush` of a batch returns `Pending` instead of writing, with the
+/// connection task's wake-up deferred until the worker has run the other ready tasks
+/// (`tokio::task::yield_now`): the woken stream tasks queue their frames meanwhile, and the next
+/// `poll_flush` writes them all at once, unless more arrived during that turn: then it holds them
+/// for another, up to [`COALESCE_MAX_TURNS`]. Without a backlog a flush writes at once, as holding
+/// back would only cost a poll and delay the write.
+///
+/// `out` is bounded by [`COALESCE_MAX`] (beyond it `poll_write` drains to the socket first, waiting
+/// as a socket write would) and freed once written, so an idle connection holds no buffer.
 pub struct Conn {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
@@ -278,6 +300,14 @@ pub struct Conn {
     deadline: Option<Pin<Box<Sleep>>>,
     /// Preface bytes still to come.
     preface_left: usize,
+    /// Bytes accepted from HTTP/2 (or TLS), not yet written to the socket.
+    out: Vec<u8>,
+    /// How much of `out` the socket has taken.
+    written: usize,
+    /// While `out` is held back: how long it was when it was last held, and for how many turns.
+    held: Option<(usize, u8)>,
+    /// The runtime serving this connection, whose backlog decides whether holding back pays.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Conn {
@@ -289,7 +319,50 @@ impl Conn {
     ) -> Self {
         counts.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let deadline = Instant::now().checked_add(handshake).map(|at| Box::pin(tokio::time::sleep_until(at)));
-        Self { io, _permit: permit, counts, deadline, preface_left: PREFACE_LEN }
+        Self {
+            io,
+            _permit: permit,
+            counts,
+            deadline,
+            preface_left: PREFACE_LEN,
+            out: Vec::new(),
+            written: 0,
+            held: None,
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    /// Whether the runtime has a backlog of ready tasks: tasks in its global queue, where tokio puts
+    /// what overflows a worker's local queue (256) and what is woken from outside it. Only then may
+    /// other streams of this connection be about to queue frames; otherwise holding back costs a poll
+    /// and delays the write (holding always, measured uncontended: +7 µs round trip, +4 µs of daemon
+    /// CPU per acquire + release; see docs/BENCHMARKS.md).
+    fn backlog(&self) -> bool {
+        self.runtime.as_ref().is_some_and(|rt| rt.metrics().global_queue_depth() > 0)
+    }
+
+    /// Writes `out` to the socket; `Ready(Ok)` once all of it is written (the buffer is freed then).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.out = Vec::new();
+        self.written = 0;
+        self.held = None;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Makes room for `want` more bytes in `out`, draining it to the socket when it is full; then
+    /// how many of them fit.
+    fn poll_room(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.out.len() >= COALESCE_MAX {
+            std::task::ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(want.min(COALESCE_MAX - self.out.len())))
     }
 }
 
@@ -345,15 +418,10 @@ impl AsyncRead for Conn {
 
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let n = std::task::ready!(this.poll_room(cx, buf.len()))?;
+        this.out.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -361,12 +429,68 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let total = bufs.iter().fold(0usize, |acc, b| acc.saturating_add(b.len()));
+        let mut room = std::task::ready!(this.poll_room(cx, total))?;
+        let mut n = 0;
+        for b in bufs {
+            let take = b.len().min(room);
+            this.out.extend_from_slice(&b[..take]);
+            n += take;
+            room -= take;
+            if room == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        // Slices are copied into `out` either way; saying so spares h2 copying data frames into its
+        // own buffer first.
+        true
     }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.out.is_empty() {
+            return Pin::new(&mut this.io).poll_flush(cx);
+        }
+        let turns = match this.held {
+            // Writing has begun (the socket was full): finish it.
+            _ if this.written > 0 => 0,
+            None if this.backlog() => 1,
+            None => 0,
+            // More arrived during the last turn: more may be coming.
+            Some((len, turns)) if this.out.len() > len && turns < COALESCE_MAX_TURNS => turns + 1,
+            Some(_) => 0,
+        };
+        if turns > 0 {
+            // A turn of the runtime for the other streams of this connection (see `Conn`).
+            this.held = Some((this.out.len(), turns));
+            wake_after_the_ready_tasks(cx);
+            return Poll::Pending;
+        }
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Has the task woken once the worker thread has run the other tasks that are ready (or, under
+/// steady load, at its next maintenance tick): tokio's `yield_now`, polled once. Unlike a plain
+/// `wake_by_ref`, which re-queues the task at once and makes the worker notify an idle one (a
+/// cross-CPU wake-up that finds nothing to do), a deferred wake costs only a zero-timeout poll of the
+/// I/O driver when the worker would otherwise go idle.
+fn wake_after_the_ready_tasks(cx: &mut Context<'_>) {
+    let mut yielded = std::pin::pin!(tokio::task::yield_now());
+    // Always `Pending` on the first poll: it registered the waker.
+    let _ = yielded.as_mut().poll(cx);
 }
 
 /// Lets one event through per [`WARN_EVERY`], counting the rest.
@@ -394,7 +518,124 @@ impl RateLimited {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// A `Conn` over a loopback socket, and the peer's end.
+    async fn conn_pair() -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (io, _) = listener.accept().await.expect("accept");
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("permit");
+        (Conn::new(io, permit, Arc::default(), Duration::from_secs(10)), peer)
+    }
+
+    /// Gives the runtime a backlog: a task spawned from another thread waits in its global queue
+    /// until the test task yields.
+    fn make_backlog() {
+        let rt = tokio::runtime::Handle::current();
+        std::thread::scope(|s| {
+            s.spawn(|| drop(rt.spawn(async {})));
+        });
+        assert_eq!(rt.metrics().global_queue_depth(), 1);
+    }
+
+    /// Counts the wake-ups of a waker.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Polls `f` once, then lets the runtime run (which wakes deferred wakers); the poll's result and
+    /// how often the waker was woken.
+    async fn poll_once<T>(f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> (Poll<T>, usize) {
+        let count = Arc::new(Count::default());
+        let waker = std::task::Waker::from(count.clone());
+        let polled = f(&mut Context::from_waker(&waker));
+        tokio::task::yield_now().await;
+        (polled, count.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn writes_are_held_while_more_arrive_then_leave_together() {
+        let (mut conn, mut peer) = conn_pair().await;
+        conn.write_all(b"one ").await.expect("write");
+        conn.write_all(b"two ").await.expect("write");
+        // With other tasks ready, the first flush holds the bytes back and wakes the task, so it is
+        // polled again later.
+        make_backlog();
+        let (polled, wakes) = poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await;
+        assert!(polled.is_pending());
+        assert_eq!(wakes, 1);
+        // More arrived during that turn: held for another.
+        conn.write_all(b"three").await.expect("write");
+        let (polled, wakes) = poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await;
+        assert!(polled.is_pending());
+        assert_eq!(wakes, 1);
+        // A turn that added nothing: everything is written, in one go.
+        let (polled, _) = poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await;
+        assert!(matches!(polled, Poll::Ready(Ok(()))), "{polled:?}");
+        assert_eq!(conn.out.capacity(), 0, "written: the buffer is freed");
+        let mut got = [0u8; 13];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"one two three");
+        // Nothing held: a flush returns at once.
+        let (polled, wakes) = poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await;
+        assert!(matches!(polled, Poll::Ready(Ok(()))) && wakes == 0, "{polled:?} {wakes}");
+    }
+
+    #[tokio::test]
+    async fn without_a_backlog_a_flush_writes_at_once() {
+        let (mut conn, mut peer) = conn_pair().await;
+        conn.write_all(b"alone").await.expect("write");
+        let (polled, wakes) = poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await;
+        assert!(matches!(polled, Poll::Ready(Ok(()))) && wakes == 0, "{polled:?} {wakes}");
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"alone");
+    }
+
+    #[tokio::test]
+    async fn a_steady_trickle_is_held_for_at_most_the_turn_limit() {
+        let (mut conn, mut peer) = conn_pair().await;
+        let mut held = 0;
+        let mut sent = 0usize;
+        make_backlog();
+        loop {
+            conn.write_all(b"x").await.expect("write");
+            sent += 1;
+            match poll_once(|cx| Pin::new(&mut conn).poll_flush(cx)).await.0 {
+                Poll::Pending => held += 1,
+                Poll::Ready(r) => break r.expect("flush"),
+            }
+            assert!(held <= usize::from(COALESCE_MAX_TURNS), "held for {held} turns");
+        }
+        assert_eq!(held, usize::from(COALESCE_MAX_TURNS));
+        let mut got = vec![0u8; sent];
+        peer.read_exact(&mut got).await.expect("read");
+        assert!(got.iter().all(|b| *b == b'x'));
+    }
+
+    #[tokio::test]
+    async fn held_bytes_are_bounded_and_written_on_shutdown() {
+        let (mut conn, mut peer) = conn_pair().await;
+        let big = vec![7u8; COALESCE_MAX + 100];
+        let slices = [io::IoSlice::new(&big[..10]), io::IoSlice::new(&big[10..])];
+        let (polled, _) = poll_once(|cx| Pin::new(&mut conn).poll_write_vectored(cx, &slices)).await;
+        assert!(matches!(polled, Poll::Ready(Ok(COALESCE_MAX))), "{polled:?}");
+        // Full: the next write goes to the socket first.
+        conn.write_all(&big[COALESCE_MAX..]).await.expect("write");
+        assert_eq!(conn.out.len(), 100);
+        conn.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, big);
+    }
 
     #[test]
     fn warnings_are_let_through_once_per_interval_with_the_count_in_between() {

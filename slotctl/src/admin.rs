@@ -1,6 +1,7 @@
 //! The Admin-service commands: `pool set|rm`, `pause`, `resume`, `revoke`, `drain`, `undrain`.
 //!
-//! Each is one RPC (`drain` reads a stream) and prints one short confirmation line.
+//! Each is one RPC (`drain` reads a stream) and prints one short confirmation line. Every call goes
+//! through [`Conn::call`], so it reaches the leader of a highly available deployment.
 
 use std::time::{Duration, SystemTime};
 
@@ -57,7 +58,13 @@ pub fn pool_spec(args: &PoolSetArgs) -> Result<pb::PoolSpec, CtlError> {
 /// Dropping the future may or may not have applied the change.
 pub async fn pool_set(conn: &Conn, args: &PoolSetArgs, output: Output) -> Result<(), CtlError> {
     let spec = pool_spec(args)?;
-    let resp = conn.admin().upsert_pool(pb::UpsertPoolRequest { pool: Some(spec) }).await?;
+    let resp = conn
+        .call(|_, mut a| {
+            let r = pb::UpsertPoolRequest { pool: Some(spec.clone()) };
+            async move { a.upsert_pool(r).await }
+        })
+        .await?
+        .0;
     let resp = resp.into_inner();
     let verb = if resp.created { "created" } else { "updated" };
     match (output, resp.pool) {
@@ -88,7 +95,13 @@ pub async fn pool_set(conn: &Conn, args: &PoolSetArgs, output: Output) -> Result
 /// # Cancel safety
 /// Dropping the future may or may not have removed the pool.
 pub async fn pool_rm(conn: &Conn, name: &str) -> Result<(), CtlError> {
-    let resp = conn.admin().delete_pool(pb::DeletePoolRequest { name: name.to_owned() }).await?;
+    let resp = conn
+        .call(|_, mut a| {
+            let r = pb::DeletePoolRequest { name: name.to_owned() };
+            async move { a.delete_pool(r).await }
+        })
+        .await?
+        .0;
     let r = resp.into_inner();
     println!(
         "removed pool {name} ({} waiters rejected, {} leases expired)",
@@ -110,7 +123,14 @@ pub async fn pause(conn: &Conn, pool: &str, duration: Duration, reason: &str) ->
         duration: Some(wire(duration)?),
         reason: reason.to_owned(),
     };
-    let resp = conn.admin().pause_pool(req).await?.into_inner();
+    let resp = conn
+        .call(|_, mut a| {
+            let r = req.clone();
+            async move { a.pause_pool(r).await }
+        })
+        .await?
+        .0
+        .into_inner();
     match remaining(resp.paused_until.as_ref(), SystemTime::now()) {
         Some(left) => println!("paused {pool} for {}", fmt_duration(left)),
         None => println!("paused {pool}"),
@@ -124,7 +144,14 @@ pub async fn pause(conn: &Conn, pool: &str, duration: Duration, reason: &str) ->
 /// Dropping the future may or may not have resumed the pool.
 pub async fn resume(conn: &Conn, pool: &str) -> Result<(), CtlError> {
     let req = pb::ResumePoolRequest { pool: pool.to_owned() };
-    let resp = conn.admin().resume_pool(req).await?.into_inner();
+    let resp = conn
+        .call(|_, mut a| {
+            let r = req.clone();
+            async move { a.resume_pool(r).await }
+        })
+        .await?
+        .0
+        .into_inner();
     if resp.was_paused {
         println!("resumed {pool}");
     } else {
@@ -143,7 +170,14 @@ pub async fn breaker(conn: &Conn, pool: &str, to: BreakerTo, reason: &str) -> Re
         BreakerTo::Close => pb::BreakerForce::Closed,
     };
     let req = pb::BreakerForceRequest { pool: pool.to_owned(), to: to as i32, reason: reason.to_owned() };
-    let resp = conn.admin().force_breaker(req).await?.into_inner();
+    let resp = conn
+        .call(|_, mut a| {
+            let r = req.clone();
+            async move { a.force_breaker(r).await }
+        })
+        .await?
+        .0
+        .into_inner();
     let state = resp.status.map(|s| s.state()).unwrap_or_default();
     match state {
         pb::BreakerState::Open => println!("breaker of {pool} forced open"),
@@ -188,7 +222,14 @@ pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
         lease_id
     };
     let req = pb::RevokeLeaseRequest { lease_id: lease_id.to_owned() };
-    let resp = conn.admin().revoke_lease(req).await?.into_inner();
+    let resp = conn
+        .call(|_, mut a| {
+            let r = req.clone();
+            async move { a.revoke_lease(r).await }
+        })
+        .await?
+        .0
+        .into_inner();
     let holder = if resp.holder.is_empty() { "-" } else { &resp.holder };
     println!("revoked lease {lease_id} (pool {}, holder {holder})", resp.pool);
     Ok(())
@@ -202,7 +243,14 @@ pub async fn revoke(conn: &Conn, lease_id: &str) -> Result<(), CtlError> {
 /// Undrain).
 pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Result<i32, CtlError> {
     let req = pb::DrainRequest { timeout: wire_opt(timeout)? };
-    let mut stream = conn.admin().drain(req).await?.into_inner();
+    let mut stream = conn
+        .call(|_, mut a| {
+            let r = req;
+            async move { a.drain(r).await }
+        })
+        .await?
+        .0
+        .into_inner();
     let mut last = None;
     loop {
         let p = match stream.message().await {
@@ -247,7 +295,11 @@ pub async fn drain(conn: &Conn, timeout: Option<Duration>, output: Output) -> Re
 /// # Cancel safety
 /// Dropping the future may or may not have resumed granting.
 pub async fn undrain(conn: &Conn) -> Result<(), CtlError> {
-    conn.admin().undrain(pb::UndrainRequest {}).await?;
+    conn.call(|_, mut a| {
+        let r = pb::UndrainRequest {};
+        async move { a.undrain(r).await }
+    })
+    .await?;
     println!("granting again");
     Ok(())
 }

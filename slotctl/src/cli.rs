@@ -14,9 +14,18 @@ pub const DEFAULT_RATE_LIMIT_EXIT_CODE: i32 = 75;
 #[derive(Debug, Parser)]
 #[command(name = "slotctl", version, propagate_version = true)]
 pub struct Cli {
-    /// The daemon's gRPC endpoint.
-    #[arg(long, global = true, env = "SLOTD_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
-    pub endpoint: String,
+    /// The daemon's gRPC endpoint (`host:port` or a URL). With high availability, give every member:
+    /// repeat the flag, or separate them with commas (also in SLOTD_ENDPOINT). Every command then
+    /// reaches the leader: a standby's redirect is followed, a member that is down is skipped.
+    #[arg(
+        long,
+        global = true,
+        env = "SLOTD_ENDPOINT",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENDPOINT,
+        value_name = "ENDPOINT"
+    )]
+    pub endpoint: Vec<String>,
     /// Bearer token, sent as `authorization: Bearer <token>` (to the admin service too, unless
     /// --admin-token is given).
     #[arg(long, global = true, env = "SLOTD_TOKEN", hide_env_values = true)]

@@ -5,6 +5,10 @@
 //! [`top::draw`] is a pure function of [`top::App`], testable with ratatui's `TestBackend`), [`admin`]
 //! holds the Admin-service commands and [`run`] is `slotctl run`, `flock(1)` for LLM slots.
 //!
+//! With several `--endpoint`s (every member of a highly available deployment), [`conn::Conn`] sends
+//! each call to the leader, and `slotctl run` holds its lease through `slotd-client`'s
+//! `connect_any`, which re-presents it to a new leader after a failover.
+//!
 //! Exit codes: 0 on success, 1 for an error (printed as one line with its gRPC code), 2 for a usage
 //! error (clap's), and for `slotctl run` the command's own exit status.
 
@@ -43,7 +47,7 @@ pub async fn main(cli: Cli) -> i32 {
 
 async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
     let target = conn::Target {
-        endpoint: cli.endpoint.clone(),
+        endpoints: cli.endpoint.clone(),
         token: cli.token.clone(),
         admin_token: cli.admin_token.clone(),
         ca_cert: cli.ca_cert.clone(),
@@ -59,14 +63,7 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
             Ok(0)
         }
         Command::Status { pool } => {
-            let conn = conn().await?;
-            let (status, ha) = conn.status_ha(pool.as_deref()).await?;
-            let now = std::time::SystemTime::now();
-            let text = match cli.output {
-                Output::Table => table::render_ha(ha.as_ref()) + &table::render_status(&status, now),
-                Output::Json => table::with_ha(&table::status_json(&status, now), ha.as_ref()),
-            };
-            print!("{text}");
+            print!("{}", status(&conn().await?, pool.as_deref(), cli.output).await?);
             Ok(0)
         }
         Command::Top { pool } => {
@@ -92,4 +89,18 @@ async fn dispatch(cli: Cli) -> Result<i32, CtlError> {
         }
         Command::Run(args) => run::run(&target, args).await,
     }
+}
+
+/// What `slotctl status` prints: with high availability, a first line naming the member that
+/// answered (the leader), its role and epoch; then the pools and leases.
+///
+/// # Cancel safety
+/// Cancel safe: a read-only call.
+pub async fn status(conn: &Conn, pool: Option<&str>, output: Output) -> Result<String, CtlError> {
+    let (status, ha) = conn.status_ha(pool).await?;
+    let now = std::time::SystemTime::now();
+    Ok(match output {
+        Output::Table => table::render_ha(ha.as_ref()) + &table::render_status(&status, now),
+        Output::Json => table::with_ha(&table::status_json(&status, now), ha.as_ref()),
+    })
 }

@@ -1,6 +1,7 @@
 //! `slotctl run`: `flock(1)` for LLM-provider slots.
 //!
-//! Acquires a lease through `slotd-client` (which heartbeats it and waits through pauses), runs the
+//! Acquires a lease through `slotd-client` (which heartbeats it, waits through pauses, and with
+//! several endpoints follows the leader and re-presents the lease after a failover), runs the
 //! command with the lease in its environment, passes its exit status through and releases the lease
 //! with an outcome read from that status: 0 is ok, the rate-limit exit code (75, EX_TEMPFAIL, unless
 //! configured) is rate limited (the daemon pauses the pool), anything else failed.
@@ -19,7 +20,12 @@ use slotd_client::{Client, Lease, Lost, Outcome, PauseInfo, Pauses};
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{CtlError, cli::RunArgs, conn::Target, table::fmt_duration};
+use super::{
+    CtlError,
+    cli::RunArgs,
+    conn::{Conn, Target},
+    table::fmt_duration,
+};
 
 /// The exit code for "gave up waiting for a slot" (EX_TEMPFAIL).
 pub const EXIT_TEMPFAIL: i32 = 75;
@@ -80,10 +86,21 @@ pub async fn run(target: &Target, args: &RunArgs) -> Result<i32, CtlError> {
     if let Some(t) = &target.token {
         builder = builder.bearer_token(t);
     }
-    let endpoint = &target.endpoint;
-    let client = builder.connect_endpoint(target.endpoint()?).await.map_err(|e| {
+    if let Some(path) = &target.ca_cert {
+        builder = builder.tls(target.ca_pem(path)?);
+    }
+    if let Some(domain) = &target.tls_domain {
+        builder = builder.tls_domain(domain.clone());
+    }
+    // The session connects lazily and retries forever, so first make sure some member answers
+    // (exit 1 at once when none does); that one is tried first.
+    let reached = Conn::connect(target).await?.endpoint();
+    let endpoints = std::iter::once(reached.clone())
+        .chain(target.endpoints.iter().filter(|e| **e != reached).cloned())
+        .collect::<Vec<_>>();
+    let client = builder.connect_any(endpoints).await.map_err(|e| {
         CtlError::with_code(
-            format!("cannot connect to {endpoint}: {e}"),
+            format!("cannot connect to {reached}: {e}"),
             e.code().unwrap_or(Code::Unavailable),
         )
     })?;

@@ -162,14 +162,14 @@ pub fn render_status(s: &pb::StatusResponse, now: SystemTime) -> String {
 
 /// The role line of `slotctl status` (high availability); empty for a single daemon.
 pub fn render_ha(ha: Option<&crate::conn::HaRole>) -> String {
-    ha.map_or_else(String::new, |h| format!("role: {}, epoch {}\n", h.role, h.epoch))
+    ha.map_or_else(String::new, |h| format!("role: {}, epoch {}, member {}\n", h.role, h.epoch, h.member))
 }
 
-/// `status_json` with `"ha": {"role", "epoch"}` added when the daemon reported them.
+/// `status_json` with `"ha": {"role", "epoch", "member"}` added when the daemon reported them.
 pub fn with_ha(json_text: &str, ha: Option<&crate::conn::HaRole>) -> String {
     let Some(h) = ha else { return json_text.to_owned() };
     let Ok(mut v) = serde_json::from_str::<serde_json::Value>(json_text) else { return json_text.to_owned() };
-    v["ha"] = json!({ "role": h.role, "epoch": h.epoch });
+    v["ha"] = json!({ "role": h.role, "epoch": h.epoch, "member": h.member });
     let mut text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| json_text.to_owned());
     text.push('\n');
     text
@@ -232,11 +232,13 @@ mod tests {
 
     #[test]
     fn the_ha_role_is_shown_when_reported() {
-        let ha = crate::conn::HaRole { role: "leader".into(), epoch: 7 };
-        assert_eq!(render_ha(Some(&ha)), "role: leader, epoch 7\n");
+        let ha =
+            crate::conn::HaRole { role: "leader".into(), epoch: 7, member: "http://10.0.0.2:50051".into() };
+        assert_eq!(render_ha(Some(&ha)), "role: leader, epoch 7, member http://10.0.0.2:50051\n");
         assert_eq!(render_ha(None), "");
         let v: serde_json::Value = serde_json::from_str(&with_ha("{\"pools\": []}", Some(&ha))).unwrap();
         assert_eq!((v["ha"]["role"].as_str(), v["ha"]["epoch"].as_u64()), (Some("leader"), Some(7)));
+        assert_eq!(v["ha"]["member"].as_str(), Some("http://10.0.0.2:50051"));
         assert_eq!(with_ha("{}", None), "{}");
     }
 

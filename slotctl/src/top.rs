@@ -37,6 +37,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
 /// How long to wait before trying Watch again after it broke (not after UNIMPLEMENTED: never again).
 pub const WATCH_RETRY: Duration = Duration::from_secs(5);
+/// How soon `Admin.Watch` is called again after its stream ended with UNAVAILABLE (the member died
+/// or stepped down): the call follows the leader, or moves to the next endpoint.
+pub const WATCH_FOLLOW: Duration = Duration::from_millis(250);
 /// The most events kept.
 pub const MAX_EVENTS: usize = 200;
 
@@ -500,10 +503,13 @@ fn draw_events(frame: &mut Frame<'_>, area: Rect, app: &App) {
 
 /// What the background tasks tell the screen.
 enum Msg {
-    Status(Result<pb::StatusResponse, CtlError>),
+    /// A snapshot and the member that answered it.
+    Status(Result<(pb::StatusResponse, String), CtlError>),
     WatchUp,
     Watch(Box<pb::WatchEvent>),
-    WatchDown { why: String },
+    WatchDown {
+        why: String,
+    },
     Quit,
 }
 
@@ -555,7 +561,10 @@ pub async fn run(conn: Conn, pool: Option<String>) -> Result<(), CtlError> {
                 app.now = now;
                 match msg {
                     None | Some(Msg::Quit) => break Ok(()),
-                    Some(Msg::Status(Ok(s))) => app.apply_status(s, now),
+                    Some(Msg::Status(Ok((s, member)))) => {
+                        app.endpoint = member;
+                        app.apply_status(s, now);
+                    }
                     Some(Msg::Status(Err(e))) => app.error = Some(e.to_string()),
                     Some(Msg::WatchUp) => {
                         app.source = EventSource::Watch;
@@ -582,7 +591,15 @@ async fn poll_status(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let res = conn.status(pool.as_deref()).await;
+        let req = pb::StatusRequest { pool: pool.clone().unwrap_or_default() };
+        let res = conn
+            .call(|mut s, _| {
+                let r = req.clone();
+                async move { s.status(r).await }
+            })
+            .await
+            .map(|(r, member)| (r.into_inner(), member))
+            .map_err(CtlError::from);
         if tx.send(Msg::Status(res)).is_err() {
             return;
         }
@@ -592,8 +609,15 @@ async fn poll_status(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender
 async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender<Msg>) {
     loop {
         let req = pb::WatchRequest { pool: pool.clone().unwrap_or_default(), snapshot_interval: None };
-        let why = match conn.admin().watch(req).await {
-            Ok(stream) => {
+        let mut follow = false;
+        let why = match conn
+            .call(|_, mut a| {
+                let r = req.clone();
+                async move { a.watch(r).await }
+            })
+            .await
+        {
+            Ok((stream, _)) => {
                 let mut stream = stream.into_inner();
                 if tx.send(Msg::WatchUp).is_err() {
                     return;
@@ -605,8 +629,16 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
                                 return;
                             }
                         }
-                        Ok(None) => break "Admin.Watch ended".to_owned(),
-                        Err(s) => break format!("Admin.Watch: {}", code_name(s.code())),
+                        // The member went away or stepped down (a deposed leader ends its streams):
+                        // the next call finds the leader.
+                        Ok(None) => {
+                            follow = true;
+                            break "Admin.Watch ended".to_owned();
+                        }
+                        Err(s) => {
+                            follow = s.code() == tonic::Code::Unavailable;
+                            break format!("Admin.Watch: {}", code_name(s.code()));
+                        }
                     }
                 }
             }
@@ -619,7 +651,7 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
         if tx.send(Msg::WatchDown { why }).is_err() {
             return;
         }
-        tokio::time::sleep(WATCH_RETRY).await;
+        tokio::time::sleep(if follow { WATCH_FOLLOW } else { WATCH_RETRY }).await;
     }
 }
 

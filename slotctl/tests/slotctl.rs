@@ -85,6 +85,30 @@ async fn errors_are_one_line_with_the_grpc_code() {
     assert!(text(&out.stderr).contains("(NOT_FOUND)"), "{}", text(&out.stderr));
 }
 
+/// Several endpoints (the members of a highly available deployment): one that is down is skipped,
+/// by every command and by `run`; when none answers, the error names them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_is_down_is_skipped() {
+    let d = Daemon::start(POOLS).await;
+    let list = format!("http://127.0.0.1:1,{}", d.url());
+    let out = run_ctl(&list, &["status", "--pool", "solo"]).await;
+    assert_exit_code(&out, 0);
+    assert!(text(&out.stdout).contains("solo"), "{}", text(&out.stdout));
+    let out = run_ctl(&list, &["pause", "solo", "--for", "30s"]).await;
+    assert_exit_code(&out, 0);
+    let out = run_ctl(&list, &["run", "--pool", "anthropic", "--", "true"]).await;
+    assert_exit_code(&out, 0);
+    let s = d.status().await;
+    assert!(s.pools.iter().any(|p| p.name == "solo" && p.paused_until.is_some()), "{s:#?}");
+    assert!(s.leases.is_empty(), "run released its lease: {s:#?}");
+
+    let out = run_ctl("http://127.0.0.1:1,127.0.0.1:2", &["status"]).await;
+    assert_exit_code(&out, 1);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot connect to any of http://127.0.0.1:1, 127.0.0.1:2"), "{stderr}");
+    assert!(stderr.trim_end().ends_with("(UNAVAILABLE)"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_passes_the_exit_code_through_and_releases_the_lease() {
     let d = Daemon::start(POOLS).await;

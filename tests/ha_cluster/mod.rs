@@ -212,6 +212,43 @@ impl Cluster {
         }
     }
 
+    /// The election name every member campaigns under (from the shared config).
+    pub fn election(&self) -> String {
+        let toml = std::fs::read_to_string(self.dir.join("slotd.toml")).expect("the members' config");
+        let line = toml.lines().find_map(|l| l.strip_prefix("election = ")).expect("an election name");
+        line.trim_matches('"').to_owned()
+    }
+
+    /// A client of the cluster's etcd.
+    pub async fn etcd_client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.etcd.url.as_str()], None).await.expect("etcd client")
+    }
+
+    /// The leader's runtime document in etcd (`/slotd/<election>/runtime`), parsed, or `None`.
+    pub async fn runtime_doc(&self, e: &etcd_client::Client) -> Option<serde_json::Value> {
+        let key = format!("/slotd/{}/runtime", self.election());
+        let resp = e.clone().get(key, None).await.expect("etcd get");
+        serde_json::from_slice(resp.kvs().first()?.value()).ok()
+    }
+
+    /// Waits until the runtime document satisfies `ok` (it is published every 250 ms at most: a
+    /// test that kills the leader waits for what the next leader must inherit); returns it.
+    pub async fn published(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let e = self.etcd_client().await;
+        let deadline = Instant::now() + FAILOVER_TIMEOUT;
+        loop {
+            if let Some(doc) = self.runtime_doc(&e).await.filter(|d| ok(d)) {
+                return doc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the runtime state never showed {what}: {:?}",
+                self.runtime_doc(&e).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn metrics(&self, i: usize) -> std::net::SocketAddr {
         let m = self.members[i].as_ref().expect("a live member").metrics.as_deref().expect("metrics address");
         m.parse().expect("a socket address")

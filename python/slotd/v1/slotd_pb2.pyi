@@ -442,7 +442,7 @@ class StatusResponse(_message.Message):
     def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., learning: _Optional[bool] = ..., shutting_down: _Optional[bool] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by", "held", "held_until", "breaker", "budget", "gate", "gate_until", "gate_pool")
+    __slots__ = ("name", "parent", "limit", "effective_limit", "in_flight", "queued", "paused_until", "pause_reason", "cooling", "next_fencing_token", "max_agent_retry_after", "blocked_by", "held", "held_until", "breaker", "budget", "gate", "gate_until", "gate_pool", "learning_until", "learning_expected", "learning_back")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -462,6 +462,9 @@ class PoolStatus(_message.Message):
     GATE_FIELD_NUMBER: _ClassVar[int]
     GATE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     GATE_POOL_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_BACK_FIELD_NUMBER: _ClassVar[int]
     name: str
     parent: str
     limit: int
@@ -481,7 +484,10 @@ class PoolStatus(_message.Message):
     gate: Gate
     gate_until: _timestamp_pb2.Timestamp
     gate_pool: str
-    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ..., held: _Optional[int] = ..., held_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ...) -> None: ...
+    learning_until: _timestamp_pb2.Timestamp
+    learning_expected: int
+    learning_back: int
+    def __init__(self, name: _Optional[str] = ..., parent: _Optional[str] = ..., limit: _Optional[int] = ..., effective_limit: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., paused_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pause_reason: _Optional[str] = ..., cooling: _Optional[int] = ..., next_fencing_token: _Optional[int] = ..., max_agent_retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., blocked_by: _Optional[_Union[PauseInherited, _Mapping]] = ..., held: _Optional[int] = ..., held_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., breaker: _Optional[_Union[BreakerStatus, _Mapping]] = ..., budget: _Optional[_Union[BudgetStatus, _Mapping]] = ..., gate: _Optional[_Union[Gate, str]] = ..., gate_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gate_pool: _Optional[str] = ..., learning_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., learning_expected: _Optional[int] = ..., learning_back: _Optional[int] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
     __slots__ = ("window", "shadow", "reservations", "levels", "provider", "counters")

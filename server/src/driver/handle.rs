@@ -11,7 +11,7 @@ use super::{Deferred, Shared};
 use crate::scheduler::{
     BreakerView, Error, Event, Fact, ForceBreaker, Lease, LeaseId, NewRequest, Outcome, PauseApplied,
     PoolConfig, PoolDeleted, PoolId, PoolPatch, PoolSnapshot, ProviderLimit, Report, ResumeRequest,
-    SessionId, Snapshot, Usage, budget::BudgetSnapshot,
+    RuntimeState, SessionId, Snapshot, Usage, budget::BudgetSnapshot,
 };
 
 /// What a session's event channel carries: an event, or the error that ends the stream.
@@ -312,14 +312,35 @@ impl DriverHandle {
         })
     }
 
-    /// Starts a leadership term: fencing tokens from `first_token` on, and a learning period.
+    /// Starts a leadership term: fencing tokens from `first_token` on, and a learning period; then
+    /// applies the previous leader's runtime state (`None`: none published, every pool learns for the
+    /// whole period). Both at one instant.
     ///
     /// # Cancel safety
     /// Completes at its first poll: either nothing was applied or all of it was.
-    pub async fn begin_term(&self, first_token: u64, learning: Duration) -> Result<(), Error> {
+    pub async fn begin_term(
+        &self,
+        first_token: u64,
+        learning: Duration,
+        runtime: Option<RuntimeState>,
+    ) -> Result<(), Error> {
         self.shared.with(|st, now| {
             let d = st.sched.begin_term(now, first_token, learning);
             st.route(d);
+            let d = st.sched.take_over(now, runtime.as_ref());
+            st.route(d);
+        })
+    }
+
+    /// The runtime state a successor needs (see [`crate::scheduler::RuntimeState`]), with the instant
+    /// it describes.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it changes nothing but the due deadlines, which the timer would run anyway.
+    pub async fn runtime_state(&self) -> Result<(Instant, RuntimeState), Error> {
+        self.shared.with(|st, now| {
+            st.catch_up(now);
+            (now, st.sched.runtime_state(now))
         })
     }
 

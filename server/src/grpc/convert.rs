@@ -489,6 +489,9 @@ pub fn pool_status(p: PoolSnapshot) -> pb::PoolStatus {
         gate: gate_of.0 as i32,
         gate_until: gate_of.1.map(timestamp),
         gate_pool: gate_of.2,
+        learning_until: p.learning.map(|l| timestamp(l.until)),
+        learning_expected: p.learning.and_then(|l| l.expected),
+        learning_back: p.learning.map_or(0, |l| l.back),
     }
 }
 

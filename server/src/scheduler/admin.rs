@@ -330,11 +330,14 @@ impl Scheduler {
                         .retired_tokens
                         .remove(&id)
                         .map_or(self.cfg.first_token, |t| t.max(self.cfg.first_token));
-                    self.pools.insert(id.clone(), Pool::new(id, pc, first, now));
+                    let mut pool = Pool::new(id.clone(), pc, first, now);
+                    pool.learning = self.learning_for(&id);
+                    self.pools.insert(id, pool);
                 }
             }
         }
         self.rebuild_chains();
+        self.end_learned(now);
         self.settle(now, &mut out);
         if reload {
             let after = self.pool_configs();

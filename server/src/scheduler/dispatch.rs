@@ -33,9 +33,7 @@ impl Scheduler {
         if self.shutting_down || self.draining {
             return Err(Closed::Draining);
         }
-        if self.learning_until.is_some() {
-            return Err(Closed::Learning);
-        }
+        self.learning_gate(&pool.chain)?;
         self.fence_gate(now)?;
         pool.chain.iter().try_for_each(|p| self.pools[p].gate(now))
     }
@@ -247,8 +245,9 @@ impl Scheduler {
     /// Applies timers due by `now`, without granting.
     pub(super) fn advance(&mut self, now: Instant, out: &mut Decisions) {
         self.last_now = self.last_now.max(now);
-        if self.learning_until.is_some_and(|t| t <= now) {
+        if let Some(until) = self.learning_until.filter(|t| *t <= now) {
             self.learning_until = None;
+            self.finish_learning(until);
         }
         self.advance_health(now, out);
         let mut resumed = Vec::new();

@@ -491,6 +491,26 @@ impl Health {
         self.holds.iter().map(|(t, _, k)| (*t, *k))
     }
 
+    /// Restores a breaker a previous leader left (see [`super::takeover`]) on a closed one: its open
+    /// count merges with max; an open one whose timeout ran out comes back half-open, one forced open
+    /// (no end) stays forced. Returns whether the state changed.
+    pub(crate) fn restore(&mut self, state: super::BreakerRuntime, opens: u32, now: Instant) -> bool {
+        use super::BreakerRuntime as R;
+        self.breaker.opens = self.breaker.opens.max(opens);
+        if self.breaker.state != BreakerState::Closed {
+            return false;
+        }
+        let (state, forced) = match state {
+            R::Closed => return false,
+            R::Open { until: None } => (BreakerState::Open { until: None }, true),
+            R::Open { until: Some(u) } if u > now => (BreakerState::Open { until: Some(u) }, false),
+            R::Open { .. } | R::HalfOpen => (BreakerState::HalfOpen { probe: None }, false),
+        };
+        self.set_state(state, now);
+        self.breaker.forced = forced;
+        true
+    }
+
     /// A new configuration: a disabled breaker (not forced) is closed.
     pub(crate) fn reconfigure(&mut self, cfg: &HealthConfig, now: Instant) {
         if !cfg.breaker.enabled && !self.breaker.forced && self.breaker.state != BreakerState::Closed {
@@ -847,6 +867,17 @@ impl Scheduler {
                 self.fail_fast_waiters(now, level, out);
             }
         }
+    }
+
+    /// [`Scheduler::announce`] for a breaker restored on takeover.
+    pub(super) fn announce_breaker(
+        &mut self,
+        pool: PoolId,
+        view: BreakerView,
+        reason: String,
+        out: &mut Decisions,
+    ) {
+        self.announce(Transition { pool, view, reason }, out);
     }
 
     /// Records a transition and tells every session waiting on or holding the pool or a descendant.

@@ -23,6 +23,14 @@
 //!    leaves the state as it was. No input makes a method panic.
 //! 8. **Grantee only**: a lease is resumed (moved, or re-created after a restart) only with the resume
 //!    credential its grant carried, so only tokens this daemon issued ever reach a pool's counter.
+//! 9. **Learning**: during a learning period (after a restart or a takeover) nothing is granted on a
+//!    chain with a learning level. A pool `P` learns until its `back` count (leases re-created on `P`
+//!    or any descendant during the period) reaches the held count the previous leader last published
+//!    for `P` (its `in_flight`: leases on `P` and every descendant), or until the period ends. With a
+//!    published state that lists no (or 0) leases for `P`, `P` does not learn; with no published
+//!    state (or none for `P`: its publisher was learning without a count), `P` learns for the whole
+//!    period. So a learning pool always has `back < expected`
+//!    (or no expected count). See [`takeover`].
 
 mod admin;
 pub mod budget;
@@ -42,6 +50,7 @@ pub mod queue;
 pub mod report;
 mod resume;
 mod snapshot;
+mod takeover;
 mod term;
 #[cfg(test)]
 mod tests;
@@ -73,6 +82,7 @@ pub use self::{
     report::{LimitKind, ProviderLimit, Report, Usage},
     resume::ResumeRequest,
     snapshot::{InheritedPause, PoolSnapshot, Snapshot},
+    takeover::{BreakerRuntime, PoolLearning, PoolRuntime, RuntimeState},
 };
 use self::{dispatch::check_ttl, lease::LeaseTable, pool::Pool};
 
@@ -216,7 +226,13 @@ pub struct Scheduler {
     next_waiter: u64,
     next_session: u64,
     rng: StdRng,
+    /// The end of the learning period (a restart's or a leadership term's): resumes may re-create
+    /// leases until then; each pool learns on its own within it (see [`takeover`]).
     learning_until: Option<Instant>,
+    /// When the current learning period began.
+    learning_since: Instant,
+    /// The previous leader's held counts, once its runtime state was applied during this period.
+    learning_expected: Option<BTreeMap<PoolId, Option<u32>>>,
     /// The next fencing token of each removed pool, so that a pool added again under the same name
     /// never reissues a token (invariant 6).
     retired_tokens: HashMap<PoolId, u64>,
@@ -254,6 +270,8 @@ impl Scheduler {
             next_session: 0,
             rng,
             learning_until,
+            learning_since: now,
+            learning_expected: None,
             retired_tokens: HashMap::new(),
             shutting_down: false,
             draining: false,
@@ -264,6 +282,9 @@ impl Scheduler {
         s.sessions.insert(ORPHANS, Session::default());
         for (id, pc) in pools {
             s.pools.insert(id.clone(), Pool::new(id, pc, s.cfg.first_token, now));
+        }
+        if s.learning_until.is_some() {
+            s.start_learning(now);
         }
         s.rebuild_chains();
         Ok(s)

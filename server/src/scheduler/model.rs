@@ -148,6 +148,13 @@ pub enum Op {
     BeginTerm {
         bump: u64,
     },
+    /// A takeover: a new term with a 300 ms learning period, then the previous leader's runtime
+    /// state (`None`: none published) with these held counts by pool index, and a pause of `ms` on
+    /// one pool.
+    TakeOver {
+        held: Option<[u8; 4]>,
+        pause: Option<(usize, u64)>,
+    },
     /// One of [`EXTREMES`] (by `value`, modulo) in one duration field, by `target`: 0 a request's
     /// ttl, 1 a request's max_wait, 2 a rate-limited release's retry_after, 3 a ReportRateLimit's
     /// retry_after, 4 an operator pause, 5 a closing stream's grace, 6 every pool's cooldown, 7 every
@@ -889,6 +896,31 @@ pub fn run(case: &Case) {
                     false,
                 )
             }
+            Op::TakeOver { held, pause } => {
+                let top =
+                    s.snapshot(None).expect("snapshot").leases.iter().map(|l| l.token.0).max().unwrap_or(0);
+                let first = top.saturating_add(1).min(SchedulerConfig::MAX_RESUME_TOKEN);
+                let mut d = s.begin_term(now, first, ms(300));
+                let state = held.map(|h| RuntimeState {
+                    pools: (0..4)
+                        .map(|i| {
+                            let paused_until = pause.filter(|(p, _)| p % 4 == i).map(|(_, d)| now + ms(d));
+                            let rt = PoolRuntime {
+                                // 3 stands for "no count" (the publisher learned without one).
+                                held: (h[i] < 3).then_some(u32::from(h[i])),
+                                paused_until,
+                                pause_reason: "the previous leader's pause".into(),
+                                ..PoolRuntime::default()
+                            };
+                            (pid(i), rt)
+                        })
+                        .collect(),
+                });
+                let more = s.take_over(now, state.as_ref());
+                d.events.extend(more.events);
+                d.facts.extend(more.facts);
+                (d, false)
+            }
             Op::Shutdown => (s.shutdown(now), false),
             Op::Extreme { s: i, pool, target, value } => {
                 let v = EXTREMES[value % EXTREMES.len()];
@@ -988,6 +1020,10 @@ pub fn run(case: &Case) {
             .flatten()
             .collect();
         let recreated = resumed && d.events.iter().any(|(_, e)| matches!(e, Event::LeaseResumed { .. }));
+        // Learning: nothing is granted on a chain with a learning level.
+        for id in &granted_on {
+            assert!(after[id].learning.is_none(), "granted under {id} while it learns: {:?}", after[id]);
+        }
         for (id, p) in &after {
             let b = before.get(id);
             let in_before = b.map_or(0, |b| b.in_flight);
@@ -1016,7 +1052,7 @@ pub fn run(case: &Case) {
 
         // Only an operator's pause outlasts an agent's cap: no 429 report or rate-limited release
         // pauses a pool beyond `now + max_agent_retry_after` (an earlier, longer pause stays).
-        if !matches!(op, Op::PausePool { .. }) {
+        if !matches!(op, Op::PausePool { .. } | Op::TakeOver { .. }) {
             for (id, p) in &after {
                 let prev = before.get(id).and_then(|b| b.paused_until);
                 let cap = seen + MAX_AGENT_RETRY_AFTER;
@@ -1079,8 +1115,10 @@ fn fingerprint(s: &Scheduler) -> String {
 /// counters), so that the fuzz targets check them in builds without `cfg(test)`:
 /// - accounting: every pool's `in_flight` is the number of leases on it and its descendants;
 /// - limit: an operation never takes a pool above its limit (only a lowered limit leaves it above);
-/// - fixpoint: a pool with waiters is closed (learning, draining, shutting down, past the grant
-///   deadline, paused, or full on some level);
+/// - fixpoint: a pool with waiters is closed (learning on some level, draining, shutting down, past
+///   the grant deadline, paused, or full on some level);
+/// - learning: a pool learns only while some lease the previous leader reported on its subtree is
+///   not back (`back < expected`), or no count was published;
 /// - timers: no lease is still listed at or after its expiry;
 /// - fencing: a grant's token is above every token its pool has seen, and no two granted leases of a
 ///   pool share a token.
@@ -1151,7 +1189,16 @@ impl Invariants {
             );
             assert!(p.effective_limit <= p.config.max_concurrent && p.effective_limit >= 1);
             let fenced = s.grant_deadline().is_some_and(|t| now >= t);
-            if p.queued > 0 && !snap.learning && !snap.shutting_down && !snap.draining && !fenced {
+            if let Some(l) = p.learning {
+                assert!(snap.learning, "pool {} learns outside a learning period", p.id);
+                assert!(
+                    l.expected.is_none_or(|e| l.back < e),
+                    "pool {} learns with its leases back: {l:?}",
+                    p.id
+                );
+            }
+            let learning = chain(&p.id).iter().any(|level| by_id[level].learning.is_some());
+            if p.queued > 0 && !learning && !snap.shutting_down && !snap.draining && !fenced {
                 let closed = chain(&p.id).iter().any(|level| {
                     let l = by_id[level];
                     l.paused_until.is_some_and(|u| u > now) || l.in_flight + l.cooling >= l.effective_limit
@@ -1338,7 +1385,7 @@ struct HLease {
 /// Whether `pool` can grant now, from the snapshot alone (an independent copy of the gate rules).
 fn open_in(snap: &Snapshot, pool: &PoolId, now: Instant) -> bool {
     let by_id: HashMap<&PoolId, &PoolSnapshot> = snap.pools.iter().map(|p| (&p.id, p)).collect();
-    if snap.learning || snap.draining || snap.shutting_down {
+    if snap.draining || snap.shutting_down {
         return false;
     }
     let mut cur = Some(pool.clone());
@@ -1350,6 +1397,7 @@ fn open_in(snap: &Snapshot, pool: &PoolId, now: Instant) -> bool {
             BreakerState::HalfOpen { probe: Some(_) } => true,
         };
         if breaker_shut
+            || p.learning.is_some()
             || p.paused_until.is_some_and(|u| u > now)
             || p.in_flight + p.cooling + p.held >= p.effective_limit
         {

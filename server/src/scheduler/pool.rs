@@ -195,7 +195,8 @@ pub enum Closed {
     Full(PoolId),
     /// This level is paused until then.
     Paused(PoolId, Instant),
-    /// The daemon is in its post-restart learning period: only resumes are accepted.
+    /// A level of the chain is in its learning period (after a restart or a takeover): only resumes
+    /// are accepted until its leases are back or the period ends (see `takeover`).
     Learning,
     /// The daemon is draining or shutting down: nothing new is granted.
     Draining,
@@ -244,6 +245,29 @@ pub(crate) struct Pool {
     pub(crate) budget: BudgetState,
     /// Holds, failure streak and circuit breaker.
     pub(crate) health: Health,
+    /// While this pool is in its learning period (see [`super::takeover`]).
+    pub(crate) learning: Option<Learning>,
+    /// How long this pool's learning took in the current term, once it ended.
+    pub(crate) learned_after: Option<Duration>,
+}
+
+/// A pool's learning period after a restart or takeover: nothing new is granted on it (nor below it)
+/// until the leases the previous leader held on its subtree are back, or the period ends.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Learning {
+    /// The previous leader's last published held count of this pool (its leases and its
+    /// descendants'); `None` without a published runtime state (then only the period's end ends it).
+    pub expected: Option<u32>,
+    /// Leases re-adopted on this pool or a descendant during this period (counted when re-created,
+    /// not decremented when they end).
+    pub back: u32,
+}
+
+impl Learning {
+    /// Every lease the previous leader reported is back.
+    pub fn done(&self) -> bool {
+        self.expected.is_some_and(|e| self.back >= e)
+    }
 }
 
 impl Pool {
@@ -263,6 +287,8 @@ impl Pool {
             queue: Queue::default(),
             interest: HashMap::new(),
             health: Health::new(now),
+            learning: None,
+            learned_after: None,
         }
     }
 

@@ -122,6 +122,7 @@ impl Scheduler {
         }
         let pool = self.pools.get_mut(&req.pool).expect("checked");
         pool.next_token = pool.next_token.max(req.token.0.saturating_add(1));
+        let readopted = req.pool.clone();
         pool.add_interest(session);
         self.sessions.get_mut(&session).expect("checked").leases.insert(id);
         let expires_at = now + ttl;
@@ -137,6 +138,7 @@ impl Scheduler {
             ttl,
             expires_at,
         });
+        self.readopted(now, &readopted);
         Ok(Resumed { token: req.token, expires_at, displaced: None })
     }
 }

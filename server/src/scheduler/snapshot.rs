@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use super::{BreakerView, BudgetSnapshot, Closed, Error, Lease, PoolConfig, PoolId, Scheduler};
+use super::{BreakerView, BudgetSnapshot, Closed, Error, Lease, PoolConfig, PoolId, PoolLearning, Scheduler};
 
 /// One pool in a [`Snapshot`].
 #[derive(Clone, Debug)]
@@ -43,6 +43,10 @@ pub struct PoolSnapshot {
     pub held_until: Option<Instant>,
     /// The circuit breaker.
     pub breaker: BreakerView,
+    /// While it learns (after a restart or takeover): until when at the latest, and its counts.
+    pub learning: Option<PoolLearning>,
+    /// How long its learning took in the current term, once it ended.
+    pub learned_after: Option<std::time::Duration>,
 }
 
 /// A pause a pool inherits from an ancestor: which one, until when, and why.
@@ -97,6 +101,8 @@ impl Scheduler {
                 held: p.health.held,
                 held_until: self.holds_at(&p.id),
                 breaker: p.health.view(),
+                learning: self.pool_learning(&p.id),
+                learned_after: p.learned_after,
             })
             .collect();
         pools.sort_by(|a, b| {

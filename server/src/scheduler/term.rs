@@ -32,7 +32,8 @@ impl Scheduler {
 
     /// Starts a leadership term: every pool's next fencing token becomes at least `first_token`
     /// (pools created later too), and nothing new is granted for `learning` so that the previous
-    /// leader's leases can be re-presented first.
+    /// leader's leases can be re-presented first: every pool learns until then, or until its leases
+    /// are back once [`Scheduler::take_over`] gave it the previous leader's counts.
     pub fn begin_term(&mut self, now: Instant, first_token: u64, learning: Duration) -> Decisions {
         let mut out = Decisions::default();
         self.advance(now, &mut out);
@@ -46,6 +47,7 @@ impl Scheduler {
         if !learning.is_zero() {
             let until = time::after(now, learning);
             self.learning_until = Some(self.learning_until.map_or(until, |t| t.max(until)));
+            self.start_learning(now);
         }
         self.settle(now, &mut out);
         out

@@ -18,6 +18,7 @@ mod order;
 mod pause_on_429;
 mod reconfigure;
 mod resume;
+mod takeover;
 mod term;
 
 use std::{collections::BTreeMap, time::Duration};

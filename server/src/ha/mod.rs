@@ -41,17 +41,23 @@
 //!   it only starts over with a new lease once etcd says the old one is gone or it could not renew
 //!   it within the TTL. It follows the leader's address through a new Observe call likewise.
 //!
+//! # Durable state
+//! In etcd, written only in transactions guarded by the term's epoch (a deposed leader's writes fail):
+//! the pool set (Admin changes, `/slotd/{election}/pools`) and the runtime state (pauses, adaptive
+//! headroom, breakers and per-pool held counts, `/slotd/{election}/runtime`, see [`runtime`]).
+//!
 //! # Taking over
-//! A new leader starts its term ([`crate::scheduler::Scheduler::begin_term`]) with a learning period
-//! covering the longest lease TTL of its pools: clients re-present their leases with their resume
-//! credentials (the key file is shared by every member), nothing new is granted meanwhile, and new
-//! waiters queue.
+//! A new leader reads the pool set and the runtime state, then starts its term
+//! ([`crate::scheduler::Scheduler::begin_term`] and [`crate::scheduler::Scheduler::take_over`]) with a
+//! learning period covering the longest lease TTL of its pools: clients re-present their leases with
+//! their resume credentials (the key file is shared by every member), and new waiters queue. Pauses
+//! merge with max, headroom and breakers are restored, and each pool grants again as soon as every
+//! lease the previous leader last reported on it is back (or when the period ends).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
-    WatchOptions, WatchStream,
+    Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchStream,
 };
 use slotd_proto::v1::{admin_server, slotd_server};
 use tokio::{sync::watch, time::Instant};
@@ -64,6 +70,8 @@ use crate::{
     driver::{DriverHandle, Pools},
     state,
 };
+
+pub mod runtime;
 
 /// The metadata key naming the leader's advertised address on a standby's UNAVAILABLE.
 pub use slotd_proto::LEADER_HEADER;
@@ -152,7 +160,8 @@ impl RoleReader {
         )?;
         let learning = prometheus::Gauge::new(
             "slotd_ha_learning_seconds",
-            "Learning period of the term this member leads or last led: no new grants, only resumes.",
+            "Learning period of the term this member leads or last led: the longest a pool grants nothing \
+             new (each pool ends it once its leases are back; see slotd_ha_learning_pool_seconds).",
         )?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(epoch.clone()))?;
@@ -210,7 +219,8 @@ pub enum HaError {
     Fatal(String),
 }
 
-/// The leader's durable state in etcd (the pool set Admin changes), written in transactions that
+/// The leader's durable state in etcd (the pool set Admin changes, and the runtime state of
+/// [`runtime`]), written in transactions that
 /// only succeed while this term's leader key exists with this term's create revision: a deposed
 /// leader's writes fail. Shared by the election task (which opens and closes the term) and the
 /// Admin service.
@@ -229,6 +239,7 @@ struct TermStore {
     leader_key: Vec<u8>,
     epoch: i64,
     pools_key: String,
+    runtime_key: String,
     timeout: Duration,
 }
 
@@ -254,27 +265,48 @@ impl Durable {
             return Err("this member is not the leader".into());
         };
         let text = state::encode(pools)?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(t.leader_key.clone(), CompareOp::Equal, t.epoch)])
-            .and_then([TxnOp::put(t.pools_key.clone(), text, None)]);
-        let resp = tokio::time::timeout(t.timeout, t.client.clone().txn(txn))
+        runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.pools_key, text, t.timeout)
             .await
-            .map_err(|_| "etcd did not answer in time".to_owned())?
-            .map_err(|e| e.to_string())?;
-        if !resp.succeeded() {
-            return Err(format!("epoch {} is over: this member was deposed", t.epoch));
-        }
-        Ok(())
+            .map_err(|e| e.to_string())
     }
 
-    /// On a graceful stop, after granting stopped: revokes this member's etcd lease, so that its
+    /// Writes the runtime state document under this term's epoch.
+    ///
+    /// # Cancel safety
+    /// Dropping it may or may not have written the document.
+    pub async fn save_runtime(&self, text: String) -> Result<(), runtime::PutError> {
+        let term = self.0.lock().await;
+        let Some(t) = term.as_ref() else {
+            return Err(runtime::PutError::Closed);
+        };
+        runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.runtime_key, text, t.timeout).await
+    }
+
+    /// On a graceful stop, after granting stopped: writes the runtime state a last time, then revokes
+    /// this member's etcd lease, so that its
     /// candidacy key (and leadership) goes at once and the next member takes over without waiting
     /// out the lease TTL.
     ///
     /// # Cancel safety
     /// Dropping it may or may not have revoked the lease; etcd expires it after its TTL anyway.
-    pub async fn resign(&self) {
-        *self.0.lock().await = None;
+    pub async fn resign(&self, handle: &DriverHandle) {
+        // Last, the exact held counts (nothing is granted any more), so that the next leader's pools
+        // leave learning as soon as these leases are back.
+        if let Some(t) = self.0.lock().await.take()
+            && let Ok((_, st)) = handle.runtime_state().await
+        {
+            let written = match runtime::encode(&st, t.epoch as u64, runtime::Clock::now()) {
+                Ok(text) => {
+                    runtime::put_guarded(&t.client, &t.leader_key, t.epoch, &t.runtime_key, text, t.timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                warn!(error = %e, "cannot write the final runtime state; the next leader uses the last one");
+            }
+        }
         let candidacy = self.1.lock().ok().and_then(|mut c| c.take());
         if let Some(c) = candidacy {
             let mut client = c.client;
@@ -508,14 +540,41 @@ async fn lead(
         }
         _ => return depose(m, "cannot read the stored pools from etcd".into()).await,
     }
+    // The previous leaders' pauses, headroom, breakers and held counts.
+    let state = match runtime::read(client, &m.cfg.election, call).await {
+        Ok(s) => s,
+        Err(e) => return depose(m, format!("cannot read the runtime state from etcd: {e}")).await,
+    };
+    let runtime_key = runtime::runtime_key(&m.cfg.election);
     m.durable
-        .open(TermStore { client: client.clone(), leader_key: key.clone(), epoch, pools_key, timeout: call })
+        .open(TermStore {
+            client: client.clone(),
+            leader_key: key.clone(),
+            epoch,
+            pools_key,
+            runtime_key,
+            timeout: call,
+        })
         .await;
-    if m.handle.begin_term(first_token, learning).await.is_err()
-        || m.handle.set_grant_deadline(Some(deadline(renewal.renewed))).await.is_err()
-    {
+    let term_epoch = epoch as u64;
+    let inherited = state.is_some();
+    if m.handle.begin_term(first_token, learning, state).await.is_err() {
         return HaError::Fatal("the scheduler stopped".into());
     }
+    // Published before serving: a missing document then means no leader served since.
+    let published = match runtime::publish_now(&m.handle, &m.durable, term_epoch).await {
+        Ok(s) => s,
+        Err(e) => return depose(m, format!("cannot write the runtime state on taking over: {e}")).await,
+    };
+    if m.handle.set_grant_deadline(Some(deadline(renewal.renewed))).await.is_err() {
+        return HaError::Fatal("the scheduler stopped".into());
+    }
+    let mut publisher = AbortOnDrop(tokio::spawn(runtime::publish(
+        m.handle.clone(),
+        m.durable.clone(),
+        term_epoch,
+        published,
+    )));
     m.role.send_modify(|s| {
         s.role = Role::Leader;
         s.epoch = epoch as u64;
@@ -524,7 +583,13 @@ async fn lead(
         s.learning = learning;
     });
     set_health(&m.health, Role::Leader).await;
-    info!(epoch, first_token, learning_secs = learning.as_secs_f64(), "elected leader: term started");
+    info!(
+        epoch,
+        first_token,
+        learning_secs = learning.as_secs_f64(),
+        inherited,
+        "elected leader: term started"
+    );
     let mut next = Instant::now() + call;
     loop {
         let fence = deadline(renewal.renewed);
@@ -554,6 +619,10 @@ async fn lead(
                     }
                 }
                 next = Instant::now() + if renewed && watch.is_some() { call } else { RENEW_RETRY };
+            }
+            why = &mut publisher.0 => {
+                let why = why.unwrap_or_else(|e| format!("the runtime publisher failed: {e}"));
+                return depose(m, format!("runtime state write refused: {why}")).await;
             }
             event = next_event(&mut watch) => match event {
                 Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => {
@@ -634,9 +703,9 @@ async fn follow(client: Client, election: String, role: watch::Sender<RoleState>
 }
 
 /// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

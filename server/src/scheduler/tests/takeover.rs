@@ -1,0 +1,278 @@
+//! Taking over from an earlier leader: its runtime state (pauses merged with max, headroom, breakers)
+//! and learning per pool, ending early once the pool's leases are back.
+
+use super::*;
+
+fn resume_req(s: &Scheduler, lease_id: LeaseId, token: u64, pool: &str) -> ResumeRequest {
+    let credential = s.cfg.lease_key.credential(lease_id, FencingToken(token), &pid(pool), "");
+    ResumeRequest {
+        lease_id,
+        token: FencingToken(token),
+        pool: pid(pool),
+        priority: Priority::DEFAULT,
+        ttl: None,
+        holder: "".into(),
+        credential,
+    }
+}
+
+#[track_caller]
+fn readopt(s: &mut Scheduler, now: Instant, session: SessionId, lease: u128, token: u64, pool: &str) {
+    let r = resume_req(s, LeaseId(lease), token, pool);
+    let d = s.resume(now, session, r);
+    assert!(
+        d.events.iter().any(|(_, e)| matches!(e, Event::LeaseResumed { .. })),
+        "lease {lease} on {pool} not re-adopted: {d:?}"
+    );
+}
+
+fn learning(s: &Scheduler, pool: &str) -> Option<PoolLearning> {
+    pool_snap(s, pool).learning
+}
+
+/// Held counts as the previous leader published them.
+fn counts(list: &[(&str, u32)]) -> RuntimeState {
+    RuntimeState {
+        pools: list
+            .iter()
+            .map(|(p, n)| (pid(p), PoolRuntime { held: Some(*n), ..PoolRuntime::default() }))
+            .collect(),
+    }
+}
+
+/// What the old leader publishes comes back as its held counts (a parent's is its subtree's),
+/// pauses, headroom and breakers, at the instant asked.
+#[test]
+fn the_runtime_state_lists_pauses_headroom_breakers_and_subtree_counts() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("g", limit(4)), ("a", child("g", 3)), ("b", child("g", 3))], t0);
+    let x = s.open_session();
+    granted(&s.request(t0, x, req("r1", "a")), x, "r1");
+    granted(&s.request(t0, x, req("r2", "a")), x, "r2");
+    granted(&s.request(t0, x, req("r3", "b")), x, "r3");
+    s.pause_pool(t0, &pid("b"), secs(5), "maintenance").unwrap();
+    s.report_rate_limit(t0, &pid("a"), Some(secs(1)), "").unwrap();
+    s.force_breaker(t0, &pid("g"), ForceBreaker::Open, "").unwrap();
+
+    let st = s.runtime_state(t0 + secs(1));
+    let (g, a, b) = (&st.pools[&pid("g")], &st.pools[&pid("a")], &st.pools[&pid("b")]);
+    assert_eq!((g.held, a.held, b.held), (Some(3), Some(2), Some(1)), "a parent's count is its subtree's");
+    assert_eq!(b.paused_until, Some(t0 + secs(5)));
+    assert_eq!(&*b.pause_reason, "paused by an operator: maintenance");
+    assert_eq!(a.paused_until, None, "a pause that ended is not published");
+    assert_eq!(a.effective, Some(2), "adaptive headroom learned one step down");
+    assert!(a.recover_at.is_some());
+    assert_eq!(g.breaker, BreakerRuntime::Open { until: None }, "forced open");
+    assert_eq!(b.breaker, BreakerRuntime::Closed);
+    assert_eq!(s.runtime_state(t0 + secs(1)), st, "the same state compares equal (publish on change)");
+}
+
+/// Pauses merge with max: a later pause the new leader already has stays, an earlier one is
+/// extended. Headroom and breakers are restored.
+#[test]
+fn a_takeover_merges_pauses_with_max_and_restores_headroom_and_breakers() {
+    let t0 = Instant::now();
+    let list = [("p", limit(4)), ("q", limit(4)), ("r", limit(4)), ("h", limit(4)), ("f", limit(4))];
+    let mut s = sched(&list, t0);
+    let x = s.open_session();
+    // The new leader's own pauses: q's ends later than the stored one, p's earlier.
+    s.pause_pool(t0, &pid("p"), secs(2), "mine").unwrap();
+    s.pause_pool(t0, &pid("q"), secs(9), "mine").unwrap();
+    let paused = |until: Instant, why: &str| PoolRuntime {
+        paused_until: Some(until),
+        pause_reason: why.into(),
+        ..PoolRuntime::default()
+    };
+    let mut st = RuntimeState::default();
+    st.pools.insert(pid("p"), paused(t0 + secs(5), "old p"));
+    st.pools.insert(pid("q"), paused(t0 + secs(6), "old q"));
+    st.pools.insert(
+        pid("r"),
+        PoolRuntime { effective: Some(2), recover_at: Some(t0 + secs(30)), ..PoolRuntime::default() },
+    );
+    st.pools.insert(
+        pid("h"),
+        PoolRuntime {
+            breaker: BreakerRuntime::Open { until: Some(t0 + secs(3)) },
+            opens: 2,
+            ..PoolRuntime::default()
+        },
+    );
+    st.pools.insert(
+        pid("f"),
+        PoolRuntime { breaker: BreakerRuntime::Open { until: None }, ..PoolRuntime::default() },
+    );
+    st.pools.insert(pid("gone"), paused(t0 + secs(5), "a pool this leader does not have"));
+
+    s.take_over(t0 + ms(1), Some(&st));
+    assert_eq!(pool_snap(&s, "p").paused_until, Some(t0 + secs(5)), "the later stored pause wins");
+    assert_eq!(&*pool_snap(&s, "p").pause_reason, "old p");
+    assert_eq!(pool_snap(&s, "q").paused_until, Some(t0 + secs(9)), "the later own pause stays");
+    assert_eq!(pool_snap(&s, "r").effective_limit, 2);
+    let h = pool_snap(&s, "h").breaker;
+    assert_eq!((h.state, h.opens, h.forced), (BreakerState::Open { until: Some(t0 + secs(3)) }, 2, false));
+    let f = pool_snap(&s, "f").breaker;
+    assert_eq!((f.state, f.forced), (BreakerState::Open { until: None }, true));
+    s.check_invariants(t0 + ms(1));
+
+    // The restored limits gate grants: r grants 2, h nothing until half-open, p nothing until 5 s.
+    for i in 0..3 {
+        s.request(t0 + ms(2), x, req(&format!("r{i}"), "r"));
+    }
+    assert_eq!(load(&s, "r").0, 2);
+    assert!(grants(&s.request(t0 + ms(2), x, req("h", "h"))).is_empty());
+    assert!(grants(&s.request(t0 + ms(2), x, req("p", "p"))).is_empty());
+    assert_eq!(grants(&s.tick(t0 + secs(3))), vec![(x, "h".to_owned())], "the probe after the open timeout");
+    assert_eq!(grants(&s.tick(t0 + secs(5))), vec![(x, "p".to_owned())]);
+    // Headroom recovers from the stored instant on.
+    assert_eq!(grants(&s.tick(t0 + secs(30))), vec![(x, "r2".to_owned())]);
+}
+
+/// A stored open breaker whose timeout ran out comes back half-open; a pool the new leader already
+/// has open keeps its own state (its open count merges with max).
+#[test]
+fn an_expired_stored_breaker_comes_back_half_open() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2)), ("q", limit(2))], t0);
+    s.force_breaker(t0, &pid("q"), ForceBreaker::Open, "").unwrap();
+    let mut st = RuntimeState::default();
+    let open =
+        |until| PoolRuntime { breaker: BreakerRuntime::Open { until }, opens: 4, ..PoolRuntime::default() };
+    st.pools.insert(pid("p"), open(Some(t0)));
+    st.pools.insert(pid("q"), open(Some(t0 + secs(60))));
+    s.take_over(t0 + ms(1), Some(&st));
+    assert_eq!(pool_snap(&s, "p").breaker.state, BreakerState::HalfOpen { probe: None });
+    let q = pool_snap(&s, "q").breaker;
+    assert_eq!((q.state, q.forced, q.opens), (BreakerState::Open { until: None }, true, 4));
+}
+
+/// Learning is per pool: a pool leaves it once its subtree's leases are back (the count the old
+/// leader published), a pool with a published 0 at once, and a child grants only when its whole
+/// chain has left learning.
+#[test]
+fn learning_ends_per_pool_once_its_subtree_leases_are_back() {
+    let t0 = Instant::now();
+    let list = [("g", limit(4)), ("a", child("g", 2)), ("b", child("g", 2)), ("q", limit(2))];
+    let mut s = sched(&list, t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    s.take_over(t0, Some(&counts(&[("g", 2), ("a", 1), ("b", 1), ("q", 0)])));
+    assert!(s.snapshot(None).unwrap().learning, "the term's period still bounds re-creation");
+    assert_eq!(learning(&s, "q"), None, "a published 0: no learning");
+    assert_eq!(pool_snap(&s, "q").learned_after, Some(Duration::ZERO));
+    assert_eq!(grants(&s.request(t0, x, req("q", "q"))), vec![(x, "q".to_owned())]);
+    assert_eq!(learning(&s, "g"), Some(PoolLearning { until: t0 + secs(10), expected: Some(2), back: 0 }));
+
+    let d = s.request(t0, x, req("new-a", "a"));
+    assert_only(&d, x, queued("new-a", 0));
+    assert_eq!(pool_snap(&s, "a").gate, Some(Closed::Learning));
+    // a's lease is back: a is done, but g waits for b's.
+    readopt(&mut s, t0 + ms(100), x, 1, 5, "a");
+    assert_eq!(learning(&s, "a"), None);
+    assert_eq!(pool_snap(&s, "a").learned_after, Some(ms(100)));
+    assert_eq!(learning(&s, "g").map(|l| (l.expected, l.back)), Some((Some(2), 1)));
+    assert!(s.tick(t0 + ms(150)).events.is_empty(), "g still learns");
+    s.check_invariants(t0 + ms(150));
+    // b's is back too: g leaves learning, and the waiter under it is granted at once.
+    let r = resume_req(&s, LeaseId(2), 9, "b");
+    let d = s.resume(t0 + ms(200), x, r);
+    assert_eq!(grants(&d), vec![(x, "new-a".to_owned())]);
+    assert_eq!(s.learning_took(), Some(ms(200)));
+    assert_eq!(load(&s, "g").0, 3);
+    // Re-creation still works for the rest of the period (a lease granted after the last publish).
+    readopt(&mut s, t0 + secs(1), x, 3, 6, "b");
+    s.check_invariants(t0 + secs(1));
+}
+
+/// Leaving learning never bypasses the limit: with every lease back and the pool full, a new request
+/// waits for a release.
+#[test]
+fn a_pool_out_of_learning_still_grants_only_below_its_limit() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2))], t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    s.take_over(t0, Some(&counts(&[("p", 2)])));
+    readopt(&mut s, t0, x, 1, 1, "p");
+    readopt(&mut s, t0, x, 2, 2, "p");
+    assert_eq!(learning(&s, "p"), None);
+    let d = s.request(t0, x, req("new", "p"));
+    assert_only(&d, x, queued("new", 0));
+    assert_eq!(pool_snap(&s, "p").gate, Some(Closed::Full(pid("p"))));
+    let d = s.release(t0 + ms(1), x, LeaseId(1), Outcome::Ok);
+    assert_eq!(grants(&d), vec![(x, "new".to_owned())]);
+}
+
+/// A re-adopted lease that ends still counts as back: the count is cumulative.
+#[test]
+fn a_released_readopted_lease_still_counts_as_back() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(3))], t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    s.take_over(t0, Some(&counts(&[("p", 2)])));
+    s.request(t0, x, req("new", "p"));
+    readopt(&mut s, t0, x, 1, 1, "p");
+    assert!(grants(&s.release(t0 + ms(1), x, LeaseId(1), Outcome::Ok)).is_empty());
+    let r = resume_req(&s, LeaseId(2), 2, "p");
+    assert_eq!(grants(&s.resume(t0 + ms(2), x, r)), vec![(x, "new".to_owned())]);
+}
+
+/// Without a published state every pool learns for the whole period, and a pool created during it
+/// too; with one, a pool it does not list (the old leader held nothing there) does not learn.
+#[test]
+fn without_a_published_state_every_pool_learns_the_whole_period() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(2))], t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    s.take_over(t0, None);
+    assert_eq!(learning(&s, "p").map(|l| l.expected), Some(None));
+    s.request(t0, x, req("a", "p"));
+    readopt(&mut s, t0, x, 1, 1, "p");
+    s.set_pools(t0 + ms(1), pools(&[("p", limit(2)), ("n", limit(1))])).unwrap();
+    assert!(learning(&s, "n").is_some(), "a pool created while learning without a state learns");
+    assert!(grants(&s.tick(t0 + secs(10) - ms(1))).is_empty());
+    assert_eq!(grants(&s.tick(t0 + secs(10))), vec![(x, "a".to_owned())]);
+    assert_eq!(pool_snap(&s, "p").learned_after, Some(secs(10)));
+    assert_eq!(s.learning_took(), Some(secs(10)));
+
+    // With a state that does not list a pool: it does not learn, nor one created during the period.
+    let mut s = sched(&[("p", limit(2)), ("q", limit(2))], t0);
+    s.begin_term(t0, 1 << 32, secs(10));
+    s.take_over(t0, Some(&counts(&[("p", 1)])));
+    assert_eq!(learning(&s, "q"), None);
+    assert!(learning(&s, "p").is_some());
+    s.set_pools(t0 + ms(1), pools(&[("p", limit(2)), ("q", limit(2)), ("n", limit(1))])).unwrap();
+    assert_eq!(learning(&s, "n"), None);
+    assert_eq!(s.learning_took(), None, "p still learns");
+}
+
+/// A leader taking over during learning publishes what its successor must still wait for: its own
+/// leases plus those reported but not back yet, or no count when it learns without one.
+#[test]
+fn a_learning_leader_publishes_the_leases_still_missing() {
+    let t0 = Instant::now();
+    let mut s = sched(&[("p", limit(4)), ("q", limit(4))], t0);
+    let x = s.open_session();
+    s.begin_term(t0, 1 << 32, secs(10));
+    assert_eq!(s.runtime_state(t0).pools[&pid("p")].held, None, "learning without a count: no count");
+    s.take_over(t0, Some(&counts(&[("p", 3)])));
+    readopt(&mut s, t0, x, 1, 1, "p");
+    let st = s.runtime_state(t0);
+    assert_eq!(st.pools[&pid("p")].held, Some(3), "1 back and held, 2 still missing");
+    assert_eq!(st.pools[&pid("q")].held, Some(0));
+
+    // Its successor waits for all three.
+    let mut next = sched(&[("p", limit(4)), ("q", limit(4))], t0);
+    next.begin_term(t0 + ms(1), 2 << 32, secs(10));
+    next.take_over(t0 + ms(1), Some(&st));
+    assert_eq!(learning(&next, "p").and_then(|l| l.expected), Some(3));
+    // A state with no count for a pool: it learns for the whole period.
+    let mut unknown = st.clone();
+    unknown.pools.get_mut(&pid("p")).unwrap().held = None;
+    let mut next = sched(&[("p", limit(4))], t0);
+    next.begin_term(t0, 2 << 32, secs(10));
+    next.take_over(t0, Some(&unknown));
+    assert_eq!(learning(&next, "p"), Some(PoolLearning { until: t0 + secs(10), expected: None, back: 0 }));
+}
