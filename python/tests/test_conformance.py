@@ -56,8 +56,9 @@ def test_retry_backoff_outside_the_lease(daemon: Daemon, provider: Provider) -> 
         with httpx.Client(transport=slotd.httpx.LeaseTransport(c, pool="one")) as http:
             first = http.post(f"{provider.url}/429-once")
             assert first.status_code == 429
-            # The backoff (as an SDK's retry loop would sleep): nobody holds the slot meanwhile.
-            assert daemon.in_flight("one") == 0
+            # The backoff (as an SDK's retry loop would sleep): nobody holds the slot meanwhile. The
+            # release travels on the stream, so it is seen by Status shortly after the response.
+            eventually(lambda: daemon.in_flight("one") == 0, "the 429 attempt's lease released")
             time.sleep(0.1)
             assert daemon.in_flight("one") == 0
             retry = http.post(f"{provider.url}/429-once")
