@@ -214,7 +214,7 @@ impl Cluster {
 
     /// The election name every member campaigns under (from the shared config).
     pub fn election(&self) -> String {
-        let toml = std::fs::read_to_string(self.dir.join("slotd.toml")).expect("the members' config");
+        let toml = std::fs::read_to_string(self.dir.join("slotd-0.toml")).expect("the members' config");
         let line = toml.lines().find_map(|l| l.strip_prefix("election = ")).expect("an election name");
         line.trim_matches('"').to_owned()
     }
