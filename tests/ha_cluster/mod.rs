@@ -10,11 +10,17 @@ use std::{
 };
 
 use slotd_proto::v1::{self as pb, server_message::Msg, slotd_client::SlotdClient};
-use slotd_test_support::{Agent, etcd::Etcd, process::Slotd};
+use slotd_test_support::{
+    Agent, TcpProxy,
+    etcd::Etcd,
+    process::{PROCESS_TIMEOUT, Slotd},
+};
 use tonic::{Code, transport::Channel};
 
 /// The etcd lease TTL of every member (etcd's own minimum is about 2 s).
 pub const LEASE_TTL: &str = "2s";
+/// Every member's `[ha] margin`: a leader stops granting at its last keepalive + TTL − this.
+pub const MARGIN: Duration = Duration::from_millis(500);
 /// Longest a lease can live: also the new leader's learning period.
 pub const MAX_TTL: Duration = Duration::from_secs(3);
 /// How long a failover may take before a test fails: TTL + learning + a margin for a loaded machine.
@@ -25,11 +31,14 @@ pub struct Cluster {
     pub etcd: Etcd,
     pub dir: PathBuf,
     pub members: Vec<Option<Slotd>>,
+    /// With [`cluster_via_proxies`]: member `i` reaches etcd through `proxies[i]` only.
+    pub proxies: Vec<TcpProxy>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.members.clear();
+        self.proxies.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -56,6 +65,19 @@ pub fn cluster_with(limit: u32, lease_ttl: &str) -> Option<Cluster> {
 /// table header (more pools, `[pools.p.*]` tables, scheduler settings).
 #[track_caller]
 pub fn cluster_config(limit: u32, lease_ttl: &str, extra: &str) -> Option<Cluster> {
+    start_cluster(limit, lease_ttl, extra, false)
+}
+
+/// [`cluster_config`], but each member reaches etcd through its own [`TcpProxy`]
+/// (`Cluster::proxies[i]`), so that a test can cut one member from etcd while the others, and the
+/// clients, still reach everything.
+#[track_caller]
+pub fn cluster_via_proxies(limit: u32, lease_ttl: &str, extra: &str) -> Option<Cluster> {
+    start_cluster(limit, lease_ttl, extra, true)
+}
+
+#[track_caller]
+fn start_cluster(limit: u32, lease_ttl: &str, extra: &str, via_proxies: bool) -> Option<Cluster> {
     let Some(etcd) = Etcd::start() else {
         eprintln!("SKIPPED: no `etcd` binary on PATH (apt-get install etcd-server; .ci/run installs it)");
         return None;
@@ -64,18 +86,25 @@ pub fn cluster_config(limit: u32, lease_ttl: &str, extra: &str) -> Option<Cluste
     std::fs::create_dir_all(&dir).expect("temp dir");
     let key = dir.join("lease.key");
     write_key(&key);
-    let config = dir.join("slotd.toml");
     let ttl = format!("{}s", MAX_TTL.as_secs());
-    let toml = format!(
-        "key_file = {key:?}\n\
-         [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
-         [ha]\netcd = [\"{}\"]\nelection = \"e-{}\"\nlease_ttl = \"{lease_ttl}\"\nmargin = \"500ms\"\n",
-        etcd.url,
-        unique()
-    ) + extra;
-    std::fs::write(&config, toml).expect("write config");
-    let members = (0..3).map(|_| Some(member(&config))).collect();
-    Some(Cluster { etcd, dir, members })
+    let election = format!("e-{}", unique());
+    let proxies: Vec<TcpProxy> =
+        if via_proxies { (0..3).map(|_| TcpProxy::start(etcd.addr)).collect() } else { Vec::new() };
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let endpoint = proxies.get(i).map_or_else(|| etcd.url.clone(), TcpProxy::url);
+        let toml = format!(
+            "key_file = {key:?}\n\
+             [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
+             [ha]\netcd = [\"{endpoint}\"]\nelection = \"{election}\"\nlease_ttl = \"{lease_ttl}\"\n\
+             margin = \"{}ms\"\n",
+            MARGIN.as_millis()
+        ) + extra;
+        let config = dir.join(format!("slotd-{i}.toml"));
+        std::fs::write(&config, toml).expect("write config");
+        members.push(Some(member(&config)));
+    }
+    Some(Cluster { etcd, dir, members, proxies })
 }
 
 /// The env var that makes [`ha_member`] a member serving this config file.
@@ -185,7 +214,7 @@ impl Cluster {
 
     /// The election name every member campaigns under (from the shared config).
     pub fn election(&self) -> String {
-        let toml = std::fs::read_to_string(self.dir.join("slotd.toml")).expect("the members' config");
+        let toml = std::fs::read_to_string(self.dir.join("slotd-0.toml")).expect("the members' config");
         let line = toml.lines().find_map(|l| l.strip_prefix("election = ")).expect("an election name");
         line.trim_matches('"').to_owned()
     }
@@ -223,6 +252,29 @@ impl Cluster {
     pub fn metrics(&self, i: usize) -> std::net::SocketAddr {
         let m = self.members[i].as_ref().expect("a live member").metrics.as_deref().expect("metrics address");
         m.parse().expect("a socket address")
+    }
+
+    /// Waits (up to [`PROCESS_TIMEOUT`]) for member `i` to exit on its own, takes it out of the
+    /// cluster and returns its exit code (`None`: killed by a signal).
+    #[track_caller]
+    pub fn wait_exit(&mut self, i: usize) -> impl std::future::Future<Output = Option<i32>> + '_ {
+        let at = std::panic::Location::caller();
+        async move {
+            let deadline = Instant::now() + PROCESS_TIMEOUT;
+            let m = self.members[i].as_mut().expect("a live member");
+            let code = loop {
+                if let Some(code) = m.try_exit() {
+                    break code;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{at}: member {i} did not exit within {PROCESS_TIMEOUT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            self.members[i] = None;
+            code
+        }
     }
 
     pub fn signal(&self, i: usize, sig: libc::c_int) {

@@ -24,6 +24,23 @@
 //! member is deposed: it ends all its streams at once and [`run`] returns, so the daemon exits and
 //! its supervisor starts it again as a standby.
 //!
+//! # When etcd fails under the leader
+//! - A broken link to etcd (etcd restarting, a network cut) is not a deposition by itself: the leader
+//!   keeps serving its clients until its grant deadline and meanwhile reopens its keepalive stream
+//!   every [`RENEW_RETRY`] (the etcd client reconnects underneath). A renewal that gets through in
+//!   time moves the deadline on, and the term goes on; otherwise it is deposed at the deadline.
+//! - Only etcd itself saying the lease is gone (a keepalive answered with TTL 0) deposes at once.
+//! - The watch on the leader key is opened after a read that checks the key still exists with this
+//!   term's create revision, from the revision after that read. When the watch ends (etcd
+//!   restarted, the link broke, the watch was compacted away) it is opened again the same way as
+//!   soon as a renewal gets through, so a deletion during the outage is still seen.
+//! - A renewal proves the lease alive only from the instant its request was sent; a new candidacy's
+//!   first proof is the instant its lease was asked for, never a later one.
+//! - A standby whose campaign call fails (etcd restarting) campaigns again with the same lease,
+//!   which keeps its candidacy key and its place in line, and keeps renewing the lease meanwhile;
+//!   it only starts over with a new lease once etcd says the old one is gone or it could not renew
+//!   it within the TTL. It follows the leader's address through a new Observe call likewise.
+//!
 //! # Durable state
 //! In etcd, written only in transactions guarded by the term's epoch (a deposed leader's writes fail):
 //! the pool set (Admin changes, `/slotd/{election}/pools`) and the runtime state (pauses, adaptive
@@ -39,7 +56,9 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use etcd_client::{Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchStream,
+};
 use slotd_proto::v1::{admin_server, slotd_server};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Status, metadata::MetadataValue};
@@ -64,6 +83,9 @@ pub const EPOCH_SHIFT: u32 = 32;
 pub const MAX_EPOCH: u64 = (1 << 31) - 1;
 /// Longest wait between two attempts to reach etcd.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+/// How soon a failed renewal, a broken keepalive stream or watch, or a failed campaign call is
+/// tried again (renewals are otherwise a third of the lease TTL apart).
+pub const RENEW_RETRY: Duration = Duration::from_millis(100);
 
 /// This member's role.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -365,32 +387,45 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
     let opts = ConnectOptions::new().with_connect_timeout(call);
     let mut client = Client::connect(&m.cfg.etcd, Some(opts)).await?;
     debug!("connected to etcd");
+    // The lease lives from (at the latest) the instant it was asked for: its first proof.
+    let asked = Instant::now();
     let granted = within(call, client.lease_grant(ttl.as_secs() as i64, None)).await??;
     let lease = granted.id();
     // etcd may raise a TTL below its minimum: fence on what it granted.
     let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0)).max(ttl);
     debug!(lease, ?ttl, "etcd lease granted");
     m.durable.candidacy(Some(Candidacy { client: client.clone(), lease, timeout: call }));
-    let (mut keeper, mut acks) = client.lease_keep_alive(lease).await?;
-    let mut renewed = Instant::now();
-    let mut outstanding = VecDeque::new();
+    let stream = within(call, client.lease_keep_alive(lease)).await??;
+    let mut renewal = Renewal { lease, stream: Some(stream), outstanding: VecDeque::new(), renewed: asked };
 
     // Follow the leader's address while standing by. Its own task: etcd answers Observe only once
     // there is a leader, so the call itself may wait for a long time.
     let follow = AbortOnDrop(tokio::spawn(follow(client.clone(), m.cfg.election.clone(), m.role.clone())));
     let mut election = client.election_client();
-    let campaign = election.campaign(m.cfg.election.clone(), m.advertise.clone(), lease);
-    tokio::pin!(campaign);
-    let mut tick = tokio::time::interval(call);
-    let won = loop {
-        tokio::select! {
-            res = &mut campaign => break res?,
-            _ = tick.tick() => {
-                renewed = keepalive(&mut keeper, &mut acks, &mut outstanding, call).await?.unwrap_or(renewed);
-                if renewed.elapsed() >= ttl {
-                    return Err(etcd_client::Error::LeaseKeepAliveError("candidacy lease expired".into()));
+    let mut next = Instant::now() + call;
+    let won = 'campaign: loop {
+        let campaign = election.campaign(m.cfg.election.clone(), m.advertise.clone(), lease);
+        tokio::pin!(campaign);
+        let failed = loop {
+            tokio::select! {
+                res = &mut campaign => match res {
+                    Ok(won) => break 'campaign won,
+                    Err(e) => break e,
+                },
+                () = tokio::time::sleep_until(next) => {
+                    let renewed = renewal.round(&mut client, call).await?;
+                    if renewal.renewed.elapsed() >= ttl {
+                        return Err(etcd_client::Error::LeaseKeepAliveError("candidacy lease lapsed".into()));
+                    }
+                    next = Instant::now() + if renewed { call } else { RENEW_RETRY };
                 }
             }
+        };
+        // etcd restarting, say: the same lease keeps this candidacy's key and place in line.
+        debug!(error = %failed, "campaign call failed; campaigning again with the same lease");
+        tokio::time::sleep(RENEW_RETRY).await;
+        if renewal.renewed.elapsed() >= ttl {
+            return Err(failed);
         }
     };
     drop(follow);
@@ -401,45 +436,80 @@ async fn term(m: &Member) -> Result<HaError, etcd_client::Error> {
     let Some(first_token) = token_base(epoch) else {
         return Ok(HaError::Fatal(format!("epoch {epoch} is beyond {MAX_EPOCH}")));
     };
-    let renewal = Renewal { keeper, acks, outstanding, renewed };
     Ok(lead(m, &mut client, renewal, ttl, epoch, first_token, key).await)
 }
 
-/// The lease keepalive state carried from the candidacy into the term.
+/// This member's etcd lease and its keepalive stream, carried from the candidacy into the term.
 struct Renewal {
-    keeper: LeaseKeeper,
-    acks: LeaseKeepAliveStream,
+    lease: i64,
+    /// `None` after the stream broke: reopened by the next round.
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// Send instants of the requests on `stream` not answered yet, oldest first.
     outstanding: VecDeque<Instant>,
-    /// The send instant of the last request etcd answered.
+    /// The send instant of the last request etcd answered (at first: when the lease was asked for).
     renewed: Instant,
+}
+
+impl Renewal {
+    /// One keepalive round, bounded by `wait`: `Ok(true)` when it renewed (`renewed` moved on),
+    /// `Ok(false)` when it proved nothing this time (no answer in time, or the stream is broken and
+    /// is reopened by the next round), `Err` when etcd says the lease is gone.
+    async fn round(&mut self, client: &mut Client, wait: Duration) -> Result<bool, etcd_client::Error> {
+        let until = Instant::now() + wait;
+        if self.stream.is_none() {
+            match tokio::time::timeout_at(until, client.lease_keep_alive(self.lease)).await {
+                Ok(Ok(stream)) => {
+                    info!(lease = self.lease, "lease keepalive stream reopened");
+                    self.stream = Some(stream);
+                    self.outstanding.clear();
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "cannot reopen the lease keepalive stream yet");
+                    return Ok(false);
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        let Some((keeper, acks)) = self.stream.as_mut() else { return Ok(false) };
+        match keepalive(keeper, acks, &mut self.outstanding, until).await {
+            Ack::Renewed(at) => {
+                self.renewed = at;
+                Ok(true)
+            }
+            Ack::Silent => Ok(false),
+            Ack::Gone => Err(etcd_client::Error::LeaseKeepAliveError("etcd says the lease is gone".into())),
+            Ack::Broken(why) => {
+                warn!(reason = %why, "lease keepalive stream broke; reopening it until the grant deadline");
+                self.stream = None;
+                Ok(false)
+            }
+        }
+    }
 }
 
 /// The leader's loop: renew, fence, watch the leader key; returns why it was deposed.
 async fn lead(
     m: &Member,
     client: &mut Client,
-    renewal: Renewal,
+    mut renewal: Renewal,
     ttl: Duration,
     epoch: i64,
     first_token: u64,
     key: Vec<u8>,
 ) -> HaError {
-    let Renewal { mut keeper, mut acks, mut outstanding, mut renewed } = renewal;
     let margin = m.cfg.margin;
     let call = ttl / 3;
     let deadline = |at: Instant| at + ttl.saturating_sub(margin);
-    let key_bytes = key.clone();
-    let mut deletions = match client.watch(key, Some(WatchOptions::new())).await {
-        Ok(w) => w,
+    let mut watch = match watch_key(client, &key, epoch, call).await {
+        Ok(Some(w)) => Some(w),
+        Ok(None) => return depose(m, "the leader key is gone".into()).await,
         Err(e) => return depose(m, format!("cannot watch the leader key: {e}")).await,
     };
     // Renew once more before serving, so the term starts with a full grant window.
-    match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
-        Ok(Some(at)) => renewed = at,
-        Ok(None) => {}
-        Err(e) => return depose(m, format!("keepalive failed on taking over: {e}")).await,
+    if let Err(e) = renewal.round(client, call).await {
+        return depose(m, format!("keepalive failed on taking over: {e}")).await;
     }
-    if Instant::now() >= deadline(renewed) {
+    if Instant::now() >= deadline(renewal.renewed) {
         return depose(m, "elected too late to serve before the lease could lapse".into()).await;
     }
     // The pools the previous leaders' operators left, stored under their epochs.
@@ -479,31 +549,35 @@ async fn lead(
     m.durable
         .open(TermStore {
             client: client.clone(),
-            leader_key: key_bytes,
+            leader_key: key.clone(),
             epoch,
             pools_key,
             runtime_key,
             timeout: call,
         })
         .await;
-    let epoch = epoch as u64;
+    let term_epoch = epoch as u64;
     let inherited = state.is_some();
     if m.handle.begin_term(first_token, learning, state).await.is_err() {
         return HaError::Fatal("the scheduler stopped".into());
     }
     // Published before serving: a missing document then means no leader served since.
-    let published = match runtime::publish_now(&m.handle, &m.durable, epoch).await {
+    let published = match runtime::publish_now(&m.handle, &m.durable, term_epoch).await {
         Ok(s) => s,
         Err(e) => return depose(m, format!("cannot write the runtime state on taking over: {e}")).await,
     };
-    if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
+    if m.handle.set_grant_deadline(Some(deadline(renewal.renewed))).await.is_err() {
         return HaError::Fatal("the scheduler stopped".into());
     }
-    let mut publisher =
-        AbortOnDrop(tokio::spawn(runtime::publish(m.handle.clone(), m.durable.clone(), epoch, published)));
+    let mut publisher = AbortOnDrop(tokio::spawn(runtime::publish(
+        m.handle.clone(),
+        m.durable.clone(),
+        term_epoch,
+        published,
+    )));
     m.role.send_modify(|s| {
         s.role = Role::Leader;
-        s.epoch = epoch;
+        s.epoch = epoch as u64;
         s.leader = Some(m.advertise.clone());
         s.terms += 1;
         s.learning = learning;
@@ -516,59 +590,115 @@ async fn lead(
         inherited,
         "elected leader: term started"
     );
-    let mut tick = tokio::time::interval(call);
-    let mut watching = true;
+    let mut next = Instant::now() + call;
     loop {
+        let fence = deadline(renewal.renewed);
         tokio::select! {
-            _ = tick.tick() => {
-                if Instant::now() >= deadline(renewed) {
+            () = tokio::time::sleep_until(next.min(fence)) => {
+                let now = Instant::now();
+                if now >= fence {
                     return depose(m, "no successful keepalive within the lease TTL minus the margin".into()).await;
                 }
-                match keepalive(&mut keeper, &mut acks, &mut outstanding, call).await {
-                    Ok(Some(at)) => {
-                        renewed = at;
-                        if m.handle.set_grant_deadline(Some(deadline(renewed))).await.is_err() {
-                            return HaError::Fatal("the scheduler stopped".into());
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => return depose(m, format!("etcd says the lease is gone: {e}")).await,
+                // A round never outlasts the deadline, so the deposition is not late.
+                let renewed = match renewal.round(client, call.min(fence - now)).await {
+                    Ok(r) => r,
+                    Err(e) => return depose(m, e.to_string()).await,
+                };
+                if renewed && m.handle.set_grant_deadline(Some(deadline(renewal.renewed))).await.is_err() {
+                    return HaError::Fatal("the scheduler stopped".into());
                 }
+                // etcd answers again: watch the leader key again, catching a deletion meanwhile.
+                if renewed && watch.is_none() {
+                    match watch_key(client, &key, epoch, call).await {
+                        Ok(Some(w)) => {
+                            info!("watching the leader key again");
+                            watch = Some(w);
+                        }
+                        Ok(None) => return depose(m, "the leader key was deleted while unwatched".into()).await,
+                        Err(e) => debug!(error = %e, "cannot watch the leader key yet"),
+                    }
+                }
+                next = Instant::now() + if renewed && watch.is_some() { call } else { RENEW_RETRY };
             }
             why = &mut publisher.0 => {
                 let why = why.unwrap_or_else(|e| format!("the runtime publisher failed: {e}"));
                 return depose(m, format!("runtime state write refused: {why}")).await;
             }
-            event = deletions.message(), if watching => match event {
+            event = next_event(&mut watch) => match event {
                 Ok(Some(resp)) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => {
                     return depose(m, "the leader key was deleted".into()).await;
                 }
+                Ok(Some(resp)) if resp.canceled() => {
+                    warn!(reason = resp.cancel_reason(), "etcd cancelled the watch on the leader key; watching again");
+                    watch = None;
+                    next = Instant::now();
+                }
                 Ok(Some(_)) => {}
-                // The watch broke (etcd restarting, cut off): keepalives decide from here.
+                // etcd restarting, the link broken: watch again once a renewal gets through.
                 Ok(None) | Err(_) => {
-                    warn!("watch on the leader key ended; relying on keepalives");
-                    watching = false;
+                    warn!("watch on the leader key ended; watching again once etcd answers");
+                    watch = None;
+                    next = Instant::now();
                 }
             },
         }
     }
 }
 
-/// Publishes the leader's advertised address as etcd reports it, until aborted.
-async fn follow(client: Client, election: String, role: watch::Sender<RoleState>) {
-    let mut observe = match client.election_client().observe(election).await {
-        Ok(o) => o,
-        Err(e) => return warn!(error = %e, "cannot observe the election"),
+/// The next message of the watch, or never without one.
+async fn next_event(
+    watch: &mut Option<WatchStream>,
+) -> Result<Option<etcd_client::WatchResponse>, etcd_client::Error> {
+    match watch {
+        Some(w) => w.message().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the leader key and watches it from the revision after that read: `Ok(None)` when the key
+/// is gone or belongs to another term (this term is over).
+async fn watch_key(
+    client: &mut Client,
+    key: &[u8],
+    epoch: i64,
+    wait: Duration,
+) -> Result<Option<WatchStream>, etcd_client::Error> {
+    let resp = within(wait, client.get(key.to_vec(), None)).await??;
+    if resp.kvs().first().is_none_or(|kv| kv.create_revision() != epoch) {
+        return Ok(None);
+    }
+    let opts = match resp.header() {
+        Some(h) => WatchOptions::new().with_start_revision(h.revision().saturating_add(1)),
+        None => WatchOptions::new(),
     };
-    while let Ok(Some(seen)) = observe.message().await {
-        let addr = seen.kv().and_then(|kv| kv.value_str().ok()).filter(|a| !a.is_empty()).map(str::to_owned);
-        role.send_if_modified(|s| {
-            let changed = s.role == Role::Standby && s.leader != addr;
-            if changed {
-                s.leader = addr.clone();
+    Ok(Some(within(wait, client.watch(key.to_vec(), Some(opts))).await??))
+}
+
+/// Publishes the leader's advertised address as etcd reports it, until aborted; observes again
+/// after the call ends (etcd restarted, the link broke).
+async fn follow(client: Client, election: String, role: watch::Sender<RoleState>) {
+    loop {
+        match client.election_client().observe(election.clone()).await {
+            Ok(mut observe) => {
+                while let Ok(Some(seen)) = observe.message().await {
+                    let addr = seen
+                        .kv()
+                        .and_then(|kv| kv.value_str().ok())
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_owned);
+                    role.send_if_modified(|s| {
+                        let changed = s.role == Role::Standby && s.leader != addr;
+                        if changed {
+                            s.leader = addr.clone();
+                        }
+                        changed
+                    });
+                }
+                debug!("observing the election ended; observing again");
             }
-            changed
-        });
+            Err(e) => debug!(error = %e, "cannot observe the election yet"),
+        }
+        tokio::time::sleep(RENEW_RETRY).await;
     }
 }
 
@@ -581,9 +711,19 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// One keepalive round: `Ok(Some(sent))` renewed (the instant the request that etcd answered was
-/// sent), `Ok(None)` no answer in time (etcd slow or unreachable; retried at the next tick), `Err`
-/// when etcd says the lease is gone or the stream broke.
+/// What one keepalive request proved.
+enum Ack {
+    /// etcd renewed the lease: the send instant of the latest request it answered.
+    Renewed(Instant),
+    /// No answer in time (etcd slow or unreachable).
+    Silent,
+    /// etcd answered that the lease is gone (TTL 0).
+    Gone,
+    /// The stream failed or ended (etcd restarting, the link broken).
+    Broken(String),
+}
+
+/// Sends one keepalive and reads answers until `until`.
 ///
 /// `outstanding` holds the send instants of requests not answered yet, oldest first: etcd answers
 /// in order, so a late answer proves a renewal at its own request's instant, never a later one.
@@ -591,25 +731,24 @@ async fn keepalive(
     keeper: &mut LeaseKeeper,
     acks: &mut LeaseKeepAliveStream,
     outstanding: &mut VecDeque<Instant>,
-    wait: Duration,
-) -> Result<Option<Instant>, etcd_client::Error> {
+    until: Instant,
+) -> Ack {
     let sent = Instant::now();
-    keeper.keep_alive().await?;
+    if let Err(e) = keeper.keep_alive().await {
+        return Ack::Broken(e.to_string());
+    }
     outstanding.push_back(sent);
-    let until = sent + wait;
     let mut proven = None;
     while !outstanding.is_empty() {
         match tokio::time::timeout_at(until, acks.message()).await {
             Ok(Ok(Some(ack))) if ack.ttl() > 0 => proven = outstanding.pop_front(),
-            Ok(Ok(Some(_))) => return Err(etcd_client::Error::LeaseKeepAliveError("lease expired".into())),
-            Ok(Ok(None)) => {
-                return Err(etcd_client::Error::LeaseKeepAliveError("keepalive stream ended".into()));
-            }
-            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Some(_))) => return Ack::Gone,
+            Ok(Ok(None)) => return Ack::Broken("keepalive stream ended".into()),
+            Ok(Err(e)) => return Ack::Broken(e.to_string()),
             Err(_) => break,
         }
     }
-    Ok(proven)
+    proven.map_or(Ack::Silent, Ack::Renewed)
 }
 
 /// Stops granting, turns standby, ends every stream at once.

@@ -1,6 +1,7 @@
 //! Test support for every slotd test suite: the real daemon on 127.0.0.1:0 ([`Daemon`]), raw Acquire
 //! streams driven message by message ([`Agent`]), the built binaries ([`process`]) and, with the
-//! `client` feature, `slotd-client` helpers ([`client`]).
+//! `client` feature, `slotd-client` helpers ([`client`]); for the HA suites a real etcd ([`etcd`]) and
+//! a loopback TCP relay that can be cut ([`TcpProxy`]).
 //!
 //! Every await that could hang is bounded by [`TIMEOUT`], so a broken daemon fails a test instead of
 //! stalling the suite. The async helpers are plain `#[track_caller]` functions that return a future:
@@ -20,6 +21,7 @@ pub mod etcd;
 mod http;
 pub mod process;
 mod proxy;
+pub mod tcp_proxy;
 
 pub use agent::{Agent, resume_of};
 pub use daemon::{Daemon, pool_in};
@@ -28,6 +30,7 @@ pub use proxy::Proxy;
 /// The daemon's configuration and token types, for a [`Config`] built by hand (TLS files, tokens) and
 /// served with [`Daemon::serve`], so that a test suite needs no direct dependency on `slotd`.
 pub use slotd::{config::Config, grpc::auth::Token};
+pub use tcp_proxy::TcpProxy;
 
 /// The longest any single step may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(5);

@@ -13,6 +13,9 @@ use std::{
 /// machine is slower than an in-process daemon).
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// With this environment variable set, [`Slotd::spawn`] echoes the child's log lines to stderr.
+pub const CHILD_LOGS: &str = "SLOTD_TEST_CHILD_LOGS";
+
 /// A `slotd` binary serving on an ephemeral loopback port; killed and reaped on drop if a test fails
 /// before [`Slotd::terminate`].
 pub struct Slotd {
@@ -68,8 +71,17 @@ impl Slotd {
                 break a.to_owned();
             }
         };
-        // Keep draining the log so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining the log so the daemon never blocks on a full pipe (echoed with
+        // `SLOTD_TEST_CHILD_LOGS` set, to see what a child did).
+        let echo = std::env::var_os(CHILD_LOGS).is_some();
+        let pid = running.child.id();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if echo {
+                    eprintln!("[{pid}] {line}");
+                }
+            }
+        });
         running.url = format!("http://{addr}");
         running
     }
