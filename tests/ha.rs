@@ -60,11 +60,7 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
 
     // What the next leader inherits (published at most every 250 ms): both leases.
     c.published("p held 2", |d| d["pools"]["p"]["held"] == 2).await;
-    c.signal(first, libc::SIGKILL);
-    let killed = Instant::now();
-    c.members[first] = None;
-    let next = c.leader().await;
-    let elected = killed.elapsed();
+    let Failover { next, killed, elected } = c.kill_leader(first).await;
     let url = c.url(next).to_owned();
 
     // The clients re-present their leases on the new leader; a new waiter queues meanwhile.
@@ -229,9 +225,7 @@ async fn clients_follow_the_leader_through_a_failover() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    c.signal(first, libc::SIGKILL);
-    let killed = Instant::now();
-    c.members[first] = None;
+    let killed = c.kill(first);
     while !served(killed) {
         assert!(
             killed.elapsed() < FAILOVER_TIMEOUT * 2,

@@ -9,7 +9,7 @@
 //!
 //! Skipped (with a message) when no `etcd` binary is installed.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client as Etcd, GetOptions};
 use slotd::ha::runtime::{self, PutError};
@@ -113,10 +113,8 @@ async fn pauses_and_breakers_survive_a_failover() {
     .await;
     let old_key = leader_key(&e, &c, old_epoch).await;
 
-    c.signal(first, libc::SIGKILL);
-    c.members[first] = None;
+    let next = c.kill_leader(first).await.next;
     drop(a);
-    let next = c.leader().await;
     let url = c.url(next).to_owned();
     let after = probe(&url).await.expect("the new leader serves");
     let (p, r, s) = (pool(&after, "p"), pool(&after, "r"), pool(&after, "s"));
@@ -180,11 +178,7 @@ async fn learning_ends_once_every_lease_is_back() {
     }
     c.published("the held count", |d| d["pools"]["long"]["held"] == N as u64).await;
 
-    c.signal(first, libc::SIGKILL);
-    let killed = Instant::now();
-    c.members[first] = None;
-    let next = c.leader().await;
-    let elected = killed.elapsed();
+    let Failover { next, killed, elected } = c.kill_leader(first).await;
     let url = c.url(next).to_owned();
     let st = probe(&url).await.expect("the new leader serves");
     assert!(st.learning, "the term's learning period runs");

@@ -21,6 +21,8 @@ struct State {
     at: usize,
     /// The endpoint in use: one of `endpoints`, or the leader a standby named.
     current: SlotdClient<AuthChannel>,
+    /// The leader address `current` was redirected to (`None`: `current` is `endpoints[at]`).
+    leader: Option<String>,
     /// How to reach a leader named by a standby (`None`: a single preconnected channel).
     redirect: Option<(Connector, BearerAuth)>,
 }
@@ -54,7 +56,7 @@ impl Members {
         redirect: Option<(Connector, BearerAuth)>,
     ) -> Self {
         let current = endpoints[0].clone();
-        Self(Arc::new(Mutex::new(State { endpoints, at: 0, current, redirect })))
+        Self(Arc::new(Mutex::new(State { endpoints, at: 0, current, leader: None, redirect })))
     }
 
     /// How many endpoints are configured.
@@ -69,7 +71,9 @@ impl Members {
 
     /// After a call failed with `status` (`None`: the connection broke): a standby's UNAVAILABLE with
     /// `slotd-leader` switches to that leader (returns true: retry at once); anything else moves to
-    /// the next configured endpoint (returns false: retry after the usual backoff).
+    /// the next configured endpoint (returns false: retry after the usual backoff). A redirected
+    /// leader that fails is forgotten: the next try goes back to the configured endpoints (with a
+    /// single one too), whose standbys name the new leader.
     pub(crate) fn failed(&self, status: Option<&Status>) -> bool {
         let Ok(mut s) = self.0.lock() else { return false };
         let leader = status.and_then(leader_of);
@@ -78,6 +82,7 @@ impl Members {
                 Ok(ep) => {
                     tracing::info!(leader = %addr, "slotd standby redirected to the leader");
                     s.current = SlotdClient::new(auth.clone().wrap(ep.connect_lazy()));
+                    s.leader = Some(addr.to_owned());
                     return true;
                 }
                 Err(e) => {
@@ -85,10 +90,10 @@ impl Members {
                 }
             }
         }
-        if s.endpoints.len() > 1 {
+        if s.leader.take().is_none() {
             s.at = (s.at + 1) % s.endpoints.len();
-            s.current = s.endpoints[s.at].clone();
         }
+        s.current = s.endpoints[s.at].clone();
         false
     }
 }
@@ -105,6 +110,24 @@ mod tests {
             s.metadata_mut().insert(LEADER_HEADER, MetadataValue::try_from(l).expect("ascii"));
         }
         s
+    }
+
+    #[tokio::test]
+    async fn a_failed_redirect_goes_back_to_the_configured_endpoint() {
+        let auth = BearerAuth::new(None).expect("no token");
+        let connector = Connector::new();
+        let configured = connector.endpoint("127.0.0.1:1").expect("endpoint").connect_lazy();
+        let members =
+            Members::new(vec![SlotdClient::new(auth.clone().wrap(configured))], Some((connector, auth)));
+        let leader = |m: &Members| m.0.lock().expect("lock").leader.clone();
+        // A standby names the leader: followed at once.
+        assert!(members.failed(Some(&refusal(Code::Unavailable, Some("http://127.0.0.1:2")))));
+        assert_eq!(leader(&members).as_deref(), Some("http://127.0.0.1:2"));
+        // That leader dies: back to the one configured endpoint (its standby names the next).
+        assert!(!members.failed(None));
+        assert_eq!(leader(&members), None);
+        assert!(!members.failed(None), "a plain failure on a configured endpoint just backs off");
+        assert_eq!(members.0.lock().expect("lock").at, 0);
     }
 
     #[test]
