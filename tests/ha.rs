@@ -183,9 +183,9 @@ struct Claim {
 }
 
 /// Agents cycle leases through `slotd-client` given every member (one agent only a standby); SIGKILL
-/// the leader. An auditor
-/// checks that no instant had more claims than the limit, that tokens only grow (every token after
-/// the failover is above every token before it), and that every agent is served again.
+/// the leader. An auditor checks that no instant had more claims than the limit, that tokens only
+/// grow (every token after the failover is above every token before it), and that every agent is
+/// served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_follow_the_leader_through_a_failover() {
     const AGENTS: usize = 4;
