@@ -31,6 +31,8 @@ async fn a_killed_leader_is_replaced_without_over_grant() {
     let Some(mut c) = cluster(2) else { return };
     let first = c.leader().await;
     let url = c.url(first).to_owned();
+    // The election's first leader has nothing to learn: no leader served before it.
+    assert!(!probe(&url).await.expect("serving").learning, "the first leader of an election learns");
 
     let mut a = agent(&url, "a").await;
     let mut b = agent(&url, "b").await;
