@@ -93,8 +93,12 @@ fn start_cluster(limit: u32, lease_ttl: &str, extra: &str, via_proxies: bool) ->
     let mut members = Vec::new();
     for i in 0..3 {
         let endpoint = proxies.get(i).map_or_else(|| etcd.url.clone(), TcpProxy::url);
+        // Every member finds a restart marker, as after a crash: with `[ha]` it must not matter (the
+        // runtime state in etcd decides a new leader's learning).
+        let marker = dir.join(format!("slotd-{i}.running"));
+        std::fs::write(&marker, "").expect("write a restart marker");
         let toml = format!(
-            "key_file = {key:?}\n\
+            "key_file = {key:?}\nrestart_marker = {marker:?}\n\
              [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
              [ha]\netcd = [\"{endpoint}\"]\nelection = \"{election}\"\nlease_ttl = \"{lease_ttl}\"\n\
              margin = \"{}ms\"\n",
