@@ -4,12 +4,13 @@
 //! - Pauses (an operator's PausePool, an agent's ReportRateLimit with retry_after) and a breaker forced
 //!   open on the leader are in force on the next leader after a SIGKILL, until the same wall time.
 //! - A deposed leader's runtime write fails: the epoch guard.
+//! - No document: the first leader does not learn; an unreadable one: the next leader learns fully.
 //! - Learning ends early: with N leases held and re-presented, the new leader grants a new request
 //!   as soon as all N are back, well before its learning period ends. The time is printed.
 //!
 //! Skipped (with a message) when no `etcd` binary is installed.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client as Etcd, GetOptions};
 use slotd::ha::runtime::{self, PutError};
@@ -113,10 +114,8 @@ async fn pauses_and_breakers_survive_a_failover() {
     .await;
     let old_key = leader_key(&e, &c, old_epoch).await;
 
-    c.signal(first, libc::SIGKILL);
-    c.members[first] = None;
+    let next = c.kill_leader(first).await.next;
     drop(a);
-    let next = c.leader().await;
     let url = c.url(next).to_owned();
     let after = probe(&url).await.expect("the new leader serves");
     let (p, r, s) = (pool(&after, "p"), pool(&after, "r"), pool(&after, "s"));
@@ -180,11 +179,7 @@ async fn learning_ends_once_every_lease_is_back() {
     }
     c.published("the held count", |d| d["pools"]["long"]["held"] == N as u64).await;
 
-    c.signal(first, libc::SIGKILL);
-    let killed = Instant::now();
-    c.members[first] = None;
-    let next = c.leader().await;
-    let elected = killed.elapsed();
+    let Failover { next, killed, elected } = c.kill_leader(first).await;
     let url = c.url(next).to_owned();
     let st = probe(&url).await.expect("the new leader serves");
     assert!(st.learning, "the term's learning period runs");
@@ -226,4 +221,36 @@ async fn learning_ends_once_every_lease_is_back() {
          pool learning took {pool_secs:.3}s of a {LONG_TTL:?} period ({N} leases re-presented)"
     );
     drop((held, back));
+}
+
+/// The election's first leader grants at once (no leader served before it); a runtime document
+/// that cannot be read makes the next leader learn for its whole period, the safe side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_document_means_no_learning_and_a_bad_one_means_full_learning() {
+    let extra = format!(
+        "[pools.long]\nmax_concurrent = 2\ndefault_ttl = \"{0}s\"\nmax_ttl = \"{0}s\"\n",
+        LONG_TTL.as_secs()
+    );
+    let Some(mut c) = cluster_config(2, LEASE_TTL, &extra) else { return };
+    let first = c.leader().await;
+    let url = c.url(first).to_owned();
+    let st = probe(&url).await.expect("the first leader serves");
+    assert!(!st.learning, "the first leader of an election learns: {st:?}");
+    let mut a = agent(&url, "a").await;
+    let g = a.acquire("r1", "long").await;
+    assert!(g.fencing_token > 0);
+
+    // Replace the document with one no leader could have written (and hold nothing that would make
+    // the leader rewrite it), then kill the leader.
+    let e = c.etcd_client().await;
+    c.published("long held 1", |d| d["pools"]["long"]["held"] == 1).await;
+    let key = format!("/slotd/{}/runtime", c.election());
+    e.clone().put(key, "{ not json", None).await.expect("etcd put");
+    let next = c.kill_leader(first).await.next;
+    let st = probe(c.url(next)).await.expect("the new leader serves");
+    assert!(st.learning, "an unreadable document is ignored: the whole period is learned");
+    let l = pool(&st, "long");
+    let until = wall(l.learning_until.as_ref().expect("long learns"));
+    assert!(until > SystemTime::now() + LONG_TTL / 2, "long learns for its max_ttl: until {until:?}");
+    assert_eq!(l.learning_expected, None, "no count is known");
 }

@@ -148,9 +148,7 @@ async fn slotctl_reaches_the_leader_through_any_member() {
 
     // SIGKILL the leader. With the dead member listed first, status skips it and answers from the
     // new leader, in a newer term.
-    c.signal(first, libc::SIGKILL);
-    c.members[first] = None;
-    let next = c.leader().await;
+    let next = c.kill_leader(first).await.next;
     let dead_first = [leader_url.clone()]
         .into_iter()
         .chain(members.iter().filter(|m| **m != leader_url).cloned())
@@ -188,9 +186,7 @@ async fn slotctl_run_keeps_its_lease_through_a_failover() {
     let run = tokio::spawn(slotctl::main(cli));
     let lease = lease_held_by(c.url(first), "ha-run").await;
 
-    c.signal(first, libc::SIGKILL);
-    c.members[first] = None;
-    let next = c.leader().await;
+    let next = c.kill_leader(first).await.next;
     // The session re-presents the lease: the new leader holds the very same one.
     assert_eq!(lease_held_by(c.url(next), "ha-run").await, lease, "the lease is re-adopted, not a new one");
 
@@ -287,9 +283,7 @@ async fn the_proxy_follows_the_leader_and_keeps_in_flight_leases() {
     assert_eq!(upstream.current.load(Ordering::SeqCst), 1);
 
     // SIGKILL the leader while the request is in flight: its lease is re-presented to the new leader.
-    c.signal(first, libc::SIGKILL);
-    c.members[first] = None;
-    let next = c.leader().await;
+    let next = c.kill_leader(first).await.next;
     let url = c.url(next).to_owned();
     assert_eq!(lease_held_by(&url, "slotd-proxy").await, lease, "the in-flight lease is re-adopted");
 

@@ -22,7 +22,7 @@ use crate::{
     Error, Lease, LeaseHandle, Outcome, ProviderLimit, Report, Usage,
     command::{Command, RequestSpec},
     connect::{AuthChannel, BearerAuth, Connector},
-    members::Members,
+    members::{Members, Retry},
     session::{Backoff, Pauses, Session, SessionConfig},
 };
 
@@ -132,7 +132,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Reconnect delays: exponential from `initial` up to `max`, each with full jitter.
+    /// Reconnect delays: exponential from `initial` up to `max`, each with full jitter. While a
+    /// failover is under way (a standby names a leader that does not answer) they stay below
+    /// [`ELECTION_RETRY_MAX`](crate::ELECTION_RETRY_MAX), so that leases are re-presented soon after
+    /// the next leader is elected.
     pub fn reconnect_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.backoff = Backoff { initial, max: max.max(initial) };
         self
@@ -341,7 +344,8 @@ impl Client {
         match call(self.inner.members.current()).await {
             // Any other code is the daemon's answer: the member is alive and stays in use.
             Err(status)
-                if status.code() == tonic::Code::Unavailable && self.inner.members.failed(Some(&status)) =>
+                if status.code() == tonic::Code::Unavailable
+                    && self.inner.members.failed(Some(&status)) == Retry::Now =>
             {
                 call(self.inner.members.current()).await
             }
@@ -368,7 +372,7 @@ impl Client {
             if status.code() != tonic::Code::Unavailable || tries == 0 {
                 return Err(status);
             }
-            if !members.failed(Some(&status)) && members.len() == 1 {
+            if members.failed(Some(&status)) != Retry::Now && members.len() == 1 {
                 return Err(status);
             }
             tries -= 1;

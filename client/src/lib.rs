@@ -100,7 +100,7 @@ pub use crate::{
     hold::Hold,
     layer::{BoxError, FixedPool, LeaseBody, LeaseLayer, LeaseService, ResponseFuture, SelectPool},
     lease::{Lease, LeaseHandle},
-    members::{MAX_LEADER_BYTES, leader_of},
+    members::{ELECTION_RETRY_MAX, MAX_LEADER_BYTES, leader_of},
     report::{LimitKind, Outcome, ProviderLimit, Report, Usage},
     session::{PauseInfo, Pauses},
 };

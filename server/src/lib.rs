@@ -20,7 +20,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use slotd_proto::v1::{admin_server::AdminServer, slotd_server::SlotdServer};
@@ -196,8 +196,11 @@ pub async fn serve_with_metrics(
     }
     // The learning period covers the longest TTL that may still be live, among the pools actually
     // served (see `restart`).
-    let configured = cfg.scheduler.learning_period;
-    let startup = cfg.restart_marker.clone().map(|m| restart::RestartMarker::open(m, configured, &pools));
+    // With `[ha]` the election's runtime state in etcd decides each term's learning instead: a
+    // member's own restart says nothing about what the cluster's leader granted meanwhile.
+    let configured = if cfg.ha.is_some() { Duration::ZERO } else { cfg.scheduler.learning_period };
+    let marker_path = cfg.restart_marker.clone().filter(|_| cfg.ha.is_none());
+    let startup = marker_path.map(|m| restart::RestartMarker::open(m, configured, &pools));
     let learning_period = match &startup {
         Some(s) if s.restarted => {
             warn!(

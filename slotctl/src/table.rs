@@ -112,6 +112,27 @@ pub fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The learning line (after a crash restart or a failover): which pools grant only re-presented
+/// leases, how many of the expected leases are back and how long each may still learn.
+fn learning_text(s: &pb::StatusResponse, now: SystemTime) -> String {
+    let pools: Vec<String> = s
+        .pools
+        .iter()
+        .filter_map(|p| {
+            let left = fmt_duration(remaining(p.learning_until.as_ref(), now)?);
+            Some(match p.learning_expected {
+                Some(n) => format!("{} ({}/{n} back, at most {left})", p.name, p.learning_back),
+                None => format!("{} (at most {left})", p.name),
+            })
+        })
+        .collect();
+    if pools.is_empty() {
+        "learning period: every pool has its leases back and grants again\n".to_owned()
+    } else {
+        format!("learning period, only re-presented leases are granted on: {}\n", pools.join(", "))
+    }
+}
+
 /// `slotctl status` as text: a pool table, a lease table and any daemon-wide state.
 pub fn render_status(s: &pb::StatusResponse, now: SystemTime) -> String {
     let mut out = String::new();
@@ -119,7 +140,7 @@ pub fn render_status(s: &pb::StatusResponse, now: SystemTime) -> String {
         out.push_str("daemon is shutting down\n");
     }
     if s.learning {
-        out.push_str("daemon is in its post-restart learning period (only resumes are granted)\n");
+        out.push_str(&learning_text(s, now));
     }
     let pools: Vec<Vec<String>> = s
         .pools
@@ -283,6 +304,38 @@ mod tests {
         assert!(text.contains("01234567  anthropic  agent"), "{text}");
         let v: serde_json::Value = serde_json::from_str(&status_json(&s, now)).expect("valid json");
         assert_eq!(v["pools"][0]["in_flight"], 2);
+    }
+
+    #[test]
+    fn learning_names_the_pools_still_learning() {
+        let now = SystemTime::now();
+        let until = Some((now + Duration::from_millis(90_300)).into());
+        let counted = pb::PoolStatus {
+            name: "anthropic".into(),
+            learning_until: until,
+            learning_expected: Some(3),
+            learning_back: 1,
+            ..Default::default()
+        };
+        let uncounted = pb::PoolStatus { name: "openai".into(), learning_until: until, ..Default::default() };
+        let done = pb::PoolStatus { name: "local".into(), ..Default::default() };
+        let mut s = pb::StatusResponse {
+            learning: true,
+            pools: vec![counted, uncounted, done],
+            ..Default::default()
+        };
+        let text = render_status(&s, now);
+        assert!(
+            text.starts_with(
+                "learning period, only re-presented leases are granted on: anthropic (1/3 back, at most \
+                 1m30s), openai (at most 1m30s)\n"
+            ),
+            "{text}"
+        );
+        s.pools.truncate(0);
+        assert!(render_status(&s, now).starts_with("learning period: every pool has its leases back"));
+        s.learning = false;
+        assert!(!render_status(&s, now).contains("learning"));
     }
 
     #[test]

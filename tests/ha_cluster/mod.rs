@@ -93,8 +93,12 @@ fn start_cluster(limit: u32, lease_ttl: &str, extra: &str, via_proxies: bool) ->
     let mut members = Vec::new();
     for i in 0..3 {
         let endpoint = proxies.get(i).map_or_else(|| etcd.url.clone(), TcpProxy::url);
+        // Every member finds a restart marker, as after a crash: with `[ha]` it must not matter (the
+        // runtime state in etcd decides a new leader's learning).
+        let marker = dir.join(format!("slotd-{i}.running"));
+        std::fs::write(&marker, "").expect("write a restart marker");
         let toml = format!(
-            "key_file = {key:?}\n\
+            "key_file = {key:?}\nrestart_marker = {marker:?}\n\
              [pools.p]\nmax_concurrent = {limit}\ndefault_ttl = \"{ttl}\"\nmax_ttl = \"{ttl}\"\n\
              [ha]\netcd = [\"{endpoint}\"]\nelection = \"{election}\"\nlease_ttl = \"{lease_ttl}\"\n\
              margin = \"{}ms\"\n",
@@ -277,11 +281,36 @@ impl Cluster {
         }
     }
 
+    /// SIGKILLs member `i` and forgets it; returns the instant of the kill.
+    pub fn kill(&mut self, i: usize) -> Instant {
+        self.signal(i, libc::SIGKILL);
+        let killed = Instant::now();
+        self.members[i] = None;
+        killed
+    }
+
+    /// SIGKILLs the leader `i` and waits for the next single leader.
+    pub async fn kill_leader(&mut self, i: usize) -> Failover {
+        let killed = self.kill(i);
+        let next = self.leader().await;
+        Failover { next, killed, elected: killed.elapsed() }
+    }
+
     pub fn signal(&self, i: usize, sig: libc::c_int) {
         let pid = libc::pid_t::try_from(self.members[i].as_ref().expect("live").id()).expect("pid");
         // SAFETY: kill(2) on our own, not yet reaped, child.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
     }
+}
+
+/// What [`Cluster::kill_leader`] saw.
+pub struct Failover {
+    /// The member that leads now.
+    pub next: usize,
+    /// When the old leader was killed.
+    pub killed: Instant,
+    /// From the kill until the next leader was known.
+    pub elected: Duration,
 }
 
 pub async fn agent(url: &str, name: &str) -> Agent {

@@ -24,7 +24,12 @@ use super::{
     machine::{Input, Machine, Notify, Now, Pauses, Ticket},
     wire,
 };
-use crate::{AuthChannel, Error, Lease, Lost, Outcome, command::Command, lease::Shared, members::Members};
+use crate::{
+    AuthChannel, Error, Lease, Lost, Outcome,
+    command::Command,
+    lease::Shared,
+    members::{ELECTION_RETRY_MAX, Members, Retry},
+};
 
 /// How long opening the stream may take before it counts as a failed attempt.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,16 +180,18 @@ impl Session {
                                 Error::Rpc(status) => Some(status),
                                 _ => None,
                             };
-                            if self.cfg.members.failed(status) {
+                            match self.cfg.members.failed(status) {
                                 // A standby named the leader: go there at once.
-                                *wake = None;
-                                break String::new();
+                                Retry::Now => {
+                                    *wake = None;
+                                    break (Retry::Now, String::new());
+                                }
+                                retry => break (retry, format!("slotd stream failed to open: {e}")),
                             }
-                            break format!("slotd stream failed to open: {e}");
                         }
                         Err(_) => {
-                            self.cfg.members.failed(None);
-                            break "slotd stream open timed out".to_owned();
+                            let retry = self.cfg.members.failed(None);
+                            break (retry, "slotd stream open timed out".to_owned());
                         }
                     },
                     cmd = self.cmd_rx.recv(), if reading => {
@@ -196,13 +203,21 @@ impl Session {
                     _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => return None,
                 }
             };
-            if failed.is_empty() {
+            let (retry, failed) = failed;
+            if retry == Retry::Now {
                 continue;
             }
             tracing::debug!("{failed}");
+            // During a failover, look for the new leader often enough to re-present the leases soon
+            // after it is elected.
+            let cap = match retry {
+                Retry::Soon => self.cfg.backoff.max.min(ELECTION_RETRY_MAX),
+                _ => self.cfg.backoff.max,
+            };
+            *backoff = (*backoff).min(cap);
             // Full jitter: spread reconnecting clients over the whole window.
             let delay = rand::rng().random_range(Duration::ZERO..=*backoff);
-            *backoff = (*backoff * 2).min(self.cfg.backoff.max);
+            *backoff = (*backoff * 2).min(cap);
             tracing::debug!(?delay, "slotd reconnecting");
             *wake = Some(Instant::now() + delay);
         }

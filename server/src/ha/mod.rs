@@ -542,7 +542,14 @@ async fn lead(
     }
     // The previous leaders' pauses, headroom, breakers and held counts.
     let state = match runtime::read(client, &m.cfg.election, call).await {
-        Ok(s) => s,
+        Ok(runtime::Found::State(s)) => Some(s),
+        Ok(runtime::Found::Unreadable) => None,
+        Ok(runtime::Found::Absent) => {
+            // Every leader publishes before it serves: no leader has granted anything here.
+            info!("no leader has served in this election before: no learning period");
+            learning = Duration::ZERO;
+            None
+        }
         Err(e) => return depose(m, format!("cannot read the runtime state from etcd: {e}")).await,
     };
     let runtime_key = runtime::runtime_key(&m.cfg.election);
@@ -561,7 +568,7 @@ async fn lead(
     if m.handle.begin_term(first_token, learning, state).await.is_err() {
         return HaError::Fatal("the scheduler stopped".into());
     }
-    // Published before serving: a missing document then means no leader served since.
+    // Published before serving: a missing document then means that no leader has served.
     let published = match runtime::publish_now(&m.handle, &m.durable, term_epoch).await {
         Ok(s) => s,
         Err(e) => return depose(m, format!("cannot write the runtime state on taking over: {e}")).await,

@@ -20,8 +20,9 @@
 //! to the documented maximum of its kind.
 //!
 //! # Reads
-//! A new leader reads it once, before it starts its term ([`read`]). An oversized, unparsable or
-//! out-of-range document is logged and ignored, as if none were stored: every pool then learns for
+//! A new leader reads it once, before it starts its term ([`read`]). No document means that no
+//! leader has served in this election (each writes one before it serves): nothing to learn. An
+//! oversized, unparsable or out-of-range document is logged and ignored: every pool then learns for
 //! the whole period.
 
 use std::{
@@ -265,38 +266,45 @@ pub async fn put_guarded(
     Ok(())
 }
 
-/// Reads the runtime state of `election` at `clock`: `Ok(None)` when none is stored or it is
-/// unreadable (logged); `Err` when etcd does not answer.
+/// What a new leader finds under the runtime key.
+#[derive(Debug)]
+pub enum Found {
+    /// No document: no leader has served in this election (each writes one before it serves), so
+    /// there is nothing to learn.
+    Absent,
+    /// A document that cannot be used (logged): every pool learns for the whole period.
+    Unreadable,
+    /// The previous leader's state.
+    State(RuntimeState),
+}
+
+/// Reads the runtime state of `election`; `Err` when etcd does not answer.
 ///
 /// # Cancel safety
 /// Cancel safe: it only reads.
-pub async fn read(
-    client: &Client,
-    election: &str,
-    timeout: Duration,
-) -> Result<Option<RuntimeState>, String> {
+pub async fn read(client: &Client, election: &str, timeout: Duration) -> Result<Found, String> {
     let resp = tokio::time::timeout(timeout, client.clone().get(runtime_key(election), None))
         .await
         .map_err(|_| "etcd did not answer in time".to_owned())?
         .map_err(|e| e.to_string())?;
     let Some(kv) = resp.kvs().first() else {
-        return Ok(None);
+        return Ok(Found::Absent);
     };
     let decoded = kv.value_str().map_err(|e| e.to_string()).and_then(|t| decode(t, Clock::now()));
     match decoded {
         Ok((epoch, state)) => {
             debug!(epoch, pools = state.pools.len(), "read the previous leader's runtime state");
-            Ok(Some(state))
+            Ok(Found::State(state))
         }
         Err(e) => {
             warn!(error = %e, "the runtime state stored in etcd is unreadable; ignoring it (full learning period)");
-            Ok(None)
+            Ok(Found::Unreadable)
         }
     }
 }
 
 /// Writes the runtime state once, now: a new term does so before it serves, so that a document
-/// missing from etcd means no leader served since (a successor then learns fully).
+/// missing from etcd means that no leader has served in this election (nothing to learn).
 ///
 /// # Cancel safety
 /// Dropping it may or may not have written the document.
