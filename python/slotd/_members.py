@@ -28,6 +28,10 @@ MAX_ENDPOINTS = 16
 MAX_REDIRECTS = 3
 #: Channels kept for leaders that are not among the configured endpoints (oldest closed first).
 MAX_REDIRECT_CHANNELS = 4
+#: Longest reconnect backoff while a failover is under way (a standby named a leader that then failed),
+#: in seconds: the leases held are re-presented soon after the next leader is elected (the Rust
+#: client's ``ELECTION_RETRY_MAX``).
+ELECTION_RETRY_MAX = 0.5
 
 
 def target(endpoint: str) -> str:
@@ -95,6 +99,9 @@ class Members:
         self._at = 0  # the configured endpoint tried last
         self._current = endpoints[0]
         self._redirects = 0  # redirects followed since a call last got through
+        self._redirected_to_current = False  # the current member is a leader a standby named
+        #: A leader a standby named failed: a failover is likely under way (see ELECTION_RETRY_MAX).
+        self.failover_likely = False
         self._closed = False
 
     @property
@@ -110,6 +117,7 @@ class Members:
         """A call or stream got through: redirects count from zero again."""
         with self._lock:
             self._redirects = 0
+            self.failover_likely = False
 
     def failed(self, tried: str, code: grpc.StatusCode | None, metadata: Any = None) -> bool:
         """After a call to ``tried`` failed with ``code`` and trailing ``metadata`` (``None``: the
@@ -123,10 +131,13 @@ class Members:
                 return leader is not None and self._redirects < MAX_REDIRECTS
             if leader is not None and leader != tried:
                 self._current = leader
+                self._redirected_to_current = True
                 if leader in self.endpoints:
                     self._at = self.endpoints.index(leader)
                 self._redirects += 1
                 return self._redirects <= MAX_REDIRECTS
+            self.failover_likely = self._redirected_to_current
+            self._redirected_to_current = False
             # A dead leader that was reached by a redirect: back to the configured endpoints, even
             # when there is only one (it will name the next leader).
             if self.several or self._current not in self.endpoints:

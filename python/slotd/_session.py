@@ -28,7 +28,7 @@ import grpc
 
 from slotd._errors import ClientClosed, LeaseLost, Rejected, Unavailable
 from slotd._machine import LeaseInfo, Machine, RequestSpec
-from slotd._members import Members
+from slotd._members import ELECTION_RETRY_MAX, Members
 from slotd._types import Pause, Report
 from slotd.v1 import slotd_pb2 as pb
 
@@ -213,8 +213,13 @@ class Session:
                 # Full jitter: anywhere in [0, backoff), then double up to the maximum. The same when
                 # no member leads yet (an election): standbys without a leader to name are retried
                 # in turn, spread out.
+                cap = self.settings.backoff_max
+                if self.members.failover_likely:
+                    # The leader a standby named is gone: look for the next one often.
+                    cap = min(cap, ELECTION_RETRY_MAX)
+                    self._backoff = min(self._backoff, cap)
                 self._reconnect_at = now + random.uniform(0, self._backoff)
-                self._backoff = min(self._backoff * 2, self.settings.backoff_max)
+                self._backoff = min(self._backoff * 2, cap)
                 if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     # A wrong or missing token will not get better by waiting: tell the callers now.
                     self._fail_pending(

@@ -103,8 +103,12 @@ def test_single_endpoint_follows_a_redirect_and_comes_back_when_that_leader_fail
         assert m.current()[0] == "127.0.0.1:1"
         assert m.failed("127.0.0.1:1", UNAVAILABLE, names("http://127.0.0.1:2"))
         assert m.current()[0] == "127.0.0.1:2"
-        # That leader died: back to the one configured member, which will name the next.
+        # That leader died: back to the one configured member, which will name the next, soon.
         assert not m.failed("127.0.0.1:2", None)
         assert m.current()[0] == "127.0.0.1:1"
+        assert m.failover_likely
+        # The configured member itself failing is an ordinary failure (the usual backoff).
+        assert not m.failed("127.0.0.1:1", None)
+        assert not m.failover_likely
     finally:
         m.close()
