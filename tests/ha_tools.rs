@@ -280,6 +280,12 @@ async fn the_proxy_follows_the_leader_and_keeps_in_flight_leases() {
     assert!(health.contains("\"daemon\":\"up\""), "a standby naming a live leader is reachable: {health}");
     let held = tokio::spawn(get(proxy, "/r/hold"));
     let lease = lease_held_by(c.url(first), "slotd-proxy").await;
+    // The proxy forwards the request once its lease is granted: wait until the upstream has it.
+    let deadline = Instant::now() + FAILOVER_TIMEOUT;
+    while upstream.current.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the proxy never forwarded the held request");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(upstream.current.load(Ordering::SeqCst), 1);
 
     // SIGKILL the leader while the request is in flight: its lease is re-presented to the new leader.
@@ -313,4 +319,65 @@ async fn the_proxy_follows_the_leader_and_keeps_in_flight_leases() {
     assert_eq!(upstream.current.load(Ordering::SeqCst), 0);
     let _ = stop.send(());
     tokio::time::timeout(FAILOVER_TIMEOUT, served).await.expect("proxy stops").expect("task").expect("serve");
+}
+
+/// What `slotctl top` sees next from its Watch follower, within `within`.
+#[track_caller]
+fn next_watch_msg(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<slotctl::top::Msg>,
+    within: Duration,
+) -> impl Future<Output = slotctl::top::Msg> + '_ {
+    let at = Location::caller();
+    async move {
+        tokio::time::timeout(within, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{at}: nothing from the Watch follower within {within:?}"))
+            .unwrap_or_else(|| panic!("{at}: the Watch follower stopped"))
+    }
+}
+
+/// `slotctl top`'s event feed, given a standby first: it follows the redirect to the leader, and
+/// after the leader's SIGKILL re-opens Watch on the next leader, whose events then arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slotctl_top_follows_watch_to_the_next_leader() {
+    use slotctl::top::{Msg, watch_events};
+    let Some(mut c) = cluster(2) else { return };
+    let first = c.leader().await;
+    let members = standby_first(&c, first);
+    let conn = Conn::connect(&Target { endpoints: members, ..Target::default() }).await.expect("connect");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let follower = tokio::spawn(watch_events(conn, None, tx));
+    let within = slotd_test_support::process::PROCESS_TIMEOUT;
+    assert!(matches!(next_watch_msg(&mut rx, within).await, Msg::WatchUp), "Watch opened");
+
+    let failover = c.kill_leader(first).await;
+    let next = failover.next;
+    // The stream breaks; the follower goes on until Watch is open on the new leader.
+    let deadline = Instant::now() + FAILOVER_TIMEOUT * 2;
+    let mut down = false;
+    loop {
+        match next_watch_msg(&mut rx, deadline.saturating_duration_since(Instant::now())).await {
+            Msg::WatchDown { .. } => down = true,
+            Msg::WatchUp if down => break,
+            _ => {}
+        }
+    }
+    println!(
+        "top: kill -> new leader serving {:?}, kill -> Watch open on it {:?}",
+        failover.elected,
+        failover.killed.elapsed()
+    );
+    // An event of the new leader arrives through it.
+    let mut a = agent(c.url(next), "after").await;
+    let g = a.acquire("r", "p").await;
+    loop {
+        let msg = next_watch_msg(&mut rx, within).await;
+        if let Msg::Watch(ev) = msg
+            && let Some(pb::watch_event::Event::Granted(l)) = ev.event
+            && l.lease_id == g.lease_id
+        {
+            break;
+        }
+    }
+    follower.abort();
 }

@@ -35,11 +35,15 @@ use super::{
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the screen is redrawn when nothing happens (the countdowns move).
 pub const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
-/// How long to wait before trying Watch again after it broke (not after UNIMPLEMENTED: never again).
+/// The longest wait before trying Watch again after it broke (not after UNIMPLEMENTED: never again).
 pub const WATCH_RETRY: Duration = Duration::from_secs(5);
-/// How soon `Admin.Watch` is called again after its stream ended with UNAVAILABLE (the member died
-/// or stepped down): the call follows the leader, or moves to the next endpoint.
+/// How soon `Admin.Watch` is called again after an open stream ended (the member died or stepped
+/// down): the call follows the leader, or moves to the next endpoint. It is tried this often
+/// [`WATCH_FOLLOW_TRIES`] times (an election takes about the daemon's `[ha] lease_ttl`), then with
+/// a doubling wait up to [`WATCH_RETRY`].
 pub const WATCH_FOLLOW: Duration = Duration::from_millis(250);
+/// How many quick tries follow the end of an open Watch stream: 10 s of them.
+pub const WATCH_FOLLOW_TRIES: u32 = 40;
 /// The most events kept.
 pub const MAX_EVENTS: usize = 200;
 
@@ -502,14 +506,17 @@ fn draw_events(frame: &mut Frame<'_>, area: Rect, app: &App) {
 }
 
 /// What the background tasks tell the screen.
-enum Msg {
+#[derive(Debug)]
+pub enum Msg {
     /// A snapshot and the member that answered it.
     Status(Result<(pb::StatusResponse, String), CtlError>),
+    /// `Admin.Watch` is open (again).
     WatchUp,
+    /// An event from `Admin.Watch`.
     Watch(Box<pb::WatchEvent>),
-    WatchDown {
-        why: String,
-    },
+    /// `Admin.Watch` ended or could not be opened; it is tried again (on the leader) after a pause.
+    WatchDown { why: String },
+    /// A quit key was pressed.
     Quit,
 }
 
@@ -606,10 +613,16 @@ async fn poll_status(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender
     }
 }
 
-async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender<Msg>) {
+/// Follows `Admin.Watch` for `top`: sends every event to `tx`, and re-opens the stream on the leader
+/// after it ends (a member that died or stepped down), until `tx` is closed or the daemon does not
+/// serve Watch.
+///
+/// # Cancel safety
+/// Cancel safe: it only reads; dropping it closes the stream.
+pub async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSender<Msg>) {
+    let (mut retry, mut quick) = (WATCH_RETRY, 0);
     loop {
         let req = pb::WatchRequest { pool: pool.clone().unwrap_or_default(), snapshot_interval: None };
-        let mut follow = false;
         let why = match conn
             .call(|_, mut a| {
                 let r = req.clone();
@@ -622,6 +635,9 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
                 if tx.send(Msg::WatchUp).is_err() {
                     return;
                 }
+                // Once open, a stream that ends means the member went away or stepped down (a
+                // deposed leader ends its streams): look for the leader soon.
+                (retry, quick) = (WATCH_FOLLOW, WATCH_FOLLOW_TRIES);
                 loop {
                     match stream.message().await {
                         Ok(Some(ev)) => {
@@ -629,16 +645,8 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
                                 return;
                             }
                         }
-                        // The member went away or stepped down (a deposed leader ends its streams):
-                        // the next call finds the leader.
-                        Ok(None) => {
-                            follow = true;
-                            break "Admin.Watch ended".to_owned();
-                        }
-                        Err(s) => {
-                            follow = s.code() == tonic::Code::Unavailable;
-                            break format!("Admin.Watch: {}", code_name(s.code()));
-                        }
+                        Ok(None) => break "Admin.Watch ended".to_owned(),
+                        Err(s) => break format!("Admin.Watch: {}", code_name(s.code())),
                     }
                 }
             }
@@ -651,7 +659,12 @@ async fn watch_events(conn: Conn, pool: Option<String>, tx: mpsc::UnboundedSende
         if tx.send(Msg::WatchDown { why }).is_err() {
             return;
         }
-        tokio::time::sleep(if follow { WATCH_FOLLOW } else { WATCH_RETRY }).await;
+        if quick > 0 {
+            quick -= 1;
+        } else {
+            retry = (retry * 2).min(WATCH_RETRY);
+        }
+        tokio::time::sleep(retry).await;
     }
 }
 
