@@ -4,6 +4,7 @@
 //! - Pauses (an operator's PausePool, an agent's ReportRateLimit with retry_after) and a breaker forced
 //!   open on the leader are in force on the next leader after a SIGKILL, until the same wall time.
 //! - A deposed leader's runtime write fails: the epoch guard.
+//! - Rate budgets: requests granted by the old leader count against the new leader's window.
 //! - No document: the first leader does not learn; an unreadable one: the next leader learns fully.
 //! - Learning ends early: with N leases held and re-presented, the new leader grants a new request
 //!   as soon as all N are back, well before its learning period ends. The time is printed.
@@ -253,4 +254,46 @@ async fn no_document_means_no_learning_and_a_bad_one_means_full_learning() {
     let until = wall(l.learning_until.as_ref().expect("long learns"));
     assert!(until > SystemTime::now() + LONG_TTL / 2, "long learns for its max_ttl: until {until:?}");
     assert_eq!(l.learning_expected, None, "no count is known");
+}
+
+/// Requests the old leader granted count against the new leader's request budget: with all 3
+/// requests of a minute spent on the old leader, the new leader queues the next request on the
+/// budget instead of granting 3 more in the same minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_budgets_survive_a_failover() {
+    let extra = "[pools.rpm]\nmax_concurrent = 10\ndefault_ttl = \"3s\"\nmax_ttl = \"3s\"\n\n\
+                 [pools.rpm.budget]\nrequests_per_minute = 3\n";
+    let Some(mut c) = cluster_config(2, LEASE_TTL, extra) else { return };
+    let first = c.leader().await;
+    let url = c.url(first).to_owned();
+    let mut a = agent(&url, "a").await;
+    for i in 0..3 {
+        let g = a.acquire(&format!("r{i}"), "rpm").await;
+        a.release_ok(&g.lease_id).await;
+    }
+    let level = |st: &pb::StatusResponse| {
+        let b = pool(st, "rpm").budget.as_ref().expect("rpm has a budget");
+        b.levels.iter().find(|l| l.kind == pb::BudgetKind::Requests as i32).expect("requests").level
+    };
+    assert_eq!(level(&probe(&url).await.expect("the leader serves")), 0, "all three spent");
+    let doc = c
+        .published("the spent request budget", |d| {
+            d["pools"]["rpm"]["held"] == 0 && d["pools"]["rpm"]["budget_full_at_unix_ms"]["requests"].is_u64()
+        })
+        .await;
+    let full_at = doc["pools"]["rpm"]["budget_full_at_unix_ms"]["requests"].as_u64().expect("a time");
+    let now_ms =
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_millis() as u64;
+    assert!(full_at > now_ms + 50_000, "3 requests at 3 per minute: full again in about a minute");
+
+    let next = c.kill_leader(first).await.next;
+    drop(a);
+    let url = c.url(next).to_owned();
+    let st = probe(&url).await.expect("the new leader serves");
+    assert!(pool(&st, "rpm").learning_until.is_none(), "nothing was held: no learning");
+    assert_eq!(level(&st), 0, "the old leader's requests count on the new leader");
+    let mut w = agent(&url, "w").await;
+    w.request(w.req("after", "rpm")).await;
+    let q = w.expect_queued("after").await;
+    assert_eq!(q.gate, pb::Gate::RequestsBudget as i32, "{q:?}");
 }

@@ -4,7 +4,8 @@
 //! One JSON document per election, under [`runtime_key`] (`/slotd/{election}/runtime`), holding for
 //! every pool what [`crate::scheduler::Scheduler::runtime_state`] returns: the pause (end and
 //! reason), the learned effective limit and its next recovery step, the breaker (open until, forced
-//! open, half-open; the open count `k`) and the held count (leases on the pool and its descendants).
+//! open, half-open; the open count `k`), when each rate budget is full again, and the held count
+//! (leases on the pool and its descendants).
 //!
 //! # Writes
 //! A new leader writes it once before it serves ([`publish_now`]), then at most every [`PUBLISH_INTERVAL`], and only when it changed since the
@@ -40,7 +41,8 @@ use super::Durable;
 use crate::{
     driver::DriverHandle,
     scheduler::{
-        BreakerConfig, BreakerRuntime, PoolConfig, PoolId, PoolRuntime, RuntimeState, SchedulerConfig,
+        BreakerConfig, BreakerRuntime, BudgetKind, PoolConfig, PoolId, PoolRuntime, RuntimeState,
+        SchedulerConfig, time,
     },
 };
 
@@ -122,6 +124,10 @@ struct StoredPool {
     #[serde(skip_serializing_if = "Option::is_none")]
     breaker_until_unix_ms: Option<u64>,
     breaker_opens: u32,
+    /// When each rate budget not full is full again (unix ms), by budget label (`requests`,
+    /// `input_tokens`, `output_tokens`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    budget_full_at_unix_ms: BTreeMap<String, u64>,
     /// Absent: the publisher was learning without a count (its successor learns fully).
     #[serde(skip_serializing_if = "Option::is_none")]
     held: Option<u32>,
@@ -155,6 +161,10 @@ pub fn encode(state: &RuntimeState, epoch: u64, clock: Clock) -> Result<String, 
                 breaker,
                 breaker_until_unix_ms,
                 breaker_opens: p.opens,
+                budget_full_at_unix_ms: BudgetKind::ALL
+                    .iter()
+                    .filter_map(|k| Some((k.label().to_owned(), clock.to_unix(p.budget_full_at[k.index()]?))))
+                    .collect(),
                 held: p.held,
             };
             (id.to_string(), stored)
@@ -210,6 +220,15 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             },
             (StoredBreaker::HalfOpen, _) => BreakerRuntime::HalfOpen,
         };
+        let mut budget_full_at = [None; 3];
+        for (label, t) in p.budget_full_at_unix_ms {
+            let kind = BudgetKind::ALL
+                .into_iter()
+                .find(|k| k.label() == label)
+                .ok_or_else(|| format!("pool {id}: no budget named {label:?}"))?;
+            // A budget full again by now is full: nothing to carry over.
+            budget_full_at[kind.index()] = clock.to_instant(t, time::FAR_FUTURE);
+        }
         let rt = PoolRuntime {
             paused_until,
             pause_reason: if paused_until.is_some() { Arc::from(reason) } else { Arc::from("") },
@@ -219,6 +238,7 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
                 .map(|t| clock.to_instant(t, PoolConfig::MAX_HEADROOM_RECOVERY).unwrap_or(clock.at)),
             breaker,
             opens: p.breaker_opens,
+            budget_full_at,
             held: p.held,
         };
         pools.insert(id, rt);
@@ -391,6 +411,7 @@ mod tests {
                 recover_at: Some(c.at + ms(9_000)),
                 breaker: BreakerRuntime::Open { until: Some(c.at + ms(5_000)) },
                 opens: 3,
+                budget_full_at: [Some(c.at + ms(20_000)), None, Some(c.at + ms(1_000))],
                 held: Some(7),
             },
         );
@@ -404,6 +425,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["pools"]["p"]["paused_until_unix_ms"], 1_800_000_004_000u64);
         assert_eq!(v["epoch"], 42);
+        assert_eq!(
+            v["pools"]["p"]["budget_full_at_unix_ms"],
+            serde_json::json!({"requests": 1_800_000_020_000u64, "output_tokens": 1_800_000_001_000u64})
+        );
+        assert!(v["pools"]["q"].get("budget_full_at_unix_ms").is_none(), "full budgets are left out");
 
         // Read by another process whose instants have another origin: 1.5 s of wall time later.
         let later = Clock { at: Instant::now() + ms(60_000), unix_ms: c.unix_ms + 1_500 };
@@ -415,6 +441,7 @@ mod tests {
         assert_eq!(p.recover_at, Some(later.at + ms(7_500)));
         assert_eq!(p.breaker, BreakerRuntime::Open { until: Some(later.at + ms(3_500)) });
         assert_eq!((p.effective, p.opens, p.held), (Some(2), 3, Some(7)));
+        assert_eq!(p.budget_full_at, [Some(later.at + ms(18_500)), None, None], "output is full by now");
         assert_eq!(back.pools[&PoolId::new("forced")].breaker, BreakerRuntime::Open { until: None });
         assert_eq!(back.pools[&PoolId::new("q")], PoolRuntime { held: Some(1), ..PoolRuntime::default() });
         assert_eq!(back.pools[&PoolId::new("unknown")].held, None, "no count stays no count");
@@ -453,15 +480,18 @@ mod tests {
             doc(r#"{"breaker_opens":65}"#),
             doc(r#"{"breaker":"ajar"}"#),
             doc(r#"{"paused_until_unix_ms":"soon"}"#),
+            doc(r#"{"budget_full_at_unix_ms":{"tokens":1}}"#),
+            doc(r#"{"budget_full_at_unix_ms":{"requests":-1}}"#),
             format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_RUNTIME_BYTES)),
         ] {
             assert!(decode(&bad, c).is_err(), "accepted {}", &bad[..bad.len().min(80)]);
         }
         let (_, s) = decode(
             &doc(&format!(
-                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{}}}"#,
+                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{},"budget_full_at_unix_ms":{{"input_tokens":{}}}}}"#,
                 u64::MAX,
                 "é".repeat(MAX_REASON_BYTES),
+                u64::MAX,
                 u64::MAX
             )),
             c,
@@ -471,5 +501,6 @@ mod tests {
         assert_eq!(p.paused_until, Some(c.at + SchedulerConfig::MAX_PAUSE));
         assert!(p.pause_reason.len() <= MAX_REASON_BYTES);
         assert_eq!(p.breaker, BreakerRuntime::Open { until: Some(c.at + BreakerConfig::MAX_DURATION) });
+        assert_eq!(p.budget_full_at, [None, Some(c.at + time::FAR_FUTURE), None], "empty: in full debt");
     }
 }

@@ -429,6 +429,38 @@ impl BudgetState {
         }
     }
 
+    /// When each budget is full again at its current rate, by [`BudgetKind::index`]: `None` for a
+    /// budget that is full now or not set. It moves only when tokens are taken or given back, not
+    /// as they refill, so a leader's published state changes only on use (see [`super::takeover`]).
+    pub(crate) fn full_at(&self, now: Instant) -> [Option<Instant>; 3] {
+        let mut out = [None; 3];
+        for (o, b) in out.iter_mut().zip(&self.buckets) {
+            *o = b.as_ref().and_then(|b| b.ready_at(b.burst, now, self.window));
+        }
+        out
+    }
+
+    /// Lowers each budget to at most the level that is full again at `full_at` (an earlier leader's
+    /// [`BudgetState::full_at`]): the lower level wins, debt stays within the debt cap. Whether any
+    /// level went down.
+    pub(crate) fn lower_to(&mut self, now: Instant, full_at: &[Option<Instant>; 3]) -> bool {
+        let window = self.window;
+        let mut lowered = false;
+        for (b, at) in self.buckets.iter_mut().zip(full_at) {
+            let (Some(b), Some(at)) = (b.as_mut(), at) else { continue };
+            let ahead = i128::try_from(at.saturating_duration_since(now).as_nanos()).unwrap_or(i128::MAX);
+            let cap = b.cap(window);
+            let target = cap.saturating_sub(ahead.saturating_mul(i128::from(b.rate))).max(-cap);
+            let level = b.level_at(now, window);
+            if target < level {
+                b.level = target;
+                b.as_of = Some(now);
+                lowered = true;
+            }
+        }
+        lowered
+    }
+
     /// The view for Status.
     pub(crate) fn snapshot(&self, now: Instant) -> Option<BudgetSnapshot> {
         if !self.is_set() && self.provider.iter().all(Option::is_none) {

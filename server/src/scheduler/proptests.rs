@@ -188,11 +188,31 @@ proptest! {
 /// One step of the budget property test.
 #[derive(Clone, Debug)]
 enum BudgetOp {
-    Request { s: usize, pool: usize, estimate: Option<(u64, u64)> },
-    Release { which: usize, usage: Option<(u64, u64)> },
-    Provider { pool: usize, kind: u8, limit: u64, remaining: u64 },
-    Close { s: usize },
+    Request {
+        s: usize,
+        pool: usize,
+        estimate: Option<(u64, u64)>,
+    },
+    Release {
+        which: usize,
+        usage: Option<(u64, u64)>,
+    },
+    Provider {
+        pool: usize,
+        kind: u8,
+        limit: u64,
+        remaining: u64,
+    },
+    Close {
+        s: usize,
+    },
     Tick,
+    /// A takeover's stored budget: one budget of one pool is full again `ahead_ms` from now.
+    Adopt {
+        pool: usize,
+        kind: usize,
+        ahead_ms: u64,
+    },
 }
 
 fn budget_op() -> impl Strategy<Value = BudgetOp> {
@@ -207,6 +227,8 @@ fn budget_op() -> impl Strategy<Value = BudgetOp> {
         }),
         1 => (0..3usize).prop_map(|s| BudgetOp::Close { s }),
         2 => Just(BudgetOp::Tick),
+        1 => (0..4usize, 0..3usize, prop_oneof![4 => 0..5_000u64, 1 => Just(u64::MAX)])
+            .prop_map(|(pool, kind, ahead_ms)| BudgetOp::Adopt { pool, kind, ahead_ms }),
     ]
 }
 
@@ -315,6 +337,13 @@ fn run_budgets(pools: BTreeMap<PoolId, PoolConfig>, ops: Vec<(u64, BudgetOp)>) {
                 s.close_session(now, sessions[i], Duration::ZERO)
             }
             BudgetOp::Tick => s.tick(now),
+            BudgetOp::Adopt { pool, kind, ahead_ms } => {
+                let mut full_at = [None; 3];
+                full_at[kind] = Some(super::time::after(now, ms(ahead_ms)));
+                let rt = PoolRuntime { budget_full_at: full_at, ..PoolRuntime::default() };
+                let state = RuntimeState { pools: BTreeMap::from([(PoolId::new(NAMES[pool]), rt)]) };
+                s.take_over(now, Some(&state))
+            }
         };
         // A closed stream's waiters and leases leave silently.
         for (i, sess) in sessions.iter().enumerate() {

@@ -5,7 +5,9 @@
 //! [`Scheduler::runtime_state`] returns, as plain data at `now`, what a successor needs beyond the pool
 //! configuration: per pool its pause (end and reason), the adaptive headroom it learned (the effective
 //! limit, while below the limit, and when it next recovers a step), its breaker (open until when, or
-//! forced open; half-open; the open count `k` of the `open_base·2^k` timeout) and its **held count**.
+//! forced open; half-open; the open count `k` of the `open_base·2^k` timeout), its **rate budgets**
+//! (when each is full again at its rate: a form that moves only when tokens are used, not as they
+//! refill) and its **held count**.
 //! The daemon stores it in etcd (`crate::ha::runtime`, with wall-clock times); the core only sees
 //! instants.
 //!
@@ -14,7 +16,11 @@
 //! - headroom merges with min: the lower effective limit wins (adaptive pools only), with the stored
 //!   recovery instant;
 //! - a breaker not closed is restored on a pool whose breaker is closed (its open count merges with
-//!   max); one whose open timeout ran out meanwhile comes back half-open.
+//!   max); one whose open timeout ran out meanwhile comes back half-open;
+//! - rate budgets merge with min: each budget of the pool is lowered to the level that is full again
+//!   when the old leader's was, so requests and tokens the old leader granted count against the new
+//!   leader's window (refill since the old leader's last publish is credited; what it granted after
+//!   that publish is not known, the daemon's publish interval bounds it).
 //!
 //! # Learning per pool
 //! A term's learning period (`learning_until`) bounds how long resumes may re-create leases. Within
@@ -78,6 +84,8 @@ pub struct PoolRuntime {
     pub breaker: BreakerRuntime,
     /// Consecutive opens without a success (`k` of `open_base·2^k`).
     pub opens: u32,
+    /// When each rate budget is full again, by [`super::BudgetKind::index`]; `None`: full (or none).
+    pub budget_full_at: [Option<Instant>; 3],
     /// Leases held on this pool and its descendants (its `in_flight`), plus, while it learns, those
     /// the previous leader reported that are not back yet. `None` while it learns without a count
     /// (its successor must then learn for its whole period too).
@@ -93,6 +101,7 @@ impl Default for PoolRuntime {
             recover_at: None,
             breaker: BreakerRuntime::Closed,
             opens: 0,
+            budget_full_at: [None; 3],
             held: Some(0),
         }
     }
@@ -138,6 +147,7 @@ impl Scheduler {
                     recover_at: if reduced { p.recover_at } else { None },
                     breaker,
                     opens: view.opens,
+                    budget_full_at: p.budget.full_at(now),
                     held: match p.learning {
                         None => Some(p.in_flight),
                         Some(l) => l.expected.map(|e| p.in_flight.saturating_add(e.saturating_sub(l.back))),
@@ -190,6 +200,7 @@ impl Scheduler {
             }
         }
         let pool = self.pools.get_mut(id).expect("checked above");
+        pool.budget.lower_to(now, &rt.budget_full_at);
         if let Some(e) = rt.effective.filter(|_| pool.cfg.adaptive) {
             let e = e.clamp(1, pool.cfg.max_concurrent);
             if e < pool.effective {

@@ -276,3 +276,63 @@ fn a_learning_leader_publishes_the_leases_still_missing() {
     next.take_over(t0, Some(&unknown));
     assert_eq!(learning(&next, "p"), Some(PoolLearning { until: t0 + secs(10), expected: None, back: 0 }));
 }
+
+/// Rate budgets merge with min: what the old leader granted counts against the new leader's window,
+/// with the refill since its publish credited; a lower level of the new leader's own stays, and a
+/// stored level far below the debt cap stops at the cap.
+#[test]
+fn a_takeover_carries_rate_budgets_over_with_min() {
+    let t0 = Instant::now();
+    // One request per second, burst 3.
+    let rps = || PoolConfig {
+        budget: BudgetConfig { requests_per_minute: Some(60), requests_burst: Some(3), ..Default::default() },
+        ..limit(100)
+    };
+    let list = [("p", rps()), ("q", rps()), ("d", rps())];
+    let mut old = sched(&list, t0);
+    let x = old.open_session();
+    for i in 0..3 {
+        granted(&old.request(t0, x, req(&format!("o{i}"), "p")), x, &format!("o{i}"));
+    }
+    let st = old.runtime_state(t0 + secs(1));
+    assert_eq!(st.pools[&pid("p")].budget_full_at, [Some(t0 + secs(3)), None, None]);
+    assert_eq!(st.pools[&pid("q")].budget_full_at, [None; 3], "an unused budget is full");
+    assert_eq!(old.runtime_state(t0 + ms(2_500)), st, "refill alone does not change the published state");
+
+    let mut new = sched(&list, t0);
+    let y = new.open_session();
+    for i in 0..3 {
+        granted(&new.request(t0, y, req(&format!("n{i}"), "q")), y, &format!("n{i}"));
+    }
+    let mut st = st;
+    // q: the old leader had used one request; the new leader's own lower level stays.
+    st.pools.get_mut(&pid("q")).unwrap().budget_full_at = [Some(t0 + secs(1)), None, None];
+    // d: a stored end far ahead (say, a clock jump): the level stops at the debt cap, -burst.
+    st.pools.insert(
+        pid("d"),
+        PoolRuntime { budget_full_at: [Some(t0 + secs(3600)), None, None], ..PoolRuntime::default() },
+    );
+    new.begin_term(t0 + secs(1), 1 << 32, Duration::ZERO);
+    new.take_over(t0 + secs(1), Some(&st));
+    new.check_invariants(t0 + secs(1));
+    new.check_budgets(t0 + secs(1));
+    let level = |s: &Scheduler, pool: &str| {
+        let snap = s.snapshot(Some(&pid(pool))).unwrap();
+        snap.pools[0].budget.as_ref().unwrap().levels[0].level
+    };
+    assert_eq!((level(&new, "p"), level(&new, "q"), level(&new, "d")), (1, 1, -3));
+
+    // p grants the one request refilled since, then waits for the next second's.
+    granted(&new.request(t0 + secs(1), y, req("p1", "p")), y, "p1");
+    let d = new.request(t0 + secs(1), y, req("p2", "p"));
+    assert!(grants(&d).is_empty(), "{d:?}");
+    assert!(
+        d.events.iter().any(|(_, e)| matches!(e, Event::Queued { gate: Some(Closed::Budget { .. }), .. })),
+        "{d:?}"
+    );
+    assert_eq!(grants(&new.tick(t0 + secs(2))), vec![(y, "p2".to_owned())]);
+    // d pays its debt back first: the next request waits 3 s for the level to come back to 1.
+    assert!(grants(&new.request(t0 + secs(2), y, req("d1", "d"))).is_empty());
+    assert!(grants(&new.tick(t0 + ms(4_999))).is_empty());
+    assert_eq!(grants(&new.tick(t0 + secs(5))), vec![(y, "d1".to_owned())]);
+}
