@@ -1,11 +1,17 @@
 """Several daemon endpoints (slotd's high availability): which one to talk to, following the
 ``slotd-leader`` address a standby answers with, else trying the next endpoint.
 
-The same rules as the Rust client's ``members.rs``: a standby's UNAVAILABLE that names the leader
-switches to that leader at once (with the same credentials and token); any other failure moves to the
-next configured endpoint, after the caller's jittered backoff. Redirects are bounded: after
-:data:`MAX_REDIRECTS` of them in a row without a call getting through, the next one waits for the
-backoff like any other failure (two members naming each other cannot spin the client).
+The rules of the Rust client's ``members.rs``, with one difference noted below: a standby's
+UNAVAILABLE that names the leader switches to that leader at once (with the same credentials and
+token); any other failure moves to the next configured endpoint, after the caller's jittered backoff.
+Redirects are bounded: after :data:`MAX_REDIRECTS` of them in a row without a call getting through,
+the next one waits for the backoff like any other failure (two members naming each other cannot spin
+the client).
+
+When a leader reached through a redirect fails (a failover), both clients retry within
+``ELECTION_RETRY_MAX`` (0.5 s) and ask a configured endpoint who leads now; the Rust client asks the
+endpoint that redirected it, this one moves on to the next configured endpoint (with a single
+endpoint, the same one).
 """
 
 from __future__ import annotations
