@@ -4,8 +4,8 @@
 //! One JSON document per election, under [`runtime_key`] (`/slotd/{election}/runtime`), holding for
 //! every pool what [`crate::scheduler::Scheduler::runtime_state`] returns: the pause (end and
 //! reason), the learned effective limit and its next recovery step, the breaker (open until, forced
-//! open, half-open; the open count `k`), when each rate budget is full again, and the held count
-//! (leases on the pool and its descendants).
+//! open, half-open; the open count `k`), when each rate budget is full again, the holds on its own
+//! leases (end and kind) and the held count (leases on the pool and its descendants).
 //!
 //! # Writes
 //! A new leader writes it once before it serves ([`publish_now`]), then at most every [`PUBLISH_INTERVAL`], and only when it changed since the
@@ -41,8 +41,8 @@ use super::Durable;
 use crate::{
     driver::DriverHandle,
     scheduler::{
-        BreakerConfig, BreakerRuntime, BudgetKind, PoolConfig, PoolId, PoolRuntime, RuntimeState,
-        SchedulerConfig, time,
+        BreakerConfig, BreakerRuntime, BudgetKind, HealthConfig, HoldKind, PoolConfig, PoolId, PoolRuntime,
+        RuntimeState, SchedulerConfig, time,
     },
 };
 
@@ -128,9 +128,48 @@ struct StoredPool {
     /// `input_tokens`, `output_tokens`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     budget_full_at_unix_ms: BTreeMap<String, u64>,
+    /// Holds on the pool's own leases that had not ended.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    holds: Vec<StoredHold>,
     /// Absent: the publisher was learning without a count (its successor learns fully).
     #[serde(skip_serializing_if = "Option::is_none")]
     held: Option<u32>,
+}
+
+/// One hold: when it ends and which it is.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredHold {
+    until_unix_ms: u64,
+    kind: StoredHoldKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredHoldKind {
+    FailureHold,
+    CancelCooldown,
+    PhantomHold,
+}
+
+impl From<HoldKind> for StoredHoldKind {
+    fn from(k: HoldKind) -> Self {
+        match k {
+            HoldKind::Failure => Self::FailureHold,
+            HoldKind::Cancel => Self::CancelCooldown,
+            HoldKind::Phantom => Self::PhantomHold,
+        }
+    }
+}
+
+impl From<StoredHoldKind> for HoldKind {
+    fn from(k: StoredHoldKind) -> Self {
+        match k {
+            StoredHoldKind::FailureHold => Self::Failure,
+            StoredHoldKind::CancelCooldown => Self::Cancel,
+            StoredHoldKind::PhantomHold => Self::Phantom,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +203,11 @@ pub fn encode(state: &RuntimeState, epoch: u64, clock: Clock) -> Result<String, 
                 budget_full_at_unix_ms: BudgetKind::ALL
                     .iter()
                     .filter_map(|k| Some((k.label().to_owned(), clock.to_unix(p.budget_full_at[k.index()]?))))
+                    .collect(),
+                holds: p
+                    .holds
+                    .iter()
+                    .map(|(t, k)| StoredHold { until_unix_ms: clock.to_unix(*t), kind: (*k).into() })
                     .collect(),
                 held: p.held,
             };
@@ -229,6 +273,15 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             // A budget full again by now is full: nothing to carry over.
             budget_full_at[kind.index()] = clock.to_instant(t, time::FAR_FUTURE);
         }
+        if p.holds.len() > max as usize {
+            return Err(format!("pool {id}: more than {max} holds"));
+        }
+        // Holds ended by now are dropped; one too far ahead is cut to the longest hold.
+        let holds = p
+            .holds
+            .iter()
+            .filter_map(|h| Some((clock.to_instant(h.until_unix_ms, HealthConfig::MAX_HOLD)?, h.kind.into())))
+            .collect();
         let rt = PoolRuntime {
             paused_until,
             pause_reason: if paused_until.is_some() { Arc::from(reason) } else { Arc::from("") },
@@ -239,6 +292,7 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             breaker,
             opens: p.breaker_opens,
             budget_full_at,
+            holds,
             held: p.held,
         };
         pools.insert(id, rt);
@@ -412,6 +466,7 @@ mod tests {
                 breaker: BreakerRuntime::Open { until: Some(c.at + ms(5_000)) },
                 opens: 3,
                 budget_full_at: [Some(c.at + ms(20_000)), None, Some(c.at + ms(1_000))],
+                holds: vec![(c.at + ms(500), HoldKind::Cancel), (c.at + ms(3_000), HoldKind::Phantom)],
                 held: Some(7),
             },
         );
@@ -430,6 +485,14 @@ mod tests {
             serde_json::json!({"requests": 1_800_000_020_000u64, "output_tokens": 1_800_000_001_000u64})
         );
         assert!(v["pools"]["q"].get("budget_full_at_unix_ms").is_none(), "full budgets are left out");
+        assert_eq!(
+            v["pools"]["p"]["holds"],
+            serde_json::json!([
+                {"until_unix_ms": 1_800_000_000_500u64, "kind": "cancel_cooldown"},
+                {"until_unix_ms": 1_800_000_003_000u64, "kind": "phantom_hold"}
+            ])
+        );
+        assert!(v["pools"]["q"].get("holds").is_none(), "no holds, no field");
 
         // Read by another process whose instants have another origin: 1.5 s of wall time later.
         let later = Clock { at: Instant::now() + ms(60_000), unix_ms: c.unix_ms + 1_500 };
@@ -442,6 +505,7 @@ mod tests {
         assert_eq!(p.breaker, BreakerRuntime::Open { until: Some(later.at + ms(3_500)) });
         assert_eq!((p.effective, p.opens, p.held), (Some(2), 3, Some(7)));
         assert_eq!(p.budget_full_at, [Some(later.at + ms(18_500)), None, None], "output is full by now");
+        assert_eq!(p.holds, vec![(later.at + ms(1_500), HoldKind::Phantom)], "the cancel hold ended");
         assert_eq!(back.pools[&PoolId::new("forced")].breaker, BreakerRuntime::Open { until: None });
         assert_eq!(back.pools[&PoolId::new("q")], PoolRuntime { held: Some(1), ..PoolRuntime::default() });
         assert_eq!(back.pools[&PoolId::new("unknown")].held, None, "no count stays no count");
@@ -482,15 +546,22 @@ mod tests {
             doc(r#"{"paused_until_unix_ms":"soon"}"#),
             doc(r#"{"budget_full_at_unix_ms":{"tokens":1}}"#),
             doc(r#"{"budget_full_at_unix_ms":{"requests":-1}}"#),
+            doc(r#"{"holds":[{"until_unix_ms":1,"kind":"lunch_break"}]}"#),
+            doc(r#"{"holds":[{"until_unix_ms":1}]}"#),
+            doc(&format!(
+                r#"{{"holds":[{}]}}"#,
+                vec![r#"{"until_unix_ms":1,"kind":"failure_hold"}"#; 10_001].join(",")
+            )),
             format!(r#"{{"pad":"{}"}}"#, "x".repeat(MAX_RUNTIME_BYTES)),
         ] {
             assert!(decode(&bad, c).is_err(), "accepted {}", &bad[..bad.len().min(80)]);
         }
         let (_, s) = decode(
             &doc(&format!(
-                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{},"budget_full_at_unix_ms":{{"input_tokens":{}}}}}"#,
+                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{},"budget_full_at_unix_ms":{{"input_tokens":{}}},"holds":[{{"until_unix_ms":{},"kind":"failure_hold"}}]}}"#,
                 u64::MAX,
                 "é".repeat(MAX_REASON_BYTES),
+                u64::MAX,
                 u64::MAX,
                 u64::MAX
             )),
@@ -502,5 +573,10 @@ mod tests {
         assert!(p.pause_reason.len() <= MAX_REASON_BYTES);
         assert_eq!(p.breaker, BreakerRuntime::Open { until: Some(c.at + BreakerConfig::MAX_DURATION) });
         assert_eq!(p.budget_full_at, [None, Some(c.at + time::FAR_FUTURE), None], "empty: in full debt");
+        assert_eq!(
+            p.holds,
+            vec![(c.at + HealthConfig::MAX_HOLD, HoldKind::Failure)],
+            "cut to the longest hold"
+        );
     }
 }

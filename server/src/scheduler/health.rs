@@ -713,6 +713,21 @@ impl Scheduler {
         }
     }
 
+    /// Holds a previous leader left on `pool`'s own leases (see [`super::takeover`]): each keeps a
+    /// slot on every level of the pool's chain until it ends, as if this leader had started it. Holds
+    /// already ended by `now` are skipped.
+    pub(super) fn restore_holds(&mut self, now: Instant, pool: &PoolId, holds: &[(Instant, HoldKind)]) {
+        let Some(chain) = self.pools.get(pool).map(|p| p.chain.clone()) else { return };
+        for &(until, kind) in holds.iter().filter(|(t, _)| *t > now) {
+            for level in &chain {
+                self.pools.get_mut(level).expect("chain pools exist").health.held += 1;
+            }
+            let h = &mut self.pools.get_mut(pool).expect("checked above").health;
+            h.next_hold += 1;
+            h.holds.insert((until, h.next_hold, kind));
+        }
+    }
+
     /// Timers of provider health due by `now`: ended holds (their slots start the release cooldown) and
     /// open breakers whose timeout ran out (they turn half-open).
     pub(super) fn advance_health(&mut self, now: Instant, out: &mut Decisions) {

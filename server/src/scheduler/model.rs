@@ -150,10 +150,12 @@ pub enum Op {
     },
     /// A takeover: a new term with a 300 ms learning period, then the previous leader's runtime
     /// state (`None`: none published) with these held counts by pool index, and a pause of `ms` on
-    /// one pool.
+    /// one pool, and a phantom hold of `ms` on one pool (on top of whatever it holds: the limit
+    /// gates grants, not the count).
     TakeOver {
         held: Option<[u8; 4]>,
         pause: Option<(usize, u64)>,
+        hold: Option<(usize, u64)>,
     },
     /// One of [`EXTREMES`] (by `value`, modulo) in one duration field, by `target`: 0 a request's
     /// ttl, 1 a request's max_wait, 2 a rate-limited release's retry_after, 3 a ReportRateLimit's
@@ -896,7 +898,7 @@ pub fn run(case: &Case) {
                     false,
                 )
             }
-            Op::TakeOver { held, pause } => {
+            Op::TakeOver { held, pause, hold } => {
                 let top =
                     s.snapshot(None).expect("snapshot").leases.iter().map(|l| l.token.0).max().unwrap_or(0);
                 let first = top.saturating_add(1).min(SchedulerConfig::MAX_RESUME_TOKEN);
@@ -910,6 +912,11 @@ pub fn run(case: &Case) {
                                 held: (h[i] < 3).then_some(u32::from(h[i])),
                                 paused_until,
                                 pause_reason: "the previous leader's pause".into(),
+                                holds: hold
+                                    .filter(|(p, _)| p % 4 == i)
+                                    .map(|(_, d)| (now + ms(d), HoldKind::Phantom))
+                                    .into_iter()
+                                    .collect(),
                                 ..PoolRuntime::default()
                             };
                             (pid(i), rt)
@@ -1201,7 +1208,8 @@ impl Invariants {
             if p.queued > 0 && !learning && !snap.shutting_down && !snap.draining && !fenced {
                 let closed = chain(&p.id).iter().any(|level| {
                     let l = by_id[level];
-                    l.paused_until.is_some_and(|u| u > now) || l.in_flight + l.cooling >= l.effective_limit
+                    l.paused_until.is_some_and(|u| u > now)
+                        || l.in_flight + l.cooling + l.held >= l.effective_limit
                 });
                 // --- Rate budgets: a head short of a budget keeps its queue closed. ---
                 let closed = closed || matches!(p.gate, Some(Closed::Budget { .. }));

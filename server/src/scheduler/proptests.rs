@@ -64,8 +64,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(Op::Drain),
         1 => prop::option::of(0..400u64).prop_map(|ms| Op::Fence { ms }),
         1 => prop_oneof![Just(1u64), 1..1_000_000u64].prop_map(|bump| Op::BeginTerm { bump }),
-        1 => (prop::option::of([0..4u8, 0..4u8, 0..4u8, 0..4u8]), prop::option::of((0..4usize, 1..800u64)))
-            .prop_map(|(held, pause)| Op::TakeOver { held, pause }),
+        1 => (
+            prop::option::of([0..4u8, 0..4u8, 0..4u8, 0..4u8]),
+            prop::option::of((0..4usize, 1..800u64)),
+            prop::option::of((0..4usize, 1..800u64)),
+        )
+            .prop_map(|(held, pause, hold)| Op::TakeOver { held, pause, hold }),
         2 => (s.clone(), 0..4usize, 0..9u8, 0..model::EXTREMES.len())
             .prop_map(|(s, pool, target, value)| Op::Extreme { s, pool, target, value }),
     ]

@@ -7,7 +7,8 @@
 //! limit, while below the limit, and when it next recovers a step), its breaker (open until when, or
 //! forced open; half-open; the open count `k` of the `open_base·2^k` timeout), its **rate budgets**
 //! (when each is full again at its rate: a form that moves only when tokens are used, not as they
-//! refill) and its **held count**.
+//! refill), the **holds** on its own leases (failure, cancel and phantom holds: end and kind) and its
+//! **held count**.
 //! The daemon stores it in etcd (`crate::ha::runtime`, with wall-clock times); the core only sees
 //! instants.
 //!
@@ -20,7 +21,9 @@
 //! - rate budgets merge with min: each budget of the pool is lowered to the level that is full again
 //!   when the old leader's was, so requests and tokens the old leader granted count against the new
 //!   leader's window (refill since the old leader's last publish is credited; what it granted after
-//!   that publish is not known, the daemon's publish interval bounds it).
+//!   that publish is not known, the daemon's publish interval bounds it);
+//! - holds are added (a new leader has none of its own): each keeps its slot on the pool's chain
+//!   until the same end, so a slot the provider may still count is not granted again meanwhile.
 //!
 //! # Learning per pool
 //! A term's learning period (`learning_until`) bounds how long resumes may re-create leases. Within
@@ -48,7 +51,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use super::{
-    Decisions, Event, Fact, PoolId, Scheduler,
+    Decisions, Event, Fact, HoldKind, PoolId, Scheduler,
     health::BreakerState,
     pool::{Closed, Learning},
     time,
@@ -86,6 +89,8 @@ pub struct PoolRuntime {
     pub opens: u32,
     /// When each rate budget is full again, by [`super::BudgetKind::index`]; `None`: full (or none).
     pub budget_full_at: [Option<Instant>; 3],
+    /// Holds on the pool's own leases that had not ended: end and kind.
+    pub holds: Vec<(Instant, HoldKind)>,
     /// Leases held on this pool and its descendants (its `in_flight`), plus, while it learns, those
     /// the previous leader reported that are not back yet. `None` while it learns without a count
     /// (its successor must then learn for its whole period too).
@@ -102,6 +107,7 @@ impl Default for PoolRuntime {
             breaker: BreakerRuntime::Closed,
             opens: 0,
             budget_full_at: [None; 3],
+            holds: Vec::new(),
             held: Some(0),
         }
     }
@@ -148,6 +154,7 @@ impl Scheduler {
                     breaker,
                     opens: view.opens,
                     budget_full_at: p.budget.full_at(now),
+                    holds: p.health.own_holds().filter(|(t, _)| *t > now).collect(),
                     held: match p.learning {
                         None => Some(p.in_flight),
                         Some(l) => l.expected.map(|e| p.in_flight.saturating_add(e.saturating_sub(l.back))),
@@ -219,6 +226,7 @@ impl Scheduler {
                 self.announce_breaker(id.clone(), view, reason, out);
             }
         }
+        self.restore_holds(now, id, &rt.holds);
     }
 
     /// The learning a pool created now starts with (see the module docs).

@@ -336,3 +336,36 @@ fn a_takeover_carries_rate_budgets_over_with_min() {
     assert!(grants(&new.tick(t0 + ms(4_999))).is_empty());
     assert_eq!(grants(&new.tick(t0 + secs(5))), vec![(y, "d1".to_owned())]);
 }
+
+/// Holds on the old leader's leases keep their slots on the new leader until the same end, on every
+/// level of the chain; a hold that ended meanwhile is dropped.
+#[test]
+fn a_takeover_keeps_the_old_leaders_holds() {
+    let t0 = Instant::now();
+    let cancel = HealthConfig { cancel_cooldown: secs(5), ..Default::default() };
+    let list = [("g", limit(2)), ("a", PoolConfig { health: cancel, adaptive: false, ..child("g", 2) })];
+    let mut old = sched(&list, t0);
+    let x = old.open_session();
+    let l = granted(&old.request(t0, x, req("r1", "a")), x, "r1");
+    old.release(t0, x, l, Outcome::Cancelled);
+    let st = old.runtime_state(t0 + secs(1));
+    assert_eq!(st.pools[&pid("a")].holds, vec![(t0 + secs(5), HoldKind::Cancel)]);
+    assert!(st.pools[&pid("g")].holds.is_empty(), "a hold is published on its lease's own pool");
+
+    let mut new = sched(&list, t0);
+    let y = new.open_session();
+    let mut st = st;
+    st.pools.get_mut(&pid("a")).unwrap().holds.push((t0 + ms(500), HoldKind::Phantom));
+    new.begin_term(t0 + secs(1), 1 << 32, Duration::ZERO);
+    new.take_over(t0 + secs(1), Some(&st));
+    new.check_invariants(t0 + secs(1));
+    let (a, g) = (pool_snap(&new, "a"), pool_snap(&new, "g"));
+    assert_eq!((a.held, a.held_until), (1, Some(t0 + secs(5))), "the ended phantom hold is dropped");
+    assert_eq!(g.held, 1, "held on every level of the chain");
+    // One slot left under g: granted; the next waits for the hold's end.
+    granted(&new.request(t0 + secs(1), y, req("n1", "a")), y, "n1");
+    assert!(grants(&new.request(t0 + secs(1), y, req("n2", "a"))).is_empty());
+    assert!(grants(&new.tick(t0 + ms(4_999))).is_empty());
+    assert_eq!(grants(&new.tick(t0 + secs(5))), vec![(y, "n2".to_owned())]);
+    new.check_invariants(t0 + secs(5));
+}
