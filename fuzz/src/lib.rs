@@ -125,6 +125,7 @@ fn op(u: &mut Unstructured) -> Result<Op> {
                     None
                 },
                 pause: if u.arbitrary()? { Some((pool, u.int_in_range(1..=799)?)) } else { None },
+                hold: if u.arbitrary()? { Some((which, u.int_in_range(1..=799)?)) } else { None },
             },
             _ => Op::Drain(u.arbitrary()?),
         },
