@@ -44,15 +44,17 @@
 //! # Durable state
 //! In etcd, written only in transactions guarded by the term's epoch (a deposed leader's writes fail):
 //! the pool set (Admin changes, `/slotd/{election}/pools`) and the runtime state (pauses, adaptive
-//! headroom, breakers and per-pool held counts, `/slotd/{election}/runtime`, see [`runtime`]).
+//! headroom, breakers, rate-budget levels, holds and per-pool held counts,
+//! `/slotd/{election}/runtime`, see [`runtime`]).
 //!
 //! # Taking over
 //! A new leader reads the pool set and the runtime state, then starts its term
 //! ([`crate::scheduler::Scheduler::begin_term`] and [`crate::scheduler::Scheduler::take_over`]) with a
 //! learning period covering the longest lease TTL of its pools: clients re-present their leases with
 //! their resume credentials (the key file is shared by every member), and new waiters queue. Pauses
-//! merge with max, headroom and breakers are restored, and each pool grants again as soon as every
-//! lease the previous leader last reported on it is back (or when the period ends).
+//! merge with max, rate budgets with min, headroom, breakers and holds are restored, and each pool
+//! grants again as soon as every lease the previous leader last reported on it is back (or when the
+//! period ends).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -68,6 +70,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::HaSection,
     driver::{DriverHandle, Pools},
+    scheduler::{BreakerRuntime, PoolRuntime},
     state,
 };
 
@@ -540,9 +543,22 @@ async fn lead(
         }
         _ => return depose(m, "cannot read the stored pools from etcd".into()).await,
     }
-    // The previous leaders' pauses, headroom, breakers and held counts.
+    // The previous leaders' pauses, headroom, breakers, budgets, holds and held counts.
     let state = match runtime::read(client, &m.cfg.election, call).await {
-        Ok(runtime::Found::State(s)) => Some(s),
+        Ok(runtime::Found::State(s)) => {
+            let count = |f: fn(&PoolRuntime) -> bool| s.pools.values().filter(|p| f(p)).count();
+            info!(
+                pools = s.pools.len(),
+                with_leases = count(|p| p.held.is_some_and(|h| h > 0)),
+                without_count = count(|p| p.held.is_none()),
+                paused = count(|p| p.paused_until.is_some()),
+                breakers_not_closed = count(|p| p.breaker != BreakerRuntime::Closed),
+                budgets_in_use = count(|p| p.budget_full_at.iter().any(Option::is_some)),
+                holds = s.pools.values().map(|p| p.holds.len()).sum::<usize>(),
+                "taking over the previous leader's runtime state"
+            );
+            Some(s)
+        }
         Ok(runtime::Found::Unreadable) => None,
         Ok(runtime::Found::Absent) => {
             // Every leader publishes before it serves: no leader has granted anything here.
