@@ -8,6 +8,7 @@
 # release builds of slotd and slotd-bench (bench/run.sh builds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 mode=${1:-cycles}
 [[ $# -gt 0 ]] && shift
 daemon=${SLOTD:-target/release/slotd}
@@ -15,24 +16,11 @@ b=target/release/slotd-bench
 dir=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 ulimit -n "$(ulimit -Hn)"
-cat >"$dir/slotd.toml" <<TOML
-[limits]
-max_streams = 20000
-
-[pools.bench]
-max_concurrent = 8
-adaptive = false
-max_queue_depth = 1000000
-default_ttl = "1h"
-max_ttl = "1h"
-TOML
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+bench_config "$dir/slotd.toml" 20000 8
+port=$(free_port)
 "$daemon" --config "$dir/slotd.toml" --listen "127.0.0.1:$port" 2>"$dir/slotd.log" &
 pid=$!
-for _ in $(seq 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port)).close()" 2>/dev/null && break
-    sleep 0.1
-done
+wait_listening "$port"
 perf record -e cpu-clock -F 999 -p "$pid" -o "$dir/perf.data" 2>"$dir/perf.log" &
 perf_pid=$!
 "$b" --endpoint "http://127.0.0.1:$port" --daemon-pid "$pid" "$mode" "$@"

@@ -1,31 +1,24 @@
 #!/usr/bin/env bash
 # Where an idle session's memory goes: the daemon runs under heaptrack while `slotd-bench idle` holds
 # N queued sessions; prints the daemon's RSS (smaps_rollup) before and with the sessions, then the
-# live heap at its peak grouped by the first call site outside the allocator (bytes per session).
+# live heap at its peak grouped by the first call site outside the allocator (bytes per session;
+# a fixed allocation, such as the Watch broadcast buffer, is spread over the sessions too).
 #   bench/idle-profile.sh [SESSIONS] [STREAMS_PER_CONNECTION] [path/to/slotd]
-# Needs heaptrack and heaptrack_print. Uses the release bench built by bench/run.sh. heaptrack slows
-# the daemon down; the RSS it reports is the RSS with heaptrack's own few MiB.
+# Needs heaptrack (apt-get install -y heaptrack) and rustfilt (cargo install rustfilt). Uses the
+# release bench built by bench/run.sh. heaptrack slows the daemon down; the RSS it reports includes
+# heaptrack's own few MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 sessions=${1:-10000}
 spc=${2:-1}
 daemon=${3:-target/release/slotd}
 b=target/release/slotd-bench
 dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+trap '[[ -n ${KEEP:-} ]] && echo "kept $dir" || rm -rf "$dir"' EXIT
 ulimit -n "$(ulimit -Hn)"
-cat >"$dir/slotd.toml" <<TOML
-[limits]
-max_streams = $((sessions + 64))
-
-[pools.bench]
-max_concurrent = 1
-adaptive = false
-max_queue_depth = 1000000
-default_ttl = "1h"
-max_ttl = "1h"
-TOML
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+bench_config "$dir/slotd.toml" $((sessions + 64)) 1
+port=$(free_port)
 heaptrack -o "$dir/heap" "$daemon" --config "$dir/slotd.toml" --listen "127.0.0.1:$port" \
     >"$dir/heaptrack.log" 2>"$dir/slotd.log" &
 hpid=$!
@@ -43,17 +36,19 @@ echo "daemon RSS with no session: $(rss)"
 kill -INT "$pid"
 wait "$hpid" || true
 heaptrack_print -f "$dir"/heap.*zst --print-peaks 0 --print-allocators 0 --print-leaks 0 \
-    --print-temporary 0 --print-histogram 0 --flamegraph-cost-type peak -F "$dir/peak.txt" >/dev/null 2>&1
+    --print-temporary 0 --flamegraph-cost-type peak -F "$dir/peak.raw" >/dev/null 2>&1
+# heaptrack does not demangle Rust's v0 symbols; rustfilt does.
+rustfilt <"$dir/peak.raw" >"$dir/peak.txt"
 python3 - "$dir/peak.txt" "$sessions" <<'PY'
 import collections, re, sys
 # Frames of the allocator and of generic containers say nothing about who allocated.
-skip = re.compile(r"^(alloc::|bytes::|core::|std::|hashbrown|indexmap|slab::|smallvec|_RN|<unresolved|__rust)|RawVec|tokio::loom")
+skip = re.compile(r"^(<?alloc::|<?bytes::|<?core::|<?std::|<?hashbrown|indexmap|slab::|smallvec|_RN|<unresolved|__rust|0x|malloc|calloc|realloc)|RawVec|tokio::loom")
 tidy = lambda f: re.sub(r"::h[0-9a-f]{16}| \(.*\)$", "", f).replace("$LT$", "<").replace("$GT$", ">").replace("$C$", ",")
 sites, total = collections.Counter(), 0
 for line in open(sys.argv[1]):
     stack, _, n = line.rstrip().rpartition(" ")
     total += int(n)
-    frames = [tidy(f) for f in stack.split(";")]
+    frames = [tidy(f) for f in stack.rstrip(";").split(";") if f]
     site = next((f for f in reversed(frames) if not skip.search(f)), "?")
     sites[site] += int(n)
 n = int(sys.argv[2])

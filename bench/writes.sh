@@ -6,6 +6,7 @@
 # Needs strace (and ptrace permission). Uses the release bench built by bench/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 rounds=5 waiters=10000 spc=100
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -19,24 +20,14 @@ daemon=${1:-target/release/slotd}
 b=target/release/slotd-bench
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-cat >"$dir/slotd.toml" <<TOML
-[limits]
-max_streams = $((waiters * 2 + 64))
-
-[pools.bench]
-max_concurrent = 1
-adaptive = false
-max_queue_depth = 1000000
-default_ttl = "1h"
-max_ttl = "1h"
-TOML
+bench_config "$dir/slotd.toml" $((waiters * 2 + 64)) 1
 # calls R: the daemon's socket writes during a fanout of R rounds.
 calls() {
     local port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     "$daemon" --config "$dir/slotd.toml" --listen "127.0.0.1:$port" 2>/dev/null &
     local pid=$!
-    sleep 0.5
+    wait_listening "$port"
     strace -f -c -p "$pid" -o "$dir/strace.out" -e trace=write,writev,sendto,sendmsg 2>/dev/null &
     local spid=$!
     sleep 0.5
