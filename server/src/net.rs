@@ -487,7 +487,7 @@ impl AsyncWrite for Conn {
 /// `wake_by_ref`, which re-queues the task at once and makes the worker notify an idle one (a
 /// cross-CPU wake-up that finds nothing to do), a deferred wake costs only a zero-timeout poll of the
 /// I/O driver when the worker would otherwise go idle.
-fn wake_after_the_ready_tasks(cx: &mut Context<'_>) {
+pub(crate) fn wake_after_the_ready_tasks(cx: &mut Context<'_>) {
     let mut yielded = std::pin::pin!(tokio::task::yield_now());
     // Always `Pending` on the first poll: it registered the waker.
     let _ = yielded.as_mut().poll(cx);

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use crate::{
     driver::{DriverHandle, Outbound},
     grpc::{convert, limits::StreamPermit, status::to_status},
+    net,
     scheduler::{Error, SessionId},
 };
 
@@ -60,21 +61,28 @@ impl SessionStream {
 
     /// Applies the client's messages until the client has nothing more, one of them produced an event
     /// to send, or the budget is spent. Registers the waker for the request side when it waits on it.
-    fn forward_inbound(&mut self, cx: &mut Context<'_>) {
+    /// Whether it applied any.
+    fn forward_inbound(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut applied = false;
         for _ in 0..FORWARD_BUDGET {
             if !self.events.is_empty() {
-                return;
+                return applied;
             }
-            let Some(inbound) = self.inbound.as_mut() else { return };
+            let Some(inbound) = self.inbound.as_mut() else { return applied };
             match Pin::new(inbound).poll_next(cx) {
-                Poll::Pending => return,
+                Poll::Pending => return applied,
                 Poll::Ready(Some(Ok(msg))) => {
+                    applied = true;
                     // Fails only when the daemon is stopping, which ends the stream itself.
                     if self.driver.op(self.session, convert::stream_op(msg)).is_err() {
-                        return self.end_inbound(None);
+                        self.end_inbound(None);
+                        return applied;
                     }
                 }
-                Poll::Ready(None) => return self.end_inbound(None),
+                Poll::Ready(None) => {
+                    self.end_inbound(None);
+                    return applied;
+                }
                 Poll::Ready(Some(Err(status))) => {
                     let error = inbound_error(&status);
                     if matches!(error, Some(Error::InvalidArgument(_))) {
@@ -84,12 +92,14 @@ impl SessionStream {
                     } else {
                         debug!(session = self.session.0, %status, "inbound stream error");
                     }
-                    return self.end_inbound(error);
+                    self.end_inbound(error);
+                    return applied;
                 }
             }
         }
         // Budget spent with more perhaps waiting: come back after the events had their turn.
         cx.waker().wake_by_ref();
+        applied
     }
 
     /// The client is done sending (or failed): close the session. Its leases are released (or kept
@@ -127,7 +137,13 @@ impl Stream for SessionStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        this.forward_inbound(cx);
+        if this.forward_inbound(cx) && !this.events.is_empty() {
+            // A message of this client was just decided and its answer is ready. Let the tasks it
+            // woke run first: a release's next grant goes out before the release's own `Released`
+            // (otherwise this stream's connection task, woken last, runs first and writes first).
+            net::wake_after_the_ready_tasks(cx);
+            return Poll::Pending;
+        }
         this.events.poll_recv(cx).map(|item| {
             item.map(|out| match *out {
                 Ok(event) => Ok(convert::server_message(event)),
