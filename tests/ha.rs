@@ -1,6 +1,8 @@
 //! High availability on etcd: three `slotd` processes and one real etcd on loopback.
 //!
-//! - A standby answers UNAVAILABLE with the leader's address in `slotd-leader`.
+//! - A standby answers every call (Acquire, the unary calls, Admin, Watch) UNAVAILABLE with the
+//!   leader's address in `slotd-leader`; health serves `slotd.v1.Slotd` and `slotd.v1.Admin` on the
+//!   leader only.
 //! - SIGKILL the leader: a standby takes over; the clients re-present their leases there; nothing new
 //!   is granted while the re-presented leases hold the limit; the new term's fencing tokens are above
 //!   every earlier one. The time from the kill to the first new grant is printed.
@@ -295,4 +297,79 @@ async fn a_leader_stopped_gracefully_hands_over_at_once() {
     let next = c.leader().await;
     assert_ne!(next, first);
     eprintln!("graceful: SIGTERM -> new leader serving {:?}", stopping.elapsed());
+}
+
+/// A standby refuses every agent and operator call, streams included, with UNAVAILABLE naming the
+/// leader, and its gRPC health says which member leads: `slotd.v1.Slotd` and `slotd.v1.Admin` serve
+/// on the leader only, the server as a whole (`""`) on every live member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_refuses_every_call_and_health_names_the_role() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Some(c) = cluster(2) else { return };
+    let leader = c.leader().await;
+    let standby = (0..3).find(|&i| i != leader).expect("a standby");
+    let leader_url = c.url(leader).to_owned();
+    let channel = |url: String| async move {
+        Channel::from_shared(url).expect("url").connect().await.expect("connect")
+    };
+    let health = |url: String| async move {
+        let mut h = HealthClient::new(channel(url).await);
+        let mut statuses = Vec::new();
+        for service in ["", "slotd.v1.Slotd", "slotd.v1.Admin"] {
+            let r = h.check(HealthCheckRequest { service: service.into() }).await.expect("health check");
+            statuses.push(ServingStatus::try_from(r.into_inner().status).expect("a known status"));
+        }
+        statuses
+    };
+    use ServingStatus::{NotServing, Serving};
+    assert_eq!(health(leader_url.clone()).await, [Serving, Serving, Serving], "the leader");
+    assert_eq!(health(c.url(standby).to_owned()).await, [Serving, NotServing, NotServing], "a standby");
+
+    let names_the_leader = |s: &tonic::Status, what: &str| {
+        assert_eq!(s.code(), Code::Unavailable, "{what}: {s}");
+        let named = s.metadata().get(slotd_proto::LEADER_HEADER).and_then(|v| v.to_str().ok());
+        assert_eq!(named, Some(leader_url.as_str()), "{what} names the leader");
+    };
+    let ch = channel(c.url(standby).to_owned()).await;
+    let mut agent = slotd_proto::v1::slotd_client::SlotdClient::new(ch.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let first = pb::ClientMessage {
+        msg: Some(pb::client_message::Msg::Request(pb::LeaseRequest {
+            request_id: "r1".into(),
+            pool: "p".into(),
+            ..Default::default()
+        })),
+    };
+    tx.send(first).await.expect("queued");
+    let refused = match agent.acquire(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Err(s) => s,
+        Ok(resp) => {
+            let mut stream = resp.into_inner();
+            stream.message().await.expect_err("a standby grants nothing")
+        }
+    };
+    names_the_leader(&refused, "Acquire");
+    let refused = agent
+        .report_rate_limit(pb::ReportRateLimitRequest { pool: "p".into(), ..Default::default() })
+        .await
+        .expect_err("ReportRateLimit on a standby");
+    names_the_leader(&refused, "ReportRateLimit");
+    let mut admin = AdminClient::new(ch);
+    let refused = admin
+        .pause_pool(pb::PausePoolRequest {
+            pool: "p".into(),
+            duration: Some(dur(Duration::from_secs(5))),
+            reason: "on a standby".into(),
+        })
+        .await
+        .expect_err("PausePool on a standby");
+    names_the_leader(&refused, "PausePool");
+    let refused = admin.watch(pb::WatchRequest::default()).await.expect_err("Watch on a standby");
+    names_the_leader(&refused, "Watch");
+    // Nothing reached the leader: p is not paused there.
+    let st = probe(&leader_url).await.expect("the leader serves");
+    assert!(st.pools.iter().all(|p| p.paused_until.is_none()), "{st:?}");
+    drop(tx);
 }
