@@ -15,7 +15,10 @@ spc=${2:-1}
 daemon=${3:-target/release/slotd}
 b=target/release/slotd-bench
 dir=$(mktemp -d)
-trap '[[ -n ${KEEP:-} ]] && echo "kept $dir" || rm -rf "$dir"' EXIT
+hpid=""
+pid=""
+# The daemon is stopped on any exit (a failed run too); the scratch directory is removed unless KEEP is set.
+trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; [[ -n $hpid ]] && pkill -P "$hpid" 2>/dev/null; [[ -n ${KEEP:-} ]] && echo "kept $dir" || rm -rf "$dir"' EXIT
 ulimit -n "$(ulimit -Hn)"
 bench_config "$dir/slotd.toml" $((sessions + 64)) 1
 port=$(free_port)
@@ -23,7 +26,6 @@ heaptrack -o "$dir/heap" "$daemon" --config "$dir/slotd.toml" --listen "127.0.0.
     >"$dir/heaptrack.log" 2>"$dir/slotd.log" &
 hpid=$!
 # heaptrack starts the daemon as its child; wait until it listens.
-pid=""
 for _ in $(seq 100); do
     pid=$(pgrep -P "$hpid" -f -- "--listen 127.0.0.1:$port" || true)
     [[ -n $pid ]] && python3 -c "import socket; socket.create_connection(('127.0.0.1', $port)).close()" 2>/dev/null && break
