@@ -5,7 +5,8 @@
 //!   open on the leader are in force on the next leader after a SIGKILL, until the same wall time.
 //! - A deposed leader's runtime write fails: the epoch guard.
 //! - Rate budgets: requests granted by the old leader count against the new leader's window.
-//! - Holds: a cancelled call's slot stays held on the next leader until the same wall time.
+//! - Holds and release cooldowns: a cancelled call's slot stays held, a released slot keeps cooling,
+//!   on the next leader until the same wall time.
 //! - No document: the first leader does not learn; an unreadable one: the next leader learns fully.
 //! - Learning ends early: with N leases held and re-presented, the new leader grants a new request
 //!   as soon as all N are back, well before its learning period ends. The time is printed.
@@ -301,11 +302,14 @@ async fn rate_budgets_survive_a_failover() {
 
 /// A cancelled call's slot stays held on the next leader: with one slot kept by a 30 s
 /// `cancel_cooldown` on the old leader, the new leader shows it held until the same wall time and
-/// grants nothing on the pool meanwhile (the provider may still be running the cancelled call).
+/// grants nothing on the pool meanwhile (the provider may still be running the cancelled call). A
+/// slot in its 30 s release `cooldown` keeps cooling likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn holds_survive_a_failover() {
+async fn holds_and_cooldowns_survive_a_failover() {
     let extra = "[pools.hc]\nmax_concurrent = 1\nadaptive = false\ndefault_ttl = \"3s\"\nmax_ttl = \"3s\"\n\n\
-                 [pools.hc.health]\ncancel_cooldown = \"30s\"\n";
+                 [pools.hc.health]\ncancel_cooldown = \"30s\"\n\n\
+                 [pools.cd]\nmax_concurrent = 1\nadaptive = false\ndefault_ttl = \"3s\"\nmax_ttl = \"3s\"\n\
+                 cooldown = \"30s\"\n";
     let Some(mut c) = cluster_config(2, LEASE_TTL, extra) else { return };
     let first = c.leader().await;
     let url = c.url(first).to_owned();
@@ -313,12 +317,17 @@ async fn holds_survive_a_failover() {
     let g = a.acquire("r1", "hc").await;
     a.release_with(&g.lease_id, pb::Outcome::Cancelled, None).await;
     a.expect_released(&g.lease_id).await;
+    let g = a.acquire("r2", "cd").await;
+    a.release_ok(&g.lease_id).await;
     let before = probe(&url).await.expect("the leader serves");
     let hc = pool(&before, "hc");
     assert_eq!(hc.held, 1, "{hc:?}");
     let held_until = wall(hc.held_until.as_ref().expect("held until"));
-    c.published("the cancel hold", |d| {
-        d["pools"]["hc"]["holds"][0]["kind"] == "cancel_cooldown" && d["pools"]["hc"]["held"] == 0
+    assert_eq!(pool(&before, "cd").cooling, 1);
+    c.published("the cancel hold and the cooldown", |d| {
+        d["pools"]["hc"]["holds"][0]["kind"] == "cancel_cooldown"
+            && d["pools"]["hc"]["held"] == 0
+            && d["pools"]["cd"]["cooling_until_unix_ms"][0].is_u64()
     })
     .await;
 
@@ -333,4 +342,8 @@ async fn holds_survive_a_failover() {
     w.request(w.req("after", "hc")).await;
     let q = w.expect_queued("after").await;
     assert_eq!(q.gate, pb::Gate::Cooldown as i32, "held slots show as cooldown: {q:?}");
+    assert_eq!(pool(&after, "cd").cooling, 1, "the cooldown came over");
+    w.request(w.req("after-cd", "cd")).await;
+    let q = w.expect_queued("after-cd").await;
+    assert_eq!(q.gate, pb::Gate::Cooldown as i32, "{q:?}");
 }

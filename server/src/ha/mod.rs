@@ -44,7 +44,7 @@
 //! # Durable state
 //! In etcd, written only in transactions guarded by the term's epoch (a deposed leader's writes fail):
 //! the pool set (Admin changes, `/slotd/{election}/pools`) and the runtime state (pauses, adaptive
-//! headroom, breakers, rate-budget levels, holds and per-pool held counts,
+//! headroom, breakers, rate-budget levels, holds, release cooldowns and per-pool held counts,
 //! `/slotd/{election}/runtime`, see [`runtime`]).
 //!
 //! # Taking over
@@ -52,9 +52,9 @@
 //! ([`crate::scheduler::Scheduler::begin_term`] and [`crate::scheduler::Scheduler::take_over`]) with a
 //! learning period covering the longest lease TTL of its pools: clients re-present their leases with
 //! their resume credentials (the key file is shared by every member), and new waiters queue. Pauses
-//! merge with max, rate budgets with min, headroom, breakers and holds are restored, and each pool
-//! grants again as soon as every lease the previous leader last reported on it is back (or when the
-//! period ends).
+//! merge with max, rate budgets with min, headroom, breakers, holds and cooldowns are restored, and
+//! each pool grants again as soon as every lease the previous leader last reported on it is back (or
+//! when the period ends).
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -555,6 +555,7 @@ async fn lead(
                 breakers_not_closed = count(|p| p.breaker != BreakerRuntime::Closed),
                 budgets_in_use = count(|p| p.budget_full_at.iter().any(Option::is_some)),
                 holds = s.pools.values().map(|p| p.holds.len()).sum::<usize>(),
+                cooling = s.pools.values().map(|p| p.cooling.len()).sum::<usize>(),
                 "taking over the previous leader's runtime state"
             );
             Some(s)

@@ -5,7 +5,8 @@
 //! every pool what [`crate::scheduler::Scheduler::runtime_state`] returns: the pause (end and
 //! reason), the learned effective limit and its next recovery step, the breaker (open until, forced
 //! open, half-open; the open count `k`), when each rate budget is full again, the holds on its own
-//! leases (end and kind) and the held count (leases on the pool and its descendants).
+//! leases (end and kind), the ends of its release cooldowns and the held count (leases on the pool
+//! and its descendants).
 //!
 //! # Writes
 //! A new leader writes it once before it serves ([`publish_now`]), then at most every [`PUBLISH_INTERVAL`], and only when it changed since the
@@ -131,6 +132,9 @@ struct StoredPool {
     /// Holds on the pool's own leases that had not ended.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     holds: Vec<StoredHold>,
+    /// Ends of the release cooldowns still running.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cooling_until_unix_ms: Vec<u64>,
     /// Absent: the publisher was learning without a count (its successor learns fully).
     #[serde(skip_serializing_if = "Option::is_none")]
     held: Option<u32>,
@@ -209,6 +213,7 @@ pub fn encode(state: &RuntimeState, epoch: u64, clock: Clock) -> Result<String, 
                     .iter()
                     .map(|(t, k)| StoredHold { until_unix_ms: clock.to_unix(*t), kind: (*k).into() })
                     .collect(),
+                cooling_until_unix_ms: p.cooling.iter().map(|t| clock.to_unix(*t)).collect(),
                 held: p.held,
             };
             (id.to_string(), stored)
@@ -273,9 +278,15 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             // A budget full again by now is full: nothing to carry over.
             budget_full_at[kind.index()] = clock.to_instant(t, time::FAR_FUTURE);
         }
-        if p.holds.len() > max as usize {
-            return Err(format!("pool {id}: more than {max} holds"));
+        if p.holds.len() > max as usize || p.cooling_until_unix_ms.len() > max as usize {
+            return Err(format!("pool {id}: more than {max} holds or cooling slots"));
         }
+        // Cooldowns ended by now are dropped; one too far ahead is cut to the longest cooldown.
+        let cooling = p
+            .cooling_until_unix_ms
+            .iter()
+            .filter_map(|t| clock.to_instant(*t, PoolConfig::MAX_COOLDOWN))
+            .collect();
         // Holds ended by now are dropped; one too far ahead is cut to the longest hold.
         let holds = p
             .holds
@@ -293,6 +304,7 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             opens: p.breaker_opens,
             budget_full_at,
             holds,
+            cooling,
             held: p.held,
         };
         pools.insert(id, rt);
@@ -467,6 +479,7 @@ mod tests {
                 opens: 3,
                 budget_full_at: [Some(c.at + ms(20_000)), None, Some(c.at + ms(1_000))],
                 holds: vec![(c.at + ms(500), HoldKind::Cancel), (c.at + ms(3_000), HoldKind::Phantom)],
+                cooling: vec![c.at + ms(200), c.at + ms(1_800)],
                 held: Some(7),
             },
         );
@@ -493,6 +506,11 @@ mod tests {
             ])
         );
         assert!(v["pools"]["q"].get("holds").is_none(), "no holds, no field");
+        assert_eq!(
+            v["pools"]["p"]["cooling_until_unix_ms"],
+            serde_json::json!([1_800_000_000_200u64, 1_800_000_001_800u64])
+        );
+        assert!(v["pools"]["q"].get("cooling_until_unix_ms").is_none(), "nothing cooling, no field");
 
         // Read by another process whose instants have another origin: 1.5 s of wall time later.
         let later = Clock { at: Instant::now() + ms(60_000), unix_ms: c.unix_ms + 1_500 };
@@ -506,6 +524,7 @@ mod tests {
         assert_eq!((p.effective, p.opens, p.held), (Some(2), 3, Some(7)));
         assert_eq!(p.budget_full_at, [Some(later.at + ms(18_500)), None, None], "output is full by now");
         assert_eq!(p.holds, vec![(later.at + ms(1_500), HoldKind::Phantom)], "the cancel hold ended");
+        assert_eq!(p.cooling, vec![later.at + ms(300)], "the first cooldown ended");
         assert_eq!(back.pools[&PoolId::new("forced")].breaker, BreakerRuntime::Open { until: None });
         assert_eq!(back.pools[&PoolId::new("q")], PoolRuntime { held: Some(1), ..PoolRuntime::default() });
         assert_eq!(back.pools[&PoolId::new("unknown")].held, None, "no count stays no count");
@@ -548,6 +567,8 @@ mod tests {
             doc(r#"{"budget_full_at_unix_ms":{"requests":-1}}"#),
             doc(r#"{"holds":[{"until_unix_ms":1,"kind":"lunch_break"}]}"#),
             doc(r#"{"holds":[{"until_unix_ms":1}]}"#),
+            doc(r#"{"cooling_until_unix_ms":[-5]}"#),
+            doc(&format!(r#"{{"cooling_until_unix_ms":[{}]}}"#, vec!["1"; 10_001].join(","))),
             doc(&format!(
                 r#"{{"holds":[{}]}}"#,
                 vec![r#"{"until_unix_ms":1,"kind":"failure_hold"}"#; 10_001].join(",")
@@ -558,9 +579,10 @@ mod tests {
         }
         let (_, s) = decode(
             &doc(&format!(
-                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{},"budget_full_at_unix_ms":{{"input_tokens":{}}},"holds":[{{"until_unix_ms":{},"kind":"failure_hold"}}]}}"#,
+                r#"{{"paused_until_unix_ms":{},"pause_reason":"{}","breaker":"open","breaker_until_unix_ms":{},"budget_full_at_unix_ms":{{"input_tokens":{}}},"holds":[{{"until_unix_ms":{},"kind":"failure_hold"}}],"cooling_until_unix_ms":[{}]}}"#,
                 u64::MAX,
                 "é".repeat(MAX_REASON_BYTES),
+                u64::MAX,
                 u64::MAX,
                 u64::MAX,
                 u64::MAX
@@ -578,5 +600,6 @@ mod tests {
             vec![(c.at + HealthConfig::MAX_HOLD, HoldKind::Failure)],
             "cut to the longest hold"
         );
+        assert_eq!(p.cooling, vec![c.at + PoolConfig::MAX_COOLDOWN], "cut to the longest cooldown");
     }
 }

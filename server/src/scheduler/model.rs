@@ -150,8 +150,8 @@ pub enum Op {
     },
     /// A takeover: a new term with a 300 ms learning period, then the previous leader's runtime
     /// state (`None`: none published) with these held counts by pool index, and a pause of `ms` on
-    /// one pool, and a phantom hold of `ms` on one pool (on top of whatever it holds: the limit
-    /// gates grants, not the count).
+    /// one pool, and a phantom hold and a release cooldown of `ms` on one pool (on top of whatever it
+    /// holds: the limit gates grants, not the count).
     TakeOver {
         held: Option<[u8; 4]>,
         pause: Option<(usize, u64)>,
@@ -915,6 +915,11 @@ pub fn run(case: &Case) {
                                 holds: hold
                                     .filter(|(p, _)| p % 4 == i)
                                     .map(|(_, d)| (now + ms(d), HoldKind::Phantom))
+                                    .into_iter()
+                                    .collect(),
+                                cooling: hold
+                                    .filter(|(p, _)| p % 4 == i)
+                                    .map(|(_, d)| now + ms(d))
                                     .into_iter()
                                     .collect(),
                                 ..PoolRuntime::default()

@@ -7,8 +7,8 @@
 //! limit, while below the limit, and when it next recovers a step), its breaker (open until when, or
 //! forced open; half-open; the open count `k` of the `open_base·2^k` timeout), its **rate budgets**
 //! (when each is full again at its rate: a form that moves only when tokens are used, not as they
-//! refill), the **holds** on its own leases (failure, cancel and phantom holds: end and kind) and its
-//! **held count**.
+//! refill), the **holds** on its own leases (failure, cancel and phantom holds: end and kind), the
+//! ends of its running **release cooldowns** and its **held count**.
 //! The daemon stores it in etcd (`crate::ha::runtime`, with wall-clock times); the core only sees
 //! instants.
 //!
@@ -23,7 +23,8 @@
 //!   leader's window (refill since the old leader's last publish is credited; what it granted after
 //!   that publish is not known, the daemon's publish interval bounds it);
 //! - holds are added (a new leader has none of its own): each keeps its slot on the pool's chain
-//!   until the same end, so a slot the provider may still count is not granted again meanwhile.
+//!   until the same end, so a slot the provider may still count is not granted again meanwhile;
+//!   release cooldowns likewise, each on its own level.
 //!
 //! # Learning per pool
 //! A term's learning period (`learning_until`) bounds how long resumes may re-create leases. Within
@@ -91,6 +92,8 @@ pub struct PoolRuntime {
     pub budget_full_at: [Option<Instant>; 3],
     /// Holds on the pool's own leases that had not ended: end and kind.
     pub holds: Vec<(Instant, HoldKind)>,
+    /// Ends of this level's release cooldowns still running.
+    pub cooling: Vec<Instant>,
     /// Leases held on this pool and its descendants (its `in_flight`), plus, while it learns, those
     /// the previous leader reported that are not back yet. `None` while it learns without a count
     /// (its successor must then learn for its whole period too).
@@ -108,6 +111,7 @@ impl Default for PoolRuntime {
             opens: 0,
             budget_full_at: [None; 3],
             holds: Vec::new(),
+            cooling: Vec::new(),
             held: Some(0),
         }
     }
@@ -155,6 +159,7 @@ impl Scheduler {
                     opens: view.opens,
                     budget_full_at: p.budget.full_at(now),
                     holds: p.health.own_holds().filter(|(t, _)| *t > now).collect(),
+                    cooling: p.cooling.iter().copied().filter(|t| *t > now).collect(),
                     held: match p.learning {
                         None => Some(p.in_flight),
                         Some(l) => l.expected.map(|e| p.in_flight.saturating_add(e.saturating_sub(l.back))),
@@ -227,6 +232,14 @@ impl Scheduler {
             }
         }
         self.restore_holds(now, id, &rt.holds);
+        let pool = self.pools.get_mut(id).expect("checked above");
+        let mut cooling: Vec<Instant> = rt.cooling.iter().copied().filter(|t| *t > now).collect();
+        if !cooling.is_empty() {
+            // Kept in order: the earliest end leaves first.
+            cooling.extend(pool.cooling.iter().copied());
+            cooling.sort_unstable();
+            pool.cooling = cooling.into();
+        }
     }
 
     /// The learning a pool created now starts with (see the module docs).

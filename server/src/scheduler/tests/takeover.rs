@@ -369,3 +369,27 @@ fn a_takeover_keeps_the_old_leaders_holds() {
     assert_eq!(grants(&new.tick(t0 + secs(5))), vec![(y, "n2".to_owned())]);
     new.check_invariants(t0 + secs(5));
 }
+
+/// Release cooldowns still running on the old leader keep their slots cooling on the new one, each
+/// on its own level, until the same end.
+#[test]
+fn a_takeover_keeps_the_old_leaders_release_cooldowns() {
+    let t0 = Instant::now();
+    let cool = PoolConfig { cooldown: secs(5), adaptive: false, ..limit(1) };
+    let mut old = sched(&[("p", cool.clone())], t0);
+    let x = old.open_session();
+    let l = granted(&old.request(t0, x, req("r1", "p")), x, "r1");
+    old.release(t0, x, l, Outcome::Ok);
+    let st = old.runtime_state(t0 + secs(1));
+    assert_eq!(st.pools[&pid("p")].cooling, vec![t0 + secs(5)]);
+
+    let mut new = sched(&[("p", cool)], t0);
+    let y = new.open_session();
+    new.begin_term(t0 + secs(1), 1 << 32, Duration::ZERO);
+    new.take_over(t0 + secs(1), Some(&st));
+    new.check_invariants(t0 + secs(1));
+    assert_eq!(pool_snap(&new, "p").cooling, 1);
+    assert!(grants(&new.request(t0 + secs(1), y, req("n1", "p"))).is_empty(), "the slot still cools");
+    assert!(grants(&new.tick(t0 + ms(4_999))).is_empty());
+    assert_eq!(grants(&new.tick(t0 + secs(5))), vec![(y, "n1".to_owned())]);
+}
