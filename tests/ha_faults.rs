@@ -203,6 +203,24 @@ fn urls(c: &Cluster) -> Vec<String> {
     (0..3).map(|i| c.url(i).to_owned()).collect()
 }
 
+/// A cluster under load, before its fault: the leader, its epoch, an idle agent on it (whose stream's
+/// end [`streams_end`] times) and the cycling agents, every one served once.
+struct Loaded {
+    first: usize,
+    epoch: u64,
+    watcher: Agent,
+    agents: Agents,
+}
+
+async fn under_load(c: &Cluster) -> Loaded {
+    let first = c.leader().await;
+    let epoch = epoch_of(c.url(first)).await;
+    let watcher = agent(c.url(first), "watcher").await;
+    let agents = Agents::start(urls(c)).await;
+    agents.served_since(Instant::now(), "before the fault").await;
+    Loaded { first, epoch, watcher, agents }
+}
+
 /// Cut the leader from etcd while its clients still reach it: it grants until its deadline (its
 /// last keepalive before the cut + TTL − margin) and not after, ends its streams, exits; a standby
 /// takes over and every agent is served again.
@@ -230,11 +248,7 @@ enum Partition {
 
 async fn partition_the_leader(how: Partition) {
     let Some(mut c) = cluster_via_proxies(LIMIT, LEASE_TTL, "") else { return };
-    let first = c.leader().await;
-    let epoch = epoch_of(c.url(first)).await;
-    let mut watcher = agent(c.url(first), "watcher").await;
-    let agents = Agents::start(urls(&c)).await;
-    agents.served_since(Instant::now(), "before the cut").await;
+    let Loaded { first, epoch, mut watcher, agents } = under_load(&c).await;
 
     let (cut_at, cut_wall) = (Instant::now(), SystemTime::now());
     match how {
@@ -276,11 +290,7 @@ async fn partition_the_leader(how: Partition) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_from_etcd_briefly_keeps_its_term() {
     let Some(mut c) = cluster_via_proxies(LIMIT, LEASE_TTL, "") else { return };
-    let first = c.leader().await;
-    let epoch = epoch_of(c.url(first)).await;
-    let mut watcher = agent(c.url(first), "watcher").await;
-    let agents = Agents::start(urls(&c)).await;
-    agents.served_since(Instant::now(), "before the cut").await;
+    let Loaded { first, epoch, mut watcher, agents } = under_load(&c).await;
 
     let cut = Instant::now();
     c.proxies[first].cut();
@@ -310,11 +320,7 @@ const BRIEF_CUT: Duration = Duration::from_millis(300);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_etcd_restart_keeps_the_leader_or_steps_it_down_cleanly() {
     let Some(mut c) = cluster(LIMIT) else { return };
-    let first = c.leader().await;
-    let epoch = epoch_of(c.url(first)).await;
-    let mut watcher = agent(c.url(first), "watcher").await;
-    let agents = Agents::start(urls(&c)).await;
-    agents.served_since(Instant::now(), "before the restart").await;
+    let Loaded { first, epoch, mut watcher, agents } = under_load(&c).await;
 
     let killed = Instant::now();
     tokio::task::block_in_place(|| {
@@ -359,11 +365,7 @@ async fn a_quick_etcd_restart_keeps_the_leader_or_steps_it_down_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_etcd_outage_steps_the_leader_down_and_a_leader_is_elected_once_etcd_is_back() {
     let Some(mut c) = cluster(LIMIT) else { return };
-    let first = c.leader().await;
-    let epoch = epoch_of(c.url(first)).await;
-    let mut watcher = agent(c.url(first), "watcher").await;
-    let agents = Agents::start(urls(&c)).await;
-    agents.served_since(Instant::now(), "before the outage").await;
+    let Loaded { first, epoch, mut watcher, agents } = under_load(&c).await;
 
     let (killed, killed_wall) = (Instant::now(), SystemTime::now());
     tokio::task::block_in_place(|| c.etcd.kill());

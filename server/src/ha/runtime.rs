@@ -140,40 +140,12 @@ struct StoredPool {
     held: Option<u32>,
 }
 
-/// One hold: when it ends and which it is.
+/// One hold: when it ends and which it is ([`HoldKind::label`]).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredHold {
     until_unix_ms: u64,
-    kind: StoredHoldKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum StoredHoldKind {
-    FailureHold,
-    CancelCooldown,
-    PhantomHold,
-}
-
-impl From<HoldKind> for StoredHoldKind {
-    fn from(k: HoldKind) -> Self {
-        match k {
-            HoldKind::Failure => Self::FailureHold,
-            HoldKind::Cancel => Self::CancelCooldown,
-            HoldKind::Phantom => Self::PhantomHold,
-        }
-    }
-}
-
-impl From<StoredHoldKind> for HoldKind {
-    fn from(k: StoredHoldKind) -> Self {
-        match k {
-            StoredHoldKind::FailureHold => Self::Failure,
-            StoredHoldKind::CancelCooldown => Self::Cancel,
-            StoredHoldKind::PhantomHold => Self::Phantom,
-        }
-    }
+    kind: String,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +183,7 @@ pub fn encode(state: &RuntimeState, epoch: u64, clock: Clock) -> Result<String, 
                 holds: p
                     .holds
                     .iter()
-                    .map(|(t, k)| StoredHold { until_unix_ms: clock.to_unix(*t), kind: (*k).into() })
+                    .map(|(t, k)| StoredHold { until_unix_ms: clock.to_unix(*t), kind: k.label().to_owned() })
                     .collect(),
                 cooling_until_unix_ms: p.cooling.iter().map(|t| clock.to_unix(*t)).collect(),
                 held: p.held,
@@ -288,11 +260,16 @@ pub fn decode(text: &str, clock: Clock) -> Result<(u64, RuntimeState), String> {
             .filter_map(|t| clock.to_instant(*t, PoolConfig::MAX_COOLDOWN))
             .collect();
         // Holds ended by now are dropped; one too far ahead is cut to the longest hold.
-        let holds = p
-            .holds
-            .iter()
-            .filter_map(|h| Some((clock.to_instant(h.until_unix_ms, HealthConfig::MAX_HOLD)?, h.kind.into())))
-            .collect();
+        let mut holds = Vec::new();
+        for h in &p.holds {
+            let kind = HoldKind::ALL
+                .into_iter()
+                .find(|k| k.label() == h.kind)
+                .ok_or_else(|| format!("pool {id}: no hold kind named {:?}", h.kind))?;
+            if let Some(until) = clock.to_instant(h.until_unix_ms, HealthConfig::MAX_HOLD) {
+                holds.push((until, kind));
+            }
+        }
         let rt = PoolRuntime {
             paused_until,
             pause_reason: if paused_until.is_some() { Arc::from(reason) } else { Arc::from("") },

@@ -342,6 +342,9 @@ pub enum HoldKind {
 }
 
 impl HoldKind {
+    /// Every kind.
+    pub const ALL: [HoldKind; 3] = [HoldKind::Failure, HoldKind::Cancel, HoldKind::Phantom];
+
     /// snake_case name, as in Watch, metrics and logs.
     pub fn label(self) -> &'static str {
         match self {
@@ -484,6 +487,12 @@ impl Health {
             outcomes: b.samples.len() as u32,
             forced: b.forced,
         }
+    }
+
+    /// Starts a hold on this pool's own lease until `until` (the caller counts its slot on the chain).
+    fn insert_hold(&mut self, until: Instant, kind: HoldKind) {
+        self.next_hold += 1;
+        self.holds.insert((until, self.next_hold, kind));
     }
 
     /// The last end among this pool's own holds.
@@ -706,9 +715,7 @@ impl Scheduler {
             }
         }
         if let Some((until, kind)) = hold {
-            let h = &mut self.pools.get_mut(&lease.pool).expect("checked above").health;
-            h.next_hold += 1;
-            h.holds.insert((until, h.next_hold, kind));
+            self.pools.get_mut(&lease.pool).expect("checked above").health.insert_hold(until, kind);
             out.facts.push(Fact::Held { pool: lease.pool.clone(), lease_id: lease.id, kind, until });
         }
     }
@@ -722,9 +729,7 @@ impl Scheduler {
             for level in &chain {
                 self.pools.get_mut(level).expect("chain pools exist").health.held += 1;
             }
-            let h = &mut self.pools.get_mut(pool).expect("checked above").health;
-            h.next_hold += 1;
-            h.holds.insert((until, h.next_hold, kind));
+            self.pools.get_mut(pool).expect("checked above").health.insert_hold(until, kind);
         }
     }
 
